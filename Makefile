@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VPY) -m kvfx.demo
 
 test: $(STAMP)
-	$(VPY) -m pytest
+	$(VENV)/bin/pytest
 
 bench: $(STAMP)
 	$(VPY) benchmarks/decode_cpu.py

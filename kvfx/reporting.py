@@ -1,0 +1,149 @@
+"""What kvfx did to a compiled model: every attention site, and the KV bytes held.
+
+`kvfx.report(x)` takes the function returned by ``torch.compile(..., backend="kvfx")`` or a module
+whose ``forward`` is one, and returns a `Report`; ``print(report)`` shows a table.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """One attention site in one compiled graph."""
+
+    graph: int          # which graph dynamo handed the backend (prefill and decode are two)
+    layer: int          # the site's order among the graph's attention sites
+    pattern: str        # what was found
+    rewritten: bool
+    reason: str         # why not, in words a user can act on ("" when rewritten)
+    storage: str        # "model dtype", "int8", ... or "unchanged"
+
+
+@dataclass
+class Session:
+    """Everything one ``torch.compile(..., backend="kvfx", options=...)`` produced."""
+
+    options: Any
+    kv: str = "none"
+    graphs: list[list[SiteReport]] = field(default_factory=list)
+    # fp cache buffer -> (its value buffer, the store holding both, or None when kept in fp)
+    caches: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+
+    def add_graph(self, sites: list[SiteReport]) -> int:
+        self.graphs.append(sites)
+        return len(self.graphs) - 1
+
+
+_SESSIONS: dict[int, Session] = {}
+
+
+def session_for(options: Any) -> Session:
+    """The session of an ``options`` object (torch.compile hands the backend the same dict each time)."""
+    key = id(options)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = Session(options)  # holds `options`, so the id is not reused
+    return _SESSIONS[key]
+
+
+@dataclass
+class Report:
+    kv: str
+    sites: list[SiteReport]
+    kv_bytes: int        # bytes held now by the caches this compiled model uses
+    fp_kv_bytes: int     # what the same caches take in the model's dtype
+
+    @property
+    def found(self) -> int:
+        return len(self.sites)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(s.rewritten for s in self.sites)
+
+    def latest_graph(self) -> list[SiteReport]:
+        """Sites of the most recently compiled graph that has attention (the decode graph, after generate)."""
+        last = max((s.graph for s in self.sites), default=None)
+        return [s for s in self.sites if s.graph == last]
+
+    def __str__(self) -> str:
+        if not self.sites:
+            return "kvfx report: no attention site found; the graph was compiled unchanged"
+        rows = [("graph", "layer", "pattern", "rewritten", "storage / reason")]
+        for s in self.sites:
+            rows.append((str(s.graph), str(s.layer), s.pattern, "yes" if s.rewritten else "NO",
+                         s.storage if s.rewritten else s.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+        graphs = sorted({s.graph for s in self.sites})
+        per_graph = ", ".join(f"graph {g}: {sum(s.rewritten for s in self.sites if s.graph == g)}/"
+                              f"{sum(s.graph == g for s in self.sites)}" for g in graphs)
+        ratio = f" ({self.kv_bytes / self.fp_kv_bytes:.2f}x)" if self.fp_kv_bytes else ""
+        lines += [f"attention sites rewritten: {per_graph}",
+                  f"KV cache held: {_mib(self.kv_bytes)} (kv={self.kv}) vs {_mib(self.fp_kv_bytes)} in the model dtype{ratio}"]
+        return "kvfx report\n" + "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def report(x: Any) -> Report:
+    """The report of a kvfx-compiled function, or of a module whose forward was compiled with kvfx."""
+    session = _find_session(x)
+    sites = [s for g in session.graphs for s in g]
+    kv_bytes = fp_bytes = 0
+    for key_buffer, (value_buffer, store) in list(session.caches.items()):
+        fp = sum(b.numel() * b.element_size() for b in (key_buffer, value_buffer))
+        fp_bytes += fp
+        kv_bytes += store.nbytes() if store is not None else fp
+    return Report(session.kv, sites, kv_bytes, fp_bytes)
+
+
+def _find_session(x: Any) -> Session:
+    fn = getattr(x, "forward", x) if not inspect.isfunction(x) else x
+    wrapper = _compile_wrapper(fn)
+    if wrapper is None or not _is_kvfx(wrapper):
+        raise TypeError("kvfx.report expects the result of torch.compile(..., backend='kvfx') "
+                        "or a module whose forward is one")
+    key = id(wrapper.kwargs.get("options"))
+    if key not in _SESSIONS:
+        return Session(wrapper.kwargs.get("options"))  # compiled but not called yet
+    return _SESSIONS[key]
+
+
+def _compile_wrapper(fn: Any, depth: int = 0) -> Any:
+    """The torch.compile backend wrapper hidden in the closure of a compiled function."""
+    import torch
+
+    if isinstance(fn, torch._TorchCompileWrapper):
+        return fn
+    if depth > 4:
+        return None
+    if inspect.isfunction(fn):
+        children = [c.cell_contents for c in (fn.__closure__ or ()) if _has_contents(c)]
+    else:
+        children = list(getattr(fn, "__dict__", {}).values())
+    for child in children:
+        if callable(child) or hasattr(child, "__dict__"):
+            found = _compile_wrapper(child, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _has_contents(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def _is_kvfx(wrapper: Any) -> bool:
+    return getattr(wrapper, "compiler_name", "") == "kvfx" or getattr(
+        wrapper.compiler_fn, "__name__", "") == "kvfx_backend"

@@ -1,0 +1,142 @@
+"""Who owns the KV memory at run time.
+
+With a quantized format, each fp cache buffer the model allocated is paired with a `KVStore` that
+kvfx allocates, and the buffer's memory is freed (``untyped_storage().resize_(0)``, as FSDP does):
+the tensor keeps its shape, dtype and device, so the model's bookkeeping still works, but holds no
+bytes. Its class becomes `FreedKVBuffer`, whose eager use raises a clear `KVFXError` instead of
+reading freed memory (compiled code, which dynamo traces with torch functions disabled, sees a
+plain tensor and never reads it: the rewritten graph uses the store).
+
+Stores are found by the identity of the buffer the model passes in, so two caches in flight never
+mix, and a new cache (a new `generate`) starts with a new, clean store. They live exactly as long as
+the buffer does (weak keys).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from kvfx.errors import KVFXError
+from kvfx.kernels.formats import FORMATS, KVStore
+from kvfx.passes.rewrite import GraphPlan, StoreSlot
+from kvfx.reporting import Session
+
+_METADATA = {
+    torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__,
+    torch.Tensor.ndim.__get__, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.stride,
+    torch.Tensor.numel, torch.Tensor.element_size, torch.Tensor.is_contiguous, torch.Tensor.__repr__,
+    torch.Tensor.requires_grad.__get__, torch.Tensor.layout.__get__, torch.Tensor.is_floating_point,
+    torch.Tensor.untyped_storage, torch.Tensor.data_ptr,
+}
+
+# fp buffer (key or value) -> the store that holds its data. Shared by every compiled graph.
+_STORES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+class FreedKVBuffer(torch.Tensor):
+    """A cache buffer whose memory kvfx freed after moving its data into a quantized store."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _METADATA or torch.compiler.is_compiling():
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", str(func))
+        raise KVFXError(
+            f"this KV-cache buffer was freed by kvfx (its tokens live quantized in kvfx's store), so "
+            f"'{name}' cannot read or write it; run the model through the kvfx-compiled forward, or use "
+            f"kvfx.runtime.dequantized(buffer) to read the cache")
+
+    def __repr__(self) -> str:
+        return f"FreedKVBuffer(shape={tuple(self.shape)}, dtype={self.dtype}, held by kvfx)"
+
+
+def free(buffer: torch.Tensor) -> None:
+    buffer.untyped_storage().resize_(0)
+    buffer.__class__ = FreedKVBuffer
+
+
+def freed_placeholder(slot: StoreSlot) -> torch.Tensor:
+    """A tensor that looks like the fp buffer the model expects and holds no memory."""
+    buffer = torch.empty(slot.shape, dtype=slot.dtype, device=slot.device)
+    free(buffer)
+    return buffer
+
+
+def dequantized(buffer: torch.Tensor) -> torch.Tensor:
+    """The cache content a freed key or value buffer stands for, in the model dtype."""
+    store, is_key = _STORES.get(buffer, (None, None))
+    if store is None:
+        raise KVFXError("this tensor is not a KV-cache buffer held by kvfx")
+    keys, values = store.dequantize(buffer.dtype)
+    return keys if is_key else values
+
+
+def store_for_inputs(key: torch.Tensor, value: torch.Tensor, kv: str) -> KVStore:
+    """The store of the cache the model passed in; a cache kvfx has not seen yet is adopted:
+    its current content is quantized and its fp memory freed."""
+    found = _STORES.get(key)
+    if found is not None:
+        return found[0]
+    if isinstance(key, FreedKVBuffer) or isinstance(value, FreedKVBuffer):
+        raise KVFXError("a KV-cache buffer freed by kvfx has lost its store; create a new cache")
+    store = FORMATS[kv].adopt(key, value)
+    _register(key, value, store)
+    return store
+
+
+def _register(key: torch.Tensor, value: torch.Tensor, store: KVStore) -> None:
+    _STORES[key] = (store, True)
+    _STORES[value] = (store, False)
+    free(key)
+    free(value)
+
+
+def make_runner(compiled: Callable, plan: GraphPlan, session: Session) -> Callable:
+    """Wrap an inductor-compiled graph so that each call gets its sites' stores as extra inputs."""
+    fmt = FORMATS[session.kv]
+    raw_reads = plan.raw_read_inputs
+    slots = plan.slots
+
+    def run(*args: Any) -> Any:
+        for i in raw_reads:
+            if isinstance(args[i], FreedKVBuffer):
+                raise KVFXError(
+                    f"graph input {i} is a KV-cache buffer that kvfx freed, and this graph reads it "
+                    f"outside a rewritten attention site; see kvfx.report(...) for the site's reason")
+        stores = []
+        for slot in slots:
+            if slot.key_input is not None:
+                key, value = args[slot.key_input], args[slot.value_input]
+                store = store_for_inputs(key, value, session.kv)
+                session.caches[key] = (value, store)
+            else:
+                store = fmt.allocate(slot.shape, slot.dtype, slot.device)
+            stores.append(store)
+        outputs = compiled(*args, *(t for s in stores for t in s.tensors()))
+        for slot, store in zip(slots, stores):
+            if slot.key_output is not None:
+                outputs = _hand_back(outputs, slot, store, session)
+        _record_fp_caches(plan, args, outputs, session)
+        return outputs
+
+    return run
+
+
+def _hand_back(outputs: Any, slot: StoreSlot, store: KVStore, session: Session) -> Any:
+    outputs = list(outputs)
+    key, value = freed_placeholder(slot), freed_placeholder(slot)
+    _STORES[key] = (store, True)
+    _STORES[value] = (store, False)
+    session.caches[key] = (value, store)
+    outputs[slot.key_output], outputs[slot.value_output] = key, value
+    return outputs
+
+
+def _record_fp_caches(plan: GraphPlan, args: tuple, outputs: Any, session: Session) -> None:
+    """kv="none": the model's own buffers are the cache; remember them for the byte count."""
+    for tensors, pairs in ((args, plan.fp_cache_inputs), (outputs, plan.fp_cache_outputs)):
+        for key_index, value_index in pairs:
+            session.caches[tensors[key_index]] = (tensors[value_index], None)

@@ -1,0 +1,163 @@
+"""Find attention sites and the cache each one reads.
+
+A site is an SDPA call whose key and value come from KV-cache buffers [B, Hkv, S, D]:
+
+    buffer.index_copy_(2, pos, new)                       # the cache write (HF StaticCache)
+    kv = buffer[:, :, :L]                                 # optional: prefill reads the first L slots
+    kv = kv[:, :, None].expand(B, Hkv, g, S, D)           # optional: HF repeat_kv (GQA) ...
+    kv = kv.reshape(B, Hkv * g, S, D)                     # ... or SDPA's own enable_gqa=True
+    out = scaled_dot_product_attention(q, k, v, attn_mask=..., is_causal=..., scale=...)
+
+Matching is structural (targets, argument positions, recorded shapes), never by names. Each
+function returns either what it matched or a reason string a user can act on.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from kvfx.passes.fx_utils import (describe, full_slices, graph_position, is_getitem, is_method, is_sdpa,
+                                  sdpa_arguments, shape_of)
+
+# In-graph allocations that a cache buffer may come from (HF lazily allocates inside the prefill trace).
+_ALLOCATIONS = (torch.zeros, torch.empty, torch.full, torch.ones)
+
+
+@dataclass
+class KVRead:
+    """How one SDPA operand (key or value) is read out of a cache buffer."""
+
+    buffer: fx.Node
+    group: int              # query heads per KV head (1: MHA or SDPA's enable_gqa)
+    kv_len: int | fx.Node   # leading slots attended (-1: the whole buffer; a node when symbolic)
+    gqa: str                # "repeat_kv", "enable_gqa" or "none"
+    chain: list[fx.Node] = field(default_factory=list)  # nodes between buffer and SDPA
+
+
+@dataclass
+class CacheWrite:
+    node: fx.Node           # buffer.index_copy_(2, pos, source)
+    pos: fx.Node
+    source: fx.Node
+
+
+@dataclass
+class Site:
+    """One attention site, matched: everything a rewrite needs."""
+
+    layer: int
+    sdpa: fx.Node
+    query: fx.Node
+    key: KVRead
+    value: KVRead
+    attn_mask: fx.Node | None
+    is_causal: bool
+    scale: float
+    key_write: CacheWrite | None
+    value_write: CacheWrite | None
+
+    @property
+    def pattern(self) -> str:
+        mask = "causal" if self.is_causal else ("mask" if self.attn_mask is not None else "no mask")
+        origin = "input" if self.key.buffer.op == "placeholder" else "allocated in graph"
+        write = "index_copy_" if self.key_write else "no write"
+        return f"sdpa+{self.key.gqa}, {mask}, cache {origin}, {write}"
+
+
+def find_attention(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if is_sdpa(n)]
+
+
+def match_kv_read(node: fx.Node, query_heads: int, enable_gqa: bool) -> KVRead | str:
+    """Walk from an SDPA key/value operand back to its cache buffer."""
+    chain: list[fx.Node] = []
+    group, gqa = 1, "enable_gqa" if enable_gqa else "none"
+    if is_method(node, "reshape") and is_method(node.args[0], "expand"):
+        expand = node.args[0]
+        unsqueeze = expand.args[0]
+        ok = (is_getitem(unsqueeze) and isinstance(unsqueeze.args[1], tuple) and len(unsqueeze.args[1]) == 5
+              and unsqueeze.args[1][2] is None and full_slices(unsqueeze.args[1][:2] + unsqueeze.args[1][3:], 4))
+        expanded, reshaped = shape_of(expand), shape_of(node)
+        if not ok or expanded is None or reshaped is None or len(expanded) != 5:
+            return "key/value goes through an expand+reshape that is not HF repeat_kv"
+        b, hkv, group, s, d = expanded
+        if reshaped != (b, hkv * group, s, d):
+            return f"repeat_kv reshape to {reshaped} does not merge the KV-head groups"
+        chain += [node, expand, unsqueeze]
+        node, gqa = unsqueeze.args[0], "repeat_kv"
+    kv_len = -1
+    if is_getitem(node) and isinstance(node.args[1], tuple):
+        index = node.args[1]
+        if len(index) != 4 or not full_slices(index, 2) or index[3] != slice(None):
+            return f"key/value is indexed as {index}, kvfx models only a leading slice of the sequence"
+        seq = index[2]
+        # The stop may be symbolic (a prefill traced with a dynamic prompt length).
+        if not (isinstance(seq, slice) and seq.start in (None, 0) and seq.step is None
+                and (isinstance(seq.stop, fx.Node) or (isinstance(seq.stop, int) and seq.stop >= 0))):
+            return f"key/value sequence slice {seq} is not a leading slice"
+        chain.append(node)
+        node, kv_len = node.args[0], seq.stop
+    shape = shape_of(node)
+    if shape is None or len(shape) != 4:
+        return f"key/value does not come from a static 4-D cache buffer (found {describe(node)})"
+    if node.op != "placeholder" and not (node.op == "call_function" and node.target in _ALLOCATIONS):
+        return f"key/value comes from {describe(node)}, not a cache buffer (graph input or allocation)"
+    hkv = shape[1]
+    if gqa == "enable_gqa":
+        group = query_heads // hkv
+    if hkv * group != query_heads:
+        return f"{query_heads} query heads do not map onto {hkv} KV heads"
+    if isinstance(kv_len, int) and kv_len > shape[2]:
+        return f"slice of {kv_len} slots exceeds the cache length {shape[2]}"
+    return KVRead(node, group, kv_len, gqa, chain)
+
+
+def match_cache_write(buffer: fx.Node, before: fx.Node, order: dict[fx.Node, int]) -> CacheWrite | str:
+    """The single `buffer.index_copy_(2, pos, source)` that precedes the attention read."""
+    writes = [u for u in buffer.users if is_method(u, "index_copy_") and order[u] < order[before]]
+    if len(writes) != 1:
+        return f"expected one index_copy_ into the cache before attention, found {len(writes)}"
+    node = writes[0]
+    args = dict(zip(("self", "dim", "index", "source"), node.args))
+    args.update(node.kwargs)
+    if args.get("dim") not in (2, -2):
+        return f"cache write index_copy_ along dim {args.get('dim')}, kvfx models dim 2 (sequence)"
+    if node.users:
+        return "the result of the cache write is used; kvfx models a write for its side effect only"
+    return CacheWrite(node, args["index"], args["source"])
+
+
+def match_site(layer: int, sdpa: fx.Node, graph: fx.Graph) -> Site | str:
+    args = sdpa_arguments(sdpa)
+    if args["dropout_p"] not in (0, 0.0):
+        return "attention has dropout; kvfx rewrites inference attention only"
+    query = args["query"]
+    q_shape = shape_of(query)
+    if q_shape is None or len(q_shape) != 4:
+        return "query is not a static 4-D tensor [B, H, T, D]"
+    if args["attn_mask"] is not None and args["is_causal"]:
+        return "attention has both attn_mask and is_causal"
+    if not isinstance(args["is_causal"], bool) or not isinstance(args["scale"], (float, int, type(None))):
+        return "is_causal or scale is not a constant"
+    reads = [match_kv_read(args[name], q_shape[1], bool(args["enable_gqa"])) for name in ("key", "value")]
+    for read in reads:
+        if isinstance(read, str):
+            return read
+    key, value = reads
+    if key.buffer is value.buffer or key.kv_len is not value.kv_len and key.kv_len != value.kv_len \
+            or key.group != value.group:
+        return "key and value are not two buffers read the same way"
+    order = graph_position(graph)
+    writes = [match_cache_write(read.buffer, sdpa, order) for read in reads]
+    key_write, value_write = (None if isinstance(w, str) else w for w in writes)
+    if key.buffer.op != "placeholder":
+        # A buffer allocated in the graph holds only what this graph wrote into it.
+        for w in writes:
+            if isinstance(w, str):
+                return w
+    scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(q_shape[-1])
+    return Site(layer, sdpa, query, key, value, args["attn_mask"], args["is_causal"], float(scale),
+                key_write, value_write)

@@ -1,0 +1,155 @@
+"""Rewrite matched attention sites into `torch.ops.kvfx.*` ops.
+
+kv="none": the SDPA (and HF's repeat_kv copies) becomes one `kvfx::attend` over the model's own
+cache buffers; the cache writes stay as they are.
+
+kv="int8": the cache buffers stop being read or written by the graph. Each site gets four new
+graph inputs (the `KVStore` tensors, appended after the existing inputs); its `index_copy_`
+writes become `kvfx::store_write` and its SDPA becomes `kvfx::attend` over the store. A buffer the
+graph allocated itself (HF allocates the static cache inside the prefill trace) is replaced by an
+empty tensor: the runtime hands the caller a freed placeholder of the right shape instead
+(`kvfx.runtime`). The `GraphPlan` says which inputs and outputs those are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from kvfx.config import KVConfig
+from kvfx.kernels.formats import FORMATS
+from kvfx.passes.fx_utils import describe, example_tensor, shape_of
+from kvfx.passes.match import KVRead, Site, find_attention, match_site
+from kvfx.reporting import SiteReport
+
+
+@dataclass
+class StoreSlot:
+    """One rewritten site's quantized store, as the runtime must provide it."""
+
+    layer: int
+    shape: torch.Size                 # the fp buffer's [B, Hkv, S, D]
+    dtype: torch.dtype
+    device: torch.device
+    key_input: int | None = None      # graph-input index of the fp key/value buffers ...
+    value_input: int | None = None
+    key_output: int | None = None     # ... or output index, when the graph allocated them
+    value_output: int | None = None
+
+
+@dataclass
+class GraphPlan:
+    sites: list[SiteReport] = field(default_factory=list)
+    slots: list[StoreSlot] = field(default_factory=list)
+    raw_read_inputs: list[int] = field(default_factory=list)  # inputs the graph still reads as fp tensors
+    fp_cache_inputs: list[tuple[int, int]] = field(default_factory=list)   # kv="none": (key, value) input
+    fp_cache_outputs: list[tuple[int, int]] = field(default_factory=list)  # indices of the model's buffers
+
+
+def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> GraphPlan:
+    graph = gm.graph
+    plan = GraphPlan()
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    for layer, sdpa in enumerate(find_attention(graph)):
+        site = match_site(layer, sdpa, graph)
+        if isinstance(site, str):
+            plan.sites.append(SiteReport(graph_index, layer, "sdpa", False, site, "unchanged"))
+            continue
+        if config.kv == "none":
+            _rewrite_attention(graph, site, site.key.buffer, site.value.buffer, None, None)
+            _record_fp_cache(plan, site, placeholders, output)
+            plan.sites.append(SiteReport(graph_index, layer, site.pattern, True, "", "model dtype"))
+            continue
+        reason = _quantizable(site, output)
+        if reason:
+            plan.sites.append(SiteReport(graph_index, layer, site.pattern, False, reason, "unchanged"))
+            continue
+        plan.slots.append(_rewrite_quantized(graph, site, placeholders, output, FORMATS[config.kv]))
+        plan.sites.append(SiteReport(graph_index, layer, site.pattern, True, "", config.kv))
+    graph.lint()
+    gm.recompile()
+    plan.raw_read_inputs = [i for i, p in enumerate(placeholders) if p.users and _is_cache_shaped(p)]
+    return plan
+
+
+def _is_cache_shaped(node: fx.Node) -> bool:
+    value = example_tensor(node)
+    return value is not None and value.dim() == 4 and value.is_floating_point()
+
+
+def _record_fp_cache(plan: GraphPlan, site: Site, placeholders: list[fx.Node], output: fx.Node) -> None:
+    key, value = site.key.buffer, site.value.buffer
+    outputs = list(output.args[0])
+    if key in placeholders and value in placeholders:
+        plan.fp_cache_inputs.append((placeholders.index(key), placeholders.index(value)))
+    elif key in outputs and value in outputs:
+        plan.fp_cache_outputs.append((outputs.index(key), outputs.index(value)))
+
+
+def _quantizable(site: Site, output: fx.Node) -> str:
+    """Why the site's fp buffers cannot be replaced by a store ("" if they can)."""
+    for name, read, write in (("key", site.key, site.key_write), ("value", site.value, site.value_write)):
+        if write is None:
+            return f"no index_copy_ into the {name} cache in this graph; kvfx must see every write to quantize it"
+        allowed = {write.node, output, site.sdpa, *read.chain[-1:]}
+        others = [u for u in read.buffer.users if u not in allowed]
+        if others:
+            return f"the {name} cache is also read by {describe(others[0])} outside attention"
+    return ""
+
+
+def _rewrite_attention(graph: fx.Graph, site: Site, key: fx.Node, value: fx.Node,
+                       key_scale: fx.Node | None, value_scale: fx.Node | None) -> None:
+    with graph.inserting_before(site.sdpa):
+        attend = graph.call_function(torch.ops.kvfx.attend.default, (
+            site.query, key, value, key_scale, value_scale, site.attn_mask,
+            site.key.kv_len, site.is_causal, site.scale))
+    attend.meta = dict(site.sdpa.meta)
+    site.sdpa.replace_all_uses_with(attend)
+    graph.erase_node(site.sdpa)
+    for read in (site.key, site.value):
+        _erase_dead(graph, read)
+
+
+def _erase_dead(graph: fx.Graph, read: KVRead) -> None:
+    for node in read.chain:  # chain runs from the SDPA operand back to the buffer
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node], output: fx.Node,
+                       fmt) -> StoreSlot:
+    buffer = example_tensor(site.key.buffer)
+    slot = StoreSlot(site.layer, torch.Size(shape_of(site.key.buffer)), buffer.dtype, buffer.device)
+    # Example values with static shapes, from dynamo's fake mode: AOTAutograd would otherwise give
+    # the new inputs fresh symbolic sizes that no guard can name.
+    with buffer.fake_mode:
+        examples = fmt.allocate(slot.shape, slot.dtype, slot.device).tensors()
+    last = next(n for n in reversed(graph.nodes) if n.op == "placeholder")
+    store = []
+    for name, example in zip(("k_codes", "k_scale", "v_codes", "v_scale"), examples):
+        with graph.inserting_after(last):
+            last = graph.placeholder(f"kvfx_layer{site.layer}_{name}")
+        last._dynamo_source = None  # AOTAutograd wants one on every input of a dynamo graph
+        last.meta["example_value"] = example
+        store.append(last)
+    k_codes, k_scale, v_codes, v_scale = store
+    for write, codes, scale in ((site.key_write, k_codes, k_scale), (site.value_write, v_codes, v_scale)):
+        with graph.inserting_before(write.node):
+            graph.call_function(torch.ops.kvfx.store_write.default, (codes, scale, write.pos, write.source))
+        graph.erase_node(write.node)
+    _rewrite_attention(graph, site, k_codes, v_codes, k_scale, v_scale)
+    outputs = list(output.args[0])
+    for which, read in (("key", site.key), ("value", site.value)):
+        buf = read.buffer
+        if buf.op == "placeholder":
+            setattr(slot, f"{which}_input", placeholders.index(buf))
+        else:
+            # The graph allocated this buffer only to hand it back; the runtime returns a freed
+            # placeholder in its place, so allocate nothing here.
+            if buf in outputs:
+                setattr(slot, f"{which}_output", outputs.index(buf))
+            buf.target, buf.args, buf.kwargs = torch.empty, ((0,),), {"dtype": buffer.dtype, "device": buffer.device}
+    return slot

@@ -1,0 +1,153 @@
+"""End to end on tiny random-weight HF models decoding with a static cache."""
+import pytest
+import torch
+from transformers import StaticCache
+
+import kvfx
+from kvfx.models import tiny_model
+from kvfx.runtime import FreedKVBuffer
+
+ARCHS = ["llama", "qwen2"]
+
+
+def compiled_copy(model, **options):
+    clone = tiny_model(model.config.model_type)
+    clone.load_state_dict(model.state_dict())
+    clone.forward = torch.compile(clone.forward, backend="kvfx", options=options)
+    return clone
+
+
+def greedy(model, ids, n, **kw):
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          cache_implementation="static", **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_none_gives_eager_tokens(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    compiled = compiled_copy(model, kv="none")
+    assert torch.equal(greedy(compiled, ids, 64), greedy(model, ids, 64))
+    rep = kvfx.report(compiled)
+    assert rep.found == rep.rewritten == 4  # 2 layers x (prefill graph + decode graph)
+    assert rep.kv_bytes == rep.fp_kv_bytes > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int8_logits_close_and_cache_freed(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    compiled = compiled_copy(model, kv="int8")
+    eager = model.generate(ids, max_new_tokens=32, do_sample=False, cache_implementation="static",
+                           output_logits=True, return_dict_in_generate=True)
+    ours = compiled.generate(ids, max_new_tokens=32, do_sample=False, cache_implementation="static",
+                             output_logits=True, return_dict_in_generate=True)
+    # Per-token int8 keeps every K/V element within max|row|/254: logits move by far less than
+    # their spread. Tolerance: 2% of the logit range, on the steps before tokens could diverge.
+    same = (eager.sequences == ours.sequences).all()
+    steps = len(eager.logits) if same else 1
+    for a, b in zip(eager.logits[:steps], ours.logits[:steps]):
+        assert (a - b).abs().max() <= 0.02 * (a.max() - a.min())
+    rep = kvfx.report(compiled)
+    assert rep.rewritten == rep.found == 4
+    assert rep.kv_bytes <= 0.55 * rep.fp_kv_bytes
+
+
+def test_decode_compiles_once():
+    model = tiny_model()
+    compiled = compiled_copy(model, kv="int8")
+    ids = torch.randint(0, 128, (1, 6))
+    greedy(compiled, ids, 24)
+    session_graphs = len(kvfx.report(compiled).sites) // 2
+    assert session_graphs == 2  # one prefill graph, one decode graph, for 24 tokens
+    greedy(compiled, ids, 24)  # same shapes: no new graph
+    assert len(kvfx.report(compiled).sites) // 2 == 2
+
+
+def test_two_caches_in_flight_do_not_mix():
+    model = tiny_model()
+    compiled = compiled_copy(model, kv="int8")
+    prompts = [torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 8)]
+    alone = [greedy(compiled, p, 8) for p in prompts]
+    caches = [StaticCache(config=model.config, max_cache_len=32) for _ in prompts]
+    seqs = [p.clone() for p in prompts]
+    lengths = [0, 0]
+    with torch.no_grad():
+        run_interleaved(compiled, caches, seqs, lengths)
+    for got, want in zip(seqs, alone):
+        assert torch.equal(got, want)
+
+
+def run_interleaved(compiled, caches, seqs, lengths):
+    for step in range(8):
+        for i in range(2):  # interleaved, step by step
+            new = seqs[i][:, lengths[i]:]
+            pos = torch.arange(lengths[i], seqs[i].shape[1]).unsqueeze(0)
+            logits = compiled(new, past_key_values=caches[i], position_ids=pos, use_cache=True).logits
+            lengths[i] = seqs[i].shape[1]
+            seqs[i] = torch.cat([seqs[i], logits[:, -1:].argmax(-1)], dim=1)
+
+
+def test_new_prompt_starts_clean():
+    model = tiny_model()
+    compiled = compiled_copy(model, kv="int8")
+    a = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
+    b = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(4))
+    first_b = greedy(compiled, b, 12)
+    greedy(compiled, a, 12)
+    assert torch.equal(greedy(compiled, b, 12), first_b)
+
+
+def test_left_padded_batch_matches_eager_per_row():
+    model = tiny_model()
+    compiled = compiled_copy(model, kv="none")
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0  # row 1 is 4 tokens shorter, left padded
+    kw = dict(attention_mask=mask, pad_token_id=0)
+    assert torch.equal(greedy(compiled, ids, 16, **kw), greedy(model, ids, 16, **kw))
+
+
+def test_int8_left_padded_batch_rows_agree_with_single_rows():
+    model = tiny_model()
+    compiled = compiled_copy(model, kv="int8")
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0
+    batch = greedy(compiled, ids, 12, attention_mask=mask, pad_token_id=0)
+    eager = greedy(model, ids, 12, attention_mask=mask, pad_token_id=0)
+    assert (batch == eager).float().mean() >= 0.95
+
+
+def test_freed_buffer_read_is_a_clear_error():
+    model = tiny_model()
+    compiled = compiled_copy(model, kv="int8")
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    compiled(torch.randint(0, 128, (1, 4)), past_key_values=cache, use_cache=True)
+    keys = cache.layers[0].keys
+    assert isinstance(keys, FreedKVBuffer) and keys.untyped_storage().nbytes() == 0
+    assert keys.shape == (1, 2, 16, 16)  # shape kept for the model's bookkeeping
+    with pytest.raises(kvfx.KVFXError, match="freed by kvfx"):
+        keys.sum()
+    with pytest.raises(kvfx.KVFXError, match="freed by kvfx"):
+        model(torch.randint(0, 128, (1, 1)), past_key_values=cache, use_cache=True)  # eager forward
+    assert kvfx.runtime.dequantized(keys).shape == keys.shape
+
+
+def test_prompt_longer_than_cache_is_a_clear_error():
+    model = tiny_model()
+    compiled = compiled_copy(model, kv="int8")
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    with pytest.raises(kvfx.KVFXError, match="do not fit the KV cache of 8 slots"):
+        compiled(torch.randint(0, 128, (1, 12)), past_key_values=cache, use_cache=True)
+
+
+def test_graph_without_attention_is_unchanged_and_reported():
+    def mlp(x, w):
+        return torch.relu(x @ w).sum(-1)
+
+    compiled = torch.compile(mlp, backend="kvfx", options={"kv": "int8"})
+    x, w = torch.randn(3, 4), torch.randn(4, 5)
+    torch.testing.assert_close(compiled(x, w), mlp(x, w))
+    rep = kvfx.report(compiled)
+    assert rep.found == 0 and "no attention site" in str(rep)
