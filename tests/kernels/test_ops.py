@@ -1,0 +1,90 @@
+"""torch.ops.kvfx.* against their plain-PyTorch definitions, plus torch.library.opcheck."""
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+
+import kvfx.kernels  # noqa: F401  (registers the ops)
+from kvfx.kernels.int8 import quantize_int8_reference
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def repeat_kv_sdpa(q, k, v, mask, kv_len, is_causal, scale):
+    """The HF eager path: materialize repeat_kv, then SDPA (what kvfx must equal)."""
+    g = q.shape[1] // k.shape[1]
+    if kv_len >= 0:
+        k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+    k, v = (t.repeat_interleave(g, dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+@st.composite
+def attention_case(draw):
+    b, hkv, g = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    t, s, d = draw(st.integers(1, 5)), draw(st.integers(1, 12)), draw(st.sampled_from([8, 16, 64]))
+    dtype = draw(st.sampled_from(list(TOL)))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    q = torch.randn(b, hkv * g, t, d, generator=gen).to(dtype)
+    k, v = (torch.randn(b, hkv, s, d, generator=gen).to(dtype) for _ in range(2))
+    mask_kind = draw(st.sampled_from(["none", "causal", "bool", "bool-per-head", "additive"]))
+    kv_len = draw(st.sampled_from([-1, min(s, t)])) if mask_kind in ("none", "causal") else -1
+    n = s if kv_len < 0 else kv_len
+    mask, is_causal = None, mask_kind == "causal"
+    if mask_kind == "causal" and kv_len < 0 and s < t:
+        is_causal = False
+    if mask_kind.startswith("bool"):
+        heads = hkv * g if mask_kind == "bool-per-head" else 1
+        mask = torch.rand(b, heads, t, n, generator=gen) > 0.3
+        mask[..., 0] = True  # every query sees at least one key
+    elif mask_kind == "additive":
+        mask = torch.randn(b, 1, t, n, generator=gen).to(dtype)
+    return q, k, v, mask, kv_len, is_causal, 1.0 / d ** 0.5
+
+
+@given(attention_case())
+def test_attend_equals_repeat_kv_sdpa(case):
+    q, k, v, mask, kv_len, is_causal, scale = case
+    got = torch.ops.kvfx.attend(q, k, v, None, None, mask, kv_len, is_causal, scale)
+    want = repeat_kv_sdpa(q.float(), k.float(), v.float(), mask if mask is None or mask.dtype == torch.bool
+                          else mask.float(), kv_len, is_causal, scale)
+    torch.testing.assert_close(got.float(), want, atol=TOL[q.dtype] * 4, rtol=TOL[q.dtype] * 4)
+
+
+@given(attention_case())
+def test_attend_int8_equals_attention_over_dequantized(case):
+    q, k, v, mask, kv_len, is_causal, scale = case
+    (kc, ks), (vc, vs) = quantize_int8_reference(k), quantize_int8_reference(v)
+    got = torch.ops.kvfx.attend(q, kc, vc, ks, vs, mask, kv_len, is_causal, scale)
+    deq = [(c.float() * s.float()) for c, s in ((kc, ks), (vc, vs))]
+    want = repeat_kv_sdpa(q.float(), *deq, mask if mask is None or mask.dtype == torch.bool else mask.float(),
+                          kv_len, is_causal, scale)
+    torch.testing.assert_close(got.float(), want, atol=TOL[q.dtype] * 4, rtol=TOL[q.dtype] * 4)
+
+
+def test_store_write_quantizes_at_positions():
+    codes = torch.zeros(2, 3, 10, 8, dtype=torch.int8)
+    scale = torch.ones(2, 3, 10, 1)
+    x = torch.randn(2, 3, 4, 8)
+    pos = torch.tensor([2, 3, 4, 5])
+    torch.ops.kvfx.store_write(codes, scale, pos, x)
+    want_codes, want_scale = quantize_int8_reference(x)
+    assert torch.equal(codes[:, :, 2:6], want_codes) and torch.equal(scale[:, :, 2:6], want_scale)
+    assert (codes[:, :, :2] == 0).all() and (codes[:, :, 6:] == 0).all()
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_opcheck(quantized):
+    q = torch.randn(2, 4, 3, 8)
+    k, v = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    mask = torch.rand(2, 1, 3, 6) > 0.2
+    mask[..., 0] = True
+    if quantized:
+        (k, ks), (v, vs) = quantize_int8_reference(k), quantize_int8_reference(v)
+    else:
+        ks = vs = None
+        q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    torch.library.opcheck(torch.ops.kvfx.attend.default, (q, k, v, ks, vs, mask, -1, False, 0.35))
+    codes, scale = torch.zeros(2, 2, 6, 8, dtype=torch.int8), torch.ones(2, 2, 6, 1)
+    torch.library.opcheck(torch.ops.kvfx.store_write.default, (codes, scale, torch.tensor([1, 4]), torch.randn(2, 2, 2, 8)))
