@@ -16,16 +16,17 @@ from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
 class KVStore:
     """The memory kvfx holds for one attention site's cache (keys and values).
 
-    k_codes, v_codes: [B, Hkv, S, D] int8.  k_scale, v_scale: [B, Hkv, S, 1] in the model dtype.
+    k_codes, v_codes: [B, Hkv, S, D] uint8.  k_qparams, v_qparams: [B, Hkv, S, 2] (scale, zero) in the
+    model dtype (`kvfx.kernels.int8`).
     """
 
     k_codes: torch.Tensor
-    k_scale: torch.Tensor
+    k_qparams: torch.Tensor
     v_codes: torch.Tensor
-    v_scale: torch.Tensor
+    v_qparams: torch.Tensor
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.k_codes, self.k_scale, self.v_codes, self.v_scale)
+        return (self.k_codes, self.k_qparams, self.v_codes, self.v_qparams)
 
     def nbytes(self) -> int:
         """Bytes really held: the storages of the tensors, not a formula."""
@@ -33,8 +34,8 @@ class KVStore:
 
     def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-precision keys and values [B, Hkv, S, D] (for inspection and tests)."""
-        return (dequantize_int8_reference(self.k_codes, self.k_scale, dtype),
-                dequantize_int8_reference(self.v_codes, self.v_scale, dtype))
+        return (dequantize_int8_reference(self.k_codes, self.k_qparams, dtype),
+                dequantize_int8_reference(self.v_codes, self.v_qparams, dtype))
 
 
 @dataclass(frozen=True)
@@ -43,21 +44,17 @@ class Int8Format:
 
     def allocate(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> KVStore:
         """An empty store for a cache buffer of `shape` [B, Hkv, S, D] in `dtype`."""
-        scale_shape = (*shape[:-1], 1)
-
         def codes():
-            return torch.zeros(shape, dtype=torch.int8, device=device)
+            return torch.zeros(shape, dtype=torch.uint8, device=device)
 
-        def scale():
-            return torch.ones(scale_shape, dtype=dtype, device=device)
+        def qparams():  # (scale 1, zero 0): unwritten slots read as zeros
+            return torch.tensor([1.0, 0.0], dtype=dtype, device=device).expand(*shape[:-1], 2).contiguous()
 
-        return KVStore(codes(), scale(), codes(), scale())
+        return KVStore(codes(), qparams(), codes(), qparams())
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> KVStore:
         """A store holding the current content of fp buffers `keys`, `values` (all positions)."""
-        k_codes, k_scale = quantize_int8_reference(keys)
-        v_codes, v_scale = quantize_int8_reference(values)
-        return KVStore(k_codes, k_scale, v_codes, v_scale)
+        return KVStore(*quantize_int8_reference(keys), *quantize_int8_reference(values))
 
 
 # name -> format; None means the cache stays in the model's dtype (kvfx only rewrites attention).

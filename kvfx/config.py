@@ -29,7 +29,7 @@ class KVConfig:
     ----------
     kv:
         Storage format of the cache: ``"none"`` keeps the model's dtype (lossless), ``"int8"``
-        stores 8-bit codes with one scale per token per KV head (see `kvfx.kernels.formats`).
+        stores 8-bit codes with one (scale, zero) per token per KV head (see `kvfx.kernels.int8`).
     policy:
         Which tokens are kept (``"none"``: all of them).
     strict:

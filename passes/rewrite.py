@@ -101,10 +101,10 @@ def _quantizable(site: Site, output: fx.Node) -> str:
 
 
 def _rewrite_attention(graph: fx.Graph, site: Site, key: fx.Node, value: fx.Node,
-                       key_scale: fx.Node | None, value_scale: fx.Node | None) -> None:
+                       key_qparams: fx.Node | None, value_qparams: fx.Node | None) -> None:
     with graph.inserting_before(site.sdpa):
         attend = graph.call_function(torch.ops.kvfx.attend.default, (
-            site.query, key, value, key_scale, value_scale, site.attn_mask,
+            site.query, key, value, key_qparams, value_qparams, site.attn_mask,
             site.key.kv_len, site.is_causal, site.scale))
     attend.meta = dict(site.sdpa.meta)
     site.sdpa.replace_all_uses_with(attend)
@@ -129,18 +129,18 @@ def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node],
         examples = fmt.allocate(slot.shape, slot.dtype, slot.device).tensors()
     last = next(n for n in reversed(graph.nodes) if n.op == "placeholder")
     store = []
-    for name, example in zip(("k_codes", "k_scale", "v_codes", "v_scale"), examples):
+    for name, example in zip(("k_codes", "k_qparams", "v_codes", "v_qparams"), examples):
         with graph.inserting_after(last):
             last = graph.placeholder(f"kvfx_layer{site.layer}_{name}")
         last._dynamo_source = None  # AOTAutograd wants one on every input of a dynamo graph
         last.meta["example_value"] = example
         store.append(last)
-    k_codes, k_scale, v_codes, v_scale = store
-    for write, codes, scale in ((site.key_write, k_codes, k_scale), (site.value_write, v_codes, v_scale)):
+    k_codes, k_qparams, v_codes, v_qparams = store
+    for write, codes, qparams in ((site.key_write, k_codes, k_qparams), (site.value_write, v_codes, v_qparams)):
         with graph.inserting_before(write.node):
-            graph.call_function(torch.ops.kvfx.store_write.default, (codes, scale, write.pos, write.source))
+            graph.call_function(torch.ops.kvfx.store_write.default, (codes, qparams, write.pos, write.source))
         graph.erase_node(write.node)
-    _rewrite_attention(graph, site, k_codes, v_codes, k_scale, v_scale)
+    _rewrite_attention(graph, site, k_codes, v_codes, k_qparams, v_qparams)
     outputs = list(output.args[0])
     for which, read in (("key", site.key), ("value", site.value)):
         buf = read.buffer

@@ -1,4 +1,5 @@
 import hypothesis.strategies as st
+import pytest
 import torch
 from hypothesis import given
 
@@ -25,13 +26,16 @@ def rows(draw):
 
 @given(rows())
 def test_round_trip_within_half_a_step(x):
-    codes, scale = quantize_int8_reference(x)
-    assert codes.dtype == torch.int8 and scale.shape == (*x.shape[:-1], 1) and scale.dtype == x.dtype
-    back = dequantize_int8_reference(codes, scale, torch.float32)
-    bound = scale.float() / 2 + ROUNDING[x.dtype] * x.float().abs().amax(-1, keepdim=True) + 1e-12
+    codes, qparams = quantize_int8_reference(x)
+    assert codes.dtype == torch.uint8 and qparams.shape == (*x.shape[:-1], 2) and qparams.dtype == x.dtype
+    back = dequantize_int8_reference(codes, qparams, torch.float32)
+    scale = qparams[..., :1].float()
+    bound = scale / 2 + ROUNDING[x.dtype] * x.float().abs().amax(-1, keepdim=True) + 1e-12
     assert ((back - x.float()).abs() <= bound * (1 + 1e-3)).all()
 
 
-def test_zero_row_is_exact():
-    codes, scale = quantize_int8_reference(torch.zeros(2, 3, 4))
-    assert (dequantize_int8_reference(codes, scale, torch.float32) == 0).all()
+@pytest.mark.parametrize("value", [0.0, -3.25, 1e4])
+def test_constant_row_is_exact(value):
+    x = torch.full((2, 3, 4), value)
+    codes, qparams = quantize_int8_reference(x)
+    assert torch.equal(dequantize_int8_reference(codes, qparams, torch.float32), x)

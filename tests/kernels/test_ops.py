@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given
 
 import kvfx.kernels  # noqa: F401  (registers the ops)
-from kvfx.kernels.int8 import quantize_int8_reference
+from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -57,20 +57,20 @@ def test_attend_int8_equals_attention_over_dequantized(case):
     q, k, v, mask, kv_len, is_causal, scale = case
     (kc, ks), (vc, vs) = quantize_int8_reference(k), quantize_int8_reference(v)
     got = torch.ops.kvfx.attend(q, kc, vc, ks, vs, mask, kv_len, is_causal, scale)
-    deq = [(c.float() * s.float()) for c, s in ((kc, ks), (vc, vs))]
+    deq = [dequantize_int8_reference(c, p, torch.float32) for c, p in ((kc, ks), (vc, vs))]
     want = repeat_kv_sdpa(q.float(), *deq, mask if mask is None or mask.dtype == torch.bool else mask.float(),
                           kv_len, is_causal, scale)
     torch.testing.assert_close(got.float(), want, atol=TOL[q.dtype] * 4, rtol=TOL[q.dtype] * 4)
 
 
 def test_store_write_quantizes_at_positions():
-    codes = torch.zeros(2, 3, 10, 8, dtype=torch.int8)
-    scale = torch.ones(2, 3, 10, 1)
+    codes = torch.zeros(2, 3, 10, 8, dtype=torch.uint8)
+    qparams = torch.zeros(2, 3, 10, 2)
     x = torch.randn(2, 3, 4, 8)
     pos = torch.tensor([2, 3, 4, 5])
-    torch.ops.kvfx.store_write(codes, scale, pos, x)
-    want_codes, want_scale = quantize_int8_reference(x)
-    assert torch.equal(codes[:, :, 2:6], want_codes) and torch.equal(scale[:, :, 2:6], want_scale)
+    torch.ops.kvfx.store_write(codes, qparams, pos, x)
+    want_codes, want_qparams = quantize_int8_reference(x)
+    assert torch.equal(codes[:, :, 2:6], want_codes) and torch.equal(qparams[:, :, 2:6], want_qparams)
     assert (codes[:, :, :2] == 0).all() and (codes[:, :, 6:] == 0).all()
 
 
@@ -86,5 +86,5 @@ def test_opcheck(quantized):
         ks = vs = None
         q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     torch.library.opcheck(torch.ops.kvfx.attend.default, (q, k, v, ks, vs, mask, -1, False, 0.35))
-    codes, scale = torch.zeros(2, 2, 6, 8, dtype=torch.int8), torch.ones(2, 2, 6, 1)
-    torch.library.opcheck(torch.ops.kvfx.store_write.default, (codes, scale, torch.tensor([1, 4]), torch.randn(2, 2, 2, 8)))
+    codes, qparams = torch.zeros(2, 2, 6, 8, dtype=torch.uint8), torch.zeros(2, 2, 6, 2)
+    torch.library.opcheck(torch.ops.kvfx.store_write.default, (codes, qparams, torch.tensor([1, 4]), torch.randn(2, 2, 2, 8)))
