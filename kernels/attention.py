@@ -45,3 +45,30 @@ def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     mask = fold_mask(attn_mask, is_causal, t, k.shape[2], hkv, group, q.device)
     out = F.scaled_dot_product_attention(q.reshape(b, hkv, group * t, d), k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, hq, t, v.shape[-1])
+
+
+def attend_int8_cpu(q: torch.Tensor, k_codes: torch.Tensor, k_qparams: torch.Tensor, v_codes: torch.Tensor,
+                    v_qparams: torch.Tensor, attn_mask: torch.Tensor | None, kv_len: int, is_causal: bool,
+                    scale: float) -> torch.Tensor:
+    """`attend_reference` over dequantized int8 K/V, without materializing the dequantized cache.
+
+    With k = c * s + z per token (codes c, scale s, zero z): q.k = s * (q.c) + z * sum(q), and
+    sum_t p_t v_t = (p * s_v) @ c_v + sum_t p_t z_v,t. The codes are read once (converted in the
+    matmul's operand) instead of being dequantized into a second fp copy of the cache.
+    """
+    if kv_len >= 0:
+        k_codes, k_qparams, v_codes, v_qparams = (t[:, :, :kv_len] for t in (k_codes, k_qparams, v_codes, v_qparams))
+    b, hq, t, d = q.shape
+    hkv, s = k_codes.shape[1], k_codes.shape[2]
+    group = hq // hkv
+    qf = q.reshape(b, hkv, group * t, d).float()
+    k_scale, k_zero = k_qparams[..., 0].float().unsqueeze(2), k_qparams[..., 1].float().unsqueeze(2)
+    scores = (qf @ k_codes.float().transpose(-1, -2)) * k_scale + qf.sum(-1, keepdim=True) * k_zero
+    scores = scores * scale
+    mask = fold_mask(attn_mask, is_causal, t, s, hkv, group, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = torch.softmax(scores, dim=-1)
+    v_scale, v_zero = v_qparams[..., 0].float().unsqueeze(2), v_qparams[..., 1].float().unsqueeze(-1)
+    out = (probs * v_scale) @ v_codes.float() + probs @ v_zero
+    return out.to(q.dtype).reshape(b, hq, t, d)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from kvfx.errors import KVFXError
-from kvfx.kernels.attention import attend_reference
+from kvfx.kernels.attention import attend_int8_cpu, attend_reference
 from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
 
 
@@ -27,6 +27,8 @@ from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparams: torch.Tensor | None,
            v_qparams: torch.Tensor | None, attn_mask: torch.Tensor | None, kv_len: int, is_causal: bool,
            scale: float) -> torch.Tensor:
+    if k_qparams is not None and v_qparams is not None and q.device.type == "cpu":
+        return attend_int8_cpu(q, k, k_qparams, v, v_qparams, attn_mask, kv_len, is_causal, scale)
     if k_qparams is not None:
         k = dequantize_int8_reference(k, k_qparams, q.dtype)
     if v_qparams is not None:

@@ -32,7 +32,9 @@ def kvfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = N
     examples = [_plain(x) for x in example_inputs]
     fmt = FORMATS[config.kv]
     for slot in plan.slots:
-        examples += fmt.allocate(slot.shape, slot.dtype, slot.device).tensors()
+        if slot.key_input is not None:
+            buffer = examples[slot.key_input]
+            examples += fmt.allocate(buffer.shape, slot.dtype, buffer.device).tensors()
     from torch._inductor.compile_fx import compile_fx
 
     compiled = compile_fx(gm, examples)

@@ -30,15 +30,28 @@ class StepClock(StoppingCriteria):
 
 
 @torch.no_grad()
-def teacher_forced_logits(model, prompt: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Logits [N, vocab] of each decode step when the model is fed `targets` [N] one token at a time
-    through a static cache (prefill the prompt, then one-token steps): the decode path, not a prefill."""
-    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + targets.numel() + 1)
+def decode_steps(model, prompt: torch.Tensor, steps: int, forced: torch.Tensor | None = None,
+                 cache: StaticCache | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Prefill `prompt` [B, T] into a static cache (a new one, or `cache`), then run `steps` one-token
+    decode steps: greedy, or fed `forced` [steps] (teacher forcing). Returns the last-position logits of
+    the prefill and of every step but the last, [steps, B, vocab] fp32, and each decode step's time."""
+    if cache is None:
+        cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps)
     logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
-    out = [logits]
-    start = prompt.shape[1]
-    for i, token in enumerate(targets[:-1].tolist()):
-        step = torch.tensor([[token]], device=prompt.device)
-        pos = torch.tensor([[start + i]], device=prompt.device)
-        out.append(model(step, past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1])
-    return torch.cat(out).float()
+    out, times = [logits.float()], []
+    for i in range(steps - 1):
+        token = forced[i].view(1, 1).expand(prompt.shape[0], 1) if forced is not None else logits.argmax(-1, keepdim=True)
+        pos = torch.full((prompt.shape[0], 1), prompt.shape[1] + i, device=prompt.device)
+        start = time.perf_counter()
+        logits = model(token, past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1]
+        times.append(time.perf_counter() - start)
+        out.append(logits.float())
+    return torch.stack(out), times
+
+
+def teacher_forced_logits(model, prompt: torch.Tensor, targets: torch.Tensor,
+                          cache: StaticCache | None = None) -> torch.Tensor:
+    """Logits [N, vocab] of each decode step when the model is fed `targets` [N] one token at a time
+    through a static cache: the decode path, not one long prefill."""
+    logits, _ = decode_steps(model, prompt, targets.numel(), forced=targets, cache=cache)
+    return logits[:, 0]

@@ -5,6 +5,7 @@ whose ``forward`` is one, and returns a `Report`; ``print(report)`` shows a tabl
 """
 from __future__ import annotations
 
+import gc
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,10 +74,9 @@ class Report:
     def __str__(self) -> str:
         if not self.sites:
             return "kvfx report: no attention site found; the graph was compiled unchanged"
-        rows = [("graph", "layer", "pattern", "rewritten", "storage / reason")]
-        for s in self.sites:
-            rows.append((str(s.graph), str(s.layer), s.pattern, "yes" if s.rewritten else "NO",
-                         s.storage if s.rewritten else s.reason))
+        rows = [("graph", "layers", "pattern", "rewritten", "storage / reason")]
+        for (graph, pattern, rewritten, detail), layers in _group(self.sites):
+            rows.append((str(graph), _ranges(layers), pattern, "yes" if rewritten else "NO", detail))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
         graphs = sorted({s.graph for s in self.sites})
@@ -88,6 +88,24 @@ class Report:
         return "kvfx report\n" + "\n".join(lines)
 
 
+def _group(sites: list[SiteReport]) -> list[tuple[tuple, list[int]]]:
+    """Sites that differ only by layer share a row."""
+    groups: dict[tuple, list[int]] = {}
+    for s in sites:
+        groups.setdefault((s.graph, s.pattern, s.rewritten, s.storage if s.rewritten else s.reason), []).append(s.layer)
+    return list(groups.items())
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    parts, start = [], layers[0]
+    for prev, cur in zip(layers, layers[1:] + [None]):
+        if cur is None or cur != prev + 1:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = cur
+    return ",".join(parts)
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
@@ -95,6 +113,7 @@ def _mib(n: int) -> str:
 def report(x: Any) -> Report:
     """The report of a kvfx-compiled function, or of a module whose forward was compiled with kvfx."""
     session = _find_session(x)
+    gc.collect()  # count only caches that are still alive
     sites = [s for g in session.graphs for s in g]
     kv_bytes = fp_bytes = 0
     for key_buffer, (value_buffer, store) in list(session.caches.items()):

@@ -58,9 +58,10 @@ def free(buffer: torch.Tensor) -> None:
     buffer.__class__ = FreedKVBuffer
 
 
-def freed_placeholder(slot: StoreSlot) -> torch.Tensor:
-    """A tensor that looks like the fp buffer the model expects and holds no memory."""
-    buffer = torch.empty(slot.shape, dtype=slot.dtype, device=slot.device)
+def freed_placeholder(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor shaped like `like`, in `dtype`, that holds no memory: what the model gets back in
+    place of the fp buffer it expected."""
+    buffer = torch.empty(like.shape, dtype=dtype, device=like.device)
     free(buffer)
     return buffer
 
@@ -72,6 +73,19 @@ def dequantized(buffer: torch.Tensor) -> torch.Tensor:
         raise KVFXError("this tensor is not a KV-cache buffer held by kvfx")
     keys, values = store.dequantize(buffer.dtype)
     return keys if is_key else values
+
+
+def held_bytes(buffers) -> int:
+    """Bytes really held for the model's cache `buffers` (keys and values): their own storages plus,
+    for buffers kvfx freed, the stores that hold their tokens (each counted once)."""
+    stores = {}
+    total = 0
+    for buffer in buffers:
+        total += buffer.untyped_storage().nbytes()
+        store, _ = _STORES.get(buffer, (None, None))
+        if store is not None:
+            stores[id(store)] = store
+    return total + sum(s.nbytes() for s in stores.values())
 
 
 def store_for_inputs(key: torch.Tensor, value: torch.Tensor, kv: str) -> KVStore:
@@ -96,9 +110,9 @@ def _register(key: torch.Tensor, value: torch.Tensor, store: KVStore) -> None:
 
 def make_runner(compiled: Callable, plan: GraphPlan, session: Session) -> Callable:
     """Wrap an inductor-compiled graph so that each call gets its sites' stores as extra inputs."""
-    fmt = FORMATS[session.kv]
     raw_reads = plan.raw_read_inputs
-    slots = plan.slots
+    inputs = [s for s in plan.slots if s.key_input is not None]
+    returned = [s for s in plan.slots if s.store_output is not None]
 
     def run(*args: Any) -> Any:
         for i in raw_reads:
@@ -107,32 +121,29 @@ def make_runner(compiled: Callable, plan: GraphPlan, session: Session) -> Callab
                     f"graph input {i} is a KV-cache buffer that kvfx freed, and this graph reads it "
                     f"outside a rewritten attention site; see kvfx.report(...) for the site's reason")
         stores = []
-        for slot in slots:
-            if slot.key_input is not None:
-                key, value = args[slot.key_input], args[slot.value_input]
-                store = store_for_inputs(key, value, session.kv)
-                session.caches[key] = (value, store)
-            else:
-                store = fmt.allocate(slot.shape, slot.dtype, slot.device)
-            stores.append(store)
+        for slot in inputs:
+            key, value = args[slot.key_input], args[slot.value_input]
+            stores.append(store_for_inputs(key, value, session.kv))
+            session.caches[key] = (value, stores[-1])
         outputs = compiled(*args, *(t for s in stores for t in s.tensors()))
-        for slot, store in zip(slots, stores):
-            if slot.key_output is not None:
-                outputs = _hand_back(outputs, slot, store, session)
+        if returned:
+            outputs = list(outputs)
+            for slot in returned:
+                _hand_back(outputs, slot, KVStore(*outputs[slot.store_output:slot.store_output + 4]), session)
+            outputs = outputs[:plan.outputs]
         _record_fp_caches(plan, args, outputs, session)
         return outputs
 
     return run
 
 
-def _hand_back(outputs: Any, slot: StoreSlot, store: KVStore, session: Session) -> Any:
-    outputs = list(outputs)
-    key, value = freed_placeholder(slot), freed_placeholder(slot)
+def _hand_back(outputs: list, slot: StoreSlot, store: KVStore, session: Session) -> None:
+    """Give the model freed placeholders for the buffers its graph allocated; kvfx keeps the store."""
+    key, value = (freed_placeholder(codes, slot.dtype) for codes in (store.k_codes, store.v_codes))
     _STORES[key] = (store, True)
     _STORES[value] = (store, False)
     session.caches[key] = (value, store)
     outputs[slot.key_output], outputs[slot.value_output] = key, value
-    return outputs
 
 
 def _record_fp_caches(plan: GraphPlan, args: tuple, outputs: Any, session: Session) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -33,15 +34,15 @@ def is_getitem(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
 
 
-def shape_of(node: Any) -> tuple[int, ...] | None:
-    """The static shape dynamo recorded for a node, or None (not a tensor, or symbolic)."""
+def shape_of(node: Any) -> tuple | None:
+    """The shape dynamo recorded for a node (ints, or SymInts for dynamic sizes), or None."""
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    if not isinstance(value, torch.Tensor):
-        return None
-    try:
-        return tuple(int(s) for s in value.shape)
-    except (TypeError, RuntimeError):  # symbolic sizes
-        return None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def same_shape(a: tuple, b: tuple) -> bool:
+    """Equal sizes, symbolic ones included, decided without adding guards."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def example_tensor(node: fx.Node) -> torch.Tensor | None:

@@ -20,10 +20,10 @@ import torch
 import torch.fx as fx
 
 from kvfx.passes.fx_utils import (describe, full_slices, graph_position, is_getitem, is_method, is_sdpa,
-                                  sdpa_arguments, shape_of)
+                                  same_shape, sdpa_arguments, shape_of)
 
 # In-graph allocations that a cache buffer may come from (HF lazily allocates inside the prefill trace).
-_ALLOCATIONS = (torch.zeros, torch.empty, torch.full, torch.ones)
+_ALLOCATIONS = (torch.zeros, torch.empty)
 
 
 @dataclass
@@ -84,7 +84,7 @@ def match_kv_read(node: fx.Node, query_heads: int, enable_gqa: bool) -> KVRead |
         if not ok or expanded is None or reshaped is None or len(expanded) != 5:
             return "key/value goes through an expand+reshape that is not HF repeat_kv"
         b, hkv, group, s, d = expanded
-        if reshaped != (b, hkv * group, s, d):
+        if not isinstance(group, int) or not same_shape(reshaped, (b, hkv * group, s, d)):
             return f"repeat_kv reshape to {reshaped} does not merge the KV-head groups"
         chain += [node, expand, unsqueeze]
         node, gqa = unsqueeze.args[0], "repeat_kv"
@@ -101,8 +101,8 @@ def match_kv_read(node: fx.Node, query_heads: int, enable_gqa: bool) -> KVRead |
         chain.append(node)
         node, kv_len = node.args[0], seq.stop
     shape = shape_of(node)
-    if shape is None or len(shape) != 4:
-        return f"key/value does not come from a static 4-D cache buffer (found {describe(node)})"
+    if shape is None or len(shape) != 4 or not isinstance(shape[1], int):
+        return f"key/value does not come from a 4-D cache buffer with a fixed head count (found {describe(node)})"
     if node.op != "placeholder" and not (node.op == "call_function" and node.target in _ALLOCATIONS):
         return f"key/value comes from {describe(node)}, not a cache buffer (graph input or allocation)"
     hkv = shape[1]
@@ -110,7 +110,7 @@ def match_kv_read(node: fx.Node, query_heads: int, enable_gqa: bool) -> KVRead |
         group = query_heads // hkv
     if hkv * group != query_heads:
         return f"{query_heads} query heads do not map onto {hkv} KV heads"
-    if isinstance(kv_len, int) and kv_len > shape[2]:
+    if isinstance(kv_len, int) and isinstance(shape[2], int) and kv_len > shape[2]:
         return f"slice of {kv_len} slots exceeds the cache length {shape[2]}"
     return KVRead(node, group, kv_len, gqa, chain)
 
@@ -136,8 +136,8 @@ def match_site(layer: int, sdpa: fx.Node, graph: fx.Graph) -> Site | str:
         return "attention has dropout; kvfx rewrites inference attention only"
     query = args["query"]
     q_shape = shape_of(query)
-    if q_shape is None or len(q_shape) != 4:
-        return "query is not a static 4-D tensor [B, H, T, D]"
+    if q_shape is None or len(q_shape) != 4 or not isinstance(q_shape[1], int) or not isinstance(q_shape[3], int):
+        return "query is not a 4-D tensor [B, H, T, D] with a fixed head count and head dim"
     if args["attn_mask"] is not None and args["is_causal"]:
         return "attention has both attn_mask and is_causal"
     if not isinstance(args["is_causal"], bool) or not isinstance(args["scale"], (float, int, type(None))):

@@ -26,16 +26,15 @@ from kvfx.reporting import SiteReport
 
 @dataclass
 class StoreSlot:
-    """One rewritten site's quantized store, as the runtime must provide it."""
+    """One rewritten site's quantized store, as the runtime must provide or collect it."""
 
     layer: int
-    shape: torch.Size                 # the fp buffer's [B, Hkv, S, D]
-    dtype: torch.dtype
-    device: torch.device
-    key_input: int | None = None      # graph-input index of the fp key/value buffers ...
+    dtype: torch.dtype                # the model's fp buffers' dtype
+    key_input: int | None = None      # graph-input index of the fp key/value buffers (store passed in) ...
     value_input: int | None = None
-    key_output: int | None = None     # ... or output index, when the graph allocated them
-    value_output: int | None = None
+    key_output: int | None = None     # ... or output index of those the graph allocated itself (the
+    value_output: int | None = None   # graph then allocates the store too and returns it)
+    store_output: int | None = None   # output index of the first of the store's 4 tensors
 
 
 @dataclass
@@ -45,6 +44,7 @@ class GraphPlan:
     raw_read_inputs: list[int] = field(default_factory=list)  # inputs the graph still reads as fp tensors
     fp_cache_inputs: list[tuple[int, int]] = field(default_factory=list)   # kv="none": (key, value) input
     fp_cache_outputs: list[tuple[int, int]] = field(default_factory=list)  # indices of the model's buffers
+    outputs: int = 0                  # how many outputs dynamo expects (store outputs come after)
 
 
 def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> GraphPlan:
@@ -70,6 +70,7 @@ def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> Gra
         plan.sites.append(SiteReport(graph_index, layer, site.pattern, True, "", config.kv))
     graph.lint()
     gm.recompile()
+    plan.outputs = len(output.args[0]) - 4 * sum(slot.store_output is not None for slot in plan.slots)
     plan.raw_read_inputs = [i for i, p in enumerate(placeholders) if p.users and _is_cache_shaped(p)]
     return plan
 
@@ -122,11 +123,36 @@ def _erase_dead(graph: fx.Graph, read: KVRead) -> None:
 def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node], output: fx.Node,
                        fmt) -> StoreSlot:
     buffer = example_tensor(site.key.buffer)
-    slot = StoreSlot(site.layer, torch.Size(shape_of(site.key.buffer)), buffer.dtype, buffer.device)
-    # Example values with static shapes, from dynamo's fake mode: AOTAutograd would otherwise give
-    # the new inputs fresh symbolic sizes that no guard can name.
+    slot = StoreSlot(site.layer, buffer.dtype)
+    if site.key.buffer.op == "placeholder":
+        store = _store_inputs(graph, site, buffer, fmt)
+        slot.key_input = placeholders.index(site.key.buffer)
+        slot.value_input = placeholders.index(site.value.buffer)
+    else:
+        store = _store_allocations(graph, site, buffer)
+        outputs = list(output.args[0])
+        # The graph allocated the fp buffers only to hand them back: it now allocates nothing for
+        # them, returns the store instead, and the runtime hands the caller freed placeholders.
+        slot.key_output, slot.value_output = outputs.index(site.key.buffer), outputs.index(site.value.buffer)
+        slot.store_output = len(outputs)
+        output.args = (tuple(outputs) + tuple(store),)
+        for read in (site.key, site.value):
+            read.buffer.target, read.buffer.args = torch.empty, ((0,),)
+    k_codes, k_qparams, v_codes, v_qparams = store
+    for write, codes, qparams in ((site.key_write, k_codes, k_qparams), (site.value_write, v_codes, v_qparams)):
+        with graph.inserting_before(write.node):
+            graph.call_function(torch.ops.kvfx.store_write.default, (codes, qparams, write.pos, write.source))
+        graph.erase_node(write.node)
+    _rewrite_attention(graph, site, k_codes, v_codes, k_qparams, v_qparams)
+    return slot
+
+
+def _store_inputs(graph: fx.Graph, site: Site, buffer: torch.Tensor, fmt) -> list[fx.Node]:
+    """Four new graph inputs for the store of a cache the model passes in."""
+    # Example values from dynamo's fake mode, shaped like the buffer (symbolic sizes included):
+    # AOTAutograd would otherwise give the new inputs fresh sizes that no guard can name.
     with buffer.fake_mode:
-        examples = fmt.allocate(slot.shape, slot.dtype, slot.device).tensors()
+        examples = fmt.allocate(buffer.shape, buffer.dtype, buffer.device).tensors()
     last = next(n for n in reversed(graph.nodes) if n.op == "placeholder")
     store = []
     for name, example in zip(("k_codes", "k_qparams", "v_codes", "v_qparams"), examples):
@@ -135,21 +161,20 @@ def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node],
         last._dynamo_source = None  # AOTAutograd wants one on every input of a dynamo graph
         last.meta["example_value"] = example
         store.append(last)
-    k_codes, k_qparams, v_codes, v_qparams = store
-    for write, codes, qparams in ((site.key_write, k_codes, k_qparams), (site.value_write, v_codes, v_qparams)):
-        with graph.inserting_before(write.node):
-            graph.call_function(torch.ops.kvfx.store_write.default, (codes, qparams, write.pos, write.source))
-        graph.erase_node(write.node)
-    _rewrite_attention(graph, site, k_codes, v_codes, k_qparams, v_qparams)
-    outputs = list(output.args[0])
-    for which, read in (("key", site.key), ("value", site.value)):
-        buf = read.buffer
-        if buf.op == "placeholder":
-            setattr(slot, f"{which}_input", placeholders.index(buf))
-        else:
-            # The graph allocated this buffer only to hand it back; the runtime returns a freed
-            # placeholder in its place, so allocate nothing here.
-            if buf in outputs:
-                setattr(slot, f"{which}_output", outputs.index(buf))
-            buf.target, buf.args, buf.kwargs = torch.empty, ((0,),), {"dtype": buffer.dtype, "device": buffer.device}
-    return slot
+    return store
+
+
+def _store_allocations(graph: fx.Graph, site: Site, buffer: torch.Tensor) -> list[fx.Node]:
+    """In-graph allocations of the store, sized like the fp buffers the graph allocated (so a symbolic
+    cache length stays symbolic)."""
+    store = []
+    for read in (site.key, site.value):
+        args = read.buffer.args
+        size = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
+        where = {"device": buffer.device}
+        with graph.inserting_after(read.buffer):
+            # zeros: unwritten slots dequantize to 0 (scale 0, zero 0), like the zeros HF allocates
+            qparams = graph.call_function(torch.zeros, ((*size[:-1], 2),), {"dtype": buffer.dtype, **where})
+            codes = graph.call_function(torch.zeros, (size,), {"dtype": torch.uint8, **where})
+        store += [codes, qparams]
+    return store

@@ -18,8 +18,8 @@ def compiled_copy(model, **options):
 
 
 def greedy(model, ids, n, **kw):
-    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          cache_implementation="static", **kw)
+    kw.setdefault("cache_implementation", None if "past_key_values" in kw else "static")
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -27,7 +27,8 @@ def test_kv_none_gives_eager_tokens(arch):
     model = tiny_model(arch)
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
     compiled = compiled_copy(model, kv="none")
-    assert torch.equal(greedy(compiled, ids, 64), greedy(model, ids, 64))
+    cache = StaticCache(config=model.config, max_cache_len=80)  # kept alive: the report counts live caches
+    assert torch.equal(greedy(compiled, ids, 64, past_key_values=cache), greedy(model, ids, 64))
     rep = kvfx.report(compiled)
     assert rep.found == rep.rewritten == 4  # 2 layers x (prefill graph + decode graph)
     assert rep.kv_bytes == rep.fp_kv_bytes > 0
@@ -40,7 +41,8 @@ def test_int8_logits_close_and_cache_freed(arch):
     compiled = compiled_copy(model, kv="int8")
     eager = model.generate(ids, max_new_tokens=32, do_sample=False, cache_implementation="static",
                            output_logits=True, return_dict_in_generate=True)
-    ours = compiled.generate(ids, max_new_tokens=32, do_sample=False, cache_implementation="static",
+    cache = StaticCache(config=model.config, max_cache_len=48)
+    ours = compiled.generate(ids, max_new_tokens=32, do_sample=False, past_key_values=cache,
                              output_logits=True, return_dict_in_generate=True)
     # Per-token int8 keeps every K/V element within max|row|/254: logits move by far less than
     # their spread. Tolerance: 2% of the logit range, on the steps before tokens could diverge.
@@ -50,7 +52,11 @@ def test_int8_logits_close_and_cache_freed(arch):
         assert (a - b).abs().max() <= 0.02 * (a.max() - a.min())
     rep = kvfx.report(compiled)
     assert rep.rewritten == rep.found == 4
+    assert rep.fp_kv_bytes == 2 * 2 * cache.layers[0].keys.numel() * 4  # 2 layers x (K, V), fp32
+    assert rep.kv_bytes == kvfx.runtime.held_bytes([t for l in cache.layers for t in (l.keys, l.values)])
     assert rep.kv_bytes <= 0.55 * rep.fp_kv_bytes
+    del cache, ours  # the generate output holds the cache too
+    assert kvfx.report(compiled).kv_bytes == 0  # a dead cache holds nothing
 
 
 def test_decode_compiles_once():
@@ -151,3 +157,17 @@ def test_graph_without_attention_is_unchanged_and_reported():
     torch.testing.assert_close(compiled(x, w), mlp(x, w))
     rep = kvfx.report(compiled)
     assert rep.found == 0 and "no attention site" in str(rep)
+
+
+def test_longer_cache_recompiles_dynamic_and_stays_rewritten():
+    """A second generate with a longer cache makes dynamo trace the cache length symbolically;
+    kvfx must still rewrite every site (the store is sized from the symbolic length) and match eager."""
+    model = tiny_model()
+    compiled = compiled_copy(model, kv="none")
+    quantized = compiled_copy(model, kv="int8")
+    for n in (6, 11):
+        ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n))
+        assert torch.equal(greedy(compiled, ids, 12 + n), greedy(model, ids, 12 + n))
+        greedy(quantized, ids, 12 + n)
+    for rep in (kvfx.report(compiled), kvfx.report(quantized)):
+        assert rep.rewritten == rep.found and rep.found >= 8  # at least 4 graphs of 2 sites

@@ -1,6 +1,7 @@
 """The real embedded model: SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads, head dim 64)."""
 import pytest
 import torch
+from transformers import StaticCache
 
 import kvfx
 from kvfx.decode import teacher_forced_logits
@@ -44,11 +45,13 @@ def test_int8_top1_agrees_on_256_decode_steps(smollm2):
     eager_forward = model.forward
     model.forward = compiled_forward(model, "int8")
     try:
-        logits = teacher_forced_logits(model, prompt, reference)
+        cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + reference.numel())
+        logits = teacher_forced_logits(model, prompt, reference, cache)
         rep = kvfx.report(model)
     finally:
         model.forward = eager_forward
     agreement = (logits.argmax(-1) == reference).float().mean().item()
     assert agreement >= 0.99, agreement
     assert rep.rewritten == rep.found and len(rep.latest_graph()) == 30
+    assert rep.fp_kv_bytes == 2 * 30 * cache.layers[0].keys.numel() * 4  # the one live cache, fp32
     assert rep.kv_bytes <= 0.55 * rep.fp_kv_bytes
