@@ -68,7 +68,8 @@ def attend_int8_cpu(q: torch.Tensor, k_codes: torch.Tensor, k_qparams: torch.Ten
     mask = fold_mask(attn_mask, is_causal, t, s, hkv, group, q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    probs = torch.softmax(scores, dim=-1)
+    # A query row that sees no key gets zeros, as SDPA gives (HF's left-padding rows), not NaN.
+    probs = torch.softmax(scores, dim=-1).masked_fill(scores.amax(-1, keepdim=True) == float("-inf"), 0.0)
     v_scale, v_zero = v_qparams[..., 0].float().unsqueeze(2), v_qparams[..., 1].float().unsqueeze(-1)
     out = (probs * v_scale) @ v_codes.float() + probs @ v_zero
     return out.to(q.dtype).reshape(b, hq, t, d)

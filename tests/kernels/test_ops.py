@@ -37,7 +37,9 @@ def attention_case(draw):
     if mask_kind.startswith("bool"):
         heads = hkv * g if mask_kind == "bool-per-head" else 1
         mask = torch.rand(b, heads, t, n, generator=gen) > 0.3
-        mask[..., 0] = True  # every query sees at least one key
+        mask[..., 0] = True
+        if draw(st.booleans()):
+            mask[:, :, 0] = False  # a query that sees no key (HF left padding): SDPA gives zeros
     elif mask_kind == "additive":
         mask = torch.randn(b, 1, t, n, generator=gen).to(dtype)
     return q, k, v, mask, kv_len, is_causal, 1.0 / d ** 0.5

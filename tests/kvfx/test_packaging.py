@@ -26,3 +26,20 @@ def test_backend_is_found_without_importing_kvfx():
             "fn = lookup_backend('kvfx'); print(fn.__module__)")
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "kvfx.backend"
+
+
+def test_wheel_installs_the_namespace_layout(tmp_path):
+    """Built as a wheel (not the editable install the tests run from), the package still maps the
+    top-level folders into kvfx.* and registers the backend entry point."""
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)], check=True)
+    wheel = next(tmp_path.glob("kvfx-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    code = ("import kvfx.kernels, kvfx.passes, kvfx.lowering, importlib.metadata as m; "
+            "print(kvfx.kernels.__file__); "
+            "print([e.value for e in m.entry_points(group='torch_dynamo_backends') if e.name == 'kvfx'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == str(target / "kvfx" / "kernels" / "__init__.py")
+    assert "kvfx.backend:kvfx_backend" in out[1]

@@ -1,0 +1,102 @@
+"""Shared benchmark utilities: timing (warmup, cold L2, medians with spread), environment, JSON, plots."""
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import statistics
+import subprocess
+from typing import Callable
+
+import torch
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+L2_FLUSH_BYTES = 256 << 20  # larger than any GPU's L2 (H100: 50 MB)
+
+
+def cuda_time_us(fn: Callable[[], object], reps: int = 50, warmup: int = 5, graph: bool = True) -> dict:
+    """GPU time of fn() in microseconds: median and 20th / 80th percentiles over `reps` runs.
+
+    Each run starts with a cold L2 (a 256 MB write between runs, outside the timed region), so a small
+    KV cache is not served from L2 across repetitions. With graph=True fn is captured once in a CUDA
+    graph and replayed, which removes Python launch overhead (what a decode loop under
+    torch.compile(mode="reduce-overhead") sees); if capture fails it is timed eagerly instead and the
+    result says so.
+    """
+    for _ in range(warmup):  # also compiles Triton kernels before any capture
+        fn()
+    torch.cuda.synchronize()
+    run, mode = fn, "eager"
+    if graph:
+        try:
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph):
+                fn()
+            run, mode = cuda_graph.replay, "cuda_graph"
+        except Exception:  # e.g. an op that syncs: fall back to eager launches
+            torch.cuda.synchronize()
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(1000.0 * s.elapsed_time(e) for s, e in zip(starts, ends))
+    return {"median_us": statistics.median(times), "p20_us": times[len(times) // 5],
+            "p80_us": times[(4 * len(times)) // 5], "reps": reps, "mode": mode}
+
+
+def environment() -> dict:
+    """Device, versions and commit, for the header of every result file."""
+    import triton
+
+    env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       check=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        env["commit"] = None  # the device machine gets a copy of the tree without .git
+    return env
+
+
+def write_json(path: pathlib.Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def plot_speedups(path: pathlib.Path, rows: list[dict], group_key: str, x_key: str, series_key: str,
+                  y_key: str, title: str, ylabel: str, baseline: float | None = None) -> bool:
+    """One panel per value of group_key, y_key against x_key, a line per series_key. Returns False
+    (and writes nothing) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = sorted({r[group_key] for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        mine = [r for r in rows if r[group_key] == group and r.get(y_key) is not None]
+        for series in dict.fromkeys(r[series_key] for r in mine):
+            points = sorted((r[x_key], r[y_key]) for r in mine if r[series_key] == series)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=series)
+        if baseline is not None:
+            ax.axhline(baseline, color="gray", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{group_key}={group}")
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

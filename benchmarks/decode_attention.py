@@ -1,0 +1,242 @@
+"""Decode attention on the GPU: kvfx over a KIVI store (none, fp8, int8, int4, int2) vs SDPA.
+
+One query token per row, Hq=32, Hkv=8, D=128, bf16, every row holding S tokens. Baselines:
+`F.scaled_dot_product_attention(enable_gqa=True)` with the FLASH and CUDNN backends (the best that
+runs is "best SDPA"; a backend that errors is recorded and skipped) and HF's eager path (repeat_kv
+expand + reshape, then SDPA). kvfx formats use KIVI's defaults for int (G=32, R=128) and G=32, R=0
+for fp8 and none; each is timed over a small sweep of launch configs (tile, warps, splits; for int:
+warps, splits, value-parameter expansion) and the best is reported with its config. The int formats
+also get a "kvfx-<format>-generic" row: the generic tile kernel (the one none and fp8 use), the int
+formats' previous kernel, at one config, for a before/after within the same run. Every time is the GPU time of a CUDA-graph replay with a cold L2,
+median over the reps (p20/p80 beside it), see `common.cuda_time_us`.
+
+GB/s = bytes read / time, bytes from explicit formulas (`sdpa_bytes`, `kvfx_bytes`): K and V as
+stored (codes, scales and zeros, residual ring) plus q and the output; the split-K partials
+(a few KB) are not counted.
+
+Also times quantize-and-store of one decode token for 32 layers (32 `store_write` calls of
+[B, 8, 1, 128], CUDA graph and eager) against 32 decode-attention calls.
+
+example: python benchmarks/decode_attention.py --quick
+         python benchmarks/decode_attention.py --batch 8 --seq 65536 --out /tmp/results
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from common import RESULTS, cuda_time_us, environment, plot_speedups, write_json
+from kvfx.kernels.decode_attention import decode_attention_triton, default_num_splits
+from kvfx.kernels.kivi import KiviStore, quantized_length, store_write
+
+HQ, HKV, D, GROUP, RESIDUAL = 32, 8, 128, 32, 128
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+FORMATS = {  # name -> KiviStore.allocate keywords
+    "none": dict(bits=16, residual=0),
+    "fp8": dict(bits=8, fp8=True, residual=0),
+    "int8": dict(bits=8, residual=RESIDUAL),
+    "int4": dict(bits=4, residual=RESIDUAL),
+    "int2": dict(bits=2, residual=RESIDUAL),
+}
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def sdpa_bytes(b: int, s: int) -> int:
+    isz = DTYPE.itemsize
+    return 2 * b * HKV * s * D * isz + 2 * b * HQ * D * isz
+
+
+def kvfx_bytes(name: str, b: int, s: int) -> int:
+    """Bytes one decode-attention call reads from a store of that format holding s tokens per row."""
+    cfg = FORMATS[name]
+    isz = DTYPE.itemsize
+    qlen = int(quantized_length(torch.tensor(s), GROUP, cfg["residual"]))
+    residual = 2 * (s - qlen) * D * isz
+    if cfg["bits"] == 16:
+        quant = 2 * qlen * D * isz
+    elif cfg.get("fp8"):
+        quant = 2 * qlen * D + 2 * 4
+    else:
+        codes = 2 * qlen * D * cfg["bits"] // 8
+        quant = codes + 2 * (qlen // GROUP) * D * isz + 2 * qlen * (D // GROUP) * isz
+    return b * HKV * (quant + residual) + 2 * b * HQ * D * isz
+
+
+def repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    """HF's repeat_kv: [B, Hkv, S, D] -> [B, Hkv * n, S, D] by expand + reshape (a copy)."""
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+INT_FORMATS = ("int8", "int4", "int2")
+# The int formats' previous kernel (the generic tile kernel that none and fp8 use) at its best config of
+# the earlier sweep, timed beside the int kernel as "kvfx-<format>-generic" for a before/after in one run.
+GENERIC_INT_CONFIG = dict(block_n=64, num_warps=4, split_factor=2, int_kernel=False)
+
+
+def launch_configs(name: str, quick: bool) -> list[dict]:
+    """decode_attention_triton keyword sweeps (split_factor multiplies default_num_splits)."""
+    if name in INT_FORMATS:  # one group per step: no block_n; vmode = how value params are expanded
+        if quick:
+            return [dict(num_warps=4, split_factor=2, vmode=0)]
+        return [dict(num_warps=w, split_factor=f, vmode=vm) for vm in (0, 1) for w in (2, 4) for f in (1, 2, 4)]
+    if quick:
+        return [dict(block_n=64, num_warps=4, split_factor=1)]
+    return [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (1, 2)]
+
+
+def time_or_error(fn, reps: int) -> dict:
+    try:
+        return cuda_time_us(fn, reps=reps)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"error": "out of memory"}
+    except Exception as exc:  # noqa: BLE001  (a backend that does not take these inputs)
+        torch.cuda.empty_cache()
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+
+
+def bench_shape(b: int, s: int, configs, reps: int) -> list[dict]:
+    """configs: format name -> list of launch configs (`launch_configs`)."""
+    rows = []
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(b, HQ, 1, D, device=DEVICE, dtype=DTYPE, generator=gen)
+    k = torch.randn(b, HKV, s, D, device=DEVICE, dtype=DTYPE, generator=gen)
+    v = torch.randn(b, HKV, s, D, device=DEVICE, dtype=DTYPE, generator=gen)
+    base = dict(batch=b, seq=s)
+    for name, backend in SDPA_BACKENDS.items():
+        def sdpa(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        rows.append(dict(base, impl=f"sdpa-{name}", bytes=sdpa_bytes(b, s), **time_or_error(sdpa, reps)))
+    rows.append(dict(base, impl="hf-repeat_kv-sdpa", bytes=sdpa_bytes(b, s), **time_or_error(
+        lambda: F.scaled_dot_product_attention(q, repeat_kv(k, HQ // HKV), repeat_kv(v, HQ // HKV)), reps)))
+    timed = [r["median_us"] for r in rows if r["impl"].startswith("sdpa-") and "median_us" in r]
+    best_sdpa = min(timed) if timed else None
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
+    lengths = torch.full((b,), s, dtype=torch.int32, device=DEVICE)
+    for name, cfg in FORMATS.items():
+        try:
+            store = KiviStore.allocate(b, HKV, s, D, DTYPE, DEVICE, group_size=GROUP, **cfg)
+            store_write(store, k, v, 0, lengths)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append(dict(base, impl=f"kvfx-{name}", error="out of memory (store)"))
+            continue
+        got = decode_attention_triton(q, store, lengths).float()
+        variants = [(f"kvfx-{name}", configs(name))]
+        if name in INT_FORMATS:
+            variants.append((f"kvfx-{name}-generic", [GENERIC_INT_CONFIG]))
+        for impl, sweep in variants:
+            best, best_kwargs = None, None
+            for c in sweep:
+                splits = c["split_factor"] * default_num_splits(b * HKV, store, q.device)
+                kwargs = {k: v for k, v in c.items() if k != "split_factor"}
+                kwargs["num_splits"] = splits
+                result = time_or_error(lambda: decode_attention_triton(q, store, lengths, **kwargs), reps)
+                if "median_us" in result and (best is None or result["median_us"] < best["median_us"]):
+                    best, best_kwargs = dict(result, config=dict(c, num_splits=splits)), kwargs
+            err = (decode_attention_triton(q, store, lengths, **best_kwargs).float() - want).abs().max().item() \
+                if best else None
+            rows.append(dict(base, impl=impl, bytes=kvfx_bytes(name, b, s), max_abs_err_vs_sdpa=err,
+                             max_abs_err_default_config=(got - want).abs().max().item(),
+                             **(best or {"error": "no config ran"})))
+        del store
+        torch.cuda.empty_cache()
+    for r in rows:
+        if "median_us" in r:
+            r["gb_per_s"] = r["bytes"] / r["median_us"] / 1e3
+            r["speedup_vs_best_sdpa"] = best_sdpa / r["median_us"] if best_sdpa else None
+    return rows
+
+
+def bench_writes(b: int, s: int, reps: int) -> list[dict]:
+    """32 layers' worth of one-token quantize-and-store at position s - 1 (the write that also
+    quantizes a completed group, the most expensive decode write)."""
+    rows = []
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    k1 = torch.randn(b, HKV, 1, D, device=DEVICE, dtype=DTYPE, generator=gen)
+    v1 = torch.randn(b, HKV, 1, D, device=DEVICE, dtype=DTYPE, generator=gen)
+    start = torch.full((b,), s - 1, dtype=torch.int32, device=DEVICE)
+    for name, cfg in FORMATS.items():
+        store = KiviStore.allocate(b, HKV, s, D, DTYPE, DEVICE, group_size=GROUP, **cfg)
+
+        def write_32_layers(store=store):
+            for _ in range(32):
+                store_write(store, k1, v1, start)
+        for graph in (True, False):
+            result = cuda_time_us(write_32_layers, reps=reps, graph=graph)
+            rows.append(dict(batch=b, seq=s, impl=f"kvfx-{name}", layers=32, **result))
+        del store
+    return rows
+
+
+def plot(payload: dict, path: pathlib.Path) -> bool:
+    rows = [dict(r, format=r["impl"].removeprefix("kvfx-")) for r in payload["attention"]
+            if r["impl"].startswith("kvfx-") and r.get("speedup_vs_best_sdpa")]
+    return plot_speedups(path, rows, "batch", "seq", "format", "speedup_vs_best_sdpa",
+                         f"kvfx decode attention vs best SDPA (Hq={HQ}, Hkv={HKV}, D={D}, bf16) on "
+                         f"{payload['environment']['device']}", "speedup over best SDPA (x)", baseline=1.0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="example: python benchmarks/decode_attention.py --quick",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--quick", action="store_true", help="B in {1, 8}, S in {4K, 16K}, one launch config")
+    parser.add_argument("--reps", type=int, default=50, help="timed runs per measurement (median reported)")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for decode_attention.json/.png")
+    parser.add_argument("--plot-only", type=pathlib.Path, help="redraw the PNG from an existing JSON and exit")
+    args = parser.parse_args(argv)
+    if args.plot_only:
+        import json
+
+        payload = json.loads(args.plot_only.read_text())
+        return 0 if plot(payload, args.out / "decode_attention.png") else 1
+    if not torch.cuda.is_available():
+        print("decode_attention benchmark needs a CUDA GPU", file=sys.stderr)
+        return 1
+    if args.quick:
+        args.batch, args.seq = [1, 8], [4096, 16384]
+    def configs(name: str) -> list[dict]:
+        return launch_configs(name, args.quick)
+    payload = {"environment": environment(), "shape": dict(hq=HQ, hkv=HKV, head_dim=D, dtype=str(DTYPE),
+                                                            group_size=GROUP, residual_int=RESIDUAL),
+               "timing": "CUDA graph replay, cold L2, median of --reps", "attention": [], "writes": [],
+               "skipped": []}
+    for b in args.batch:
+        for s in args.seq:
+            try:
+                rows = bench_shape(b, s, configs, args.reps)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                payload["skipped"].append(dict(batch=b, seq=s, reason="out of memory"))
+                continue
+            payload["attention"] += rows
+            for r in rows:
+                shown = f"{r['median_us']:9.1f} us  {r['gb_per_s']:7.0f} GB/s  x{r['speedup_vs_best_sdpa'] or 0:.2f}" \
+                    if "median_us" in r else r["error"]
+                print(f"B={b:<3} S={s:<6} {r['impl']:<20} {shown}", flush=True)
+            torch.cuda.empty_cache()
+            write_json(args.out / "decode_attention.json", payload)  # partial results survive a timeout
+        for w in bench_writes(b, min(args.seq), args.reps):
+            attn = [r for r in payload["attention"] if r["impl"] == w["impl"] and r["batch"] == b and "median_us" in r]
+            w["attention_32_layers_us"] = {str(r["seq"]): 32 * r["median_us"] for r in attn}
+            payload["writes"].append(w)
+            print(f"write B={b:<3} {w['impl']:<12} {w['mode']:<10} 32 layers {w['median_us']:9.1f} us", flush=True)
+        write_json(args.out / "decode_attention.json", payload)
+    plot(payload, args.out / "decode_attention.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""Decode attention over a `KiviStore`: one query token per row, GQA, quantized + residual KV.
+
+Each row b attends over its lengths[b] cached tokens (the current token included: the write comes
+first): positions [0, qlen) are dequantized from the packed store in registers, [qlen, lengths[b])
+come from the full-precision ring, and one softmax covers both (`kvfx.kernels.kivi` for the layout).
+
+Triton (flash-decoding): `_decode_attention_kernel` runs one program per (row, KV head, split). The
+g = Hq / Hkv query heads of a KV head are packed into the M dimension of `tl.dot` (padded to 16, the
+smallest M it takes), so the KV of a head is read once for all of them. Splits 0..NS-1 share the
+quantized tokens of the row in tiles of BLOCK_N (a multiple of G), split NS reads the residual ring.
+Each writes a partial (running max, sum of exp, unnormalized output); `_decode_combine_kernel`
+merges them exactly (rescaling by exp(m_i - max_i m_i)). The dot operands are fp32 under the
+interpreter (its bf16 `tl.dot` is wrong) and the query's dtype on the GPU, which is what the
+reference does too (dequantized K, V in the model dtype, then fp32 softmax).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvfx.kernels.kivi import TL_DTYPES, KiviStore, _unpack, dequantize_reference, use_triton
+
+HEAD_DIMS = (64, 128)
+LOG2E = 1.4426950408889634
+
+
+def decode_attention_reference(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor,
+                               scale: float | None = None) -> torch.Tensor:
+    """softmax(q K^T * scale) V over each row's first lengths[b] >= 1 tokens, in fp32.
+
+    q [B, Hq, 1, D] with Hq a multiple of the store's Hkv (query head h uses KV head h // g, as
+    HF's repeat_kv); lengths int [B]. Returns [B, Hq, 1, D] in q's dtype.
+    """
+    b, hq, _, d = q.shape
+    keys, values = dequantize_reference(store, lengths, q.dtype)  # [B, Hkv, S, D]
+    hkv = keys.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qf = q.float().reshape(b, hkv, hq // hkv, d)
+    scores = torch.einsum("bhgd,bhsd->bhgs", qf, keys.float()) * scale
+    valid = torch.arange(keys.shape[2], device=q.device) < lengths.to(q.device)[:, None]  # [B, S]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgs,bhsd->bhgd", scores.softmax(-1), values.float())
+    return out.reshape(b, hq, 1, d).to(q.dtype)
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT: tl.constexpr):
+    """Fold scores s [M, N] (base 2, -inf = masked) and values v [N, D] into the running (m, l, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _load_quantized_tile(codes_ptr, scale_ptr, zero_ptr, bh, start, qlen, NG,
+                         KEYS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                         FP8: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Packed-store tokens start .. start + BLOCK_N - 1 of head `bh` as fp32 [BLOCK_N, D] (fp8: unscaled).
+
+    `start` is a multiple of BLOCK_N (so of G); tokens at or past qlen read as zeros (masked by the caller).
+    """
+    pos = start + tl.arange(0, BLOCK_N)
+    valid = (pos < qlen)[:, None]
+    slot = bh * NG * G + pos[:, None]
+    if BITS == 16 or FP8:
+        x = tl.load(codes_ptr + slot * D + tl.arange(0, D)[None, :], mask=valid, other=0.0).to(tl.float32)
+    else:
+        DB: tl.constexpr = D * BITS // 8
+        codes = _unpack(tl.load(codes_ptr + slot * DB + tl.arange(0, DB)[None, :], mask=valid, other=0),
+                        BLOCK_N, D, BITS)
+        if KEYS:  # (scale, zero) per channel per group of G tokens: [TG, D] for the TG groups of the tile
+            TG: tl.constexpr = BLOCK_N // G
+            grp = start // G + tl.arange(0, TG)[:, None]
+            param = (bh * NG + grp) * D + tl.arange(0, D)[None, :]
+            scale = tl.load(scale_ptr + param, mask=grp * G < qlen, other=0.0).to(tl.float32)
+            zero = tl.load(zero_ptr + param, mask=grp * G < qlen, other=0.0).to(tl.float32)
+            x = tl.reshape(tl.reshape(codes, (TG, G, D)) * scale[:, None, :] + zero[:, None, :], (BLOCK_N, D))
+        else:  # (scale, zero) per token per group of G channels: [BLOCK_N, D // G]
+            param = slot * (D // G) + tl.arange(0, D // G)[None, :]
+            scale = tl.load(scale_ptr + param, mask=valid, other=0.0).to(tl.float32)
+            zero = tl.load(zero_ptr + param, mask=valid, other=0.0).to(tl.float32)
+            x = tl.reshape(tl.reshape(codes, (BLOCK_N, D // G, G)) * scale[:, :, None] + zero[:, :, None],
+                           (BLOCK_N, D))
+    return x
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring,
+                             len_ptr, m_ptr, l_ptr, acc_ptr, qk_scale, H, NG, NS,
+                             GQ: tl.constexpr, R: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                             BITS: tl.constexpr, FP8: tl.constexpr, DOT: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Program (row b * H + KV head, split): partial attention of the GQ query heads of that KV head."""
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    length = tl.load(len_ptr + bh // H)
+    qlen = tl.maximum(length - R, 0) // G * G
+    rows = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)[None, :]
+    # q [B, Hq, D]: query head h * GQ + m of row b is row (b * H + h) * GQ + m; qk_scale has log2(e) in.
+    q = tl.load(q_ptr + (bh * GQ + rows[:, None]) * D + d, mask=rows[:, None] < GQ, other=0.0).to(tl.float32)
+    q = q * qk_scale
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if split < NS:  # a share of the packed store
+        tiles = tl.cdiv(qlen, BLOCK_N)
+        per_split = tl.cdiv(tiles, NS)
+        if FP8:  # the per-head key scale folds into q, the value scale into the output
+            q = q * tl.load(k_scale + bh)
+        q_dot = q.to(DOT)
+        for tile in range(split * per_split, tl.minimum(split * per_split + per_split, tiles)):
+            start = tile * BLOCK_N
+            k = _load_quantized_tile(k_codes, k_scale, k_zero, bh, start, qlen, NG,
+                                     True, G, D, BITS, FP8, BLOCK_N)
+            s = tl.dot(q_dot, tl.trans(k.to(DOT)))
+            s = tl.where((start + tl.arange(0, BLOCK_N) < qlen)[None, :], s, float("-inf"))
+            v = _load_quantized_tile(v_codes, v_scale, v_zero, bh, start, qlen, NG,
+                                     False, G, D, BITS, FP8, BLOCK_N)
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT)
+        if FP8:
+            acc = acc * tl.load(v_scale + bh)
+    else:  # the full-precision residual, positions qlen .. length - 1 at ring slot pos % (R + G)
+        q_dot = q.to(DOT)
+        for start in range(qlen, length, BLOCK_R):
+            pos = start + tl.arange(0, BLOCK_R)
+            valid = pos < length
+            ring = (bh * (R + G) + pos[:, None] % (R + G)) * D + d
+            k = tl.load(k_ring + ring, mask=valid[:, None], other=0.0)
+            s = tl.dot(q_dot, tl.trans(k.to(DOT)))
+            s = tl.where(valid[None, :], s, float("-inf"))
+            v = tl.load(v_ring + ring, mask=valid[:, None], other=0.0)
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT)
+    # partials [B * H, NS + 1, GQ(, D)]
+    part = (bh * (NS + 1) + split) * GQ + rows
+    tl.store(m_ptr + part, m_i, mask=rows < GQ)
+    tl.store(l_ptr + part, l_i, mask=rows < GQ)
+    tl.store(acc_ptr + part[:, None] * D + d, acc, mask=rows[:, None] < GQ)
+
+
+@triton.jit
+def _code_slot(packed, I: tl.constexpr, BITS: tl.constexpr):
+    """Code slot I of every byte of `packed` (int32 [N, DB]) as exact fp32, same layout, no reshape.
+
+    The int -> float conversion goes through the exponent (2^23 + c has c in its mantissa): one
+    OR, one FADD instead of an I2F, which runs at a quarter rate.
+    """
+    if BITS == 8:
+        c = packed
+    elif I == 0:
+        c = packed & ((1 << BITS) - 1)
+    elif I * BITS + BITS == 8:  # the top slot needs no mask
+        c = packed >> (I * BITS)
+    else:
+        c = (packed >> (I * BITS)) & ((1 << BITS) - 1)
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _key_slot_dot(s, q_i, kb, k_scale, k_zero, kp, I: tl.constexpr, PB: tl.constexpr, BITS: tl.constexpr,
+                  DOT: tl.constexpr):
+    """s [M, G] += q_i . k_i^T over the channels I + PB * j of one group of G keys (j < D / PB)."""
+    scale = tl.load(k_scale + kp + I).to(tl.float32)
+    zero = tl.load(k_zero + kp + I).to(tl.float32)
+    k = _code_slot(kb, I, BITS) * scale[None, :] + zero[None, :]
+    return tl.dot(q_i, tl.trans(k.to(DOT)), s)
+
+
+@triton.jit
+def _value_slot_dot(acc, p, vb, vs, vz, I: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr,
+                    G: tl.constexpr, VMODE: tl.constexpr):
+    """acc [M, D / PB] (channels I + PB * j) += p . v_i, v_i = codes * vs + vz (`_value_params`)."""
+    c = _code_slot(vb, I, BITS)
+    if VMODE == 2:  # vs, vz [G, D / G]: column j of the slot is channel group j // (G / PB)
+        NGD: tl.constexpr = vs.shape[1]
+        v = tl.reshape(tl.reshape(c, (G, NGD, c.shape[1] // NGD)) * vs[:, :, None] + vz[:, :, None], c.shape)
+    else:
+        v = c * vs + vz
+    return tl.dot(p, v.to(DOT), acc)
+
+
+@triton.jit
+def _value_params(v_scale, v_zero, slot, jb, G: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
+                  VMODE: tl.constexpr):
+    """Per-token value (scale, zero) of the G tokens `slot` expanded to [G, D / PB]: column j (channel
+    I + PB * j of any slot I < PB) belongs to channel group j // (G / PB)."""
+    GP: tl.constexpr = G // PB
+    NGD: tl.constexpr = D // G
+    if VMODE == 2:  # [G, D / G] as stored, broadcast over the columns of each group by a reshape
+        idx = slot[:, None] * NGD + tl.arange(0, NGD)[None, :]
+        vs = tl.load(v_scale + idx).to(tl.float32)
+        vz = tl.load(v_zero + idx).to(tl.float32)
+    elif VMODE == 0:  # gather: the duplicates are L1 hits
+        idx = slot[:, None] * NGD + (jb // GP)[None, :]
+        vs = tl.load(v_scale + idx).to(tl.float32)
+        vz = tl.load(v_zero + idx).to(tl.float32)
+    else:  # one [G] vector per channel group, selected per column
+        jg = (jb // GP)[None, :]
+        vs = tl.broadcast_to(tl.load(v_scale + slot * NGD).to(tl.float32)[:, None], (G, D // PB))
+        vz = tl.broadcast_to(tl.load(v_zero + slot * NGD).to(tl.float32)[:, None], (G, D // PB))
+        for gd in tl.static_range(1, NGD):
+            vs = tl.where(jg == gd, tl.load(v_scale + slot * NGD + gd).to(tl.float32)[:, None], vs)
+            vz = tl.where(jg == gd, tl.load(v_zero + slot * NGD + gd).to(tl.float32)[:, None], vz)
+    return vs, vz
+
+
+@triton.jit
+def _load_q_slot(qrow, rmask, jb, qk_scale, I: tl.constexpr, PB: tl.constexpr, DOT: tl.constexpr):
+    return (tl.load(qrow + jb[None, :] * PB + I, mask=rmask, other=0.0).to(tl.float32) * qk_scale).to(DOT)
+
+
+@triton.jit
+def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring,
+                       len_ptr, m_ptr, l_ptr, acc_ptr, qk_scale, H, NG, NS,
+                       GQ: tl.constexpr, R: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                       BITS: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                       VMODE: tl.constexpr):
+    """`_decode_attention_kernel` for the int formats, one group of G tokens per step, without reshapes.
+
+    The dot over channels is order-free, so code slot I of every byte (channels I + PB * j, j < D / PB)
+    is a [G, D / PB] tile in the layout of the loaded bytes: keys take PB dots against the matching
+    channels of q, values PB dots into PB accumulators that the end stores at their channels. A group
+    tile is whole (qlen is a multiple of G), so the quantized loop needs no masks.
+    """
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    length = tl.load(len_ptr + bh // H)
+    qlen = tl.maximum(length - R, 0) // G * G
+    rows = tl.arange(0, BLOCK_M)
+    rmask = rows[:, None] < GQ
+    qrow = q_ptr + (bh * GQ + rows[:, None]) * D  # q [B, Hq, D]; qk_scale has log2(e) in
+    part = (bh * (NS + 1) + split) * GQ + rows  # partials [B * H, NS + 1, GQ(, D)]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if split < NS:
+        PB: tl.constexpr = 8 // BITS
+        DB: tl.constexpr = D // PB
+        jb = tl.arange(0, DB)
+        n = tl.arange(0, G)
+        q0 = _load_q_slot(qrow, rmask, jb, qk_scale, 0, PB, DOT)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if PB > 1:
+            q1 = _load_q_slot(qrow, rmask, jb, qk_scale, 1, PB, DOT)
+        if PB > 2:
+            q2 = _load_q_slot(qrow, rmask, jb, qk_scale, 2, PB, DOT)
+            q3 = _load_q_slot(qrow, rmask, jb, qk_scale, 3, PB, DOT)
+        acc0 = tl.zeros([BLOCK_M, DB], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, DB], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, DB], tl.float32)
+        acc3 = tl.zeros([BLOCK_M, DB], tl.float32)
+        groups = qlen // G
+        per_split = tl.cdiv(groups, NS)
+        for grp in range(split * per_split, tl.minimum(split * per_split + per_split, groups)):
+            slot = (bh * NG + grp) * G + n  # [G] token slots of the packed store
+            kb = tl.load(k_codes + slot[:, None] * DB + jb[None, :]).to(tl.int32)
+            vb = tl.load(v_codes + slot[:, None] * DB + jb[None, :]).to(tl.int32)
+            kp = (bh * NG + grp) * D + jb * PB  # key params of channel PB * j of this group
+            s = tl.zeros([BLOCK_M, G], tl.float32)
+            s = _key_slot_dot(s, q0, kb, k_scale, k_zero, kp, 0, PB, BITS, DOT)
+            if PB > 1:
+                s = _key_slot_dot(s, q1, kb, k_scale, k_zero, kp, 1, PB, BITS, DOT)
+            if PB > 2:
+                s = _key_slot_dot(s, q2, kb, k_scale, k_zero, kp, 2, PB, BITS, DOT)
+                s = _key_slot_dot(s, q3, kb, k_scale, k_zero, kp, 3, PB, BITS, DOT)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+            p = p.to(DOT)
+            vs, vz = _value_params(v_scale, v_zero, slot, jb, G, D, PB, VMODE)
+            acc0 = _value_slot_dot(acc0 * alpha[:, None], p, vb, vs, vz, 0, BITS, DOT, G, VMODE)
+            if PB > 1:
+                acc1 = _value_slot_dot(acc1 * alpha[:, None], p, vb, vs, vz, 1, BITS, DOT, G, VMODE)
+            if PB > 2:
+                acc2 = _value_slot_dot(acc2 * alpha[:, None], p, vb, vs, vz, 2, BITS, DOT, G, VMODE)
+                acc3 = _value_slot_dot(acc3 * alpha[:, None], p, vb, vs, vz, 3, BITS, DOT, G, VMODE)
+        out = acc_ptr + part[:, None] * D + jb[None, :] * PB
+        tl.store(out, acc0, mask=rmask)
+        if PB > 1:
+            tl.store(out + 1, acc1, mask=rmask)
+        if PB > 2:
+            tl.store(out + 2, acc2, mask=rmask)
+            tl.store(out + 3, acc3, mask=rmask)
+    else:  # the full-precision residual, positions qlen .. length - 1 at ring slot pos % (R + G)
+        d = tl.arange(0, D)[None, :]
+        q_dot = (tl.load(qrow + d, mask=rmask, other=0.0).to(tl.float32) * qk_scale).to(DOT)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for start in range(qlen, length, BLOCK_R):
+            pos = start + tl.arange(0, BLOCK_R)
+            valid = pos < length
+            ring = (bh * (R + G) + pos[:, None] % (R + G)) * D + d
+            k = tl.load(k_ring + ring, mask=valid[:, None], other=0.0)
+            s = tl.dot(q_dot, tl.trans(k.to(DOT)))
+            s = tl.where(valid[None, :], s, float("-inf"))
+            v = tl.load(v_ring + ring, mask=valid[:, None], other=0.0)
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT)
+        tl.store(acc_ptr + part[:, None] * D + d, acc, mask=rmask)
+    tl.store(m_ptr + part, m_i, mask=rows < GQ)
+    tl.store(l_ptr + part, l_i, mask=rows < GQ)
+
+
+@triton.jit
+def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NS, GQ: tl.constexpr, D: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
+    """Program per (row, query head): merge its NS + 1 partials exactly, out = sum_i w_i acc_i / sum_i w_i l_i
+    with w_i = exp2(m_i - max m). Empty splits have m = -inf, l = 0, acc = 0."""
+    pid = tl.program_id(0).to(tl.int64)  # = b * Hq + hq; its partials are those of KV head pid // GQ, row pid % GQ
+    base = (pid // GQ) * (NS + 1) * GQ + pid % GQ
+    d = tl.arange(0, D)
+    m_run = float("-inf")
+    l_run = 0.0
+    acc_run = tl.zeros([D], tl.float32)
+    for s0 in range(0, NS + 1, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        inside = splits < NS + 1
+        m = tl.load(m_ptr + base + splits * GQ, mask=inside, other=float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every split so far empty
+        w = tl.exp2(m - m_safe)
+        alpha = tl.exp2(m_run - m_safe)
+        l_run = l_run * alpha + tl.sum(w * tl.load(l_ptr + base + splits * GQ, mask=inside, other=0.0), axis=0)
+        acc = tl.load(acc_ptr + (base + splits[:, None] * GQ) * D + d[None, :], mask=inside[:, None], other=0.0)
+        acc_run = acc_run * alpha + tl.sum(w[:, None] * acc, axis=0)
+        m_run = m_new
+    out = acc_run / tl.where(l_run > 0, l_run, 1.0)  # length 0: zeros
+    tl.store(out_ptr + pid * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def default_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> int:
+    """Enough programs to fill the GPU (about 4 per SM), at least 2 tiles of 64 tokens per split."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(store.k_codes.shape[2], 128)))
+
+
+def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor, scale: float | None = None,
+                            num_splits: int | None = None, block_n: int | None = None,
+                            num_warps: int = 4, num_stages: int | None = None, vmode: int = 0,
+                            int_kernel: bool = True) -> torch.Tensor:
+    """Triton version of `decode_attention_reference` (same arguments and result).
+
+    num_splits: programs per (row, KV head) over the packed store (default `default_num_splits`);
+    block_n: tokens per tile, a multiple of the group size (default max(G, 64)); the int formats step
+    one group at a time (`_decode_int_kernel`) and ignore it unless int_kernel=False (the generic
+    kernel, kept for comparison). vmode: how the int kernel expands the value parameters (0 gather,
+    1 select, 2 reshape). num_stages: Triton's software pipelining depth (None: Triton's default).
+    Raises ValueError for a head dim other than 64 or 128 (callers fall back to the reference).
+    """
+    b, hq, t, d = q.shape
+    hkv = store.k_ring.shape[1]
+    if d not in HEAD_DIMS:
+        raise ValueError(f"decode_attention_triton: head_dim={d}, the kernel supports {HEAD_DIMS}")
+    if t != 1 or hq % hkv or store.k_ring.shape[0] != b or store.head_dim != d:
+        raise ValueError(f"q {tuple(q.shape)} does not fit a store of rings {tuple(store.k_ring.shape)} "
+                         "(need one query token, Hq a multiple of Hkv, same B and D)")
+    g = store.group_size
+    block_n = block_n or max(g, 64)
+    if block_n % g:
+        raise ValueError(f"block_n={block_n} must be a multiple of group_size={g}")
+    gq = hq // hkv
+    ns = num_splits or default_num_splits(b * hkv, store, q.device)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    part_m = torch.empty(b * hkv, ns + 1, gq, device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(b * hkv, ns + 1, gq, d, device=q.device, dtype=torch.float32)
+    interpreted = not q.is_cuda
+    dot = tl.float32 if interpreted else TL_DTYPES[q.dtype]  # the interpreter's bf16 tl.dot is wrong
+    args = (q.reshape(b, hq, d).contiguous(), store.k_codes, store.v_codes, store.k_scale, store.k_zero,
+            store.v_scale, store.v_zero, store.k_ring, store.v_ring, lengths, part_m, part_l, part_acc,
+            scale * LOG2E, hkv, store.k_codes.shape[2] // g, ns)
+    launch = dict(GQ=gq, R=store.residual, G=g, D=d, BITS=store.bits, DOT=dot,
+                  BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_R=32, num_warps=num_warps)
+    if num_stages is not None:
+        launch["num_stages"] = num_stages
+    if int_kernel and store.bits < 16 and not store.fp8:
+        _decode_int_kernel[(b * hkv, ns + 1)](*args, VMODE=vmode, **launch)
+    else:
+        _decode_attention_kernel[(b * hkv, ns + 1)](*args, FP8=store.fp8, BLOCK_N=block_n, **launch)
+    out = torch.empty(b, hq, 1, d, device=q.device, dtype=q.dtype)
+    _decode_combine_kernel[(b * hq,)](part_m, part_l, part_acc, out, ns, GQ=gq, D=d,
+                                      BLOCK_S=min(32, triton.next_power_of_2(ns + 1)))
+    return out
+
+
+def decode_attention(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor, scale: float | None = None
+                     ) -> torch.Tensor:
+    """`decode_attention_triton` where Triton runs (CUDA, interpreter), the reference elsewhere."""
+    return (decode_attention_triton if use_triton(q) else decode_attention_reference)(q, store, lengths, scale)
