@@ -163,11 +163,28 @@ def _code_slot(packed, I: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _key_slot_dot(s, q_i, kb, k_scale, k_zero, kp, I: tl.constexpr, PB: tl.constexpr, BITS: tl.constexpr,
-                  DOT: tl.constexpr):
-    """s [M, G] += q_i . k_i^T over the channels I + PB * j of one group of G keys (j < D / PB)."""
-    scale = tl.load(k_scale + kp + I).to(tl.float32)
-    zero = tl.load(k_zero + kp + I).to(tl.float32)
+def _param_slot(w, I: tl.constexpr, PW: tl.constexpr):
+    """Half-word I of the integer words w holding packed 16-bit params, as fp32 (PW 1: bf16, 2: fp16)."""
+    h = ((w >> (16 * I)) & 0xFFFF).to(tl.int32)
+    if PW == 1:
+        return (h << 16).to(tl.float32, bitcast=True)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _key_slot_dot(s, q_i, kb, k_scale, k_zero, kp, kw_s, kw_z, I: tl.constexpr, PB: tl.constexpr,
+                  BITS: tl.constexpr, DOT: tl.constexpr, PW: tl.constexpr):
+    """s [M, G] += q_i . k_i^T over the channels I + PB * j of one group of G keys (j < D / PB).
+
+    PW = 0: the params of those channels are loaded strided from kp; else kw_s, kw_z hold them as
+    words of PB 16-bit values (channels PB * j .. PB * j + PB - 1), loaded once for all slots.
+    """
+    if PW == 0:
+        scale = tl.load(k_scale + kp + I).to(tl.float32)
+        zero = tl.load(k_zero + kp + I).to(tl.float32)
+    else:
+        scale = _param_slot(kw_s, I, PW)
+        zero = _param_slot(kw_z, I, PW)
     k = _code_slot(kb, I, BITS) * scale[None, :] + zero[None, :]
     return tl.dot(q_i, tl.trans(k.to(DOT)), s)
 
@@ -220,7 +237,7 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
                        len_ptr, m_ptr, l_ptr, acc_ptr, qk_scale, H, NG, NS,
                        GQ: tl.constexpr, R: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                        BITS: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                       VMODE: tl.constexpr):
+                       VMODE: tl.constexpr, PW: tl.constexpr):
     """`_decode_attention_kernel` for the int formats, one group of G tokens per step, without reshapes.
 
     The dot over channels is order-free, so code slot I of every byte (channels I + PB * j, j < D / PB)
@@ -263,13 +280,19 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
             kb = tl.load(k_codes + slot[:, None] * DB + jb[None, :]).to(tl.int32)
             vb = tl.load(v_codes + slot[:, None] * DB + jb[None, :]).to(tl.int32)
             kp = (bh * NG + grp) * D + jb * PB  # key params of channel PB * j of this group
+            if PW == 0:
+                kw_s = kp
+                kw_z = kp
+            else:  # k_scale, k_zero come as words of PB params: word j = channels PB * j ..
+                kw_s = tl.load(k_scale + (bh * NG + grp) * DB + jb)
+                kw_z = tl.load(k_zero + (bh * NG + grp) * DB + jb)
             s = tl.zeros([BLOCK_M, G], tl.float32)
-            s = _key_slot_dot(s, q0, kb, k_scale, k_zero, kp, 0, PB, BITS, DOT)
+            s = _key_slot_dot(s, q0, kb, k_scale, k_zero, kp, kw_s, kw_z, 0, PB, BITS, DOT, PW)
             if PB > 1:
-                s = _key_slot_dot(s, q1, kb, k_scale, k_zero, kp, 1, PB, BITS, DOT)
+                s = _key_slot_dot(s, q1, kb, k_scale, k_zero, kp, kw_s, kw_z, 1, PB, BITS, DOT, PW)
             if PB > 2:
-                s = _key_slot_dot(s, q2, kb, k_scale, k_zero, kp, 2, PB, BITS, DOT)
-                s = _key_slot_dot(s, q3, kb, k_scale, k_zero, kp, 3, PB, BITS, DOT)
+                s = _key_slot_dot(s, q2, kb, k_scale, k_zero, kp, kw_s, kw_z, 2, PB, BITS, DOT, PW)
+                s = _key_slot_dot(s, q3, kb, k_scale, k_zero, kp, kw_s, kw_z, 3, PB, BITS, DOT, PW)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -344,14 +367,15 @@ def default_num_splits(batch_heads: int, store: KiviStore, device: torch.device)
 def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor, scale: float | None = None,
                             num_splits: int | None = None, block_n: int | None = None,
                             num_warps: int = 4, num_stages: int | None = None, vmode: int = 0,
-                            int_kernel: bool = True) -> torch.Tensor:
+                            key_words: bool = True, int_kernel: bool = True) -> torch.Tensor:
     """Triton version of `decode_attention_reference` (same arguments and result).
 
     num_splits: programs per (row, KV head) over the packed store (default `default_num_splits`);
     block_n: tokens per tile, a multiple of the group size (default max(G, 64)); the int formats step
     one group at a time (`_decode_int_kernel`) and ignore it unless int_kernel=False (the generic
     kernel, kept for comparison). vmode: how the int kernel expands the value parameters (0 gather,
-    1 select, 2 reshape). num_stages: Triton's software pipelining depth (None: Triton's default).
+    1 select, 2 reshape); key_words: load int4 / int2 key params of bf16 / fp16 stores as words
+    of 8 // bits values. num_stages: Triton's software pipelining depth (None: Triton's default).
     Raises ValueError for a head dim other than 64 or 128 (callers fall back to the reference).
     """
     b, hq, t, d = q.shape
@@ -382,7 +406,13 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
     if num_stages is not None:
         launch["num_stages"] = num_stages
     if int_kernel and store.bits < 16 and not store.fp8:
-        _decode_int_kernel[(b * hkv, ns + 1)](*args, VMODE=vmode, **launch)
+        # Key params as words of PB 16-bit values (one vector load per word for all PB code slots)
+        pb = 8 // store.bits
+        pw = {torch.bfloat16: 1, torch.float16: 2}.get(store.dtype, 0) if pb > 1 and key_words else 0
+        if pw:
+            word = torch.int32 if pb == 2 else torch.int64
+            args = args[:3] + (store.k_scale.view(word), store.k_zero.view(word)) + args[5:]
+        _decode_int_kernel[(b * hkv, ns + 1)](*args, VMODE=vmode, PW=pw, **launch)
     else:
         _decode_attention_kernel[(b * hkv, ns + 1)](*args, FP8=store.fp8, BLOCK_N=block_n, **launch)
     out = torch.empty(b, hq, 1, d, device=q.device, dtype=q.dtype)

@@ -14,14 +14,13 @@ from kvfx.config import KVConfig
 from kvfx.errors import KVFXError
 from kvfx.kernels.formats import FORMATS
 from kvfx.passes.rewrite import rewrite_graph
-from kvfx.reporting import session_for
+from kvfx.reporting import clear_sessions, session_for
 from kvfx.runtime import FreedKVBuffer, make_runner
 
 
 def kvfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = None) -> Callable:
     config = KVConfig.from_options(options)  # bad options fail here, before any tensor is touched
-    session = session_for(options)
-    session.kv = config.kv
+    session = session_for(config)
     gm = _private_copy(gm)
     plan = rewrite_graph(gm, config, graph_index=len(session.graphs))
     session.add_graph(plan.sites)
@@ -62,3 +61,7 @@ def _plain(x: Any) -> Any:
         with torch._C.DisableTorchFunctionSubclass():
             return x.as_subclass(torch.Tensor)
     return x
+
+
+# torch._dynamo.reset() drops every compiled graph and calls the backend's reset: drop the reports too.
+kvfx_backend.reset = clear_sessions

@@ -27,9 +27,13 @@ class SiteReport:
 
 @dataclass
 class Session:
-    """Everything one ``torch.compile(..., backend="kvfx", options=...)`` produced."""
+    """Everything the compilations with one set of options produced.
 
-    options: Any
+    Keyed by the options' value, not by the torch.compile call: dynamo reuses a compiled graph for
+    any later torch.compile of the same code with equal backend options, so such compilations share
+    their graphs, and their report.
+    """
+
     kv: str = "none"
     graphs: list[list[SiteReport]] = field(default_factory=list)
     # fp cache buffer -> (its value buffer, the store holding both, or None when kept in fp)
@@ -40,15 +44,17 @@ class Session:
         return len(self.graphs) - 1
 
 
-_SESSIONS: dict[int, Session] = {}
+_SESSIONS: dict[Any, Session] = {}
 
 
-def session_for(options: Any) -> Session:
-    """The session of an ``options`` object (torch.compile hands the backend the same dict each time)."""
-    key = id(options)
-    if key not in _SESSIONS:
-        _SESSIONS[key] = Session(options)  # holds `options`, so the id is not reused
-    return _SESSIONS[key]
+def session_for(config: Any) -> Session:
+    """The session of a (hashable, validated) `KVConfig`."""
+    return _SESSIONS.setdefault(config, Session(kv=config.kv))
+
+
+def clear_sessions() -> None:
+    """Forget every report (torch._dynamo.reset() calls this: the compiled graphs are gone too)."""
+    _SESSIONS.clear()
 
 
 @dataclass
@@ -124,15 +130,17 @@ def report(x: Any) -> Report:
 
 
 def _find_session(x: Any) -> Session:
-    fn = getattr(x, "forward", x) if not inspect.isfunction(x) else x
-    wrapper = _compile_wrapper(fn)
+    # a compiled function; torch.compile(module); module.compile(); a module whose forward was replaced
+    candidates = [x] if inspect.isfunction(x) else [
+        getattr(x, name) for name in ("dynamo_ctx", "_compiled_call_impl", "forward") if getattr(x, name, None)]
+    wrapper = next((w for w in map(_compile_wrapper, candidates) if w is not None), None)
     if wrapper is None or not _is_kvfx(wrapper):
         raise TypeError("kvfx.report expects the result of torch.compile(..., backend='kvfx') "
                         "or a module whose forward is one")
-    key = id(wrapper.kwargs.get("options"))
-    if key not in _SESSIONS:
-        return Session(wrapper.kwargs.get("options"))  # compiled but not called yet
-    return _SESSIONS[key]
+    from kvfx.config import KVConfig
+
+    config = KVConfig.from_options(wrapper.kwargs.get("options"))
+    return _SESSIONS.get(config, Session(kv=config.kv))  # an empty one: compiled but not called yet
 
 
 def _compile_wrapper(fn: Any, depth: int = 0) -> Any:
@@ -141,7 +149,7 @@ def _compile_wrapper(fn: Any, depth: int = 0) -> Any:
 
     if isinstance(fn, torch._TorchCompileWrapper):
         return fn
-    if depth > 4:
+    if depth > 6:
         return None
     if inspect.isfunction(fn):
         children = [c.cell_contents for c in (fn.__closure__ or ()) if _has_contents(c)]

@@ -171,3 +171,18 @@ def test_longer_cache_recompiles_dynamic_and_stays_rewritten():
         greedy(quantized, ids, 12 + n)
     for rep in (kvfx.report(compiled), kvfx.report(quantized)):
         assert rep.rewritten == rep.found and rep.found >= 8  # at least 4 graphs of 2 sites
+
+
+def test_report_finds_every_way_of_compiling():
+    ids = torch.randint(0, 128, (1, 5))
+    wrapped = torch.compile(tiny_model(), backend="kvfx", options={"kv": "int8"})  # OptimizedModule
+    in_place = tiny_model()
+    in_place.compile(backend="kvfx", options={"kv": "int8"})  # module.compile()
+    function = torch.compile(tiny_model().forward, backend="kvfx", options={"kv": "int8"})
+    with torch.no_grad():
+        for compiled in (wrapped, in_place, function):
+            compiled(ids, past_key_values=StaticCache(config=tiny_model().config, max_cache_len=8), use_cache=True)
+            rep = kvfx.report(compiled)
+            assert rep.found == rep.rewritten == 2
+    with pytest.raises(TypeError, match="kvfx.report expects"):
+        kvfx.report(torch.compile(tiny_model().forward, backend="inductor"))
