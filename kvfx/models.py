@@ -27,8 +27,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
-    """A small random-weight causal LM of a transformers architecture (fast enough for every test run)."""
+def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    """A small random-weight causal LM of a transformers architecture (fast enough for every test run).
+    attn_implementation "eager" gives HF's hand-written matmul-softmax-matmul attention."""
     import transformers
 
     configs = {
@@ -39,5 +40,5 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
     base.update(overrides)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(configs[arch](**base))
+    model = transformers.AutoModelForCausalLM.from_config(configs[arch](**base), attn_implementation=attn_implementation)
     return model.eval()

@@ -65,3 +65,46 @@ def full_slices(index: Any, count: int) -> bool:
 
 def graph_position(graph: fx.Graph) -> dict[fx.Node, int]:
     return {node: i for i, node in enumerate(graph.nodes)}
+
+
+_SOFTMAX = (F.softmax, torch.softmax)
+_MATMUL = (torch.matmul, operator.matmul)
+_ADD = (operator.add, torch.add)
+
+
+def is_softmax(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _SOFTMAX) or is_method(node, "softmax")
+
+
+def softmax_dim(node: fx.Node) -> Any:
+    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+
+
+def is_matmul(node: Any) -> bool:
+    return isinstance(node, fx.Node) and ((node.op == "call_function" and node.target in _MATMUL)
+                                          or is_method(node, "matmul"))
+
+
+def is_add(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ADD and not node.kwargs
+
+
+def is_passthrough(node: fx.Node) -> bool:
+    """Ops between a softmax and the value matmul that do not change the probabilities' meaning:
+    a dtype cast, or inference dropout (p = 0 or training=False)."""
+    if is_method(node, "to") or is_method(node, "type_as"):
+        return True
+    if node.op == "call_function" and node.target is F.dropout:
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        return p == 0 or training is False
+    return False
+
+
+def transposed_last_two(node: Any) -> fx.Node | None:
+    """x for x.transpose(-1, -2) / (2, 3) of a 4-D x, else None."""
+    if is_method(node, "transpose") or (isinstance(node, fx.Node) and node.target is torch.transpose):
+        dims = {d % 4 for d in node.args[1:3] if isinstance(d, int)}
+        if dims == {2, 3}:
+            return node.args[0]
+    return None

@@ -14,13 +14,17 @@ function returns either what it matched or a reason string a user can act on.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from kvfx.passes.fx_utils import (describe, full_slices, graph_position, is_getitem, is_method, is_sdpa,
-                                  same_shape, sdpa_arguments, shape_of)
+from kvfx.passes.fx_utils import (describe, full_slices, graph_position, is_add, is_getitem, is_matmul,
+                                  is_method, is_passthrough, is_sdpa, is_softmax, same_shape, sdpa_arguments,
+                                  shape_of, softmax_dim, transposed_last_two)
+
+_SCALE_OPS = (operator.mul, operator.truediv, torch.mul, torch.div)
 
 # In-graph allocations that a cache buffer may come from (HF lazily allocates inside the prefill trace).
 _ALLOCATIONS = (torch.zeros, torch.empty)
@@ -49,7 +53,9 @@ class Site:
     """One attention site, matched: everything a rewrite needs."""
 
     layer: int
-    sdpa: fx.Node
+    node: fx.Node           # the attention output, which kvfx::attend replaces
+    kind: str               # "sdpa" or "manual" (matmul -> [scale] -> [mask] -> softmax -> matmul)
+    interior: list[fx.Node]  # nodes between the operands and `node`, erased once dead
     query: fx.Node
     key: KVRead
     value: KVRead
@@ -64,11 +70,33 @@ class Site:
         mask = "causal" if self.is_causal else ("mask" if self.attn_mask is not None else "no mask")
         origin = "input" if self.key.buffer.op == "placeholder" else "allocated in graph"
         write = "index_copy_" if self.key_write else "no write"
-        return f"sdpa+{self.key.gqa}, {mask}, cache {origin}, {write}"
+        return f"{self.kind}+{self.key.gqa}, {mask}, cache {origin}, {write}"
 
 
 def find_attention(graph: fx.Graph) -> list[fx.Node]:
-    return [n for n in graph.nodes if is_sdpa(n)]
+    """SDPA calls and softmaxes (each softmax a candidate hand-written attention), in graph order."""
+    return [n for n in graph.nodes if is_sdpa(n) or (is_softmax(n) and _scores_upstream(n.args[0])
+                                                      and _values_downstream(n))]
+
+
+def _values_downstream(softmax: fx.Node) -> bool:
+    node = softmax
+    while len(node.users) == 1 and is_passthrough(next(iter(node.users))):
+        node = next(iter(node.users))
+    return any(is_matmul(u) and u.args[0] is node for u in node.users)
+
+
+def _scores_upstream(node, depth: int = 6) -> bool:
+    """A softmax is a candidate attention if a matmul produces its input within a few ops and its
+    output feeds a matmul (a router or classifier softmax over a linear layer is not)."""
+    for _ in range(depth):
+        if is_matmul(node):
+            return True
+        inputs = [a for a in getattr(node, "args", ()) if isinstance(a, fx.Node)]
+        if not inputs:
+            return False
+        node = inputs[0] if not is_matmul(inputs[-1]) else inputs[-1]
+    return False
 
 
 def match_kv_read(node: fx.Node, query_heads: int, enable_gqa: bool) -> KVRead | str:
@@ -130,19 +158,88 @@ def match_cache_write(buffer: fx.Node, before: fx.Node, order: dict[fx.Node, int
     return CacheWrite(node, args["index"], args["source"])
 
 
-def match_site(layer: int, sdpa: fx.Node, graph: fx.Graph) -> Site | str:
+@dataclass
+class AttentionForm:
+    """What an attention computes, whichever way it was written."""
+
+    kind: str
+    node: fx.Node
+    interior: list[fx.Node]
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+    attn_mask: fx.Node | None
+    is_causal: bool
+    scale: float | None     # None: SDPA's default 1/sqrt(D)
+    enable_gqa: bool
+
+
+def sdpa_form(sdpa: fx.Node) -> AttentionForm | str:
     args = sdpa_arguments(sdpa)
     if args["dropout_p"] not in (0, 0.0):
         return "attention has dropout; kvfx rewrites inference attention only"
-    query = args["query"]
-    q_shape = shape_of(query)
-    if q_shape is None or len(q_shape) != 4 or not isinstance(q_shape[1], int) or not isinstance(q_shape[3], int):
-        return "query is not a 4-D tensor [B, H, T, D] with a fixed head count and head dim"
     if args["attn_mask"] is not None and args["is_causal"]:
         return "attention has both attn_mask and is_causal"
     if not isinstance(args["is_causal"], bool) or not isinstance(args["scale"], (float, int, type(None))):
         return "is_causal or scale is not a constant"
-    reads = [match_kv_read(args[name], q_shape[1], bool(args["enable_gqa"])) for name in ("key", "value")]
+    return AttentionForm("sdpa", sdpa, [], args["query"], args["key"], args["value"], args["attn_mask"],
+                         args["is_causal"], args["scale"], bool(args["enable_gqa"]))
+
+
+def manual_form(softmax: fx.Node) -> AttentionForm | str:
+    """matmul(q, k^T) -> [* or / constant] -> [+ mask] -> softmax(-1) -> [.to / dropout(p=0)] -> matmul(., v)."""
+    if softmax_dim(softmax) not in (-1, 3):
+        return "softmax is not over the last dimension"
+    node, after = softmax, []
+    while len(node.users) == 1 and is_passthrough(next(iter(node.users))):
+        node = next(iter(node.users))
+        after.append(node)
+    interior = [*reversed(after), softmax]  # from the output back towards the scores
+    users = list(node.users)
+    if len(users) != 1 or not is_matmul(users[0]) or users[0].args[0] is not node:
+        return "softmax output does not feed one matmul with the values"
+    out, value = users[0], users[0].args[1]
+    scores, mask, scale = softmax.args[0], None, 1.0
+    if is_add(scores):
+        interior.append(scores)
+        left, right = scores.args
+        scores, mask = (left, right) if _is_scores(left) else (right, left)
+    if _is_scaling(scores):
+        left, right = scores.args
+        constant, scores_in = (right, left) if isinstance(right, (int, float)) else (left, right)
+        if not isinstance(constant, (int, float)) or not isinstance(scores_in, fx.Node):
+            return "attention scores are scaled by a non-constant"
+        scale = 1.0 / constant if scores.target in (operator.truediv, torch.div) else float(constant)
+        interior.append(scores)
+        scores = scores_in
+    if not is_matmul(scores):
+        return f"softmax input has an op kvfx does not model: {describe(scores)}"
+    query, key_t = scores.args
+    key = transposed_last_two(key_t)
+    if key is None:
+        return "the scores matmul does not take k transposed over its last two dims"
+    interior += [scores, key_t]
+    if mask is not None and (not isinstance(mask, fx.Node) or shape_of(mask) is None):
+        return "the scores are added to something that is not a mask tensor"
+    return AttentionForm("manual", out, interior, query, key, value, mask, False, scale, False)
+
+
+def _is_scaling(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _SCALE_OPS
+
+
+def _is_scores(node) -> bool:
+    return is_matmul(node) or _is_scaling(node)
+
+
+def match_site(layer: int, node: fx.Node, graph: fx.Graph) -> Site | str:
+    form = sdpa_form(node) if is_sdpa(node) else manual_form(node)
+    if isinstance(form, str):
+        return form
+    q_shape = shape_of(form.query)
+    if q_shape is None or len(q_shape) != 4 or not isinstance(q_shape[1], int) or not isinstance(q_shape[3], int):
+        return "query is not a 4-D tensor [B, H, T, D] with a fixed head count and head dim"
+    reads = [match_kv_read(operand, q_shape[1], form.enable_gqa) for operand in (form.key, form.value)]
     for read in reads:
         if isinstance(read, str):
             return read
@@ -151,13 +248,13 @@ def match_site(layer: int, sdpa: fx.Node, graph: fx.Graph) -> Site | str:
             or key.group != value.group:
         return "key and value are not two buffers read the same way"
     order = graph_position(graph)
-    writes = [match_cache_write(read.buffer, sdpa, order) for read in reads]
+    writes = [match_cache_write(read.buffer, form.node, order) for read in reads]
     key_write, value_write = (None if isinstance(w, str) else w for w in writes)
     if key.buffer.op != "placeholder":
         # A buffer allocated in the graph holds only what this graph wrote into it.
         for w in writes:
             if isinstance(w, str):
                 return w
-    scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(q_shape[-1])
-    return Site(layer, sdpa, query, key, value, args["attn_mask"], args["is_causal"], float(scale),
-                key_write, value_write)
+    scale = form.scale if form.scale is not None else 1.0 / math.sqrt(q_shape[-1])
+    return Site(layer, form.node, form.kind, form.interior, form.query, key, value, form.attn_mask,
+                form.is_causal, float(scale), key_write, value_write)

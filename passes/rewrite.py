@@ -20,7 +20,7 @@ import torch.fx as fx
 from kvfx.config import KVConfig
 from kvfx.kernels.formats import FORMATS
 from kvfx.passes.fx_utils import describe, example_tensor, shape_of
-from kvfx.passes.match import KVRead, Site, find_attention, match_site
+from kvfx.passes.match import Site, find_attention, match_site
 from kvfx.reporting import SiteReport
 
 
@@ -94,7 +94,7 @@ def _quantizable(site: Site, output: fx.Node) -> str:
     for name, read, write in (("key", site.key, site.key_write), ("value", site.value, site.value_write)):
         if write is None:
             return f"no index_copy_ into the {name} cache in this graph; kvfx must see every write to quantize it"
-        allowed = {write.node, output, site.sdpa, *read.chain[-1:]}
+        allowed = {write.node, output, site.node, *site.interior, *read.chain[-1:]}
         others = [u for u in read.buffer.users if u not in allowed]
         if others:
             return f"the {name} cache is also read by {describe(others[0])} outside attention"
@@ -103,21 +103,18 @@ def _quantizable(site: Site, output: fx.Node) -> str:
 
 def _rewrite_attention(graph: fx.Graph, site: Site, key: fx.Node, value: fx.Node,
                        key_qparams: fx.Node | None, value_qparams: fx.Node | None) -> None:
-    with graph.inserting_before(site.sdpa):
+    with graph.inserting_before(site.node):
         attend = graph.call_function(torch.ops.kvfx.attend.default, (
             site.query, key, value, key_qparams, value_qparams, site.attn_mask,
             site.key.kv_len, site.is_causal, site.scale))
-    attend.meta = dict(site.sdpa.meta)
-    site.sdpa.replace_all_uses_with(attend)
-    graph.erase_node(site.sdpa)
-    for read in (site.key, site.value):
-        _erase_dead(graph, read)
-
-
-def _erase_dead(graph: fx.Graph, read: KVRead) -> None:
-    for node in read.chain:  # chain runs from the SDPA operand back to the buffer
-        if not node.users:
-            graph.erase_node(node)
+    attend.meta = dict(site.node.meta)
+    site.node.replace_all_uses_with(attend)
+    graph.erase_node(site.node)
+    # Each list runs from the attention output back towards the cache buffer.
+    for nodes in (site.interior, site.key.chain, site.value.chain):
+        for node in nodes:
+            if not node.users:
+                graph.erase_node(node)
 
 
 def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node], output: fx.Node,

@@ -11,7 +11,7 @@ ARCHS = ["llama", "qwen2"]
 
 
 def compiled_copy(model, **options):
-    clone = tiny_model(model.config.model_type)
+    clone = tiny_model(model.config.model_type, attn_implementation=model.config._attn_implementation)
     clone.load_state_dict(model.state_dict())
     clone.forward = torch.compile(clone.forward, backend="kvfx", options=options)
     return clone
@@ -186,3 +186,14 @@ def test_report_finds_every_way_of_compiling():
             assert rep.found == rep.rewritten == 2
     with pytest.raises(TypeError, match="kvfx.report expects"):
         kvfx.report(torch.compile(tiny_model().forward, backend="inductor"))
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_hand_written_attention_is_rewritten(kv):
+    model = tiny_model(attn_implementation="eager")  # HF's matmul -> scale -> mask -> softmax -> matmul
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(7))
+    compiled = compiled_copy(model, kv=kv)
+    got, want = greedy(compiled, ids, 32), greedy(model, ids, 32)
+    assert torch.equal(got, want) if kv == "none" else (got == want).float().mean() >= 0.9
+    rep = kvfx.report(compiled)
+    assert rep.found == rep.rewritten >= 4 and all(s.pattern.startswith("manual") for s in rep.latest_graph())

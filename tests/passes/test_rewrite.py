@@ -102,3 +102,51 @@ def test_unmatched_site_runs_unchanged_numerics():
     x = torch.randn(1, 2, 3, 4)
     torch.testing.assert_close(compiled(x), self_attention(x))
     assert kvfx.report(compiled).rewritten == 0
+
+
+def manual_attention(q, k_cache, v_cache, pos, k, v, mask, softcap=None):
+    """HF's eager attention: index_copy_, repeat_kv, matmul, scale, additive mask, fp32 softmax, matmul."""
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
+    b, hkv, s, d = k_cache.shape
+    g = q.shape[1] // hkv
+    key = k_cache[:, :, None, :, :].expand(b, hkv, g, s, d).reshape(b, hkv * g, s, d)
+    value = v_cache[:, :, None, :, :].expand(b, hkv, g, s, d).reshape(b, hkv * g, s, d)
+    scores = torch.matmul(q, key.transpose(2, 3)) * 0.5
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = F.dropout(probs, p=0.0, training=False)
+    return torch.matmul(probs, value)
+
+
+def additive_decode_inputs():
+    *rest, mask = decode_inputs()
+    return (*rest, torch.zeros(1, 1, 1, 6).masked_fill(torch.arange(6) > 2, float("-inf")))
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_manual_attention_is_rewritten_and_exact(kv):
+    args = additive_decode_inputs()
+    want = manual_attention(*[a.clone() for a in args])
+    (gm,) = dynamo_graphs(manual_attention, *[a.clone() for a in args])
+    plan = rewrite_graph(gm, KVConfig(kv=kv), graph_index=0)
+    assert [s.rewritten for s in plan.sites] == [True] and plan.sites[0].pattern.startswith("manual+repeat_kv")
+    found = targets(gm)
+    assert torch.ops.kvfx.attend.default in found and torch.matmul not in found and F.softmax not in found
+    compiled = torch.compile(manual_attention, backend="kvfx", options={"kv": kv})
+    got = compiled(*[a.clone() for a in args])
+    torch.testing.assert_close(got, want, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
+
+
+def test_softcapped_attention_is_left_unchanged_with_the_reason():
+    (gm,) = dynamo_graphs(lambda *a: manual_attention(*a, softcap=30.0), *additive_decode_inputs())
+    before = gm.code
+    plan = rewrite_graph(gm, KVConfig(kv="int8"), graph_index=0)
+    assert gm.code == before
+    assert plan.sites[0].reason == "softmax input has an op kvfx does not model: tanh"
+
+
+def test_router_softmax_is_not_an_attention_site():
+    (gm,) = dynamo_graphs(lambda x, w: F.softmax(F.linear(x, w), dim=-1), torch.randn(2, 8), torch.randn(4, 8))
+    assert rewrite_graph(gm, KVConfig(kv="int8"), graph_index=0).sites == []
