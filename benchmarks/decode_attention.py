@@ -84,8 +84,9 @@ def launch_configs(name: str, quick: bool) -> list[dict]:
     """decode_attention_triton keyword sweeps (split_factor multiplies default_num_splits)."""
     if name in INT_FORMATS:  # one group per step: no block_n; vmode = how value params are expanded
         if quick:
-            return [dict(num_warps=4, split_factor=2, vmode=0)]
-        return [dict(num_warps=w, split_factor=f, vmode=vm) for vm in (0, 1) for w in (1, 2, 4) for f in (1, 2, 4)]
+            return [dict(num_warps=1, split_factor=4, vmode=0)]
+        return [dict(num_warps=w, split_factor=f, vmode=vm) for vm in (0, 1)
+                for w, factors in ((1, (2, 4, 8)), (2, (1, 2, 4)), (4, (1, 2))) for f in factors]
     if quick:
         return [dict(block_n=64, num_warps=4, split_factor=1)]
     return [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (1, 2)]

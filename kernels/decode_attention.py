@@ -12,6 +12,17 @@ Each writes a partial (running max, sum of exp, unnormalized output); `_decode_c
 merges them exactly (rescaling by exp(m_i - max_i m_i)). The dot operands are fp32 under the
 interpreter (its bf16 `tl.dot` is wrong) and the query's dtype on the GPU, which is what the
 reference does too (dequantized K, V in the model dtype, then fp32 softmax).
+
+The int formats (int8 / int4 / int2) take `_decode_int_kernel`, same grid and partials, which steps
+one group of G tokens at a time and never reshapes a tile: a dot over channels does not care about
+their order, so code slot I of every packed byte (channels I + PB * j) is used as it lies in the
+loaded [G, D / PB] byte tile, against the matching channels of q for the keys and into a separate
+accumulator (stored at those channels at the end) for the values. Codes become floats through the
+exponent bits (`_code_slot`), int4 / int2 key params of bf16 / fp16 stores are loaded as words of
+8 // bits values, and one warp per program keeps the softmax free of cross-warp reductions. On the
+H100 this is 1.2x / 1.3x / 1.6x faster than SDPA at B=8, S=64K for int8 / int4 / int2 (the generic
+tile kernel: 0.9x); what limits it is the dequantize arithmetic (about 7 instructions per code), not
+memory: int2 reads a quarter of int8's bytes and takes 0.75x its time.
 """
 from __future__ import annotations
 
@@ -24,6 +35,9 @@ import triton.language as tl
 from kvfx.kernels.kivi import TL_DTYPES, KiviStore, _unpack, dequantize_reference, use_triton
 
 HEAD_DIMS = (64, 128)
+# One warp per program for the int kernel: no cross-warp reductions in the softmax, and each thread
+# holds several tokens of a channel in the dot operand, so it converts a key parameter once for them.
+INT_NUM_WARPS = 1
 LOG2E = 1.4426950408889634
 
 
@@ -368,13 +382,23 @@ def default_num_splits(batch_heads: int, store: KiviStore, device: torch.device)
     return max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(store.k_codes.shape[2], 128)))
 
 
+def int_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> int:
+    """Splits for the int kernel (one warp per program): up to 8x `default_num_splits`, but at least 16
+    groups of G tokens per split. On the H100 sweep (benchmarks/results/decode_attention.json) the
+    fastest int configs used 8x at S=64K and 2-4x at S<=16K."""
+    groups = store.k_codes.shape[2] // store.group_size
+    return max(1, min(8 * default_num_splits(batch_heads, store, device), triton.cdiv(groups, 16)))
+
+
 def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor, scale: float | None = None,
                             num_splits: int | None = None, block_n: int | None = None,
-                            num_warps: int = 4, num_stages: int | None = None, vmode: int = 0,
+                            num_warps: int | None = None, num_stages: int | None = None, vmode: int = 0,
                             key_words: bool = True, int_kernel: bool = True) -> torch.Tensor:
     """Triton version of `decode_attention_reference` (same arguments and result).
 
-    num_splits: programs per (row, KV head) over the packed store (default `default_num_splits`);
+    num_splits: programs per (row, KV head) over the packed store (default `default_num_splits`,
+    `int_num_splits` for the int kernel);
+    num_warps: default 4, `INT_NUM_WARPS` for the int kernel;
     block_n: tokens per tile, a multiple of the group size (default max(G, 64)); the int formats step
     one group at a time (`_decode_int_kernel`) and ignore it unless int_kernel=False (the generic
     kernel, kept for comparison). vmode: how the int kernel expands the value parameters (0 gather,
@@ -394,7 +418,8 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
     if block_n % g:
         raise ValueError(f"block_n={block_n} must be a multiple of group_size={g}")
     gq = hq // hkv
-    ns = num_splits or default_num_splits(b * hkv, store, q.device)
+    int_path = int_kernel and store.bits < 16 and not store.fp8
+    ns = num_splits or (int_num_splits if int_path else default_num_splits)(b * hkv, store, q.device)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
     part_m = torch.empty(b * hkv, ns + 1, gq, device=q.device, dtype=torch.float32)
@@ -405,11 +430,13 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
     args = (q.reshape(b, hq, d).contiguous(), store.k_codes, store.v_codes, store.k_scale, store.k_zero,
             store.v_scale, store.v_zero, store.k_ring, store.v_ring, lengths, part_m, part_l, part_acc,
             scale * LOG2E, hkv, store.k_codes.shape[2] // g, ns)
+    if num_warps is None:
+        num_warps = INT_NUM_WARPS if int_path else 4
     launch = dict(GQ=gq, R=store.residual, G=g, D=d, BITS=store.bits, DOT=dot,
                   BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_R=32, num_warps=num_warps)
     if num_stages is not None:
         launch["num_stages"] = num_stages
-    if int_kernel and store.bits < 16 and not store.fp8:
+    if int_path:
         # Key params as words of PB 16-bit values (one vector load per word for all PB code slots)
         pb = 8 // store.bits
         pw = {torch.bfloat16: 1, torch.float16: 2}.get(store.dtype, 0) if pb > 1 and key_words else 0

@@ -1,7 +1,8 @@
 """KV storage formats: what a site's cache becomes, and the bytes it holds.
 
-A format turns the model's fp cache buffer [B, Hkv, S, D] into a `KVStore` (the tensors kvfx owns
-instead) and says how to write into it and read it back. "none" keeps the model's buffer as is.
+A format turns the model's fp cache buffer [B, Hkv, S, D] into a store (the tensors kvfx owns
+instead: a `KVStore` for int8, a `KiviStore` for int4/int2/fp8) and says how to allocate, adopt and
+rebuild it. "none" keeps the model's buffer as is.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
+from kvfx.kernels.kivi import KiviStore, store_write_reference
 
 
 @dataclass
@@ -40,15 +42,21 @@ class KVStore:
 
 @dataclass(frozen=True)
 class Int8Format:
-    name: str = "int8"
+    """Per-token asymmetric int8 (`kvfx.kernels.int8`): the store is a `KVStore`."""
 
-    def allocate(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> KVStore:
-        """An empty store for a cache buffer of `shape` [B, Hkv, S, D] in `dtype`."""
+    name: str = "int8"
+    tensor_names = ("k_codes", "k_qparams", "v_codes", "v_qparams")
+
+    def unsupported(self, head_dim: int) -> str:
+        return ""
+
+    def allocate(self, shape, dtype: torch.dtype, device: torch.device) -> KVStore:
+        """An empty store for a cache buffer of `shape` [B, Hkv, S, D] in `dtype` (sizes may be symbolic)."""
         def codes():
             return torch.zeros(shape, dtype=torch.uint8, device=device)
 
-        def qparams():  # (scale 1, zero 0): unwritten slots read as zeros
-            return torch.tensor([1.0, 0.0], dtype=dtype, device=device).expand(*shape[:-1], 2).contiguous()
+        def qparams():  # (scale 0, zero 0): unwritten slots read as zeros, like HF's zeroed cache
+            return torch.zeros((*shape[:-1], 2), dtype=dtype, device=device)
 
         return KVStore(codes(), qparams(), codes(), qparams())
 
@@ -56,6 +64,52 @@ class Int8Format:
         """A store holding the current content of fp buffers `keys`, `values` (all positions)."""
         return KVStore(*quantize_int8_reference(keys), *quantize_int8_reference(values))
 
+    def from_tensors(self, tensors) -> KVStore:
+        return KVStore(*tensors)
 
-# name -> format; None means the cache stays in the model's dtype (kvfx only rewrites attention).
-FORMATS: dict[str, Int8Format | None] = {"none": None, "int8": Int8Format()}
+
+@dataclass(frozen=True)
+class KiviFormat:
+    """KIVI int8/int4/int2 or fp8 (`kvfx.kernels.kivi`): the store is a `KiviStore`."""
+
+    name: str
+    bits: int
+    fp8: bool
+    group_size: int
+    residual: int
+    tensor_names = ("k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "k_ring", "v_ring")
+
+    def unsupported(self, head_dim: int) -> str:
+        """Why a head dim cannot use this format ("" if it can)."""
+        try:
+            KiviStore.validate(head_dim, self.bits, self.group_size, self.residual, self.fp8)
+        except ValueError as err:
+            return f"{self.name} storage: {err}"
+        return ""
+
+    def allocate(self, shape, dtype: torch.dtype, device: torch.device) -> KiviStore:
+        b, h, s, d = shape
+        return KiviStore.allocate(b, h, s, d, dtype, device, self.bits, self.group_size, self.residual, self.fp8)
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> KiviStore:
+        """A store holding every position of fp buffers `keys`, `values`, written as one prompt."""
+        store = self.allocate(keys.shape, keys.dtype, keys.device)
+        store_write_reference(store, keys, values, 0)
+        return store
+
+    def from_tensors(self, tensors) -> KiviStore:
+        return KiviStore(*tensors, self.bits, self.group_size, self.residual, self.fp8)
+
+
+# The `kv` choices. None: the cache stays in the model's dtype (kvfx only rewrites attention).
+FORMAT_NAMES = ("none", "int8", "int4", "int2", "fp8")
+_KIVI = {"int4": (4, False), "int2": (2, False), "fp8": (8, True)}
+
+
+def format_for(kv: str, group_size: int = 32, residual: int = 128) -> Int8Format | KiviFormat | None:
+    if kv == "none":
+        return None
+    if kv == "int8":
+        return Int8Format()
+    bits, fp8 = _KIVI[kv]
+    return KiviFormat(kv, bits, fp8, group_size, residual)

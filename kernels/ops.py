@@ -20,7 +20,9 @@ import torch
 
 from kvfx.errors import KVFXError
 from kvfx.kernels.attention import attend_int8_cpu, attend_reference
+from kvfx.kernels.formats import format_for
 from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
+from kvfx.kernels.kivi import KiviStore, dequantize_reference, store_write_reference, store_write_triton
 
 
 @torch.library.custom_op("kvfx::attend", mutates_args=())
@@ -79,3 +81,84 @@ def store_write(codes: torch.Tensor, qparams: torch.Tensor, pos: torch.Tensor, x
 @store_write.register_fake
 def _(codes, qparams, pos, x):
     return None
+
+
+# ---- KIVI (int4 / int2 / fp8) stores: kvfx.kernels.kivi holds the layout and the kernels. ----------
+# The 8 store tensors are passed one by one (k_codes, v_codes, k_scale, k_zero, v_scale, v_zero,
+# k_ring, v_ring), with the format as constants (bits, fp8, group_size, residual).
+
+
+def _kivi(tensors, bits, fp8, group_size, residual) -> KiviStore:
+    return KiviStore(*tensors, bits, group_size, residual, fp8)
+
+
+def _check_fits(start: int, count: int, max_len: int) -> None:
+    if start + count > max_len:
+        raise KVFXError(f"{count} new tokens at positions up to {start + count - 1} do not fit the KV cache of "
+                        f"{max_len} slots; give the cache a larger max_cache_len")
+
+
+@torch.library.custom_op("kvfx::kivi_write", mutates_args=(
+    "k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "k_ring", "v_ring"))
+def kivi_write(k_codes: torch.Tensor, v_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+               v_scale: torch.Tensor, v_zero: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
+               pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_len: int, bits: int, fp8: bool,
+               group_size: int, residual: int) -> None:
+    """Append k, v [B, Hkv, T, D] at positions pos [T] (= start .. start + T - 1, shared by the rows)."""
+    store = _kivi((k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring), bits, fp8, group_size,
+                  residual)
+    if k.device.type == "cpu":
+        start = int(pos[0])
+        _check_fits(start, k.shape[2], max_len)
+        store_write_reference(store, k, v, start)
+    else:  # no host sync on the GPU: the start stays a device tensor
+        store_write_triton(store, k, v, pos[:1])
+
+
+@kivi_write.register_fake
+def _(k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring, pos, k, v, max_len, bits, fp8,
+      group_size, residual):
+    return None
+
+
+@torch.library.custom_op("kvfx::kivi_attend", mutates_args=())
+def kivi_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor,
+                k_codes: torch.Tensor, v_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+                v_scale: torch.Tensor, v_zero: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
+                attn_mask: torch.Tensor | None, kv_len: int, width: int, is_causal: bool, scale: float,
+                bits: int, fp8: bool, group_size: int, residual: int) -> torch.Tensor:
+    """Attention of q [B, Hq, T, D] over a KIVI store after the write of k_new, v_new at pos.
+
+    The cache's older tokens are read dequantized, the T new ones at full precision (KIVI attends a
+    prompt over its own keys unquantized). Attends over the first kv_len slots (-1: all `width`
+    slots of the model's buffer, unwritten ones reading as zeros as in the model's zeroed cache).
+    """
+    store = _kivi((k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring), bits, fp8, group_size,
+                  residual)
+    start, t = int(pos[0]), k_new.shape[2]
+    n = width if kv_len < 0 else kv_len
+    keys, values = dequantize_reference(store, start + t, q.dtype)
+    full = []
+    for cached, new in ((keys, k_new), (values, v_new)):
+        cached = torch.nn.functional.pad(cached, (0, 0, 0, max(n - cached.shape[2], 0)))[:, :, :n]
+        full.append(cached.index_copy(2, pos[pos < n], new[:, :, : int((pos < n).sum())].to(q.dtype)))
+    return attend_reference(q, full[0], full[1], attn_mask, -1, is_causal, scale).contiguous()
+
+
+@kivi_attend.register_fake
+def _(q, k_new, v_new, pos, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring, attn_mask, kv_len,
+      width, is_causal, scale, bits, fp8, group_size, residual):
+    return q.new_empty((*q.shape[:-1], v_new.shape[-1]))
+
+
+@torch.library.custom_op("kvfx::store_alloc", mutates_args=())
+def store_alloc(shape: list[int], dtype: torch.dtype, device: torch.device, kv: str, group_size: int,
+                residual: int) -> list[torch.Tensor]:
+    """A new, empty store for a cache buffer of `shape` [B, Hkv, S, D] (what a graph that allocates its
+    own cache allocates instead)."""
+    return list(format_for(kv, group_size, residual).allocate(shape, dtype, device).tensors())
+
+
+@store_alloc.register_fake
+def _(shape, dtype, device, kv, group_size, residual):
+    return list(format_for(kv, group_size, residual).allocate(shape, dtype, device).tensors())

@@ -12,7 +12,6 @@ import torch.fx as fx
 
 from kvfx.config import KVConfig
 from kvfx.errors import KVFXError
-from kvfx.kernels.formats import FORMATS
 from kvfx.passes.rewrite import rewrite_graph
 from kvfx.reporting import clear_sessions, session_for
 from kvfx.runtime import FreedKVBuffer, make_runner
@@ -29,7 +28,7 @@ def kvfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = N
         s = skipped[0]
         raise KVFXError(f"kvfx strict mode: attention site {s.layer} of graph {s.graph} was not rewritten: {s.reason}")
     examples = [_plain(x) for x in example_inputs]
-    fmt = FORMATS[config.kv]
+    fmt = config.format
     for slot in plan.slots:
         if slot.key_input is not None:
             buffer = examples[slot.key_input]
@@ -37,7 +36,7 @@ def kvfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = N
     from torch._inductor.compile_fx import compile_fx
 
     compiled = compile_fx(gm, examples)
-    return make_runner(compiled, plan, session)
+    return make_runner(compiled, plan, session, fmt)
 
 
 def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:

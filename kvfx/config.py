@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from kvfx.kernels.formats import FORMATS
+from kvfx.kernels.formats import FORMAT_NAMES, format_for
 
 
 class KVConfigError(ValueError):
@@ -29,7 +29,13 @@ class KVConfig:
     ----------
     kv:
         Storage format of the cache: ``"none"`` keeps the model's dtype (lossless), ``"int8"``
-        stores 8-bit codes with one (scale, zero) per token per KV head (see `kvfx.kernels.int8`).
+        stores 8-bit codes with one (scale, zero) per token per KV head (`kvfx.kernels.int8`);
+        ``"int4"``, ``"int2"`` are KIVI (keys per channel over groups of `group_size` tokens, values
+        per token over groups of `group_size` channels, the last `residual` tokens in the model
+        dtype) and ``"fp8"`` is e4m3 with per-head scales (`kvfx.kernels.kivi`).
+    group_size, residual:
+        KIVI's G and R (paper defaults 32 and 128). G: a power of two >= 16 dividing the head dim;
+        R: a multiple of G.
     policy:
         Which tokens are kept (``"none"``: all of them).
     strict:
@@ -37,11 +43,19 @@ class KVConfig:
     """
 
     kv: str = "none"
+    group_size: int = 32
+    residual: int = 128
     policy: str = "none"
     strict: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("kv", self.kv, tuple(FORMATS))
+        _check_choice("kv", self.kv, FORMAT_NAMES)
+        if not isinstance(self.group_size, int) or self.group_size < 16 or self.group_size & (self.group_size - 1):
+            raise KVConfigError(f"kvfx option 'group_size' got {self.group_size!r}; valid: a power of two >= 16 "
+                                "(16, 32, 64, 128)")
+        if not isinstance(self.residual, int) or self.residual < 0 or self.residual % self.group_size:
+            raise KVConfigError(f"kvfx option 'residual' got {self.residual!r}; valid: a non-negative multiple "
+                                f"of group_size={self.group_size} (e.g. 0, {self.group_size}, 128)")
         _check_choice("policy", self.policy, POLICIES)
         if not isinstance(self.strict, bool):
             raise KVConfigError(f"kvfx option 'strict' must be True or False, got {self.strict!r}")
@@ -62,6 +76,12 @@ class KVConfig:
                 f"unknown kvfx option {unknown[0]!r}; valid options: {', '.join(known)}"
             )
         return cls(**options)
+
+
+    @property
+    def format(self):
+        """The storage format object (`kvfx.kernels.formats`), None for kv="none"."""
+        return format_for(self.kv, self.group_size, self.residual)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

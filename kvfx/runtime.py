@@ -19,7 +19,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from kvfx.errors import KVFXError
-from kvfx.kernels.formats import FORMATS, KVStore
+from kvfx.kernels.formats import KVStore
 from kvfx.passes.rewrite import GraphPlan, StoreSlot
 from kvfx.reporting import Session
 
@@ -88,7 +88,7 @@ def held_bytes(buffers) -> int:
     return total + sum(s.nbytes() for s in stores.values())
 
 
-def store_for_inputs(key: torch.Tensor, value: torch.Tensor, kv: str) -> KVStore:
+def store_for_inputs(key: torch.Tensor, value: torch.Tensor, fmt) -> Any:
     """The store of the cache the model passed in; a cache kvfx has not seen yet is adopted:
     its current content is quantized and its fp memory freed."""
     found = _STORES.get(key)
@@ -96,7 +96,7 @@ def store_for_inputs(key: torch.Tensor, value: torch.Tensor, kv: str) -> KVStore
         return found[0]
     if isinstance(key, FreedKVBuffer) or isinstance(value, FreedKVBuffer):
         raise KVFXError("a KV-cache buffer freed by kvfx has lost its store; create a new cache")
-    store = FORMATS[kv].adopt(key, value)
+    store = fmt.adopt(key, value)
     _register(key, value, store)
     return store
 
@@ -108,7 +108,7 @@ def _register(key: torch.Tensor, value: torch.Tensor, store: KVStore) -> None:
     free(value)
 
 
-def make_runner(compiled: Callable, plan: GraphPlan, session: Session) -> Callable:
+def make_runner(compiled: Callable, plan: GraphPlan, session: Session, fmt) -> Callable:
     """Wrap an inductor-compiled graph so that each call gets its sites' stores as extra inputs."""
     raw_reads = plan.raw_read_inputs
     inputs = [s for s in plan.slots if s.key_input is not None]
@@ -123,13 +123,14 @@ def make_runner(compiled: Callable, plan: GraphPlan, session: Session) -> Callab
         stores = []
         for slot in inputs:
             key, value = args[slot.key_input], args[slot.value_input]
-            stores.append(store_for_inputs(key, value, session.kv))
+            stores.append(store_for_inputs(key, value, fmt))
             session.caches[key] = (value, stores[-1])
         outputs = compiled(*args, *(t for s in stores for t in s.tensors()))
         if returned:
             outputs = list(outputs)
             for slot in returned:
-                _hand_back(outputs, slot, KVStore(*outputs[slot.store_output:slot.store_output + 4]), session)
+                tensors = outputs[slot.store_output:slot.store_output + slot.store_tensors]
+                _hand_back(outputs, slot, fmt.from_tensors(tensors), session)
             outputs = outputs[:plan.outputs]
         _record_fp_caches(plan, args, outputs, session)
         return outputs
@@ -137,9 +138,9 @@ def make_runner(compiled: Callable, plan: GraphPlan, session: Session) -> Callab
     return run
 
 
-def _hand_back(outputs: list, slot: StoreSlot, store: KVStore, session: Session) -> None:
+def _hand_back(outputs: list, slot: StoreSlot, store: Any, session: Session) -> None:
     """Give the model freed placeholders for the buffers its graph allocated; kvfx keeps the store."""
-    key, value = (freed_placeholder(codes, slot.dtype) for codes in (store.k_codes, store.v_codes))
+    key, value = (freed_placeholder(outputs[i], slot.dtype) for i in (slot.key_output, slot.value_output))
     _STORES[key] = (store, True)
     _STORES[value] = (store, False)
     session.caches[key] = (value, store)

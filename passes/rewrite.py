@@ -12,14 +12,15 @@ empty tensor: the runtime hands the caller a freed placeholder of the right shap
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from kvfx.config import KVConfig
-from kvfx.kernels.formats import FORMATS
-from kvfx.passes.fx_utils import describe, example_tensor, shape_of
+from kvfx.kernels.formats import KiviFormat
+from kvfx.passes.fx_utils import describe, example_tensor, graph_position, is_method
 from kvfx.passes.match import Site, find_attention, match_site
 from kvfx.reporting import SiteReport
 
@@ -34,7 +35,8 @@ class StoreSlot:
     value_input: int | None = None
     key_output: int | None = None     # ... or output index of those the graph allocated itself (the
     value_output: int | None = None   # graph then allocates the store too and returns it)
-    store_output: int | None = None   # output index of the first of the store's 4 tensors
+    store_output: int | None = None   # output index of the first of the store's tensors
+    store_tensors: int = 4            # how many tensors the format's store has
 
 
 @dataclass
@@ -62,16 +64,17 @@ def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> Gra
             _record_fp_cache(plan, site, placeholders, output)
             plan.sites.append(SiteReport(graph_index, layer, site.pattern, True, "", "model dtype"))
             continue
-        reason = _quantizable(site, output)
+        reason = _quantizable(site, output, config.format)
         if reason:
             plan.sites.append(SiteReport(graph_index, layer, site.pattern, False, reason, "unchanged"))
             continue
-        plan.slots.append(_rewrite_quantized(graph, site, placeholders, output, FORMATS[config.kv]))
+        plan.slots.append(_rewrite_quantized(graph, site, placeholders, output, config))
         plan.sites.append(SiteReport(graph_index, layer, site.pattern, True, "", config.kv))
     graph.lint()
     gm.recompile()
-    plan.outputs = len(output.args[0]) - 4 * sum(slot.store_output is not None for slot in plan.slots)
-    plan.raw_read_inputs = [i for i, p in enumerate(placeholders) if p.users and _is_cache_shaped(p)]
+    plan.outputs = len(output.args[0]) - sum(s.store_tensors for s in plan.slots if s.store_output is not None)
+    plan.raw_read_inputs = [i for i, p in enumerate(placeholders) if _is_cache_shaped(p)
+                            and any(not is_method(u, "size") for u in p.users)]
     return plan
 
 
@@ -89,8 +92,14 @@ def _record_fp_cache(plan: GraphPlan, site: Site, placeholders: list[fx.Node], o
         plan.fp_cache_outputs.append((outputs.index(key), outputs.index(value)))
 
 
-def _quantizable(site: Site, output: fx.Node) -> str:
+def _quantizable(site: Site, output: fx.Node, fmt) -> str:
     """Why the site's fp buffers cannot be replaced by a store ("" if they can)."""
+    reason = fmt.unsupported(example_tensor(site.key.buffer).shape[-1])
+    if reason:
+        return reason
+    if site.key_write and site.value_write and site.key_write.pos is not site.value_write.pos \
+            and isinstance(fmt, KiviFormat):
+        return "keys and values are written at different positions; a KIVI store appends both together"
     for name, read, write in (("key", site.key, site.key_write), ("value", site.value, site.value_write)):
         if write is None:
             return f"no index_copy_ into the {name} cache in this graph; kvfx must see every write to quantize it"
@@ -107,6 +116,11 @@ def _rewrite_attention(graph: fx.Graph, site: Site, key: fx.Node, value: fx.Node
         attend = graph.call_function(torch.ops.kvfx.attend.default, (
             site.query, key, value, key_qparams, value_qparams, site.attn_mask,
             site.key.kv_len, site.is_causal, site.scale))
+    _replace_attention(graph, site, attend)
+
+
+def _replace_attention(graph: fx.Graph, site: Site, attend: fx.Node) -> None:
+    """`attend` takes the attention output's place; what only fed it goes."""
     attend.meta = dict(site.node.meta)
     site.node.replace_all_uses_with(attend)
     graph.erase_node(site.node)
@@ -118,23 +132,30 @@ def _rewrite_attention(graph: fx.Graph, site: Site, key: fx.Node, value: fx.Node
 
 
 def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node], output: fx.Node,
-                       fmt) -> StoreSlot:
+                       config: KVConfig) -> StoreSlot:
+    fmt = config.format
     buffer = example_tensor(site.key.buffer)
-    slot = StoreSlot(site.layer, buffer.dtype)
+    kivi = isinstance(fmt, KiviFormat)
+    size = _buffer_size(graph, site.key.buffer) if kivi or site.key.buffer.op != "placeholder" else None
+    slot = StoreSlot(site.layer, buffer.dtype, store_tensors=len(fmt.tensor_names))
     if site.key.buffer.op == "placeholder":
         store = _store_inputs(graph, site, buffer, fmt)
         slot.key_input = placeholders.index(site.key.buffer)
         slot.value_input = placeholders.index(site.value.buffer)
     else:
-        store = _store_allocations(graph, site, buffer)
+        store = _store_allocation(graph, site, size, buffer, config)
         outputs = list(output.args[0])
-        # The graph allocated the fp buffers only to hand them back: it now allocates nothing for
-        # them, returns the store instead, and the runtime hands the caller freed placeholders.
+        # The graph allocated the fp buffers only to hand them back: it now returns the store too,
+        # and in the buffers' place a one-element stride-0 tensor of their shape, from which the
+        # runtime makes the freed placeholders the caller gets.
         slot.key_output, slot.value_output = outputs.index(site.key.buffer), outputs.index(site.value.buffer)
         slot.store_output = len(outputs)
         output.args = (tuple(outputs) + tuple(store),)
         for read in (site.key, site.value):
-            read.buffer.target, read.buffer.args = torch.empty, ((0,),)
+            read.buffer.target, read.buffer.args = torch.empty_strided, (size, (0,) * len(size))
+    if kivi:
+        _rewrite_kivi(graph, site, store, fmt, width=size[2])
+        return slot
     k_codes, k_qparams, v_codes, v_qparams = store
     for write, codes, qparams in ((site.key_write, k_codes, k_qparams), (site.value_write, v_codes, v_qparams)):
         with graph.inserting_before(write.node):
@@ -144,15 +165,46 @@ def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node],
     return slot
 
 
+def _rewrite_kivi(graph: fx.Graph, site: Site, store: list[fx.Node], fmt: KiviFormat, width) -> None:
+    """One kvfx::kivi_write for both cache writes (at the later one), kvfx::kivi_attend for the SDPA."""
+    writes = sorted((site.key_write, site.value_write), key=lambda w: graph_position(graph)[w.node])
+    constants = (fmt.bits, fmt.fp8, fmt.group_size, fmt.residual)
+    pos, k_new, v_new = site.key_write.pos, site.key_write.source, site.value_write.source
+    with graph.inserting_before(writes[-1].node):
+        graph.call_function(torch.ops.kvfx.kivi_write.default, (*store, pos, k_new, v_new, width, *constants))
+    for write in writes:
+        graph.erase_node(write.node)
+    with graph.inserting_before(site.node):
+        attend = graph.call_function(torch.ops.kvfx.kivi_attend.default, (
+            site.query, k_new, v_new, pos, *store, site.attn_mask, site.key.kv_len, width, site.is_causal,
+            site.scale, *constants))
+    _replace_attention(graph, site, attend)
+
+
+def _buffer_size(graph: fx.Graph, buffer: fx.Node) -> tuple:
+    """The fp buffer's [B, Hkv, S, D] as graph arguments: ints, or nodes for symbolic sizes."""
+    if buffer.op != "placeholder":  # an allocation: its size arguments
+        args = buffer.args
+        return tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
+    size = []
+    for dim, value in enumerate(example_tensor(buffer).shape):
+        if isinstance(value, int):
+            size.append(value)
+        else:
+            with graph.inserting_after(buffer):
+                size.append(graph.call_method("size", (buffer, dim)))
+    return tuple(size)
+
+
 def _store_inputs(graph: fx.Graph, site: Site, buffer: torch.Tensor, fmt) -> list[fx.Node]:
-    """Four new graph inputs for the store of a cache the model passes in."""
+    """New graph inputs for the store of a cache the model passes in (one per store tensor)."""
     # Example values from dynamo's fake mode, shaped like the buffer (symbolic sizes included):
     # AOTAutograd would otherwise give the new inputs fresh sizes that no guard can name.
     with buffer.fake_mode:
         examples = fmt.allocate(buffer.shape, buffer.dtype, buffer.device).tensors()
     last = next(n for n in reversed(graph.nodes) if n.op == "placeholder")
     store = []
-    for name, example in zip(("k_codes", "k_qparams", "v_codes", "v_qparams"), examples):
+    for name, example in zip(fmt.tensor_names, examples):
         with graph.inserting_after(last):
             last = graph.placeholder(f"kvfx_layer{site.layer}_{name}")
         last._dynamo_source = None  # AOTAutograd wants one on every input of a dynamo graph
@@ -161,17 +213,17 @@ def _store_inputs(graph: fx.Graph, site: Site, buffer: torch.Tensor, fmt) -> lis
     return store
 
 
-def _store_allocations(graph: fx.Graph, site: Site, buffer: torch.Tensor) -> list[fx.Node]:
-    """In-graph allocations of the store, sized like the fp buffers the graph allocated (so a symbolic
-    cache length stays symbolic)."""
-    store = []
-    for read in (site.key, site.value):
-        args = read.buffer.args
-        size = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
-        where = {"device": buffer.device}
-        with graph.inserting_after(read.buffer):
-            # zeros: unwritten slots dequantize to 0 (scale 0, zero 0), like the zeros HF allocates
-            qparams = graph.call_function(torch.zeros, ((*size[:-1], 2),), {"dtype": buffer.dtype, **where})
-            codes = graph.call_function(torch.zeros, (size,), {"dtype": torch.uint8, **where})
-        store += [codes, qparams]
+def _store_allocation(graph: fx.Graph, site: Site, size: tuple, buffer: torch.Tensor,
+                      config: KVConfig) -> list[fx.Node]:
+    """kvfx::store_alloc in place of the fp buffers the graph allocated, sized like them (so a
+    symbolic cache length stays symbolic)."""
+    anchor = max((site.key.buffer, site.value.buffer), key=lambda n: graph_position(graph)[n])
+    with graph.inserting_after(anchor):
+        alloc = graph.call_function(torch.ops.kvfx.store_alloc.default, (
+            list(size), buffer.dtype, buffer.device, config.kv, config.group_size, config.residual))
+    store, last = [], alloc
+    for i in range(len(config.format.tensor_names)):
+        with graph.inserting_after(last):
+            last = graph.call_function(operator.getitem, (alloc, i))
+        store.append(last)
     return store

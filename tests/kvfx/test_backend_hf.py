@@ -1,9 +1,12 @@
 """End to end on tiny random-weight HF models decoding with a static cache."""
+import copy
+
 import pytest
 import torch
 from transformers import StaticCache
 
 import kvfx
+from kvfx.kernels.kivi import KiviStore
 from kvfx.models import tiny_model
 from kvfx.runtime import FreedKVBuffer
 
@@ -11,8 +14,7 @@ ARCHS = ["llama", "qwen2"]
 
 
 def compiled_copy(model, **options):
-    clone = tiny_model(model.config.model_type, attn_implementation=model.config._attn_implementation)
-    clone.load_state_dict(model.state_dict())
+    clone = copy.deepcopy(model)
     clone.forward = torch.compile(clone.forward, backend="kvfx", options=options)
     return clone
 
@@ -197,3 +199,33 @@ def test_hand_written_attention_is_rewritten(kv):
     assert torch.equal(got, want) if kv == "none" else (got == want).float().mean() >= 0.9
     rep = kvfx.report(compiled)
     assert rep.found == rep.rewritten >= 4 and all(s.pattern.startswith("manual") for s in rep.latest_graph())
+
+
+KIVI_OPTIONS = {"group_size": 16, "residual": 16}
+
+
+@pytest.mark.parametrize("kv", ["int4", "int2", "fp8"])
+def test_kivi_formats_rewrite_and_hold_their_arithmetic_bytes(kv):
+    model = tiny_model(hidden_size=128)  # head dim 32: room for groups of 16 channels
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(8))
+    compiled = compiled_copy(model, kv=kv, **KIVI_OPTIONS)
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    kw = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ours = compiled.generate(ids, past_key_values=cache, **kw)
+    eager = model.generate(ids, cache_implementation="static", **kw)
+    # The prompt attends over its own keys at full precision: the first token's logits are eager's.
+    torch.testing.assert_close(ours.logits[0], eager.logits[0], rtol=1e-5, atol=1e-5)
+    rep = kvfx.report(compiled)
+    assert rep.found == rep.rewritten == 4 and all(s.storage == kv for s in rep.sites)
+    bits, fp8 = {"int4": (4, False), "int2": (2, False), "fp8": (8, True)}[kv]
+    per_layer = KiviStore.expected_nbytes(1, 2, 64, 32, torch.float32, bits, fp8=fp8, **KIVI_OPTIONS)
+    assert rep.kv_bytes == 2 * per_layer  # measured storages == the format's arithmetic
+
+
+def test_head_dim_a_kivi_group_cannot_divide_is_left_unchanged():
+    model = tiny_model()  # head dim 16 < group_size 32
+    compiled = compiled_copy(model, kv="int4")
+    ids = torch.randint(0, 128, (1, 6))
+    assert torch.equal(greedy(compiled, ids, 4), greedy(model, ids, 4))
+    rep = kvfx.report(compiled)
+    assert rep.rewritten == 0 and "group_size=32 must divide head_dim=16" in rep.sites[0].reason

@@ -55,3 +55,17 @@ def test_int8_top1_agrees_on_256_decode_steps(smollm2):
     assert rep.rewritten == rep.found and len(rep.latest_graph()) == 30
     assert rep.fp_kv_bytes == 2 * 30 * cache.layers[0].keys.numel() * 4  # the one live cache, fp32
     assert rep.kv_bytes <= 0.55 * rep.fp_kv_bytes
+
+
+def test_kivi_int4_top1_agrees_on_256_decode_steps(smollm2):
+    model, prompt, reference = smollm2
+    eager_forward = model.forward
+    model.forward = compiled_forward(model, "int4")  # KIVI, group 32, residual 128
+    try:
+        logits = teacher_forced_logits(model, prompt, reference)
+        rep = kvfx.report(model)
+    finally:
+        model.forward = eager_forward
+    agreement = (logits.argmax(-1) == reference).float().mean().item()
+    assert agreement >= 0.95, agreement
+    assert [s.storage for s in rep.latest_graph()] == ["int4"] * 30
