@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 
+import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
 
@@ -90,3 +91,49 @@ def test_opcheck(quantized):
     torch.library.opcheck(torch.ops.kvfx.attend.default, (q, k, v, ks, vs, mask, -1, False, 0.35))
     codes, qparams = torch.zeros(2, 2, 6, 8, dtype=torch.uint8), torch.zeros(2, 2, 6, 2)
     torch.library.opcheck(torch.ops.kvfx.store_write.default, (codes, qparams, torch.tensor([1, 4]), torch.randn(2, 2, 2, 8)))
+
+
+@pytest.mark.parametrize("kv", ["int4", "int2", "fp8"])
+def test_kivi_ops_opcheck_and_match_the_store_reference(kv):
+    from kvfx.kernels.formats import format_for
+    from kvfx.kernels.kivi import dequantize_reference
+
+    fmt = format_for(kv, group_size=16, residual=16)
+    shape = (2, 2, 40, 32)
+    store = fmt.allocate(shape, torch.float32, torch.device("cpu"))
+    constants = (fmt.bits, fmt.fp8, fmt.group_size, fmt.residual)
+    k, v = torch.randn(2, 2, 37, 32), torch.randn(2, 2, 37, 32)
+    pos = torch.arange(37)
+    torch.ops.kvfx.kivi_write(*store.tensors(), pos, k, v, 40, *constants)
+    keys, values = dequantize_reference(store, 37)
+    assert (keys - k).abs().max() < (0.5 if kv != "int2" else 2.0)  # quantized, within the format's steps
+    q = torch.randn(2, 4, 1, 32)
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    mask[..., 38:] = False
+    k1, v1, p1 = torch.randn(2, 2, 1, 32), torch.randn(2, 2, 1, 32), torch.tensor([37])
+    torch.ops.kvfx.kivi_write(*store.tensors(), p1, k1, v1, 40, *constants)
+    got = torch.ops.kvfx.kivi_attend(q, k1, v1, p1, *store.tensors(), mask, -1, 40, False, 0.2, *constants)
+    keys, values = dequantize_reference(store, 38)
+    keys[:, :, 37:38], values[:, :, 37:38] = k1, v1  # the new token at full precision
+    want = F.scaled_dot_product_attention(q, keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1), scale=0.2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # torch's schema check compares tensors with ops float8 lacks on CPU: run the other checks for fp8.
+    checks = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic") if kv == "fp8" else None
+    torch.library.opcheck(torch.ops.kvfx.kivi_attend.default,
+                          (q, k1, v1, p1, *store.tensors(), mask, -1, 40, False, 0.2, *constants),
+                          **({"test_utils": checks} if checks else {}))
+    fresh = fmt.allocate(shape, torch.float32, torch.device("cpu"))
+    torch.library.opcheck(torch.ops.kvfx.kivi_write.default, (*fresh.tensors(), pos, k, v, 40, *constants),
+                          **({"test_utils": checks} if checks else {}))
+    torch.library.opcheck(torch.ops.kvfx.store_alloc.default, (list(shape), torch.float32, torch.device("cpu"),
+                                                               kv, 16, 16))
+
+
+def test_kivi_write_past_the_cache_is_a_clear_error():
+    from kvfx.kernels.formats import format_for
+
+    fmt = format_for("int4", group_size=16, residual=16)
+    store = fmt.allocate((1, 1, 8, 32), torch.float32, torch.device("cpu"))
+    with pytest.raises(kvfx.KVFXError, match="do not fit the KV cache of 8 slots"):
+        torch.ops.kvfx.kivi_write(*store.tensors(), torch.arange(6, 10), torch.randn(1, 1, 4, 32),
+                                  torch.randn(1, 1, 4, 32), 8, 4, False, 16, 16)
