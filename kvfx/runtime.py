@@ -40,7 +40,10 @@ class FreedKVBuffer(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func in _METADATA or torch.compiler.is_compiling():
+        # Property getters (shape, is_cuda, ...) and metadata methods read no data; dynamo calls several
+        # (which, varies by torch version) while it wraps the model's inputs, inside a TracingContext.
+        if (func in _METADATA or getattr(func, "__name__", "") in ("__get__", "_is_view")
+                or torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", str(func))
