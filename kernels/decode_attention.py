@@ -72,6 +72,25 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT: tl.constexpr):
 
 
 @triton.jit
+def _residual_attention(q_dot, k_ring, v_ring, bh, qlen, length, m_i, l_i, acc,
+                        R: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
+    """Fold the full-precision residual, positions qlen .. length - 1 at ring slot pos % (R + G), into
+    the running (m, l, acc) of the query rows q_dot [M, D]."""
+    d = tl.arange(0, D)[None, :]
+    for start in range(qlen, length, BLOCK_R):
+        pos = start + tl.arange(0, BLOCK_R)
+        valid = pos < length
+        ring = (bh * (R + G) + pos[:, None] % (R + G)) * D + d
+        k = tl.load(k_ring + ring, mask=valid[:, None], other=0.0)
+        s = tl.dot(q_dot, tl.trans(k.to(DOT)))
+        s = tl.where(valid[None, :], s, float("-inf"))
+        v = tl.load(v_ring + ring, mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _load_quantized_tile(codes_ptr, scale_ptr, zero_ptr, bh, start, qlen, NG,
                          KEYS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                          FP8: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -142,15 +161,8 @@ def _decode_attention_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, 
             acc = acc * tl.load(v_scale + bh)
     else:  # the full-precision residual, positions qlen .. length - 1 at ring slot pos % (R + G)
         q_dot = q.to(DOT)
-        for start in range(qlen, length, BLOCK_R):
-            pos = start + tl.arange(0, BLOCK_R)
-            valid = pos < length
-            ring = (bh * (R + G) + pos[:, None] % (R + G)) * D + d
-            k = tl.load(k_ring + ring, mask=valid[:, None], other=0.0)
-            s = tl.dot(q_dot, tl.trans(k.to(DOT)))
-            s = tl.where(valid[None, :], s, float("-inf"))
-            v = tl.load(v_ring + ring, mask=valid[:, None], other=0.0)
-            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT)
+        m_i, l_i, acc = _residual_attention(q_dot, k_ring, v_ring, bh, qlen, length, m_i, l_i, acc,
+                                            R, G, D, DOT, BLOCK_R)
     # partials [B * H, NS + 1, GQ(, D)]
     part = (bh * (NS + 1) + split) * GQ + rows
     tl.store(m_ptr + part, m_i, mask=rows < GQ)
@@ -335,15 +347,8 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
         d = tl.arange(0, D)[None, :]
         q_dot = (tl.load(qrow + d, mask=rmask, other=0.0).to(tl.float32) * qk_scale).to(DOT)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for start in range(qlen, length, BLOCK_R):
-            pos = start + tl.arange(0, BLOCK_R)
-            valid = pos < length
-            ring = (bh * (R + G) + pos[:, None] % (R + G)) * D + d
-            k = tl.load(k_ring + ring, mask=valid[:, None], other=0.0)
-            s = tl.dot(q_dot, tl.trans(k.to(DOT)))
-            s = tl.where(valid[None, :], s, float("-inf"))
-            v = tl.load(v_ring + ring, mask=valid[:, None], other=0.0)
-            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT)
+        m_i, l_i, acc = _residual_attention(q_dot, k_ring, v_ring, bh, qlen, length, m_i, l_i, acc,
+                                            R, G, D, DOT, BLOCK_R)
         tl.store(acc_ptr + part[:, None] * D + d, acc, mask=rmask)
     tl.store(m_ptr + part, m_i, mask=rows < GQ)
     tl.store(l_ptr + part, l_i, mask=rows < GQ)
