@@ -24,14 +24,18 @@ def targets(gm):
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def cached_attention(q, k_cache, v_cache, pos, k, v, mask):
-    """A static-cache decode step written the HF way: index_copy_, repeat_kv, SDPA."""
+def write_and_repeat_kv(heads, k_cache, v_cache, pos, k, v):
+    """HF StaticCache's index_copy_ writes, then HF's repeat_kv (expand + reshape) to `heads` heads."""
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
     b, hkv, s, d = k_cache.shape
-    g = q.shape[1] // hkv
-    key = k_cache[:, :, None, :, :].expand(b, hkv, g, s, d).reshape(b, hkv * g, s, d)
-    value = v_cache[:, :, None, :, :].expand(b, hkv, g, s, d).reshape(b, hkv * g, s, d)
+    g = heads // hkv
+    return (cache[:, :, None, :, :].expand(b, hkv, g, s, d).reshape(b, hkv * g, s, d) for cache in (k_cache, v_cache))
+
+
+def cached_attention(q, k_cache, v_cache, pos, k, v, mask):
+    """A static-cache decode step written the HF way: index_copy_, repeat_kv, SDPA."""
+    key, value = write_and_repeat_kv(q.shape[1], k_cache, v_cache, pos, k, v)
     return F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=0.5)
 
 
@@ -106,12 +110,7 @@ def test_unmatched_site_runs_unchanged_numerics():
 
 def manual_attention(q, k_cache, v_cache, pos, k, v, mask, softcap=None):
     """HF's eager attention: index_copy_, repeat_kv, matmul, scale, additive mask, fp32 softmax, matmul."""
-    k_cache.index_copy_(2, pos, k)
-    v_cache.index_copy_(2, pos, v)
-    b, hkv, s, d = k_cache.shape
-    g = q.shape[1] // hkv
-    key = k_cache[:, :, None, :, :].expand(b, hkv, g, s, d).reshape(b, hkv * g, s, d)
-    value = v_cache[:, :, None, :, :].expand(b, hkv, g, s, d).reshape(b, hkv * g, s, d)
+    key, value = write_and_repeat_kv(q.shape[1], k_cache, v_cache, pos, k, v)
     scores = torch.matmul(q, key.transpose(2, 3)) * 0.5
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
