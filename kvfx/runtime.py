@@ -20,6 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from kvfx.errors import KVFXError
 from kvfx.kernels.formats import KVStore
+from kvfx.kernels.kivi import dequantize_reference
 from kvfx.passes.rewrite import GraphPlan, StoreSlot
 from kvfx.reporting import Session
 
@@ -69,12 +70,18 @@ def freed_placeholder(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return buffer
 
 
-def dequantized(buffer: torch.Tensor) -> torch.Tensor:
-    """The cache content a freed key or value buffer stands for, in the model dtype."""
+def dequantized(buffer: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """The cache content a freed key or value buffer stands for, in the model dtype: all slots of an
+    int8 store; the first `length` tokens of a KIVI store (which keeps no length of its own)."""
     store, is_key = _STORES.get(buffer, (None, None))
     if store is None:
         raise KVFXError("this tensor is not a KV-cache buffer held by kvfx")
-    keys, values = store.dequantize(buffer.dtype)
+    if isinstance(store, KVStore):
+        keys, values = store.dequantize(buffer.dtype)
+    elif length is None:
+        raise KVFXError("a KIVI store keeps no length: call kvfx.runtime.dequantized(buffer, length=<tokens>)")
+    else:
+        keys, values = dequantize_reference(store, length, buffer.dtype)
     return keys if is_key else values
 
 
@@ -100,15 +107,15 @@ def store_for_inputs(key: torch.Tensor, value: torch.Tensor, fmt) -> Any:
     if isinstance(key, FreedKVBuffer) or isinstance(value, FreedKVBuffer):
         raise KVFXError("a KV-cache buffer freed by kvfx has lost its store; create a new cache")
     store = fmt.adopt(key, value)
+    free(key)
+    free(value)
     _register(key, value, store)
     return store
 
 
-def _register(key: torch.Tensor, value: torch.Tensor, store: KVStore) -> None:
+def _register(key: torch.Tensor, value: torch.Tensor, store: Any) -> None:
     _STORES[key] = (store, True)
     _STORES[value] = (store, False)
-    free(key)
-    free(value)
 
 
 def make_runner(compiled: Callable, plan: GraphPlan, session: Session, fmt) -> Callable:
@@ -144,8 +151,7 @@ def make_runner(compiled: Callable, plan: GraphPlan, session: Session, fmt) -> C
 def _hand_back(outputs: list, slot: StoreSlot, store: Any, session: Session) -> None:
     """Give the model freed placeholders for the buffers its graph allocated; kvfx keeps the store."""
     key, value = (freed_placeholder(outputs[i], slot.dtype) for i in (slot.key_output, slot.value_output))
-    _STORES[key] = (store, True)
-    _STORES[value] = (store, False)
+    _register(key, value, store)
     session.caches[key] = (value, store)
     outputs[slot.key_output], outputs[slot.value_output] = key, value
 

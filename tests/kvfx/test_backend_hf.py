@@ -217,6 +217,8 @@ def test_kivi_formats_rewrite_and_hold_their_arithmetic_bytes(kv):
     torch.testing.assert_close(ours.logits[0], eager.logits[0], rtol=1e-5, atol=1e-5)
     rep = kvfx.report(compiled)
     assert rep.found == rep.rewritten == 4 and all(s.storage == kv for s in rep.sites)
+    keys = kvfx.runtime.dequantized(cache.layers[0].keys, length=47)  # 40 prompt + 7 decoded tokens written
+    assert keys.shape == (1, 2, 47, 32) and keys.abs().sum() > 0
     bits, fp8 = {"int4": (4, False), "int2": (2, False), "fp8": (8, True)}[kv]
     per_layer = KiviStore.expected_nbytes(1, 2, 64, 32, torch.float32, bits, fp8=fp8, **KIVI_OPTIONS)
     assert rep.kv_bytes == 2 * per_layer  # measured storages == the format's arithmetic
