@@ -124,7 +124,8 @@ def test_int8_left_padded_batch_rows_agree_with_single_rows():
     ids[1, :4], mask[1, :4] = 0, 0
     batch = greedy(compiled, ids, 12, attention_mask=mask, pad_token_id=0)
     eager = greedy(model, ids, 12, attention_mask=mask, pad_token_id=0)
-    assert (batch == eager).float().mean() >= 0.95
+    # Padding rows see no key (SDPA gives them zeros, and so must kvfx, or NaN reaches the cache).
+    assert torch.equal(batch, eager)
 
 
 def test_freed_buffer_read_is_a_clear_error():
