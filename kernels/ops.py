@@ -25,6 +25,14 @@ from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
 from kvfx.kernels.kivi import KiviStore, dequantize_reference, store_write_reference, store_write_triton
 
 
+def _check_fits(last: int, count: int, slots: int) -> None:
+    """A write whose highest position is `last` must land inside the cache's `slots` (CPU only: on
+    the GPU the check would cost a host sync per layer)."""
+    if last >= slots:
+        raise KVFXError(f"{count} new tokens at positions up to {last} do not fit the KV cache of "
+                        f"{slots} slots; give the cache a larger max_cache_len")
+
+
 @torch.library.custom_op("kvfx::attend", mutates_args=())
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparams: torch.Tensor | None,
            v_qparams: torch.Tensor | None, attn_mask: torch.Tensor | None, kv_len: int, is_causal: bool,
@@ -70,9 +78,8 @@ attend.register_autograd(_attend_backward, setup_context=_attend_setup_context)
 
 @torch.library.custom_op("kvfx::store_write", mutates_args=("codes", "qparams"))
 def store_write(codes: torch.Tensor, qparams: torch.Tensor, pos: torch.Tensor, x: torch.Tensor) -> None:
-    if pos.numel() and pos.device.type == "cpu" and int(pos.max()) >= codes.shape[2]:
-        raise KVFXError(f"{x.shape[2]} new tokens at positions up to {int(pos.max())} do not fit the KV cache of "
-                        f"{codes.shape[2]} slots; give the cache a larger max_cache_len")
+    if pos.numel() and pos.device.type == "cpu":
+        _check_fits(int(pos.max()), x.shape[2], codes.shape[2])
     new_codes, new_qparams = quantize_int8_reference(x)
     codes.index_copy_(2, pos, new_codes)
     qparams.index_copy_(2, pos, new_qparams.to(qparams.dtype))
@@ -92,12 +99,6 @@ def _kivi(tensors, bits, fp8, group_size, residual) -> KiviStore:
     return KiviStore(*tensors, bits, group_size, residual, fp8)
 
 
-def _check_fits(start: int, count: int, max_len: int) -> None:
-    if start + count > max_len:
-        raise KVFXError(f"{count} new tokens at positions up to {start + count - 1} do not fit the KV cache of "
-                        f"{max_len} slots; give the cache a larger max_cache_len")
-
-
 @torch.library.custom_op("kvfx::kivi_write", mutates_args=(
     "k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "k_ring", "v_ring"))
 def kivi_write(k_codes: torch.Tensor, v_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
@@ -109,7 +110,7 @@ def kivi_write(k_codes: torch.Tensor, v_codes: torch.Tensor, k_scale: torch.Tens
                   residual)
     if k.device.type == "cpu":
         start = int(pos[0])
-        _check_fits(start, k.shape[2], max_len)
+        _check_fits(start + k.shape[2] - 1, k.shape[2], max_len)
         store_write_reference(store, k, v, start)
     else:  # no host sync on the GPU: the start stays a device tensor
         store_write_triton(store, k, v, pos[:1])

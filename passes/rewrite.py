@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from kvfx.config import KVConfig
 from kvfx.kernels.formats import KiviFormat
-from kvfx.passes.fx_utils import describe, example_tensor, graph_position, is_method
+from kvfx.passes.fx_utils import describe, example_tensor, graph_position, is_method, is_sdpa
 from kvfx.passes.match import Site, find_attention, match_site
 from kvfx.reporting import SiteReport
 
@@ -54,10 +54,11 @@ def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> Gra
     plan = GraphPlan()
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = next(n for n in graph.nodes if n.op == "output")
-    for layer, sdpa in enumerate(find_attention(graph)):
-        site = match_site(layer, sdpa, graph)
+    for layer, node in enumerate(find_attention(graph)):
+        site = match_site(layer, node, graph)
         if isinstance(site, str):
-            plan.sites.append(SiteReport(graph_index, layer, "sdpa", False, site, "unchanged"))
+            kind = "sdpa" if is_sdpa(node) else "manual"
+            plan.sites.append(SiteReport(graph_index, layer, kind, False, site, "unchanged"))
             continue
         if config.kv == "none":
             _rewrite_attention(graph, site, site.key.buffer, site.value.buffer, None, None)

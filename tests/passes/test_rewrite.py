@@ -144,6 +144,7 @@ def test_softcapped_attention_is_left_unchanged_with_the_reason():
     plan = rewrite_graph(gm, KVConfig(kv="int8"), graph_index=0)
     assert gm.code == before
     assert plan.sites[0].reason == "softmax input has an op kvfx does not model: tanh"
+    assert plan.sites[0].pattern == "manual"
 
 
 def test_router_softmax_is_not_an_attention_site():
