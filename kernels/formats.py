@@ -1,17 +1,20 @@
 """KV storage formats: what a site's cache becomes, and the bytes it holds.
 
 A format turns the model's fp cache buffer [B, Hkv, S, D] into a store (the tensors kvfx owns
-instead: a `KVStore` for int8, a `KiviStore` for int4/int2/fp8) and says how to allocate, adopt and
-rebuild it. "none" keeps the model's buffer as is.
+instead: a `KVStore` for int8, a `KiviStore` for int4/int2/fp8, a `TokenStore` for any format under a
+policy) and says how to allocate, adopt and rebuild it. "none" without a policy keeps the model's
+buffer as is.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 
 from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
 from kvfx.kernels.kivi import KiviStore, store_write_reference
+from kvfx.kernels.token_store import TokenFormat
 
 
 @dataclass
@@ -50,8 +53,9 @@ class Int8Format:
     def unsupported(self, head_dim: int) -> str:
         return ""
 
-    def allocate(self, shape, dtype: torch.dtype, device: torch.device) -> KVStore:
-        """An empty store for a cache buffer of `shape` [B, Hkv, S, D] in `dtype` (sizes may be symbolic)."""
+    def allocate(self, shape, dtype: torch.dtype, device: torch.device, layer: int = 0, layers: int = 1) -> KVStore:
+        """An empty store for a cache buffer of `shape` [B, Hkv, S, D] in `dtype` (sizes may be symbolic;
+        the layer does not matter to this format)."""
         def codes():
             return torch.zeros(shape, dtype=torch.uint8, device=device)
 
@@ -60,7 +64,7 @@ class Int8Format:
 
         return KVStore(codes(), qparams(), codes(), qparams())
 
-    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> KVStore:
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, layer: int = 0, layers: int = 1) -> KVStore:
         """A store holding the current content of fp buffers `keys`, `values` (all positions)."""
         return KVStore(*quantize_int8_reference(keys), *quantize_int8_reference(values))
 
@@ -87,11 +91,11 @@ class KiviFormat:
             return f"{self.name} storage: {err}"
         return ""
 
-    def allocate(self, shape, dtype: torch.dtype, device: torch.device) -> KiviStore:
+    def allocate(self, shape, dtype: torch.dtype, device: torch.device, layer: int = 0, layers: int = 1) -> KiviStore:
         b, h, s, d = shape
         return KiviStore.allocate(b, h, s, d, dtype, device, self.bits, self.group_size, self.residual, self.fp8)
 
-    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> KiviStore:
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, layer: int = 0, layers: int = 1) -> KiviStore:
         """A store holding every position of fp buffers `keys`, `values`, written as one prompt."""
         store = self.allocate(keys.shape, keys.dtype, keys.device)
         store_write_reference(store, keys, values, 0)
@@ -113,3 +117,11 @@ def format_for(kv: str, group_size: int = 32, residual: int = 128) -> Int8Format
         return Int8Format()
     bits, fp8 = _KIVI[kv]
     return KiviFormat(kv, bits, fp8, group_size, residual)
+
+
+def format_from_json(options: str):
+    """The format of a `KVConfig` given as its JSON (how the kvfx ops receive the options)."""
+    fields = json.loads(options)
+    if fields["policy"] != "none":
+        return TokenFormat(options)
+    return format_for(fields["kv"], fields["group_size"], fields["residual"])

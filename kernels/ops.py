@@ -20,9 +20,10 @@ import torch
 
 from kvfx.errors import KVFXError
 from kvfx.kernels.attention import attend_int8_cpu, attend_reference
-from kvfx.kernels.formats import format_for
+from kvfx.kernels.formats import format_from_json
 from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
 from kvfx.kernels.kivi import KiviStore, dequantize_reference, store_write_reference, store_write_triton
+from kvfx.kernels.policies import policy_attend_reference
 
 
 def _check_fits(last: int, count: int, slots: int) -> None:
@@ -153,13 +154,39 @@ def _(q, k_new, v_new, pos, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, 
 
 
 @torch.library.custom_op("kvfx::store_alloc", mutates_args=())
-def store_alloc(shape: list[int], dtype: torch.dtype, device: torch.device, kv: str, group_size: int,
-                residual: int) -> list[torch.Tensor]:
+def store_alloc(shape: list[int], dtype: torch.dtype, device: torch.device, options: str, layer: int,
+                layers: int) -> list[torch.Tensor]:
     """A new, empty store for a cache buffer of `shape` [B, Hkv, S, D] (what a graph that allocates its
-    own cache allocates instead)."""
-    return list(format_for(kv, group_size, residual).allocate(shape, dtype, device).tensors())
+    own cache allocates instead), in the format of `options` (a `KVConfig` as JSON), for attention
+    site `layer` of `layers` (PyramidKV budgets differ by layer)."""
+    return list(format_from_json(options).allocate(shape, dtype, device, layer, layers).tensors())
 
 
 @store_alloc.register_fake
-def _(shape, dtype, device, kv, group_size, residual):
-    return list(format_for(kv, group_size, residual).allocate(shape, dtype, device).tensors())
+def _(shape, dtype, device, options, layer, layers):
+    return list(format_from_json(options).allocate(shape, dtype, device, layer, layers).tensors())
+
+
+# ---- Policies (StreamingLLM, H2O, SnapKV, PyramidKV, Quest): kvfx.kernels.policies. ----------------
+# The 8 `TokenStore` tensors are passed one by one, the options as the config's JSON.
+
+
+@torch.library.custom_op("kvfx::policy_attend", mutates_args=(
+    "k_codes", "k_params", "v_codes", "v_params", "slot_pos", "score", "page_min", "page_max"))
+def policy_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor,
+                  k_codes: torch.Tensor, k_params: torch.Tensor, v_codes: torch.Tensor, v_params: torch.Tensor,
+                  slot_pos: torch.Tensor, score: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
+                  attn_mask: torch.Tensor | None, is_causal: bool, scale: float, options: str, layer: int,
+                  layers: int) -> torch.Tensor:
+    """Attention of q [B, Hq, T, D] over the kept tokens and the new k_new, v_new [B, Hkv, T, D] at
+    positions pos [T] (shared by the rows), then the policy's write of the new tokens into the store."""
+    fmt = format_from_json(options)
+    store = fmt.from_tensors((k_codes, k_params, v_codes, v_params, slot_pos, score, page_min, page_max))
+    return policy_attend_reference(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, fmt.spec, layer,
+                                   layers).contiguous()
+
+
+@policy_attend.register_fake
+def _(q, k_new, v_new, pos, k_codes, k_params, v_codes, v_params, slot_pos, score, page_min, page_max, attn_mask,
+      is_causal, scale, options, layer, layers):
+    return q.new_empty((*q.shape[:-1], v_new.shape[-1]))

@@ -32,7 +32,7 @@ def kvfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = N
     for slot in plan.slots:
         if slot.key_input is not None:
             buffer = examples[slot.key_input]
-            examples += fmt.allocate(buffer.shape, slot.dtype, buffer.device).tensors()
+            examples += fmt.allocate(buffer.shape, slot.dtype, buffer.device, slot.layer, plan.layers).tensors()
     from torch._inductor.compile_fx import compile_fx
 
     compiled = compile_fx(gm, examples)

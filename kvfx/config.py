@@ -7,18 +7,16 @@ touched, with an error that names the option, the value and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from kvfx.kernels.formats import FORMAT_NAMES, format_for
+from kvfx.kernels.formats import FORMAT_NAMES, format_from_json
+from kvfx.kernels.policies import POLICIES
 
 
 class KVConfigError(ValueError):
     """An option given to kvfx is unknown or has a value kvfx does not accept."""
-
-
-# Policies are added by the eviction/sparse-attention work; "none" keeps every token.
-POLICIES = ("none",)
 
 
 @dataclass(frozen=True)
@@ -36,8 +34,14 @@ class KVConfig:
     group_size, residual:
         KIVI's G and R (paper defaults 32 and 128). G: a power of two >= 16 dividing the head dim;
         R: a multiple of G.
-    policy:
-        Which tokens are kept (``"none"``: all of them).
+    policy, budget:
+        Which tokens are kept and read (`kvfx.kernels.policies`): ``"none"`` (all), ``"streaming"``
+        (the first `sink` tokens + the most recent), ``"h2o"`` (the `recent` newest + the highest
+        accumulated attention), ``"snapkv"`` / ``"pyramidkv"`` (the prompt tokens the last `window`
+        prompt queries attend to most, pooled over `pooling` neighbours; PyramidKV shrinks the budget
+        with depth by `beta`), ``"quest"`` (keeps all, reads the top `pages` pages of `page_size`
+        tokens per decode step). `budget`: tokens kept per layer and KV head, a count (int) or a
+        fraction of the prompt (float in (0, 1]); eviction policies need one.
     strict:
         Raise instead of leaving an attention site that kvfx cannot prove it handles unchanged.
     """
@@ -46,6 +50,14 @@ class KVConfig:
     group_size: int = 32
     residual: int = 128
     policy: str = "none"
+    budget: int | float | None = None
+    sink: int = 4
+    recent: int | None = None
+    window: int = 32
+    pooling: str = "max"
+    beta: float = 20.0
+    page_size: int = 16
+    pages: int | float = 0.125
     strict: bool = False
 
     def __post_init__(self) -> None:
@@ -57,6 +69,7 @@ class KVConfig:
             raise KVConfigError(f"kvfx option 'residual' got {self.residual!r}; valid: a non-negative multiple "
                                 f"of group_size={self.group_size} (e.g. 0, {self.group_size}, 128)")
         _check_choice("policy", self.policy, POLICIES)
+        self._check_policy()
         if not isinstance(self.strict, bool):
             raise KVConfigError(f"kvfx option 'strict' must be True or False, got {self.strict!r}")
 
@@ -77,11 +90,61 @@ class KVConfig:
             )
         return cls(**options)
 
+    def _check_policy(self) -> None:
+        if self.budget is not None and not _is_budget(self.budget):
+            raise KVConfigError(f"kvfx option 'budget' got {self.budget!r}; valid: a token count >= 1 (e.g. 1024) "
+                                "or a fraction of the prompt in (0, 1] (e.g. 0.2)")
+        if self.policy in ("streaming", "h2o", "snapkv", "pyramidkv") and self.budget is None:
+            raise KVConfigError(f"kvfx policy {self.policy!r} needs option 'budget': a token count (e.g. 1024) "
+                                "or a fraction of the prompt (e.g. 0.2)")
+        for name in ("sink", "window", "page_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < (0 if name == "sink" else 1):
+                raise KVConfigError(f"kvfx option {name!r} got {value!r}; valid: an integer >= "
+                                    f"{0 if name == 'sink' else 1}")
+        if self.recent is not None and (not _is_int(self.recent) or self.recent < 0):
+            raise KVConfigError(f"kvfx option 'recent' got {self.recent!r}; valid: an integer >= 0, or None "
+                                "(half the budget)")
+        _check_choice("pooling", self.pooling, ("max", "avg"))
+        if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or self.beta < 1:
+            raise KVConfigError(f"kvfx option 'beta' got {self.beta!r}; valid: a number >= 1 (PyramidKV: 20)")
+        if not _is_budget(self.pages):
+            raise KVConfigError(f"kvfx option 'pages' got {self.pages!r}; valid: a page count >= 1 or a "
+                                "fraction of the cache's pages in (0, 1] (e.g. 0.125)")
+        if _is_int(self.budget):  # a token budget must leave room for the tokens the policy promises to keep
+            kept = {"streaming": ("sink", self.sink), "h2o": ("recent", self.recent),
+                    "snapkv": ("window", self.window), "pyramidkv": ("window", self.window)}.get(self.policy)
+            if kept and kept[1] is not None and kept[1] >= self.budget + (kept[0] != "sink"):
+                raise KVConfigError(f"kvfx option {kept[0]!r}={kept[1]} does not fit budget={self.budget} of "
+                                    f"policy {self.policy!r}; valid: {kept[0]} < budget"
+                                    f"{'' if kept[0] == 'sink' else ' or equal'}")
 
     @property
     def format(self):
-        """The storage format object (`kvfx.kernels.formats`), None for kv="none"."""
-        return format_for(self.kv, self.group_size, self.residual)
+        """The storage format object (`kvfx.kernels.formats`), None for kv="none" without a policy."""
+        return format_from_json(self.to_json())
+
+    @property
+    def summary(self) -> str:
+        """What is done to the cache, in a few words: "int4", "int4 + snapkv (budget 0.2)"."""
+        if self.policy == "none":
+            return self.kv
+        return f"{self.kv} + {self.policy}" + (f" (budget {self.budget})" if self.budget is not None else
+                                               f" (pages {self.pages})")
+
+    def to_json(self) -> str:
+        """The options as a string: how the kvfx ops of a rewritten graph receive them."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_budget(x: Any) -> bool:
+    if _is_int(x):
+        return x >= 1
+    return isinstance(x, float) and 0 < x <= 1
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -49,7 +49,7 @@ _SESSIONS: dict[Any, Session] = {}
 
 def session_for(config: Any) -> Session:
     """The session of a (hashable, validated) `KVConfig`."""
-    return _SESSIONS.setdefault(config, Session(kv=config.kv))
+    return _SESSIONS.setdefault(config, Session(kv=config.summary))
 
 
 def clear_sessions() -> None:
@@ -140,7 +140,7 @@ def _find_session(x: Any) -> Session:
     from kvfx.config import KVConfig
 
     config = KVConfig.from_options(wrapper.kwargs.get("options"))
-    return _SESSIONS.get(config, Session(kv=config.kv))  # an empty one: compiled but not called yet
+    return _SESSIONS.get(config, Session(kv=config.summary))  # an empty one: compiled but not called yet
 
 
 def _compile_wrapper(fn: Any, depth: int = 0) -> Any:

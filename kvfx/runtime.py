@@ -98,7 +98,7 @@ def held_bytes(buffers) -> int:
     return total + sum(s.nbytes() for s in stores.values())
 
 
-def store_for_inputs(key: torch.Tensor, value: torch.Tensor, fmt) -> Any:
+def store_for_inputs(key: torch.Tensor, value: torch.Tensor, fmt, layer: int = 0, layers: int = 1) -> Any:
     """The store of the cache the model passed in; a cache kvfx has not seen yet is adopted:
     its current content is quantized and its fp memory freed."""
     found = _STORES.get(key)
@@ -106,7 +106,7 @@ def store_for_inputs(key: torch.Tensor, value: torch.Tensor, fmt) -> Any:
         return found[0]
     if isinstance(key, FreedKVBuffer) or isinstance(value, FreedKVBuffer):
         raise KVFXError("a KV-cache buffer freed by kvfx has lost its store; create a new cache")
-    store = fmt.adopt(key, value)
+    store = fmt.adopt(key, value, layer, layers)
     free(key)
     free(value)
     _register(key, value, store)
@@ -133,7 +133,7 @@ def make_runner(compiled: Callable, plan: GraphPlan, session: Session, fmt) -> C
         stores = []
         for slot in inputs:
             key, value = args[slot.key_input], args[slot.value_input]
-            stores.append(store_for_inputs(key, value, fmt))
+            stores.append(store_for_inputs(key, value, fmt, slot.layer, plan.layers))
             session.caches[key] = (value, stores[-1])
         outputs = compiled(*args, *(t for s in stores for t in s.tensors()))
         if returned:

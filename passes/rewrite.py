@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from kvfx.config import KVConfig
+from kvfx.config import KVConfig, KVConfigError
 from kvfx.kernels.formats import KiviFormat
+from kvfx.kernels.token_store import TokenFormat
 from kvfx.passes.fx_utils import describe, example_tensor, graph_position, is_method, is_sdpa
 from kvfx.passes.match import Site, find_attention, match_site
 from kvfx.reporting import SiteReport
@@ -47,6 +48,7 @@ class GraphPlan:
     fp_cache_inputs: list[tuple[int, int]] = field(default_factory=list)   # kv="none": (key, value) input
     fp_cache_outputs: list[tuple[int, int]] = field(default_factory=list)  # indices of the model's buffers
     outputs: int = 0                  # how many outputs dynamo expects (store outputs come after)
+    layers: int = 0                   # attention sites in the graph (PyramidKV budgets by depth)
 
 
 def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> GraphPlan:
@@ -54,13 +56,15 @@ def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> Gra
     plan = GraphPlan()
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = next(n for n in graph.nodes if n.op == "output")
-    for layer, node in enumerate(find_attention(graph)):
+    attention = find_attention(graph)
+    plan.layers = len(attention)
+    for layer, node in enumerate(attention):
         site = match_site(layer, node, graph)
         if isinstance(site, str):
             kind = "sdpa" if is_sdpa(node) else "manual"
             plan.sites.append(SiteReport(graph_index, layer, kind, False, site, "unchanged"))
             continue
-        if config.kv == "none":
+        if config.format is None:
             _rewrite_attention(graph, site, site.key.buffer, site.value.buffer, None, None)
             _record_fp_cache(plan, site, placeholders, output)
             plan.sites.append(SiteReport(graph_index, layer, site.pattern, True, "", "model dtype"))
@@ -69,8 +73,8 @@ def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> Gra
         if reason:
             plan.sites.append(SiteReport(graph_index, layer, site.pattern, False, reason, "unchanged"))
             continue
-        plan.slots.append(_rewrite_quantized(graph, site, placeholders, output, config))
-        plan.sites.append(SiteReport(graph_index, layer, site.pattern, True, "", config.kv))
+        plan.slots.append(_rewrite_quantized(graph, site, placeholders, output, config, plan.layers))
+        plan.sites.append(SiteReport(graph_index, layer, site.pattern, True, "", config.format.name))
     graph.lint()
     gm.recompile()
     plan.outputs = len(output.args[0]) - sum(s.store_tensors for s in plan.slots if s.store_output is not None)
@@ -99,8 +103,8 @@ def _quantizable(site: Site, output: fx.Node, fmt) -> str:
     if reason:
         return reason
     if site.key_write and site.value_write and site.key_write.pos is not site.value_write.pos \
-            and isinstance(fmt, KiviFormat):
-        return "keys and values are written at different positions; a KIVI store appends both together"
+            and isinstance(fmt, (KiviFormat, TokenFormat)):
+        return f"keys and values are written at different positions; a {fmt.name} store writes both together"
     for name, read, write in (("key", site.key, site.key_write), ("value", site.value, site.value_write)):
         if write is None:
             return f"no index_copy_ into the {name} cache in this graph; kvfx must see every write to quantize it"
@@ -133,18 +137,19 @@ def _replace_attention(graph: fx.Graph, site: Site, attend: fx.Node) -> None:
 
 
 def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node], output: fx.Node,
-                       config: KVConfig) -> StoreSlot:
+                       config: KVConfig, layers: int) -> StoreSlot:
     fmt = config.format
     buffer = example_tensor(site.key.buffer)
+    _check_pages(config, buffer.shape[2])
     kivi = isinstance(fmt, KiviFormat)
     size = _buffer_size(graph, site.key.buffer) if kivi or site.key.buffer.op != "placeholder" else None
     slot = StoreSlot(site.layer, buffer.dtype, store_tensors=len(fmt.tensor_names))
     if site.key.buffer.op == "placeholder":
-        store = _store_inputs(graph, site, buffer, fmt)
+        store = _store_inputs(graph, site, buffer, fmt, layers)
         slot.key_input = placeholders.index(site.key.buffer)
         slot.value_input = placeholders.index(site.value.buffer)
     else:
-        store = _store_allocation(graph, site, size, buffer, config)
+        store = _store_allocation(graph, site, size, buffer, config, layers)
         outputs = list(output.args[0])
         # The graph allocated the fp buffers only to hand them back: it now returns the store too,
         # and in the buffers' place a one-element stride-0 tensor of their shape, from which the
@@ -156,6 +161,9 @@ def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node],
             read.buffer.target, read.buffer.args = torch.empty_strided, (size, (0,) * len(size))
     if kivi:
         _rewrite_kivi(graph, site, store, fmt, width=size[2])
+        return slot
+    if isinstance(fmt, TokenFormat):
+        _rewrite_policy(graph, site, store, config.to_json(), layers)
         return slot
     k_codes, k_qparams, v_codes, v_qparams = store
     for write, codes, qparams in ((site.key_write, k_codes, k_qparams), (site.value_write, v_codes, v_qparams)):
@@ -182,6 +190,29 @@ def _rewrite_kivi(graph: fx.Graph, site: Site, store: list[fx.Node], fmt: KiviFo
     _replace_attention(graph, site, attend)
 
 
+def _check_pages(config: KVConfig, cache_len) -> None:
+    """Quest cannot read more pages than a cache has."""
+    if config.policy != "quest" or not isinstance(config.pages, int) or not isinstance(cache_len, int):
+        return
+    pages = -(-cache_len // config.page_size)
+    if config.pages > pages:
+        raise KVConfigError(f"kvfx option 'pages'={config.pages} exceeds the {pages} pages of {config.page_size} "
+                            f"tokens in this model's KV cache of {cache_len} slots; valid: pages <= {pages}, or a "
+                            "fraction of the pages (e.g. 0.125)")
+
+
+def _rewrite_policy(graph: fx.Graph, site: Site, store: list[fx.Node], options: str, layers: int) -> None:
+    """Both cache writes and the SDPA become one kvfx::policy_attend (attend, then keep or evict)."""
+    pos, k_new, v_new = site.key_write.pos, site.key_write.source, site.value_write.source
+    with graph.inserting_before(site.node):
+        attend = graph.call_function(torch.ops.kvfx.policy_attend.default, (
+            site.query, k_new, v_new, pos, *store, site.attn_mask, site.is_causal, site.scale, options,
+            site.layer, layers))
+    for write in (site.key_write, site.value_write):
+        graph.erase_node(write.node)
+    _replace_attention(graph, site, attend)
+
+
 def _buffer_size(graph: fx.Graph, buffer: fx.Node) -> tuple:
     """The fp buffer's [B, Hkv, S, D] as graph arguments: ints, or nodes for symbolic sizes."""
     if buffer.op != "placeholder":  # an allocation: its size arguments
@@ -197,12 +228,12 @@ def _buffer_size(graph: fx.Graph, buffer: fx.Node) -> tuple:
     return tuple(size)
 
 
-def _store_inputs(graph: fx.Graph, site: Site, buffer: torch.Tensor, fmt) -> list[fx.Node]:
+def _store_inputs(graph: fx.Graph, site: Site, buffer: torch.Tensor, fmt, layers: int) -> list[fx.Node]:
     """New graph inputs for the store of a cache the model passes in (one per store tensor)."""
     # Example values from dynamo's fake mode, shaped like the buffer (symbolic sizes included):
     # AOTAutograd would otherwise give the new inputs fresh sizes that no guard can name.
     with buffer.fake_mode:
-        examples = fmt.allocate(buffer.shape, buffer.dtype, buffer.device).tensors()
+        examples = fmt.allocate(buffer.shape, buffer.dtype, buffer.device, site.layer, layers).tensors()
     last = next(n for n in reversed(graph.nodes) if n.op == "placeholder")
     store = []
     for name, example in zip(fmt.tensor_names, examples):
@@ -215,13 +246,13 @@ def _store_inputs(graph: fx.Graph, site: Site, buffer: torch.Tensor, fmt) -> lis
 
 
 def _store_allocation(graph: fx.Graph, site: Site, size: tuple, buffer: torch.Tensor,
-                      config: KVConfig) -> list[fx.Node]:
+                      config: KVConfig, layers: int) -> list[fx.Node]:
     """kvfx::store_alloc in place of the fp buffers the graph allocated, sized like them (so a
     symbolic cache length stays symbolic)."""
     anchor = max((site.key.buffer, site.value.buffer), key=lambda n: graph_position(graph)[n])
     with graph.inserting_after(anchor):
         alloc = graph.call_function(torch.ops.kvfx.store_alloc.default, (
-            list(size), buffer.dtype, buffer.device, config.kv, config.group_size, config.residual))
+            list(size), buffer.dtype, buffer.device, config.to_json(), site.layer, layers))
     store, last = [], alloc
     for i in range(len(config.format.tensor_names)):
         with graph.inserting_after(last):

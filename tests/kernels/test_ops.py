@@ -125,8 +125,9 @@ def test_kivi_ops_opcheck_and_match_the_store_reference(kv):
     fresh = fmt.allocate(shape, torch.float32, torch.device("cpu"))
     torch.library.opcheck(torch.ops.kvfx.kivi_write.default, (*fresh.tensors(), pos, k, v, 40, *constants),
                           **({"test_utils": checks} if checks else {}))
+    options = kvfx.KVConfig(kv=kv, group_size=16, residual=16).to_json()
     torch.library.opcheck(torch.ops.kvfx.store_alloc.default, (list(shape), torch.float32, torch.device("cpu"),
-                                                               kv, 16, 16))
+                                                               options, 0, 1))
 
 
 def test_kivi_write_past_the_cache_is_a_clear_error():

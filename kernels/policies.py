@@ -1,0 +1,274 @@
+"""Which tokens a cache keeps and reads: StreamingLLM, H2O, SnapKV, PyramidKV, Quest (reference).
+
+Every policy runs on a `TokenStore` (`kvfx.kernels.token_store`): C slots per (row, KV head), each
+holding one token (its codes in the `kv` format, its logical position in `slot_pos`, -1 = empty,
+and its accumulated attention in `score`). One call of `policy_attend_reference` is one attention
+site's work for T new tokens at positions `pos`:
+
+1. attend: the T queries attend over the kept slots (dequantized) and the T new tokens (full
+   precision), one softmax; the model's mask is read at each candidate's logical position, so a
+   padding, sliding-window or ALiBi mask means what it meant on the full cache.
+2. score: H2O adds each candidate's attention probability (summed over the g query heads of the KV
+   head and the T queries); SnapKV/PyramidKV, on a multi-token call (the prompt), score candidates by
+   the attention of the last `window` queries, pooled over 7 neighbours (max or avg).
+3. keep: per (row, KV head) the candidates ranked by priority, with the tokens the policy promises
+   protected (StreamingLLM: the first `sink` and the newest; H2O: the `recent` newest; SnapKV: the
+   observation window). A prompt (T > 1) keeps the row's budget; a decode step keeps up to the
+   store's capacity. Kept slots stay where they are; kept new tokens fill the free slots in order
+   (evicted slots are reused).
+
+Quest keeps everything (capacity = the cache length) and reads less: at a decode step each KV head
+scores the pages of `page_size` slots by sum_d max(q_d min_d, q_d max_d) (its g query heads summed)
+and attends only the top `pages` pages plus the newest page; the first two layers stay dense (paper).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+POLICIES = ("none", "streaming", "h2o", "snapkv", "pyramidkv", "quest")
+EVICTING = ("streaming", "h2o", "snapkv", "pyramidkv")
+POOL_KERNEL = 7        # SnapKV's pooling width
+QUEST_DENSE_LAYERS = 2  # Quest keeps the first two layers dense
+QUERY_CHUNK = 512      # queries per step of the reference (bounds the score matrix of a long prompt)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """The policy options of a `KVConfig` (parsed from its JSON, which is how the ops receive them)."""
+
+    kv: str
+    group_size: int
+    policy: str
+    budget: int | float | None
+    sink: int
+    recent: int | None
+    window: int
+    pooling: str
+    beta: float
+    page_size: int
+    pages: int | float
+
+    @staticmethod
+    @lru_cache(maxsize=64)
+    def parse(options: str) -> "PolicySpec":
+        fields = json.loads(options)
+        return PolicySpec(**{k: fields[k] for k in PolicySpec.__dataclass_fields__})
+
+    def share(self, layer: int, layers: int) -> float:
+        """This layer's budget over the mean budget: 1, or PyramidKV's linear pyramid (bottom layer
+        2 - 1/beta, top layer 1/beta; the layers' budgets sum to layers x budget)."""
+        if self.policy != "pyramidkv" or layers < 2:
+            return 1.0
+        top, bottom = 1 / self.beta, 2 - 1 / self.beta
+        return bottom - (bottom - top) * layer / (layers - 1)
+
+    def capacity(self, cache_len, layer: int, layers: int):
+        """Slots per (row, KV head): the budget (a fraction applies to the cache length here, which
+        bounds the prompt plus the tokens it generates) for eviction policies, else the cache length.
+        `cache_len` may be a SymInt."""
+        if self.policy not in EVICTING:
+            return cache_len
+        share = self.share(layer, layers)
+        if isinstance(self.budget, int):
+            return torch.sym_min(cache_len, max(1, math.ceil(self.budget * share)))
+        frac = Fraction(self.budget * share).limit_denominator(1 << 20)
+        return torch.sym_max(1, (cache_len * frac.numerator + frac.denominator - 1) // frac.denominator)
+
+    def prompt_keep(self, lengths: torch.Tensor, layer: int, layers: int) -> torch.Tensor:
+        """Tokens a row keeps of a prompt of `lengths` [B] tokens (the budget, per row)."""
+        share = self.share(layer, layers)
+        if isinstance(self.budget, int):
+            return torch.full_like(lengths, max(1, math.ceil(self.budget * share)))
+        return torch.ceil(lengths.double() * (self.budget * share)).long().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over the kept slots and the new tokens
+
+
+def candidate_bias(attn_mask: torch.Tensor | None, is_causal: bool, positions: torch.Tensor, pos: torch.Tensor,
+                   group: int) -> torch.Tensor:
+    """Additive bias [B, Hkv, g, T, N] of T queries at `pos` [T] over N candidates at logical
+    `positions` [B, Hkv, N] (-1: empty slot). The model's mask is read at the candidates' positions."""
+    b, hkv, n = positions.shape
+    t = pos.shape[0]
+    empty = (positions < 0)[:, :, None, None, :]
+    if attn_mask is None:
+        visible = positions[:, :, None, None, :] <= pos.view(1, 1, 1, t, 1).to(positions.dtype) if is_causal else ~empty
+        bias = torch.zeros(visible.shape, device=positions.device).masked_fill(~visible, float("-inf"))
+    else:
+        while attn_mask.dim() < 4:
+            attn_mask = attn_mask.unsqueeze(0)
+        cols = attn_mask.shape[-1]
+        # [B|1, Hq|1, T|1, cols] -> [B, Hkv, g, T, cols] (views), read at the candidates' positions.
+        mask = attn_mask.expand(b, hkv * group, t, cols).reshape(b, hkv, group, t, cols)
+        index = positions.long().clamp(0, cols - 1)[:, :, None, None, :].expand(b, hkv, group, t, n)
+        picked = mask.gather(-1, index)
+        if picked.dtype == torch.bool:
+            bias = torch.zeros(picked.shape, device=positions.device).masked_fill(~picked, float("-inf"))
+        else:
+            bias = picked.float()
+        bias = bias.masked_fill((positions >= cols)[:, :, None, None, :], float("-inf"))
+    return bias.masked_fill(empty, float("-inf"))
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim; a row that sees nothing gets zeros (as SDPA gives), not NaN."""
+    probs = torch.softmax(scores, dim=-1)
+    return probs.masked_fill(scores.amax(-1, keepdim=True) == float("-inf"), 0.0)
+
+
+def quest_page_bias(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, slot_pos: torch.Tensor,
+                    spec: PolicySpec) -> torch.Tensor:
+    """-inf on the slots [B, Hkv, C] outside each KV head's selected pages for queries q [B, Hkv, g, 1, D]."""
+    b, hkv, c = slot_pos.shape
+    p = spec.page_size
+    qs = q.float().squeeze(3)  # [B, Hkv, g, D]
+    bound = torch.maximum(qs[:, :, :, None] * page_min.float()[:, :, None], qs[:, :, :, None] * page_max.float()[:, :, None])
+    scores = bound.sum(-1).sum(2)  # [B, Hkv, NP]: the g query heads' upper bounds summed
+    padded = F.pad(slot_pos, (0, -c % p), value=-1).view(b, hkv, -1, p)
+    live = (padded >= 0).any(-1)
+    newest = padded.amax(-1).argmax(-1, keepdim=True)  # the page of the newest token stays read
+    scores = scores.masked_fill(~live, float("-inf")).scatter(-1, newest, float("inf"))
+    n_live = live.sum(-1).amax()
+    k = spec.pages if isinstance(spec.pages, int) else math.ceil(spec.pages * int(n_live))
+    k = max(1, min(k, scores.shape[-1]))
+    chosen = torch.zeros_like(live).scatter(-1, scores.topk(k, dim=-1).indices, True) & live
+    keep = chosen.repeat_interleave(p, dim=-1)[:, :, :c]
+    return torch.zeros(keep.shape, device=q.device).masked_fill(~keep, float("-inf"))
+
+
+def attend_candidates(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias_fn, obs_window: int,
+                      scale: float, want_column_sums: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """softmax(q k^T scale + bias) v over candidates, in query chunks.
+
+    q [B, Hkv, g, T, D]; keys, values [B, Hkv, N, D] (fp32); bias_fn(t0, t1) gives the bias of queries
+    t0..t1-1. Returns (out [B, Hkv, g, T, D] fp32, column sums of the probabilities over all queries
+    and the g heads [B, Hkv, N] or None, the same over the last `obs_window` queries or None).
+    """
+    t = q.shape[3]
+    outs, colsum, obs = [], None, None
+    for t0 in range(0, t, QUERY_CHUNK):
+        t1 = min(t, t0 + QUERY_CHUNK)
+        scores = (q[:, :, :, t0:t1].float() @ keys.transpose(-1, -2).unsqueeze(2)) * scale + bias_fn(t0, t1)
+        probs = _softmax(scores)
+        outs.append(probs @ values.unsqueeze(2))
+        if want_column_sums:
+            part = probs.sum((2, 3))
+            colsum = part if colsum is None else colsum + part
+        if obs_window and t1 > t - obs_window:
+            part = probs[:, :, :, max(t - obs_window - t0, 0):].sum((2, 3))
+            obs = part if obs is None else obs + part
+    return torch.cat(outs, dim=3), colsum, obs
+
+
+# ---------------------------------------------------------------------------------------------
+# Which candidates stay
+
+
+def _ranks(key: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along the last dim, highest key first (ties: lower index first)."""
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))
+
+
+def _pool(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, pooling: str) -> torch.Tensor:
+    """SnapKV's smoothing: pool the scores of neighbouring tokens (neighbours by position)."""
+    order = torch.where(valid, positions, torch.iinfo(positions.dtype).max).argsort(dim=-1)
+    ordered = scores.gather(-1, order).masked_fill(~valid.gather(-1, order), 0.0)
+    flat = ordered.flatten(0, 1).unsqueeze(1)
+    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+    pooled = pool(flat, POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2).view_as(ordered)
+    return torch.empty_like(pooled).scatter_(-1, order, pooled)
+
+
+def choose_kept(spec: PolicySpec, positions: torch.Tensor, valid: torch.Tensor, score: torch.Tensor,
+                limit: torch.Tensor) -> torch.Tensor:
+    """Which of the candidates [B, Hkv, N] stay: the policy's protected tokens, then the highest
+    priority, up to `limit` [B] per row (never an invalid one)."""
+    pos = positions.double()
+    by_age = _ranks(torch.where(valid, pos, -1.0))            # 0 = newest
+    limit = limit.view(-1, 1, 1)
+    if spec.policy == "streaming":
+        oldest = _ranks(torch.where(valid, -pos, -math.inf))  # 0 = oldest
+        protected, priority = oldest < spec.sink, pos
+    elif spec.policy == "h2o":
+        recent = limit // 2 if spec.recent is None else torch.clamp(limit, max=spec.recent)
+        protected, priority = by_age < recent, score.double()
+    elif spec.policy in ("snapkv", "pyramidkv"):
+        protected, priority = by_age < torch.clamp(limit, max=spec.window), score.double()
+    else:  # quest / none: nothing is evicted (the capacity is the cache length); keep the newest
+        protected, priority = torch.zeros_like(valid), pos
+    key = torch.where(protected, math.inf, priority).masked_fill(~valid, -math.inf)
+    return valid & (_ranks(key) < limit)
+
+
+def place(kept_old: torch.Tensor, kept_new: torch.Tensor) -> torch.Tensor:
+    """Source candidate of every slot after the write [B, Hkv, C] (-1: the slot is left empty).
+
+    Kept slots keep their place; kept new tokens (in order) fill the free slots (in order)."""
+    c = kept_old.shape[-1]
+    free_rank = torch.cumsum(~kept_old, -1) - 1
+    new_order = torch.sort((~kept_new).to(torch.uint8), dim=-1, stable=True).indices  # kept new ones first
+    n_new = kept_new.sum(-1, keepdim=True)
+    from_new = c + new_order.gather(-1, free_rank.clamp(0, new_order.shape[-1] - 1))
+    slot = torch.arange(c, device=kept_old.device).expand_as(kept_old)
+    return torch.where(kept_old, slot, torch.where(free_rank < n_new, from_new, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# One site's call
+
+
+def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
+                            attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec: PolicySpec,
+                            layer: int, layers: int) -> torch.Tensor:
+    """Attention of q [B, Hq, T, D] over `store` (a `TokenStore`) and the new k_new, v_new [B, Hkv, T, D]
+    at positions pos [T], then the write of the new tokens under the policy (see the module docstring)."""
+    b, hq, t, d = q.shape
+    hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
+    group = hq // hkv
+    new_pos = pos.view(1, 1, t).expand(b, hkv, t).to(store.slot_pos.dtype)
+    live = bool((store.slot_pos >= 0).any())  # an empty store (a prompt's first call): only the new tokens
+    old_k, old_v = store.dequantize() if live else (k_new.new_zeros(b, hkv, 0, d), v_new.new_zeros(b, hkv, 0, d))
+    n_old = old_k.shape[2]
+    keys = torch.cat([old_k.float(), k_new.float()], 2)
+    values = torch.cat([old_v.float(), v_new.float()], 2)
+    positions = torch.cat([store.slot_pos[:, :, :n_old], new_pos], 2)
+    extra = None
+    if spec.policy == "quest" and t == 1 and layer >= QUEST_DENSE_LAYERS and live:
+        qg = q.view(b, hkv, group, t, d)
+        extra = F.pad(quest_page_bias(qg, store.page_min, store.page_max, store.slot_pos, spec), (0, t))[:, :, None, None]
+
+    def bias_fn(t0, t1):
+        bias = candidate_bias(attn_mask if attn_mask is None else attn_mask[..., t0:t1, :], is_causal,
+                              positions, pos[t0:t1], group)
+        return bias if extra is None else bias + extra
+
+    scored = spec.policy in ("snapkv", "pyramidkv")
+    out, colsum, obs = attend_candidates(q.view(b, hkv, group, t, d), keys, values, bias_fn,
+                                         min(spec.window, t) if scored and t > 1 else 0, scale,
+                                         want_column_sums=spec.policy in ("h2o", "snapkv", "pyramidkv"))
+    # Candidates the newest query can still see (not padding, not outside a sliding window).
+    valid = (positions >= 0) & (bias_fn(t - 1, t)[:, :, :, 0] > float("-inf")).any(2)
+    score = torch.cat([store.score[:, :, :n_old], torch.zeros_like(new_pos, dtype=store.score.dtype)], 2)
+    if colsum is not None:
+        score = score + colsum
+    if obs is not None:  # SnapKV on a prompt: the observation window's pooled attention decides
+        score = _pool(obs, positions, valid, spec.pooling)
+    limit = torch.full((b,), c, device=q.device)
+    if t > 1 and spec.policy in EVICTING:
+        lengths = valid.sum(-1).amax(-1)
+        limit = torch.minimum(limit, spec.prompt_keep(lengths, layer, layers))
+    kept = choose_kept(spec, positions, valid, score, limit)
+    kept_old = F.pad(kept[:, :, :n_old], (0, c - n_old), value=False)
+    source = place(kept_old, kept[:, :, n_old:])
+    store.write(source, k_new, v_new, positions, score)
+    return out.reshape(b, hq, t, d).to(q.dtype)

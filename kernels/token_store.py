@@ -1,0 +1,194 @@
+"""The store of a cache under a policy: C slots per (row, KV head), one token each, in any `kv` format.
+
+An eviction policy reuses slots one token at a time, so every token is quantized on its own
+(`TokenCodec`): "none" keeps the model dtype, "int8" is per-token asymmetric (`kvfx.kernels.int8`),
+"int4"/"int2" quantize keys and values per token over groups of `group_size` channels (KIVI's value
+layout, bit-packed), "fp8" is e4m3 with one scale per token. KIVI's per-channel keys would need G
+consecutive tokens to share a scale, which a slot reused by a later token breaks: under a policy keys
+are per token (documented in docs/ARCHITECTURE.md with its measured cost).
+
+Tensors of a store for B rows, H KV heads, C slots, head dim D (all contiguous):
+
+    k_codes, v_codes    [B, H, C, codec.code_width(D)]  codes (model dtype for "none")
+    k_params, v_params  [B, H, C, codec.param_width(D)] model dtype: per-token (scale, zero) (int8),
+                        (scales, zeros) per channel group (int4/int2), scale (fp8), [..., 0] ("none")
+    slot_pos            [B, H, C] int32: the token's logical position, -1 = empty
+    score               [B, H, C] fp32: accumulated attention (H2O) / prompt score (SnapKV)
+    page_min, page_max  [B, H, ceil(C / P), D] model dtype: Quest's per-page key bounds ([0] otherwise)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
+from kvfx.kernels.kivi import FP8_MAX, quantize_asym_reference, pack_codes, unpack_codes
+from kvfx.kernels.policies import PolicySpec
+
+
+@dataclass(frozen=True)
+class TokenCodec:
+    """Per-token quantization of one `kv` format: x [..., D] <-> (codes, params)."""
+
+    kv: str
+    group_size: int
+
+    @property
+    def bits(self) -> int:
+        return {"int4": 4, "int2": 2}.get(self.kv, 8)
+
+    def code_width(self, d: int) -> int:
+        return d * self.bits // 8 if self.kv in ("int4", "int2") else d
+
+    def code_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return {"none": dtype, "fp8": torch.float8_e4m3fn}.get(self.kv, torch.uint8)
+
+    def param_width(self, d: int) -> int:
+        return {"none": 0, "int8": 2, "fp8": 1}.get(self.kv, 2 * d // self.group_size)
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv == "none":
+            return x, x.new_empty((*x.shape[:-1], 0))
+        if self.kv == "int8":
+            return quantize_int8_reference(x)
+        if self.kv == "fp8":
+            amax = x.float().abs().amax(-1, keepdim=True)
+            scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(x.dtype)
+            return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+        codes, scale, zero = quantize_asym_reference(x.unflatten(-1, (-1, self.group_size)), -1, self.bits, x.dtype)
+        return pack_codes(codes.flatten(-2), self.bits), torch.cat([scale, zero], -1).flatten(-2)
+
+    def dequantize(self, codes: torch.Tensor, params: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.kv == "none":
+            return codes.to(dtype)
+        if self.kv == "int8":
+            return dequantize_int8_reference(codes, params, dtype)
+        if self.kv == "fp8":
+            return (codes.float() * params.float()).to(dtype)
+        x = unpack_codes(codes, self.bits).float().unflatten(-1, (-1, self.group_size))
+        scale, zero = params.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return (x * scale[..., None] + zero[..., None]).flatten(-2).to(dtype)
+
+
+@dataclass
+class TokenStore:
+    """The tensors one attention site's cache holds under a policy (layout in the module docstring)."""
+
+    k_codes: torch.Tensor
+    k_params: torch.Tensor
+    v_codes: torch.Tensor
+    v_params: torch.Tensor
+    slot_pos: torch.Tensor
+    score: torch.Tensor
+    page_min: torch.Tensor
+    page_max: torch.Tensor
+    codec: TokenCodec
+    dtype: torch.dtype
+    page_size: int
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor))
+
+    def nbytes(self) -> int:
+        """Bytes really held: the storages of the tensors, not a formula."""
+        return sum(t.untyped_storage().nbytes() for t in self.tensors())
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every slot [B, H, C, D] in the model dtype (empty slots: garbage)."""
+        return (self.codec.dequantize(self.k_codes, self.k_params, self.dtype),
+                self.codec.dequantize(self.v_codes, self.v_params, self.dtype))
+
+    def write(self, source: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor,
+              score: torch.Tensor) -> None:
+        """Refill every slot from `source` [B, H, C] (< C: that old slot, >= C: new token source - C,
+        -1: empty). positions, score [B, H, n_old + T]: the candidates' (old slots first)."""
+        c = self.slot_pos.shape[2]
+        n_old = positions.shape[2] - k_new.shape[2]
+        cand = torch.where(source >= c, source - c + n_old, source).clamp(min=0)  # index among candidates
+        slot_pos = positions.gather(-1, cand).masked_fill(source < 0, -1).to(self.slot_pos.dtype)
+        new_score = score.gather(-1, cand).masked_fill(source < 0, 0.0)
+        for codes, params, x in ((self.k_codes, self.k_params, k_new), (self.v_codes, self.v_params, v_new)):
+            new_codes, new_params = self.codec.quantize(x.to(self.dtype))
+            if codes.dtype == torch.float8_e4m3fn:  # gather has no fp8 kernel: move the bytes
+                codes, new_codes = codes.view(torch.uint8), new_codes.view(torch.uint8)
+            all_codes = torch.cat([codes[:, :, :n_old], new_codes.to(codes.dtype)], 2)
+            all_params = torch.cat([params[:, :, :n_old], new_params.to(params.dtype)], 2)
+            index = cand[..., None]
+            codes.copy_(all_codes.gather(2, index.expand(*index.shape[:3], codes.shape[-1])))
+            params.copy_(all_params.gather(2, index.expand(*index.shape[:3], params.shape[-1])))
+        self.slot_pos.copy_(slot_pos)
+        self.score.copy_(new_score)
+        if self.page_min.numel():
+            self._update_pages()
+
+    def _update_pages(self) -> None:
+        """Quest's per-page min/max of the keys held (pages of `page_size` slots; empty slots ignored)."""
+        b, h, c = self.slot_pos.shape
+        p = self.page_size
+        keys = self.codec.dequantize(self.k_codes, self.k_params, torch.float32)
+        pad = -c % p
+        keys = torch.nn.functional.pad(keys, (0, 0, 0, pad)).view(b, h, -1, p, keys.shape[-1])
+        live = torch.nn.functional.pad(self.slot_pos >= 0, (0, pad)).view(b, h, -1, p, 1)
+        self.page_min.copy_(keys.masked_fill(~live, float("inf")).amin(3).nan_to_num(0.0, posinf=0.0))
+        self.page_max.copy_(keys.masked_fill(~live, float("-inf")).amax(3).nan_to_num(0.0, neginf=0.0))
+
+
+@dataclass(frozen=True)
+class TokenFormat:
+    """The store format of a config with a policy (built from the config's JSON: `KVConfig.format`)."""
+
+    options: str
+    tensor_names = ("k_codes", "k_params", "v_codes", "v_params", "slot_pos", "score", "page_min", "page_max")
+
+    @property
+    def spec(self) -> PolicySpec:
+        return PolicySpec.parse(self.options)
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.kv}+{self.spec.policy}"
+
+    @property
+    def codec(self) -> TokenCodec:
+        return TokenCodec(self.spec.kv, self.spec.group_size)
+
+    def unsupported(self, head_dim: int) -> str:
+        if self.spec.kv in ("int4", "int2") and head_dim % self.spec.group_size:
+            return f"{self.spec.kv} storage: group_size={self.spec.group_size} must divide head_dim={head_dim}"
+        return ""
+
+    def allocate(self, shape, dtype: torch.dtype, device: torch.device, layer: int = 0, layers: int = 1) -> TokenStore:
+        """An empty store for a cache buffer of `shape` [B, H, S, D] (sizes may be symbolic)."""
+        b, h, s, d = shape
+        spec, codec = self.spec, self.codec
+        c = spec.capacity(s, layer, layers)
+        pages = (c + spec.page_size - 1) // spec.page_size if spec.policy == "quest" else 0
+
+        def codes():
+            return torch.zeros((b, h, c, codec.code_width(d)), dtype=codec.code_dtype(dtype), device=device)
+
+        def params():
+            return torch.zeros((b, h, c, codec.param_width(d)), dtype=dtype, device=device)
+
+        def bounds():
+            return torch.zeros((b, h, pages, d) if pages else (0,), dtype=dtype, device=device)
+
+        return TokenStore(codes(), params(), codes(), params(),
+                          torch.full((b, h, c), -1, dtype=torch.int32, device=device),
+                          torch.zeros((b, h, c), dtype=torch.float32, device=device),
+                          bounds(), bounds(), codec, dtype, spec.page_size)
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, layer: int = 0, layers: int = 1) -> TokenStore:
+        """A store for fp buffers the model filled before kvfx saw them: only an all-zero (fresh)
+        buffer can be adopted, since a policy must see the tokens arrive to choose among them."""
+        from kvfx.errors import KVFXError
+
+        if keys.any() or values.any():
+            raise KVFXError(f"kvfx policy {self.spec.policy!r} needs to see the prompt's tokens arrive: "
+                            "compile the prefill with kvfx too (this cache already holds tokens)")
+        return self.allocate(keys.shape, keys.dtype, keys.device, layer, layers)
+
+    def from_tensors(self, tensors) -> TokenStore:
+        dtype = (tensors[0] if self.spec.kv == "none" else tensors[1]).dtype  # the model dtype
+        return TokenStore(*tensors, self.codec, dtype, self.spec.page_size)
