@@ -19,7 +19,7 @@ site's work for T new tokens at positions `pos`:
 
 Quest keeps everything (capacity = the cache length) and reads less: at a decode step each KV head
 scores the pages of `page_size` slots by sum_d max(q_d min_d, q_d max_d) (its g query heads summed)
-and attends only the top `pages` pages plus the newest page; the first two layers stay dense (paper).
+and attends only the top `pages` pages plus the page of the newest token; the first two layers stay dense (paper).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class PolicySpec:
         if self.policy != "pyramidkv" or layers < 2:
             return 1.0
         top, bottom = 1 / self.beta, 2 - 1 / self.beta
-        return bottom - (bottom - top) * layer / (layers - 1)
+        return round(bottom - (bottom - top) * layer / (layers - 1), 9)  # round: ceil(100 * 0.05) is 5
 
     def capacity(self, cache_len, layer: int, layers: int):
         """Slots per (row, KV head): the budget (a fraction applies to the cache length here, which
@@ -135,12 +135,12 @@ def quest_page_bias(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Ten
     scores = bound.sum(-1).sum(2)  # [B, Hkv, NP]: the g query heads' upper bounds summed
     padded = F.pad(slot_pos, (0, -c % p), value=-1).view(b, hkv, -1, p)
     live = (padded >= 0).any(-1)
-    newest = padded.amax(-1).argmax(-1, keepdim=True)  # the page of the newest token stays read
-    scores = scores.masked_fill(~live, float("-inf")).scatter(-1, newest, float("inf"))
-    n_live = live.sum(-1).amax()
-    k = spec.pages if isinstance(spec.pages, int) else math.ceil(spec.pages * int(n_live))
+    newest = padded.amax(-1).argmax(-1, keepdim=True)  # the page of the newest token is read as well
+    scores = scores.masked_fill(~live, float("-inf")).scatter(-1, newest, float("-inf"))
+    n_live = int(live.sum(-1).amax())
+    k = spec.pages if isinstance(spec.pages, int) else math.ceil(spec.pages * n_live)
     k = max(1, min(k, scores.shape[-1]))
-    chosen = torch.zeros_like(live).scatter(-1, scores.topk(k, dim=-1).indices, True) & live
+    chosen = torch.zeros_like(live).scatter(-1, scores.topk(k, dim=-1).indices, True).scatter(-1, newest, True) & live
     keep = chosen.repeat_interleave(p, dim=-1)[:, :, :c]
     return torch.zeros(keep.shape, device=q.device).masked_fill(~keep, float("-inf"))
 

@@ -1,0 +1,209 @@
+"""Policies on a TokenStore: what is kept, what is attended, and that nothing else changes."""
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+import kvfx
+import kvfx.kernels  # noqa: F401  (registers the ops)
+from kvfx.kernels.attention import attend_reference
+from kvfx.kernels.policies import PolicySpec, policy_attend_reference
+from kvfx.kernels.token_store import TokenCodec
+
+EVICTING = ["streaming", "h2o", "snapkv", "pyramidkv"]
+
+
+def make_store(cache_len, b=2, hkv=2, d=32, layer=0, layers=2, **options):
+    fmt = kvfx.KVConfig(**options).format
+    return fmt, fmt.allocate((b, hkv, cache_len, d), torch.float32, torch.device("cpu"), layer, layers)
+
+
+def run(fmt, store, q, k, v, start, mask=None, layer=0, layers=2, causal=True):
+    """One call for the tokens [start, start + T) of the full sequences q, k, v."""
+    t = q.shape[2]
+    pos = torch.arange(start, start + t)
+    return policy_attend_reference(q, k, v, pos, store, mask, causal and mask is None, 0.3, fmt.spec, layer, layers)
+
+
+def held(store):
+    """Per (row, head) the sorted positions the store holds."""
+    b, h, _ = store.slot_pos.shape
+    return [[sorted(p for p in store.slot_pos[i, j].tolist() if p >= 0) for j in range(h)] for i in range(b)]
+
+
+def sequence(b, hq, hkv, n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, hq, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g),
+            torch.randn(b, hkv, n, d, generator=g))
+
+
+@settings(max_examples=25, deadline=None)
+@given(policy=st.sampled_from(EVICTING + ["quest"]), kv=st.sampled_from(["none", "int8", "int4", "int2", "fp8"]),
+       b=st.integers(1, 3), hkv=st.integers(1, 2), g=st.integers(1, 3), prompt=st.integers(1, 40),
+       steps=st.integers(0, 6), seed=st.integers(0, 99))
+def test_budget_covering_every_token_is_attention_over_the_fake_quantized_history(policy, kv, b, hkv, g, prompt,
+                                                                                   steps, seed):
+    """budget >= all tokens: nothing is evicted, and each call attends exactly over the history,
+    older tokens as the format stores them and the new ones at full precision (lossless for "none")."""
+    n, d = prompt + steps, 32
+    options = dict(kv=kv, group_size=16, policy=policy)
+    options.update(pages=1.0) if policy == "quest" else options.update(budget=n, window=1, sink=0)
+    fmt, store = make_store(n, b, hkv, d, **options)
+    q, k, v = sequence(b, hkv * g, hkv, n, d, seed)
+    codec = TokenCodec(kv, 16)
+    stored_k, stored_v = (codec.dequantize(*codec.quantize(x), torch.float32) for x in (k, v))
+    calls = [(0, prompt)] + [(t, t + 1) for t in range(prompt, n)]
+    for t0, t1 in calls:
+        got = run(fmt, store, q[:, :, t0:t1], k[:, :, t0:t1], v[:, :, t0:t1], t0)
+        keys = torch.cat([stored_k[:, :, :t0], k[:, :, t0:t1]], 2)
+        values = torch.cat([stored_v[:, :, :t0], v[:, :, t0:t1]], 2)
+        mask = torch.ones(t1 - t0, t1, dtype=torch.bool).tril(t0)
+        want = attend_reference(q[:, :, t0:t1], keys, values, mask, -1, False, 0.3)
+        torch.testing.assert_close(got, want, atol=2e-5 if kv == "none" else 1e-4, rtol=1e-4)
+    assert all(row == list(range(n)) for rows in held(store) for row in rows)
+
+
+@settings(max_examples=25, deadline=None)
+@given(policy=st.sampled_from(EVICTING), budget=st.integers(6, 20), prompt=st.integers(1, 40), steps=st.integers(1, 8),
+       seed=st.integers(0, 99))
+def test_each_call_attends_exactly_the_kept_tokens_and_the_new_ones(policy, budget, prompt, steps, seed):
+    """The output over the store equals plain attention restricted to the positions held before the
+    call plus the new tokens; the store never holds more than the budget."""
+    b, hkv, g, d = 2, 2, 2, 32
+    n = prompt + steps
+    fmt, store = make_store(n, b, hkv, d, policy=policy, budget=budget, window=4, sink=2, recent=3)
+    q, k, v = sequence(b, hkv * g, hkv, n, d, seed)
+    for t0, t1 in [(0, prompt)] + [(t, t + 1) for t in range(prompt, n)]:
+        before = held(store)
+        got = run(fmt, store, q[:, :, t0:t1], k[:, :, t0:t1], v[:, :, t0:t1], t0)
+        for i in range(b):
+            for j in range(hkv):
+                keys = before[i][j] + list(range(t0, t1))
+                mask = torch.tensor([[p <= t for p in keys] for t in range(t0, t1)])
+                want = attend_reference(q[i:i + 1, j * g:(j + 1) * g, t0:t1], k[i:i + 1, j:j + 1, keys],
+                                        v[i:i + 1, j:j + 1, keys], mask, -1, False, 0.3)
+                torch.testing.assert_close(got[i:i + 1, j * g:(j + 1) * g], want, atol=2e-5, rtol=1e-4)
+        capacity = store.slot_pos.shape[-1]
+        assert all(len(row) <= capacity for rows in held(store) for row in rows)
+    if policy != "pyramidkv":  # its layers' budgets differ: tested below
+        assert store.slot_pos.shape[-1] == min(budget, n)
+
+
+@pytest.mark.parametrize("prompt, steps", [(30, 5), (9, 12)])
+def test_streaming_keeps_the_sinks_and_the_newest(prompt, steps):
+    fmt, store = make_store(prompt + steps, policy="streaming", budget=10, sink=3)
+    q, k, v = sequence(2, 4, 2, prompt + steps, 32, 0)
+    run(fmt, store, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], 0)
+    for t in range(prompt, prompt + steps):
+        run(fmt, store, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], t)
+    n = prompt + steps
+    want = sorted(set(range(3)) | set(range(max(n - 7, 0), n)))
+    assert all(row == want for rows in held(store) for row in rows)
+
+
+def test_h2o_keeps_the_recent_window_and_the_heaviest():
+    """H2O keeps the `recent` newest; of the rest, the tokens with the most accumulated attention."""
+    b, hkv, d, n = 1, 1, 32, 24
+    fmt, store = make_store(n, b, hkv, d, policy="h2o", budget=8, recent=3)
+    q, k, v = sequence(b, 1, hkv, n, d, 3)
+    k[:, :, 5] = q[:, :, 5:].mean(2) * 4  # a token every later query attends to: a heavy hitter
+    run(fmt, store, q[:, :, :16], k[:, :, :16], v[:, :, :16], 0)
+    for t in range(16, n):
+        run(fmt, store, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], t)
+    kept = held(store)[0][0]
+    assert len(kept) == 8 and {21, 22, 23} <= set(kept) and 5 in kept
+
+
+def test_snapkv_keeps_the_observation_window_and_what_it_attends_to():
+    b, hkv, d, n = 1, 1, 32, 40
+    fmt, store = make_store(n + 2, b, hkv, d, policy="snapkv", budget=10, window=4)
+    q, k, v = sequence(b, 1, hkv, n, d, 4)
+    k[:, :, 11] = q[:, :, -4:].mean(2) * 4  # the window queries look at token 11
+    run(fmt, store, q, k, v, 0)
+    kept = held(store)[0][0]
+    assert len(kept) == 10 and {36, 37, 38, 39, 11} <= set(kept)
+    assert {10, 12} & set(kept)  # pooling keeps a neighbour of a strong token
+
+
+def test_pyramidkv_budgets_shrink_with_depth_and_sum_to_the_mean():
+    spec = PolicySpec.parse(kvfx.KVConfig(policy="pyramidkv", budget=100, beta=20).to_json())
+    capacities = [spec.capacity(10_000, layer, 8) for layer in range(8)]
+    assert capacities == sorted(capacities, reverse=True) and capacities[-1] == 5  # top layer: budget / beta
+    assert abs(sum(capacities) - 800) <= 8  # rounding up per layer
+
+
+def test_left_padded_rows_select_within_their_own_tokens():
+    """Row 1 has 6 padding tokens: none is kept, and a fractional budget applies to its own length."""
+    b, hkv, d, n = 2, 2, 32, 30
+    fmt, store = make_store(n, b, hkv, d, policy="snapkv", budget=0.5, window=2)
+    q, k, v = sequence(b, 4, hkv, n, d, 5)
+    mask = torch.ones(b, 1, n, n, dtype=torch.bool).tril()
+    mask[1, :, :, :6] = False
+    run(fmt, store, q, k, v, 0, mask=mask)
+    rows = held(store)
+    assert all(len(r) == 15 for r in rows[0]) and all(len(r) == 12 and min(r) >= 6 for r in rows[1])
+
+
+def test_quest_reads_only_the_chosen_pages():
+    """At decode Quest attends over its top pages (and the newest page): the output equals attention
+    restricted to those pages' tokens."""
+    b, hkv, d, n = 1, 1, 32, 64
+    fmt, store = make_store(n, b, hkv, d, layer=5, layers=8, policy="quest", page_size=8, pages=2)
+    q, k, v = sequence(b, 2, hkv, n, d, 6)
+    run(fmt, store, q[:, :, :63], k[:, :, :63], v[:, :, :63], 0, layer=5, layers=8)
+    assert store.page_min.shape == (1, 1, 8, 32)
+    torch.testing.assert_close(store.page_max[0, 0, 1], k[0, 0, 8:16].amax(0))
+    qt = q[:, :, 63:64]
+    bound = torch.maximum(qt[0, :, 0, None] * store.page_min[0, 0], qt[0, :, 0, None] * store.page_max[0, 0]).sum(-1).sum(0)
+    top = bound[:7].topk(2).indices.tolist()  # page 7 (the newest) is always read
+    got = run(fmt, store, qt, k[:, :, 63:64], v[:, :, 63:64], 63, layer=5, layers=8)
+    keys = [p for page in sorted(top) for p in range(page * 8, page * 8 + 8)] + list(range(56, 64))
+    want = attend_reference(qt, k[:, :, keys], v[:, :, keys], None, -1, False, 0.3)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_quest_keeps_first_layers_dense():
+    fmt, store = make_store(64, 1, 1, 32, layer=1, layers=8, policy="quest", page_size=8, pages=1)
+    q, k, v = sequence(1, 2, 1, 64, 32, 7)
+    run(fmt, store, q[:, :, :63], k[:, :, :63], v[:, :, :63], 0, layer=1, layers=8)
+    got = run(fmt, store, q[:, :, 63:], k[:, :, 63:], v[:, :, 63:], 63, layer=1, layers=8)
+    torch.testing.assert_close(got, attend_reference(q[:, :, 63:], k, v, None, -1, False, 0.3), atol=2e-5, rtol=1e-4)
+
+
+def test_store_bytes_follow_the_budget_not_the_cache_length():
+    small = make_store(4096, policy="h2o", budget=128)[1].nbytes()
+    assert small == make_store(65536, policy="h2o", budget=128)[1].nbytes()
+    # fp32, D=32: 128 B per K or V token; + 4 B position + 4 B score per slot
+    assert small == 2 * 2 * 128 * (2 * 128 + 8)
+
+
+def test_policy_attend_opcheck():
+    fmt, store = make_store(24, policy="h2o", budget=12, kv="int4", group_size=16)
+    q, k, v = sequence(2, 4, 2, 20, 32, 8)
+    options = kvfx.KVConfig(policy="h2o", budget=12, kv="int4", group_size=16).to_json()
+    mask = torch.ones(2, 1, 20, 24, dtype=torch.bool).tril()
+    torch.ops.kvfx.policy_attend(q, k, v, torch.arange(20), *store.tensors(), mask, False, 0.3, options, 0, 2)
+    q1, k1, v1 = (x[:, :, :1] for x in sequence(2, 4, 2, 1, 32, 9))
+    args = (q1, k1, v1, torch.tensor([20]), *store.tensors(), mask[:, :, :1], False, 0.3, options, 0, 2)
+    torch.library.opcheck(torch.ops.kvfx.policy_attend.default, args)
+    torch.library.opcheck(torch.ops.kvfx.store_alloc.default, ([2, 2, 24, 32], torch.float32, torch.device("cpu"),
+                                                               options, 1, 2))
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"policy": "h2o"}, ["'h2o'", "'budget'"]),
+    ({"policy": "h2o", "budget": 0}, ["'budget'", "0", ">= 1"]),
+    ({"policy": "h2o", "budget": -3}, ["'budget'", "-3"]),
+    ({"policy": "h2o", "budget": 1.5}, ["'budget'", "1.5", "(0, 1]"]),
+    ({"policy": "h2o", "budget": True}, ["'budget'", "True"]),
+    ({"policy": "snapkv", "budget": 16, "window": 32}, ["'window'=32", "budget=16"]),
+    ({"policy": "streaming", "budget": 4, "sink": 4}, ["'sink'=4", "budget=4"]),
+    ({"policy": "h2o", "budget": 8, "recent": 9}, ["'recent'=9", "budget=8"]),
+    ({"policy": "quest", "pages": 0}, ["'pages'", "0"]),
+    ({"policy": "snapkv", "budget": 0.2, "pooling": "median"}, ["'pooling'", "'median'", "'max'", "'avg'"]),
+])
+def test_bad_policy_options_name_option_value_and_choices(options, words):
+    with pytest.raises(kvfx.KVConfigError) as err:
+        kvfx.KVConfig.from_options(options)
+    for word in words:
+        assert word in str(err.value)
