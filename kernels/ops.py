@@ -23,7 +23,7 @@ from kvfx.kernels.attention import attend_int8_cpu, attend_reference
 from kvfx.kernels.formats import format_from_json
 from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
 from kvfx.kernels.kivi import KiviStore, dequantize_reference, store_write_reference, store_write_triton
-from kvfx.kernels.policies import policy_attend_reference
+from kvfx.kernels.policies import decode_step, policy_attend_reference
 
 
 def _check_fits(last: int, count: int, slots: int) -> None:
@@ -182,6 +182,8 @@ def policy_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos
     positions pos [T] (shared by the rows), then the policy's write of the new tokens into the store."""
     fmt = format_from_json(options)
     store = fmt.from_tensors((k_codes, k_params, v_codes, v_params, slot_pos, score, page_min, page_max))
+    if q.shape[2] == 1:  # a decode step: the copy-free path
+        return decode_step(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, fmt.spec, layer).contiguous()
     return policy_attend_reference(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, fmt.spec, layer,
                                    layers).contiguous()
 

@@ -73,6 +73,8 @@ class PolicySpec:
         """Slots per (row, KV head): the budget (a fraction applies to the cache length here, which
         bounds the prompt plus the tokens it generates) for eviction policies, else the cache length.
         `cache_len` may be a SymInt."""
+        if self.policy == "quest":  # whole pages
+            return (cache_len + self.page_size - 1) // self.page_size * self.page_size
         if self.policy not in EVICTING:
             return cache_len
         share = self.share(layer, layers)
@@ -80,6 +82,13 @@ class PolicySpec:
             return torch.sym_min(cache_len, max(1, math.ceil(self.budget * share)))
         frac = Fraction(self.budget * share).limit_denominator(1 << 20)
         return torch.sym_max(1, (cache_len * frac.numerator + frac.denominator - 1) // frac.denominator)
+
+    def pages_read(self, capacity: int) -> int:
+        """Quest: how many top-scoring pages a decode step reads besides the newest one (a fraction
+        applies to the cache's pages)."""
+        total = -(-capacity // self.page_size)
+        k = self.pages if isinstance(self.pages, int) else math.ceil(self.pages * total)
+        return max(1, min(k, total - 1))
 
     def prompt_keep(self, lengths: torch.Tensor, layer: int, layers: int) -> torch.Tensor:
         """Tokens a row keeps of a prompt of `lengths` [B] tokens (the budget, per row)."""
@@ -125,23 +134,35 @@ def _softmax(scores: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(scores.amax(-1, keepdim=True) == float("-inf"), 0.0)
 
 
-def quest_page_bias(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, slot_pos: torch.Tensor,
-                    spec: PolicySpec) -> torch.Tensor:
-    """-inf on the slots [B, Hkv, C] outside each KV head's selected pages for queries q [B, Hkv, g, 1, D]."""
+def quest_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, slot_pos: torch.Tensor,
+                spec: PolicySpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pages [B, Hkv, k + 1] a decode step with queries q [B, Hkv, g, D] reads: the k with the
+    highest bound sum_d max(q_d min_d, q_d max_d) (the g query heads summed), then the newest token's
+    page; and whether each is read [B, Hkv, k + 1] (a page with no token, or picked twice, is not)."""
     b, hkv, c = slot_pos.shape
-    p = spec.page_size
-    qs = q.float().squeeze(3)  # [B, Hkv, g, D]
-    bound = torch.maximum(qs[:, :, :, None] * page_min.float()[:, :, None], qs[:, :, :, None] * page_max.float()[:, :, None])
-    scores = bound.sum(-1).sum(2)  # [B, Hkv, NP]: the g query heads' upper bounds summed
-    padded = F.pad(slot_pos, (0, -c % p), value=-1).view(b, hkv, -1, p)
-    live = (padded >= 0).any(-1)
-    newest = padded.amax(-1).argmax(-1, keepdim=True)  # the page of the newest token is read as well
-    scores = scores.masked_fill(~live, float("-inf")).scatter(-1, newest, float("-inf"))
-    n_live = int(live.sum(-1).amax())
-    k = spec.pages if isinstance(spec.pages, int) else math.ceil(spec.pages * n_live)
-    k = max(1, min(k, scores.shape[-1]))
-    chosen = torch.zeros_like(live).scatter(-1, scores.topk(k, dim=-1).indices, True).scatter(-1, newest, True) & live
-    keep = chosen.repeat_interleave(p, dim=-1)[:, :, :c]
+    qs = q.float()[:, :, :, None]
+    bound = torch.maximum(qs * page_min.float()[:, :, None], qs * page_max.float()[:, :, None])
+    scores = bound.sum(-1).sum(2)  # [B, Hkv, NP]
+    pages = slot_pos.view(b, hkv, -1, spec.page_size)
+    live = (pages >= 0).any(-1)
+    newest = pages.amax(-1).argmax(-1, keepdim=True)
+    top = scores.masked_fill(~live, float("-inf")).scatter(-1, newest, float("-inf")).topk(spec.pages_read(c), dim=-1)
+    chosen = torch.cat([top.indices, newest], -1)
+    read = live.gather(-1, chosen) & torch.cat([top.indices != newest, torch.ones_like(newest, dtype=torch.bool)], -1)
+    return chosen, read
+
+
+def _page_slots(pages: torch.Tensor, read: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot indices [B, Hkv, n * P] of pages [B, Hkv, n], and whether each slot is read."""
+    slots = (pages[..., None] * page_size + torch.arange(page_size, device=pages.device)).flatten(-2)
+    return slots, read.repeat_interleave(page_size, dim=-1)
+
+
+def quest_page_bias(q: torch.Tensor, store, spec: PolicySpec) -> torch.Tensor:
+    """-inf on the slots [B, Hkv, C] outside each KV head's chosen pages (queries q [B, Hkv, g, D])."""
+    pages, read = quest_pages(q, store.page_min, store.page_max, store.slot_pos, spec)
+    slots, read = _page_slots(pages, read, spec.page_size)
+    keep = torch.zeros_like(store.slot_pos, dtype=torch.bool).scatter(-1, slots, read)
     return torch.zeros(keep.shape, device=q.device).masked_fill(~keep, float("-inf"))
 
 
@@ -189,25 +210,34 @@ def _pool(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, po
     return torch.empty_like(pooled).scatter_(-1, order, pooled)
 
 
-def choose_kept(spec: PolicySpec, positions: torch.Tensor, valid: torch.Tensor, score: torch.Tensor,
-                limit: torch.Tensor) -> torch.Tensor:
-    """Which of the candidates [B, Hkv, N] stay: the policy's protected tokens, then the highest
-    priority, up to `limit` [B] per row (never an invalid one)."""
-    pos = positions.double()
-    by_age = _ranks(torch.where(valid, pos, -1.0))            # 0 = newest
+def eviction_key(spec: PolicySpec, positions: torch.Tensor, valid: torch.Tensor, score: torch.Tensor,
+                 limit: torch.Tensor) -> torch.Tensor:
+    """Per candidate [B, Hkv, N] how much it deserves to stay: +inf for the tokens the policy promises
+    to keep, -inf for invalid ones, else its priority (position for StreamingLLM, score otherwise).
+    `limit` [B]: the row's budget for this call (H2O's default recent window is half of it)."""
+    pos = torch.where(valid, positions.double(), math.nan)
+    newest = torch.where(valid, pos, -math.inf).amax(-1, keepdim=True)
     limit = limit.view(-1, 1, 1)
     if spec.policy == "streaming":
-        oldest = _ranks(torch.where(valid, -pos, -math.inf))  # 0 = oldest
-        protected, priority = oldest < spec.sink, pos
+        k = min(spec.sink, pos.shape[-1])
+        oldest = torch.where(valid, pos, math.inf).topk(k, dim=-1, largest=False).values[..., -1:] if k else -math.inf
+        protected, priority = pos <= oldest, pos
     elif spec.policy == "h2o":
         recent = limit // 2 if spec.recent is None else torch.clamp(limit, max=spec.recent)
-        protected, priority = by_age < recent, score.double()
+        protected, priority = pos > newest - recent, score.double()
     elif spec.policy in ("snapkv", "pyramidkv"):
-        protected, priority = by_age < torch.clamp(limit, max=spec.window), score.double()
-    else:  # quest / none: nothing is evicted (the capacity is the cache length); keep the newest
+        protected, priority = pos > newest - torch.clamp(limit, max=spec.window), score.double()
+    else:  # quest / none: nothing is evicted (the capacity is the cache length)
         protected, priority = torch.zeros_like(valid), pos
-    key = torch.where(protected, math.inf, priority).masked_fill(~valid, -math.inf)
-    return valid & (_ranks(key) < limit)
+    return torch.where(protected, math.inf, priority).masked_fill(~valid, -math.inf)
+
+
+def choose_kept(spec: PolicySpec, positions: torch.Tensor, valid: torch.Tensor, score: torch.Tensor,
+                limit: torch.Tensor) -> torch.Tensor:
+    """Which of the candidates [B, Hkv, N] stay: the highest `eviction_key`, up to `limit` [B] per row
+    (never an invalid one; ties: the earlier candidate stays)."""
+    key = eviction_key(spec, positions, valid, score, limit)
+    return valid & (_ranks(key) < limit.view(-1, 1, 1))
 
 
 def place(kept_old: torch.Tensor, kept_new: torch.Tensor) -> torch.Tensor:
@@ -244,20 +274,21 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     positions = torch.cat([store.slot_pos[:, :, :n_old], new_pos], 2)
     extra = None
     if spec.policy == "quest" and t == 1 and layer >= QUEST_DENSE_LAYERS and live:
-        qg = q.view(b, hkv, group, t, d)
-        extra = F.pad(quest_page_bias(qg, store.page_min, store.page_max, store.slot_pos, spec), (0, t))[:, :, None, None]
+        extra = F.pad(quest_page_bias(q.view(b, hkv, group, d), store, spec), (0, t))[:, :, None, None]
+
+    def mask_bias(t0, t1):
+        return candidate_bias(attn_mask if attn_mask is None else attn_mask[..., t0:t1, :], is_causal,
+                              positions, pos[t0:t1], group)
 
     def bias_fn(t0, t1):
-        bias = candidate_bias(attn_mask if attn_mask is None else attn_mask[..., t0:t1, :], is_causal,
-                              positions, pos[t0:t1], group)
-        return bias if extra is None else bias + extra
+        return mask_bias(t0, t1) if extra is None else mask_bias(t0, t1) + extra
 
     scored = spec.policy in ("snapkv", "pyramidkv")
     out, colsum, obs = attend_candidates(q.view(b, hkv, group, t, d), keys, values, bias_fn,
                                          min(spec.window, t) if scored and t > 1 else 0, scale,
                                          want_column_sums=spec.policy in ("h2o", "snapkv", "pyramidkv"))
     # Candidates the newest query can still see (not padding, not outside a sliding window).
-    valid = (positions >= 0) & (bias_fn(t - 1, t)[:, :, :, 0] > float("-inf")).any(2)
+    valid = (positions >= 0) & (mask_bias(t - 1, t)[:, :, :, 0] > float("-inf")).any(2)
     score = torch.cat([store.score[:, :, :n_old], torch.zeros_like(new_pos, dtype=store.score.dtype)], 2)
     if colsum is not None:
         score = score + colsum
@@ -272,3 +303,53 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     source = place(kept_old, kept[:, :, n_old:])
     store.write(source, k_new, v_new, positions, score)
     return out.reshape(b, hq, t, d).to(q.dtype)
+
+
+def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q [B, H, g, D] . keys [B, H, N, D] -> fp32 [B, H, g, N], accumulated in fp32 without an fp32
+    copy of the keys (bmm with out_dtype on CUDA)."""
+    b, h, g, d = q.shape
+    a, k = q.reshape(b * h, g, d), keys.reshape(b * h, -1, d).transpose(1, 2)
+    if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16):
+        return torch.bmm(a.to(keys.dtype), k, out_dtype=torch.float32).view(b, h, g, -1)
+    return torch.bmm(a.float(), k.float()).view(b, h, g, -1)
+
+
+def decode_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
+                attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec: PolicySpec,
+                layer: int) -> torch.Tensor:
+    """`policy_attend_reference` for one new token, without its copies: the store is read once (Quest:
+    only the chosen pages), the new token is attended beside it, and the write touches one slot.
+    Same result as the general path (tested); no host synchronisation."""
+    b, hq, _, d = q.shape
+    hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
+    group = hq // hkv
+    qg = q.view(b, hkv, group, d)
+    new_pos = pos.view(1, 1, 1).expand(b, hkv, 1).to(store.slot_pos.dtype)
+    keys, values = store.dequantize()
+    positions = torch.cat([store.slot_pos, new_pos], -1)
+    bias = candidate_bias(attn_mask, is_causal, positions, pos, group)[:, :, :, 0]  # [B, Hkv, g, C + 1]
+    valid = (bias > float("-inf")).any(2)
+    read_bias, read_keys, read_values = bias[..., :c], keys, values
+    if spec.policy == "quest" and layer >= QUEST_DENSE_LAYERS:
+        slots, read = _page_slots(*quest_pages(qg, store.page_min, store.page_max, store.slot_pos, spec), spec.page_size)
+        index = slots[..., None].expand(*slots.shape, d)
+        read_keys, read_values = keys.gather(2, index), values.gather(2, index)
+        read_bias = bias.gather(-1, slots[:, :, None].expand(b, hkv, group, -1)).masked_fill(~read[:, :, None], float("-inf"))
+    logits = torch.cat([_scores(qg, read_keys), (qg.float() * k_new.view(b, hkv, 1, d).float()).sum(-1, keepdim=True)], -1)
+    probs = _softmax(logits * scale + torch.cat([read_bias, bias[..., c:]], -1))
+    out = (probs[..., :-1] @ read_values.float()) + probs[..., -1:] * v_new.view(b, hkv, 1, d).float()
+    score = store.score
+    if spec.policy in ("h2o", "snapkv", "pyramidkv"):  # (Quest's reads are not scored)
+        score = score + probs[..., :c].sum(2)
+    new_score = probs[..., c:].sum(2) if spec.policy in ("h2o", "snapkv", "pyramidkv") else torch.zeros_like(score[..., :1])
+    key = eviction_key(spec, positions, valid, torch.cat([score, new_score], -1), torch.full((b,), c, device=q.device))
+    # At most one valid candidate leaves: the last of the lowest keys, when all C + 1 are valid.
+    victim = c - key.flip(-1).argmin(-1, keepdim=True)
+    full = valid.sum(-1, keepdim=True) > c
+    kept = valid & ~(full & (torch.arange(c + 1, device=q.device) == victim))
+    kept_old, keep_new = kept[..., :c], kept[..., c:]
+    store.slot_pos.copy_(store.slot_pos.masked_fill(~kept_old, -1))
+    store.score.copy_(score.masked_fill(~kept_old, 0.0))
+    store.put(torch.argmax((~kept_old).to(torch.uint8), -1, keepdim=True), keep_new, k_new, v_new, new_pos, new_score)
+    return out.reshape(b, hq, 1, d).to(q.dtype)

@@ -122,16 +122,48 @@ class TokenStore:
         if self.page_min.numel():
             self._update_pages()
 
-    def _update_pages(self) -> None:
-        """Quest's per-page min/max of the keys held (pages of `page_size` slots; empty slots ignored)."""
+    def put(self, slot: torch.Tensor, keep: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+            position: torch.Tensor, score: torch.Tensor) -> None:
+        """Write one new token [B, H, 1, D] into `slot` [B, H, 1] of each (row, head) where `keep`
+        [B, H, 1] (elsewhere the slot keeps its content); Quest's bounds of that page follow."""
+        def scatter(dst: torch.Tensor, new: torch.Tensor) -> None:
+            if dst.dtype == torch.float8_e4m3fn:  # no fp8 gather/where: move the bytes
+                dst, new = dst.view(torch.uint8), new.view(torch.uint8)
+            index = slot.view(*slot.shape, *[1] * (dst.dim() - 3)).expand(*slot.shape, *dst.shape[3:])
+            mask = keep.view(*keep.shape, *[1] * (dst.dim() - 3))
+            dst.scatter_(2, index, torch.where(mask, new.to(dst.dtype), dst.gather(2, index)))
+
+        for codes, params, x in ((self.k_codes, self.k_params, k_new), (self.v_codes, self.v_params, v_new)):
+            new_codes, new_params = self.codec.quantize(x.to(self.dtype))
+            scatter(codes, new_codes)
+            scatter(params, new_params)
+        scatter(self.slot_pos, position)
+        scatter(self.score, score)
+        if self.page_min.numel():
+            self._update_pages(slot // self.page_size)
+
+    def _update_pages(self, pages: torch.Tensor | None = None) -> None:
+        """Quest's per-page min/max of the keys held (pages of `page_size` slots; empty slots ignored),
+        of every page or of `pages` [B, H, n]."""
         b, h, c = self.slot_pos.shape
-        p = self.page_size
-        keys = self.codec.dequantize(self.k_codes, self.k_params, torch.float32)
-        pad = -c % p
-        keys = torch.nn.functional.pad(keys, (0, 0, 0, pad)).view(b, h, -1, p, keys.shape[-1])
-        live = torch.nn.functional.pad(self.slot_pos >= 0, (0, pad)).view(b, h, -1, p, 1)
-        self.page_min.copy_(keys.masked_fill(~live, float("inf")).amin(3).nan_to_num(0.0, posinf=0.0))
-        self.page_max.copy_(keys.masked_fill(~live, float("-inf")).amax(3).nan_to_num(0.0, neginf=0.0))
+        p, fp8 = self.page_size, self.k_codes.dtype == torch.float8_e4m3fn
+        codes = self.k_codes.view(torch.uint8) if fp8 else self.k_codes  # no fp8 gather: move the bytes
+        codes, params, slot_pos = (t.view(b, h, c // p, p, -1) for t in (codes, self.k_params, self.slot_pos))
+        if pages is not None:  # only these pages: gather them first
+            codes, params, slot_pos = (t.gather(2, pages[..., None, None].expand(*pages.shape, p, t.shape[-1]))
+                                       for t in (codes, params, slot_pos))
+        codes = codes.view(torch.float8_e4m3fn) if fp8 else codes
+        keys = self.codec.dequantize(codes, params, torch.float32)
+        live = slot_pos >= 0
+        low = keys.masked_fill(~live, float("inf")).amin(3).nan_to_num(0.0, posinf=0.0).to(self.page_min.dtype)
+        high = keys.masked_fill(~live, float("-inf")).amax(3).nan_to_num(0.0, neginf=0.0).to(self.page_max.dtype)
+        if pages is None:
+            self.page_min.copy_(low)
+            self.page_max.copy_(high)
+        else:
+            index = pages[..., None].expand(*pages.shape, low.shape[-1])
+            self.page_min.scatter_(2, index, low)
+            self.page_max.scatter_(2, index, high)
 
 
 @dataclass(frozen=True)

@@ -207,3 +207,35 @@ def test_bad_policy_options_name_option_value_and_choices(options, words):
         kvfx.KVConfig.from_options(options)
     for word in words:
         assert word in str(err.value)
+
+
+@settings(max_examples=30, deadline=None)
+@given(policy=st.sampled_from(EVICTING + ["quest"]), kv=st.sampled_from(["none", "int8", "int4", "fp8"]),
+       b=st.integers(1, 2), g=st.integers(1, 3), prompt=st.integers(1, 30), steps=st.integers(1, 12),
+       budget=st.integers(6, 24), padded=st.booleans(), seed=st.integers(0, 99))
+def test_decode_step_equals_the_general_path(policy, kv, b, g, prompt, steps, budget, padded, seed):
+    """The copy-free one-token path keeps, evicts, scores and attends exactly as the general one."""
+    import copy
+
+    from kvfx.kernels.policies import decode_step
+
+    hkv, d, n = 2, 32, prompt + steps
+    options = dict(kv=kv, group_size=16, policy=policy)
+    options.update(page_size=4, pages=2) if policy == "quest" else options.update(budget=budget, window=3, sink=2)
+    fmt, fast = make_store(n, b, hkv, d, layer=3, layers=4, **options)
+    q, k, v = sequence(b, hkv * g, hkv, n, d, seed)
+    mask = torch.ones(b, 1, n, n, dtype=torch.bool).tril()
+    if padded and b > 1:
+        mask[1, :, :, : prompt // 2] = False
+    run(fmt, fast, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], 0, mask=mask[:, :, :prompt], layer=3, layers=4)
+    slow = copy.deepcopy(fast)
+    for t in range(prompt, n):
+        args = (q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor([t]))
+        want = policy_attend_reference(*args, slow, mask[:, :, t:t + 1], False, 0.3, fmt.spec, 3, 4)
+        got = decode_step(*args, fast, mask[:, :, t:t + 1], False, 0.3, fmt.spec, 3)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert held(fast) == held(slow)
+        torch.testing.assert_close(fast.score, slow.score, atol=1e-5, rtol=1e-4)
+        if policy == "quest":
+            torch.testing.assert_close(fast.page_min, slow.page_min)
+            torch.testing.assert_close(fast.page_max, slow.page_max)
