@@ -311,7 +311,10 @@ def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     b, h, g, d = q.shape
     a, k = q.reshape(b * h, g, d), keys.reshape(b * h, -1, d).transpose(1, 2)
     if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16):
-        return torch.bmm(a.to(keys.dtype), k, out_dtype=torch.float32).view(b, h, g, -1)
+        try:
+            return torch.bmm(a.to(keys.dtype), k, out_dtype=torch.float32).view(b, h, g, -1)
+        except (TypeError, RuntimeError):  # a torch without bmm(out_dtype=): fp32 scores of bf16 products
+            return torch.bmm(a.to(keys.dtype), k).float().view(b, h, g, -1)
     return torch.bmm(a.float(), k.float()).view(b, h, g, -1)
 
 
@@ -328,7 +331,7 @@ def decode_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
     new_pos = pos.view(1, 1, 1).expand(b, hkv, 1).to(store.slot_pos.dtype)
     keys, values = store.dequantize()
     positions = torch.cat([store.slot_pos, new_pos], -1)
-    bias = candidate_bias(attn_mask, is_causal, positions, pos, group)[:, :, :, 0]  # [B, Hkv, g, C + 1]
+    bias = candidate_bias(attn_mask, is_causal, positions, pos, group)[:, :, :, 0].expand(b, hkv, group, -1)  # [B, Hkv, g, C + 1]
     valid = (bias > float("-inf")).any(2)
     read_bias, read_keys, read_values = bias[..., :c], keys, values
     if spec.policy == "quest" and layer >= QUEST_DENSE_LAYERS:

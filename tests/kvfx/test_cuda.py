@@ -10,22 +10,24 @@ from kvfx.models import tiny_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.parametrize("kv", ["none", "int8", "int4", "int2", "fp8"])
-def test_compiled_decode_on_cuda(kv):
+@pytest.mark.parametrize("kv, policy", [(kv, {}) for kv in ("none", "int8", "int4", "int2", "fp8")] + [
+    ("none", {"policy": "h2o", "budget": 4096}), ("none", {"policy": "quest", "pages": 1.0}),
+    ("int4", {"policy": "snapkv", "budget": 4096})])
+def test_compiled_decode_on_cuda(kv, policy):
     model = tiny_model(hidden_size=256, num_attention_heads=4, num_key_value_heads=2).to("cuda", torch.bfloat16)
     ids = torch.randint(0, 128, (2, 48), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     kw = dict(max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         eager = model.generate(ids, cache_implementation="static", **kw)
         # A short residual window: KIVI's default R = 128 alone outweighs a cache this small.
-        options = {"kv": kv, **({"group_size": 32, "residual": 32} if kv in ("int4", "int2", "fp8") else {})}
+        options = {"kv": kv, **({"group_size": 32, "residual": 32} if kv in ("int4", "int2", "fp8") else {}), **policy}
         model.forward = torch.compile(model.forward, backend="kvfx", options=options)
         cache = StaticCache(config=model.config, max_cache_len=512)
         ours = model.generate(ids, past_key_values=cache, **kw)
     rep = kvfx.report(model)
     assert rep.found == rep.rewritten == 4
     torch.testing.assert_close(ours.logits[0].float(), eager.logits[0].float(), atol=0.05, rtol=0.05)
-    if kv == "none":
+    if kv == "none":  # (budgets above keep every token: lossless too)
         assert torch.equal(ours.sequences, eager.sequences)
     else:
         assert rep.kv_bytes < rep.fp_kv_bytes

@@ -1,0 +1,151 @@
+"""Decode attention under a policy on the GPU: one `kvfx::policy_attend` decode step vs SDPA over
+the full cache.
+
+One query token per row, Hq=32, Hkv=8, D=128, bf16, S cached tokens per row. Baseline: the best of
+`F.scaled_dot_product_attention(enable_gqa=True)` with the FLASH and cuDNN backends over all S tokens
+(what a full cache costs). kvfx rows time the whole decode step of one site: attention over the kept
+slots (Quest: over the chosen pages), H2O/SnapKV score accumulation, and the write of the new token
+(eviction included), on a store already holding its budget. "sdpa-over-kept" is SDPA over a dense
+copy of the kept slots: the floor an attention-only kernel over the same bytes would reach. The
+h2o row against the "streaming" row (same slots, no score accumulation) prices H2O's scores.
+Every time is a CUDA-graph replay with a cold L2 (see `common.cuda_time_us`).
+
+example: python benchmarks/policy_attention.py --batch 8 --seq 65536
+         python benchmarks/policy_attention.py --quick --out /tmp/results
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from common import RESULTS, cuda_time_us, environment, plot_speedups, write_json
+import kvfx
+import kvfx.kernels  # noqa: F401  (registers the ops)
+
+HQ, HKV, D = 32, 8, 128
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+CONFIGS = {  # row name -> KVConfig options
+    "streaming-20%": dict(policy="streaming", budget=0.2),
+    "h2o-20%": dict(policy="h2o", budget=0.2),
+    "snapkv-20%": dict(policy="snapkv", budget=0.2),
+    "quest-1/8": dict(policy="quest", pages=0.125),
+    "int8+h2o-20%": dict(kv="int8", policy="h2o", budget=0.2),
+    "int4+h2o-20%": dict(kv="int4", policy="h2o", budget=0.2),
+    "int4+snapkv-20%": dict(kv="int4", policy="snapkv", budget=0.2),
+}
+
+
+def time_or_error(fn, reps: int) -> dict:
+    try:
+        return cuda_time_us(fn, reps=reps)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"error": "out of memory"}
+    except Exception as exc:  # noqa: BLE001  (a backend that does not take these inputs)
+        torch.cuda.empty_cache()
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+
+
+def full_store(options: dict, k: torch.Tensor, v: torch.Tensor):
+    """A store of the config holding as many of the S tokens as its capacity takes (the newest)."""
+    fmt = kvfx.KVConfig(**options).format
+    b, h, s, d = k.shape
+    store = fmt.allocate((b, h, s + 1, d), DTYPE, DEVICE, layer=4, layers=32)
+    c = store.slot_pos.shape[-1]
+    n = min(c - 1, s)  # one slot stays free for the first timed step; later steps evict
+    for codes, params, x in ((store.k_codes, store.k_params, k), (store.v_codes, store.v_params, v)):
+        new_codes, new_params = store.codec.quantize(x[:, :, s - n:])
+        codes[:, :, :n].copy_(new_codes)
+        params[:, :, :n].copy_(new_params)
+    store.slot_pos[:, :, :n] = torch.arange(s - n, s, device=DEVICE, dtype=torch.int32)
+    store.score[:, :, :n] = torch.rand(b, h, n, device=DEVICE)
+    if store.page_min.numel():
+        store._update_pages()
+    return fmt, store
+
+
+def bench_shape(b: int, s: int, reps: int) -> list[dict]:
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(b, HQ, 1, D, device=DEVICE, dtype=DTYPE, generator=gen)
+    k = torch.randn(b, HKV, s, D, device=DEVICE, dtype=DTYPE, generator=gen)
+    v = torch.randn(b, HKV, s, D, device=DEVICE, dtype=DTYPE, generator=gen)
+    k1, v1 = k[:, :, -1:].clone(), v[:, :, -1:].clone()
+    base = dict(batch=b, seq=s)
+    rows = []
+    for name, backend in {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}.items():
+        def sdpa(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        rows.append(dict(base, impl=f"sdpa-{name}", **time_or_error(sdpa, reps)))
+    timed = [r["median_us"] for r in rows if "median_us" in r]
+    best_sdpa = min(timed) if timed else None
+    pos = torch.tensor([s], device=DEVICE)
+    for name, options in CONFIGS.items():
+        try:
+            fmt, store = full_store(options, k, v)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append(dict(base, impl=f"kvfx-{name}", error="out of memory (store)"))
+            continue
+        json_options = kvfx.KVConfig(**options).to_json()
+
+        def step(store=store, json_options=json_options):
+            return torch.ops.kvfx.policy_attend(q, k1, v1, pos, *store.tensors(), None, False, D ** -0.5,
+                                                json_options, 4, 32)
+
+        kept = store.slot_pos.shape[-1]
+        rows.append(dict(base, impl=f"kvfx-{name}", slots=kept, bytes_held=store.nbytes(), **time_or_error(step, reps)))
+        if name in ("h2o-20%", "quest-1/8"):
+            read = kept if name != "quest-1/8" else s // 8 + fmt.spec.page_size  # Quest: its pages + the newest
+            dense_k, dense_v = k[:, :, :read], v[:, :, :read]
+
+            def over_kept(dense_k=dense_k, dense_v=dense_v):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, dense_k, dense_v, enable_gqa=True)
+            rows.append(dict(base, impl=f"sdpa-over-kept-{name}", slots=dense_k.shape[2], **time_or_error(over_kept, reps)))
+        del store
+        torch.cuda.empty_cache()
+    for r in rows:
+        if "median_us" in r and best_sdpa:
+            r["speedup_vs_best_sdpa"] = best_sdpa / r["median_us"]
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("example:")[1].join(["example:", ""]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--seq", type=int, nargs="+", default=[16384, 65536])
+    parser.add_argument("--quick", action="store_true", help="B 1, S 4K: a smoke run")
+    parser.add_argument("--reps", type=int, default=30, help="timed runs per measurement (median reported)")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for policy_attention.json/.png")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("policy_attention: needs a CUDA GPU (run it on the GPU machine)", file=sys.stderr)
+        return 2
+    shapes = [(1, 4096)] if args.quick else [(b, s) for b in args.batch for s in args.seq]
+    rows = []
+    for b, s in shapes:
+        shape_rows = bench_shape(b, s, args.reps)
+        rows += shape_rows
+        for r in shape_rows:
+            status = f"{r['median_us']:9.1f} us  {r.get('speedup_vs_best_sdpa', 0):5.2f}x" if "median_us" in r else r["error"]
+            print(f"B{b:<3} S{s:<6} {r['impl']:<28} {status}", flush=True)
+    payload = {"benchmark": "policy_attention", "environment": environment(),
+               "shape": dict(hq=HQ, hkv=HKV, head_dim=D, dtype=str(DTYPE)), "rows": rows}
+    write_json(args.out / "policy_attention.json", payload)
+    plot_speedups(args.out / "policy_attention.png", [r for r in rows if r["impl"].startswith("kvfx")], "batch", "seq",
+                  "impl", "speedup_vs_best_sdpa", "kvfx policy decode step vs best SDPA over the full cache",
+                  "speedup (x)", baseline=1.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
