@@ -57,6 +57,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, options: Mapping[str,
     """
     config = KVConfig.from_options(options)
     _check_opset(config.kv, opset)
+    _require_onnx()
     if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(max_cache_len, int) or max_cache_len < 2:
         raise KVFXError(f"export_onnx needs batch_size >= 1 and max_cache_len >= 2, got {batch_size}, {max_cache_len}")
     step = capture_step(model.eval(), batch_size, max_cache_len)
@@ -88,6 +89,14 @@ def _check_opset(kv: str, opset: int) -> None:
         raise KVFXError(f"ONNX export of kv={kv!r} needs opset >= {need} (ONNX Attention); got opset={opset!r}")
     if opset > MAX_OPSET:
         raise KVFXError(f"opset={opset} is newer than this exporter writes; use {need} <= opset <= {MAX_OPSET}")
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise KVFXError(f"kvfx.export_onnx needs {err.name}: pip install kvfx[onnx]") from err
 
 
 def _table() -> dict:

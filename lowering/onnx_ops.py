@@ -190,7 +190,7 @@ def kivi_update(k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ri
         # Keys: per channel over each group of G tokens.
         keys = op.Reshape(windows[0], op.Concat(_dims(k, 0, 2), n, _ints(g), _dims(k, 3, 4), axis=0))
         codes, scale, zero = _quantize_asym(keys, 3, bits, k_ring)
-        packed = _pack(op.Reshape(codes, _ints(0, 0, -1, 0)), bits)
+        packed = _pack(op.Reshape(codes, op.Concat(_dims(k, 0, 2), _ints(-1), _dims(k, 3, 4), axis=0)), bits)
         out[0] = _write_groups(k_codes, slots, valid_tokens, packed)
         out[2] = _write_groups(k_scale, target, valid, op.CastLike(op.Squeeze(scale, _ints(3)), k_scale))
         out[3] = _write_groups(k_zero, target, valid, op.CastLike(op.Squeeze(zero, _ints(3)), k_zero))
