@@ -14,6 +14,7 @@ example: python benchmarks/onnx_decode.py --context 2048 --steps 32 --threads 2
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import statistics
 import tempfile
@@ -79,6 +80,7 @@ def main() -> None:
     config = model.config
     write_json(pathlib.Path(args.out), {
         "env": {**environment(), "onnxruntime": onnxruntime.__version__, "threads": args.threads,
+                "load_average_1min": os.getloadavg()[0],
                 "note": "shared 2-core CPU machine: timings are indicative only"},
         "model": args.model, "layers": config.num_hidden_layers, "heads": config.num_attention_heads,
         "kv_heads": config.num_key_value_heads, "head_dim": config.hidden_size // config.num_attention_heads,

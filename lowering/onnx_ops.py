@@ -22,6 +22,8 @@ from __future__ import annotations
 import onnx
 from onnxscript import opset23 as op
 
+from kvfx.errors import KVFXError
+
 FLOAT, INT32, INT64, UINT8 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT8
 OPSET = 23  # Attention
 
@@ -232,7 +234,8 @@ def kivi_attend(q, k_new, v_new, pos, k_codes, v_codes, k_scale, k_zero, v_scale
     store after the write: slots < qlen(L) dequantized, [qlen(L), L) from the ring, the T new tokens at
     full precision from k_new/v_new, later slots zero."""
     if not isinstance(kv_len, int):
-        raise NotImplementedError("kvfx ONNX export: kivi_attend over a symbolic kv_len")
+        raise KVFXError("kvfx's ONNX export has no kivi_attend over a symbolic kv_len (a prefix of the cache "
+                        "whose length is traced); export with a static cache read whole")
     n = width if kv_len < 0 else kv_len
     g, ring_size = group_size, residual + group_size
     quantized_slots = (width // g) * g
