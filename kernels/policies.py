@@ -115,10 +115,12 @@ def candidate_bias(attn_mask: torch.Tensor | None, is_causal: bool, positions: t
     else:
         while attn_mask.dim() < 4:
             attn_mask = attn_mask.unsqueeze(0)
-        cols = attn_mask.shape[-1]
-        # [B|1, Hq|1, T|1, cols] -> [B, Hkv, g, T, cols] (views), read at the candidates' positions.
-        mask = attn_mask.expand(b, hkv * group, t, cols).reshape(b, hkv, group, t, cols)
-        index = positions.long().clamp(0, cols - 1)[:, :, None, None, :].expand(b, hkv, group, t, n)
+        cols, per_head = attn_mask.shape[-1], attn_mask.shape[1] > 1
+        # [B|1, Hq|1, T|1, cols] -> [B, Hkv, g|1, T, cols] (views), read at the candidates' positions.
+        g = group if per_head else 1
+        mask = attn_mask.expand(b, hkv * group if per_head else 1, t, cols).reshape(b, -1, g, t, cols)
+        mask = mask.expand(b, hkv, g, t, cols)
+        index = positions.long().clamp(0, cols - 1)[:, :, None, None, :].expand(b, hkv, g, t, n)
         picked = mask.gather(-1, index)
         if picked.dtype == torch.bool:
             bias = torch.zeros(picked.shape, device=positions.device).masked_fill(~picked, float("-inf"))
@@ -215,7 +217,7 @@ def eviction_key(spec: PolicySpec, positions: torch.Tensor, valid: torch.Tensor,
     """Per candidate [B, Hkv, N] how much it deserves to stay: +inf for the tokens the policy promises
     to keep, -inf for invalid ones, else its priority (position for StreamingLLM, score otherwise).
     `limit` [B]: the row's budget for this call (H2O's default recent window is half of it)."""
-    pos = torch.where(valid, positions.double(), math.nan)
+    pos = torch.where(valid, positions.float(), math.nan)  # exact below 2^24 positions
     newest = torch.where(valid, pos, -math.inf).amax(-1, keepdim=True)
     limit = limit.view(-1, 1, 1)
     if spec.policy == "streaming":
@@ -224,9 +226,9 @@ def eviction_key(spec: PolicySpec, positions: torch.Tensor, valid: torch.Tensor,
         protected, priority = pos <= oldest, pos
     elif spec.policy == "h2o":
         recent = limit // 2 if spec.recent is None else torch.clamp(limit, max=spec.recent)
-        protected, priority = pos > newest - recent, score.double()
+        protected, priority = pos > newest - recent, score
     elif spec.policy in ("snapkv", "pyramidkv"):
-        protected, priority = pos > newest - torch.clamp(limit, max=spec.window), score.double()
+        protected, priority = pos > newest - torch.clamp(limit, max=spec.window), score
     else:  # quest / none: nothing is evicted (the capacity is the cache length)
         protected, priority = torch.zeros_like(valid), pos
     return torch.where(protected, math.inf, priority).masked_fill(~valid, -math.inf)
@@ -341,7 +343,8 @@ def decode_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
         read_bias = bias.gather(-1, slots[:, :, None].expand(b, hkv, group, -1)).masked_fill(~read[:, :, None], float("-inf"))
     logits = torch.cat([_scores(qg, read_keys), (qg.float() * k_new.view(b, hkv, 1, d).float()).sum(-1, keepdim=True)], -1)
     probs = _softmax(logits * scale + torch.cat([read_bias, bias[..., c:]], -1))
-    out = (probs[..., :-1] @ read_values.float()) + probs[..., -1:] * v_new.view(b, hkv, 1, d).float()
+    # P V in the cache dtype (as flash attention does): no fp32 copy of the values.
+    out = (probs[..., :-1].to(read_values.dtype) @ read_values).float() + probs[..., -1:] * v_new.view(b, hkv, 1, d).float()
     score = store.score
     if spec.policy in ("h2o", "snapkv", "pyramidkv"):  # (Quest's reads are not scored)
         score = score + probs[..., :c].sum(2)
