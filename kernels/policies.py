@@ -15,7 +15,9 @@ site's work for T new tokens at positions `pos`:
    protected (StreamingLLM: the first `sink` and the newest; H2O: the `recent` newest; SnapKV: the
    observation window). A prompt (T > 1) keeps the row's budget; a decode step keeps up to the
    store's capacity. Kept slots stay where they are; kept new tokens fill the free slots in order
-   (evicted slots are reused).
+   (evicted slots are reused). SnapKV/PyramidKV pin the prompt tokens they chose (as in the papers,
+   which never evict them) and keep `window` extra slots for generated tokens, which are evicted
+   among themselves by accumulated attention (H2O's rule) once those slots are full.
 
 Quest keeps everything (capacity = the cache length) and reads less: at a decode step each KV head
 scores the pages of `page_size` slots by sum_d max(q_d min_d, q_d max_d) (its g query heads summed)
@@ -78,17 +80,21 @@ class PolicySpec:
         if self.policy not in EVICTING:
             return cache_len
         share = self.share(layer, layers)
+        # SnapKV/PyramidKV pin the prompt tokens they chose: `window` more slots hold the newest
+        # generated tokens (evicted by their accumulated attention once those slots are full).
+        ring = self.window if self.policy in ("snapkv", "pyramidkv") else 0
         if isinstance(self.budget, int):
-            return torch.sym_min(cache_len, max(1, math.ceil(self.budget * share)))
+            return torch.sym_min(cache_len, max(1, math.ceil(self.budget * share)) + ring)
         frac = Fraction(self.budget * share).limit_denominator(1 << 20)
-        return torch.sym_max(1, (cache_len * frac.numerator + frac.denominator - 1) // frac.denominator)
+        kept = torch.sym_max(1, (cache_len * frac.numerator + frac.denominator - 1) // frac.denominator)
+        return torch.sym_min(cache_len, kept + ring) if ring else kept
 
     def pages_read(self, capacity: int) -> int:
         """Quest: how many top-scoring pages a decode step reads besides the newest one (a fraction
         applies to the cache's pages)."""
         total = -(-capacity // self.page_size)
         k = self.pages if isinstance(self.pages, int) else math.ceil(self.pages * total)
-        return max(1, min(k, total - 1))
+        return max(0, min(k, total - 1))  # the newest page is read besides these
 
     def prompt_keep(self, lengths: torch.Tensor, layer: int, layers: int) -> torch.Tensor:
         """Tokens a row keeps of a prompt of `lengths` [B] tokens (the budget, per row)."""
@@ -140,7 +146,7 @@ def quest_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
                 spec: PolicySpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The pages [B, Hkv, k + 1] a decode step with queries q [B, Hkv, g, D] reads: the k with the
     highest bound sum_d max(q_d min_d, q_d max_d) (the g query heads summed), then the newest token's
-    page; and whether each is read [B, Hkv, k + 1] (a page with no token, or picked twice, is not)."""
+    page; and whether each holds tokens [B, Hkv, k + 1]."""
     b, hkv, c = slot_pos.shape
     qs = q.float()[:, :, :, None]
     bound = torch.maximum(qs * page_min.float()[:, :, None], qs * page_max.float()[:, :, None])
@@ -148,10 +154,11 @@ def quest_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
     pages = slot_pos.view(b, hkv, -1, spec.page_size)
     live = (pages >= 0).any(-1)
     newest = pages.amax(-1).argmax(-1, keepdim=True)
-    top = scores.masked_fill(~live, float("-inf")).scatter(-1, newest, float("-inf")).topk(spec.pages_read(c), dim=-1)
-    chosen = torch.cat([top.indices, newest], -1)
-    read = live.gather(-1, chosen) & torch.cat([top.indices != newest, torch.ones_like(newest, dtype=torch.bool)], -1)
-    return chosen, read
+    # Pages without tokens rank below every live page but above the newest one, which is added last:
+    # pages_read <= NP - 1 then never picks the newest page twice.
+    ranked = scores.masked_fill(~live, -3.0e38).scatter(-1, newest, float("-inf"))
+    chosen = torch.cat([ranked.topk(spec.pages_read(c), dim=-1).indices, newest], -1)
+    return chosen, live.gather(-1, chosen)
 
 
 def _page_slots(pages: torch.Tensor, read: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,6 +308,8 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
         lengths = valid.sum(-1).amax(-1)
         limit = torch.minimum(limit, spec.prompt_keep(lengths, layer, layers))
     kept = choose_kept(spec, positions, valid, score, limit)
+    if obs is not None:  # the prompt tokens SnapKV chose stay for good (score +inf: never evicted)
+        score = score.masked_fill(kept, math.inf)
     kept_old = F.pad(kept[:, :, :n_old], (0, c - n_old), value=False)
     source = place(kept_old, kept[:, :, n_old:])
     store.write(source, k_new, v_new, positions, score)
@@ -325,30 +334,30 @@ def decode_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
                 layer: int) -> torch.Tensor:
     """`policy_attend_reference` for one new token, without its copies: the store is read once (Quest:
     only the chosen pages), the new token is attended beside it, and the write touches one slot.
-    Same result as the general path (tested); no host synchronisation."""
+    Same result as the general path (tested); no host synchronisation. The attention runs in the
+    Triton kernel of `kvfx.kernels.slot_attention` where it applies, else in torch."""
+    from kvfx.kernels.kivi import use_triton
+    from kvfx.kernels.slot_attention import slot_attention, supported
+
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     group = hq // hkv
     qg = q.view(b, hkv, group, d)
     new_pos = pos.view(1, 1, 1).expand(b, hkv, 1).to(store.slot_pos.dtype)
-    keys, values = store.dequantize()
     positions = torch.cat([store.slot_pos, new_pos], -1)
     bias = candidate_bias(attn_mask, is_causal, positions, pos, group)[:, :, :, 0].expand(b, hkv, group, -1)  # [B, Hkv, g, C + 1]
     valid = (bias > float("-inf")).any(2)
-    read_bias, read_keys, read_values = bias[..., :c], keys, values
-    if spec.policy == "quest" and layer >= QUEST_DENSE_LAYERS:
-        slots, read = _page_slots(*quest_pages(qg, store.page_min, store.page_max, store.slot_pos, spec), spec.page_size)
-        index = slots[..., None].expand(*slots.shape, d)
-        read_keys, read_values = keys.gather(2, index), values.gather(2, index)
-        read_bias = bias.gather(-1, slots[:, :, None].expand(b, hkv, group, -1)).masked_fill(~read[:, :, None], float("-inf"))
-    logits = torch.cat([_scores(qg, read_keys), (qg.float() * k_new.view(b, hkv, 1, d).float()).sum(-1, keepdim=True)], -1)
-    probs = _softmax(logits * scale + torch.cat([read_bias, bias[..., c:]], -1))
-    # P V in the cache dtype (as flash attention does): no fp32 copy of the values.
-    out = (probs[..., :-1].to(read_values.dtype) @ read_values).float() + probs[..., -1:] * v_new.view(b, hkv, 1, d).float()
-    score = store.score
-    if spec.policy in ("h2o", "snapkv", "pyramidkv"):  # (Quest's reads are not scored)
-        score = score + probs[..., :c].sum(2)
-    new_score = probs[..., c:].sum(2) if spec.policy in ("h2o", "snapkv", "pyramidkv") else torch.zeros_like(score[..., :1])
+    scored = spec.policy in ("h2o", "snapkv", "pyramidkv")  # (Quest's reads are not scored)
+    pages = quest_pages(qg, store.page_min, store.page_max, store.slot_pos, spec) \
+        if spec.policy == "quest" and layer >= QUEST_DENSE_LAYERS else None
+    if use_triton(q) and supported(store, q, attn_mask):
+        slots = _page_slots(*pages, spec.page_size)[0] if pages is not None else None
+        out, slot_probs, new_probs = slot_attention(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, slots,
+                                                    want_logits=scored)
+    else:
+        out, slot_probs, new_probs = _decode_attention_torch(qg, k_new, v_new, store, bias, pages, scale, spec)
+    score = store.score + slot_probs if scored else store.score
+    new_score = new_probs if scored else torch.zeros_like(score[..., :1])
     key = eviction_key(spec, positions, valid, torch.cat([score, new_score], -1), torch.full((b,), c, device=q.device))
     # At most one valid candidate leaves: the last of the lowest keys, when all C + 1 are valid.
     victim = c - key.flip(-1).argmin(-1, keepdim=True)
@@ -359,3 +368,23 @@ def decode_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
     store.score.copy_(score.masked_fill(~kept_old, 0.0))
     store.put(torch.argmax((~kept_old).to(torch.uint8), -1, keepdim=True), keep_new, k_new, v_new, new_pos, new_score)
     return out.reshape(b, hq, 1, d).to(q.dtype)
+
+
+def _decode_attention_torch(qg: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, store, bias: torch.Tensor,
+                            pages, scale: float, spec: PolicySpec):
+    """The attention of `decode_step` in torch ops: (out, slot probabilities and new-token probability
+    summed over each KV head's query heads)."""
+    b, hkv, group, d = qg.shape
+    c = store.slot_pos.shape[-1]
+    keys, values = store.dequantize()
+    read_bias, read_keys, read_values = bias[..., :c], keys, values
+    if pages is not None:
+        slots, read = _page_slots(*pages, spec.page_size)
+        index = slots[..., None].expand(*slots.shape, d)
+        read_keys, read_values = keys.gather(2, index), values.gather(2, index)
+        read_bias = bias.gather(-1, slots[:, :, None].expand(b, hkv, group, -1)).masked_fill(~read[:, :, None], float("-inf"))
+    logits = torch.cat([_scores(qg, read_keys), (qg.float() * k_new.view(b, hkv, 1, d).float()).sum(-1, keepdim=True)], -1)
+    probs = _softmax(logits * scale + torch.cat([read_bias, bias[..., c:]], -1))
+    # P V in the cache dtype (as flash attention does): no fp32 copy of the values.
+    out = (probs[..., :-1].to(read_values.dtype) @ read_values).float() + probs[..., -1:] * v_new.view(b, hkv, 1, d).float()
+    return out, (probs[..., :-1].sum(2) if pages is None else None), probs[..., -1:].sum(2)

@@ -86,7 +86,7 @@ def test_each_call_attends_exactly_the_kept_tokens_and_the_new_ones(policy, budg
         capacity = store.slot_pos.shape[-1]
         assert all(len(row) <= capacity for rows in held(store) for row in rows)
     if policy != "pyramidkv":  # its layers' budgets differ: tested below
-        assert store.slot_pos.shape[-1] == min(budget, n)
+        assert store.slot_pos.shape[-1] == min(budget + (4 if policy == "snapkv" else 0), n)  # + the window
 
 
 @pytest.mark.parametrize("prompt, steps", [(30, 5), (9, 12)])
@@ -116,18 +116,23 @@ def test_h2o_keeps_the_recent_window_and_the_heaviest():
 
 def test_snapkv_keeps_the_observation_window_and_what_it_attends_to():
     b, hkv, d, n = 1, 1, 32, 40
-    fmt, store = make_store(n + 2, b, hkv, d, policy="snapkv", budget=10, window=4)
+    fmt, store = make_store(n + 8, b, hkv, d, policy="snapkv", budget=10, window=4)
     q, k, v = sequence(b, 1, hkv, n, d, 4)
     k[:, :, 11] = q[:, :, -4:].mean(2) * 4  # the window queries look at token 11
     run(fmt, store, q, k, v, 0)
     kept = held(store)[0][0]
     assert len(kept) == 10 and {36, 37, 38, 39, 11} <= set(kept)
     assert {10, 12} & set(kept)  # pooling keeps a neighbour of a strong token
+    more_q, more_k, more_v = sequence(b, 1, hkv, 8, d, 5)
+    for i in range(8):  # decoding never evicts the chosen prompt tokens; 4 (window) slots hold new ones
+        run(fmt, store, more_q[:, :, i:i + 1], more_k[:, :, i:i + 1], more_v[:, :, i:i + 1], n + i)
+    now = held(store)[0][0]
+    assert set(kept) <= set(now) and len(now) == 14 and {44, 45, 46, 47} <= set(now)
 
 
 def test_pyramidkv_budgets_shrink_with_depth_and_sum_to_the_mean():
-    spec = PolicySpec.parse(kvfx.KVConfig(policy="pyramidkv", budget=100, beta=20).to_json())
-    capacities = [spec.capacity(10_000, layer, 8) for layer in range(8)]
+    spec = PolicySpec.parse(kvfx.KVConfig(policy="pyramidkv", budget=100, beta=20, window=1).to_json())
+    capacities = [spec.capacity(10_000, layer, 8) - spec.window for layer in range(8)]
     assert capacities == sorted(capacities, reverse=True) and capacities[-1] == 5  # top layer: budget / beta
     assert abs(sum(capacities) - 800) <= 8  # rounding up per layer
 

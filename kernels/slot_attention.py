@@ -1,0 +1,149 @@
+"""Decode attention over a policy's `TokenStore` slots: Triton split-K kernel beside its reference.
+
+One query token per row. Each program takes one (row, KV head) and a contiguous share of the slots
+to read (all C slots, or Quest's chosen pages given as slot indices), loads the g query heads of the
+KV head as the M dimension of `tl.dot` (padded to 16), and folds tiles of BLOCK_N slots into a
+running (max, sum of exp, unnormalized output), as flash-decoding does. A slot counts when its
+position is >= 0; the model's mask enters as an additive bias per logical position of the row
+(read at each slot's position). With `want_logits` the kernel also writes each slot's logit, from
+which H2O's attention scores are taken once the softmax normalizer is known (no second pass over
+the KV bytes). Codecs: "none" (model dtype) and "int8" (per-token scale and zero, dequantized in
+registers). The partials and the new token are combined in `slot_attention`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvfx.kernels.decode_attention import LOG2E
+from kvfx.kernels.kivi import TL_DTYPES
+
+HEAD_DIMS = (64, 128)
+CODECS = ("none", "int8")
+
+
+@triton.jit
+def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr,
+                           logit_ptr, C, N, NS, HKV, BIAS_COLS, qk_scale, GQ: tl.constexpr, D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr,
+                           HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, LOGITS: tl.constexpr, DOT: tl.constexpr):
+    """Program (bh, split): slots n in its share of [0, N) (slot idx[bh, n], or n), base-2 logits."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    rmask = rows < GQ
+    q = tl.load(q_ptr + (bh * GQ + rows[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
+    q = (q.to(tl.float32) * qk_scale).to(DOT)
+    per_split = tl.cdiv(tl.cdiv(N, NS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, N)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        inside = n < end
+        if HAS_IDX:
+            slot = tl.load(idx_ptr + bh * N + n, mask=inside, other=0)
+        else:
+            slot = n
+        pos = tl.load(pos_ptr + bh * C + slot, mask=inside, other=-1)
+        live = inside & (pos >= 0)
+        offs = (bh * C + slot[:, None]) * D + d[None, :]
+        k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
+        if INT8:  # per-token (scale, zero)
+            prm = (bh * C + slot) * 2
+            k = k * tl.load(kp_ptr + prm, mask=live, other=0.0).to(tl.float32)[:, None] \
+                + tl.load(kp_ptr + prm + 1, mask=live, other=0.0).to(tl.float32)[:, None]
+            v = v * tl.load(vp_ptr + prm, mask=live, other=0.0).to(tl.float32)[:, None] \
+                + tl.load(vp_ptr + prm + 1, mask=live, other=0.0).to(tl.float32)[:, None]
+        s = tl.dot(q, tl.trans(k.to(DOT)))  # [BLOCK_M, BLOCK_N], base-2 logits
+        if HAS_BIAS:  # the row's additive mask at each slot's position (base 2)
+            bias = tl.load(bias_ptr + (bh // HKV) * BIAS_COLS + pos, mask=live & (pos < BIAS_COLS), other=float("-inf"))
+            s += bias[None, :] * 1.4426950408889634
+        s = tl.where(live[None, :], s, float("-inf"))
+        if LOGITS:
+            tl.store(logit_ptr + (bh * GQ + rows[:, None]) * C + slot[None, :], s,
+                     mask=rmask[:, None] & inside[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no NaN from -inf - -inf
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
+        m_i = m_new
+    out = (bh * NS + split) * BLOCK_M + rows
+    tl.store(m_ptr + out, m_i)
+    tl.store(l_ptr + out, l_i)
+    tl.store(acc_ptr + out[:, None] * D + d[None, :], acc)
+
+
+def supported(store, q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+    """Whether `slot_attention` takes this call (else the torch path of `decode_step` does)."""
+    return (store.codec.kv in CODECS and q.shape[-1] in HEAD_DIMS and q.shape[2] == 1
+            and (attn_mask is None or (attn_mask.dim() == 4 and attn_mask.shape[1] == 1)))
+
+
+def _row_bias(attn_mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """The mask of one query [B|1, 1, 1, S'] as an additive fp32 bias [B, S'] by logical position."""
+    if attn_mask is None:
+        return None
+    row = attn_mask[:, 0, -1].expand(b, -1)
+    if row.dtype == torch.bool:
+        return torch.zeros(row.shape, device=row.device).masked_fill(~row, float("-inf")).contiguous()
+    return row.float().contiguous()
+
+
+def slot_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
+                   attn_mask: torch.Tensor | None, is_causal: bool, scale: float, slots: torch.Tensor | None = None,
+                   want_logits: bool = False, num_splits: int | None = None, block_n: int = 64
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Attention of one query token q [B, Hq, 1, D] over the store's slots (or `slots` [B, Hkv, N]) and
+    the new token k_new, v_new [B, Hkv, 1, D] at position pos [1] (which every kept slot precedes).
+
+    Returns (out [B, Hq, 1, D] fp32, probabilities of the slots summed over each KV head's g query heads
+    [B, Hkv, C] if want_logits else None, probability of the new token summed the same way [B, Hkv, 1]).
+    """
+    b, hq, _, d = q.shape
+    hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
+    gq = hq // hkv
+    n = c if slots is None else slots.shape[-1]
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+    ns = num_splits or max(1, min(triton.cdiv(4 * sms, b * hkv), triton.cdiv(n, 2 * block_n)))
+    block_m = max(16, triton.next_power_of_2(gq))
+    part_m = torch.empty(b * hkv, ns, block_m, device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(b * hkv, ns, block_m, d, device=q.device, dtype=torch.float32)
+    logits = torch.empty(b, hkv, gq, c, device=q.device, dtype=torch.float32) if want_logits else part_m
+    bias = _row_bias(attn_mask, b)
+    interpreted = not q.is_cuda
+    dot = tl.float32 if interpreted else TL_DTYPES[store.dtype]  # the interpreter's bf16 tl.dot is wrong
+    int8 = store.codec.kv == "int8"
+    _slot_attention_kernel[(b * hkv, ns)](
+        q.reshape(b * hq, d).contiguous(), store.k_codes, store.v_codes, store.k_params, store.v_params,
+        store.slot_pos, slots.contiguous() if slots is not None else store.slot_pos, bias if bias is not None else part_m,
+        part_m, part_l, part_acc, logits, c, n, ns, hkv, bias.shape[-1] if bias is not None else 0, scale * LOG2E,
+        GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n, INT8=int8, HAS_IDX=slots is not None,
+        HAS_BIAS=bias is not None, LOGITS=want_logits, DOT=dot, num_warps=4)
+    # The new token: its base-2 logit per query head, masked like any position.
+    qg = q.view(b, hkv, gq, d).float()
+    new = (qg * k_new.view(b, hkv, 1, d).float()).sum(-1) * (scale * LOG2E)  # [B, Hkv, g]
+    if bias is not None:
+        new = new + bias.gather(1, pos.view(1, 1).expand(b, 1).long()).view(b, 1, 1) * LOG2E
+    m = part_m[:, :, :gq].view(b, hkv, ns, gq)
+    top = torch.maximum(m.amax(2), new)
+    top = torch.where(top == float("-inf"), 0.0, top)
+    w = torch.exp2(m - top[:, :, None])  # [B, Hkv, NS, g]
+    w_new = torch.exp2(new - top)
+    total = (part_l[:, :, :gq].view(b, hkv, ns, gq) * w).sum(2) + w_new
+    acc = (part_acc[:, :, :gq].view(b, hkv, ns, gq, d) * w[..., None]).sum(2) + w_new[..., None] * v_new.view(b, hkv, 1, d).float()
+    norm = torch.where(total > 0, total, 1.0)
+    out = (acc / norm[..., None]).reshape(b, hq, 1, d)
+    p_new = (w_new / norm).sum(-1, keepdim=True)
+    probs = None
+    if want_logits:  # (every slot was read: `slots` is None)
+        probs = (torch.exp2(logits - top[..., None]) / norm[..., None]).sum(2)
+    return out, probs, p_new
