@@ -148,9 +148,11 @@ def quest_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
     highest bound sum_d max(q_d min_d, q_d max_d) (the g query heads summed), then the newest token's
     page; and whether each holds tokens [B, Hkv, k + 1]."""
     b, hkv, c = slot_pos.shape
-    qs = q.float()[:, :, :, None]
-    bound = torch.maximum(qs * page_min.float()[:, :, None], qs * page_max.float()[:, :, None])
-    scores = bound.sum(-1).sum(2)  # [B, Hkv, NP]
+    # sum_d max(q_d min_d, q_d max_d) = relu(q) . max + min(q, 0) . min: two small matmuls.
+    # In the bounds' dtype (no fp32 copy of them): the bound only ranks pages.
+    qd = q.to(page_min.dtype)
+    scores = (qd.clamp(min=0) @ page_max.transpose(-1, -2)).float() + (qd.clamp(max=0) @ page_min.transpose(-1, -2)).float()
+    scores = scores.sum(2)  # [B, Hkv, NP]
     pages = slot_pos.view(b, hkv, -1, spec.page_size)
     live = (pages >= 0).any(-1)
     newest = pages.amax(-1).argmax(-1, keepdim=True)
