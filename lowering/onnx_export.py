@@ -50,11 +50,13 @@ class CacheTensor:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, options: Mapping[str, Any] | KVConfig | None = None,
                 max_cache_len: int = 256, batch_size: int = 1, opset: int = MAX_OPSET,
-                rewrite: bool = True) -> list[CacheTensor]:
+                rewrite: bool = True, optimize: bool = True) -> list[CacheTensor]:
     """Export `model` (a HF causal LM) with kvfx's cache `options` to the ONNX file `path`.
 
     rewrite=False exports the same step without kvfx (the model's own attention over an fp cache),
-    the baseline a benchmark compares with. Returns the cache tensors (also in the file's metadata).
+    the baseline a benchmark compares with. optimize=False skips onnxscript's graph optimizer (its
+    fusion rewriter took over 10 minutes on SmolLM2's 30-layer int4 graph on a 2-core CPU; onnxruntime
+    optimizes the graph again when it loads it). Returns the cache tensors (also in the file's metadata).
     """
     config = KVConfig.from_options(options)
     _check_opset(config.kv, opset)
@@ -76,7 +78,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, options: Mapping[str,
         module, inputs, dynamo=True, opset_version=opset, custom_translation_table=_table(),
         input_names=["input_ids", "past_len", *names], output_names=["logits", *(f"new.{n}" for n in names)],
         dynamic_shapes=(({1: tokens}, None, *(None for _ in names)),),  # one tuple: forward(*args)
-        optimize=True, report=False)
+        optimize=optimize, report=False)
     program.model.metadata_props[METADATA_KEY] = json.dumps([asdict(t) for _, t in cache])
     program.save(os.fspath(path), external_data=False)
     return [t for _, t in cache]
