@@ -1,6 +1,6 @@
 """The issue's real-model check: SmolLM2-135M with KIVI int4, 64 greedy tokens through onnxruntime equal
 PyTorch kvfx's, and the ORT loop holds kvfx's compressed bytes. Costs about 3 minutes on the shared 2-core
-CPU (load ~30 s, kvfx compile + generate ~40 s, export ~60 s, ORT generation); see docs/ARCHITECTURE.md."""
+CPU (183 s measured: load, kvfx compile + generate, export, full check_model, ORT generation)."""
 import numpy as np
 import onnx
 import pytest
