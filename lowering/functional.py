@@ -7,7 +7,7 @@ cache as outputs, so that a runtime holds only those tensors between steps. `fun
 each in-place write on a state input into an out-of-place op whose results later nodes read, and
 appends each state tensor's last version to the graph's outputs.
 
-The two ops registered here exist for export only (nothing on the compile path inserts them); their
+The ops registered here exist for export only (nothing on the compile path inserts them); their
 PyTorch implementations are the in-place ops applied to copies, so they mean exactly what the
 compile path computes.
 """
@@ -57,11 +57,45 @@ def _(k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring, pos, k
     return tuple(torch.empty_like(t) for t in (k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring))
 
 
+_TOKEN_STORE = ("k_codes", "k_params", "v_codes", "v_params", "slot_pos", "score", "page_min", "page_max")
+
+
+@torch.library.custom_op("kvfx::policy_update", mutates_args=())
+def policy_update(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor,
+                  k_codes: torch.Tensor, k_params: torch.Tensor, v_codes: torch.Tensor, v_params: torch.Tensor,
+                  slot_pos: torch.Tensor, score: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
+                  attn_mask: torch.Tensor | None, is_causal: bool, scale: float, options: str, layer: int,
+                  layers: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`kvfx::policy_attend` returning (attention output, the 8 written store tensors (copies))."""
+    store = [t.clone() for t in (k_codes, k_params, v_codes, v_params, slot_pos, score, page_min, page_max)]
+    out = torch.ops.kvfx.policy_attend(q, k_new, v_new, pos, *store, attn_mask, is_causal, scale, options, layer,
+                                       layers)
+    return (out, *store)
+
+
+@policy_update.register_fake
+def _(q, k_new, v_new, pos, k_codes, k_params, v_codes, v_params, slot_pos, score, page_min, page_max, attn_mask,
+      is_causal, scale, options, layer, layers):
+    store = (k_codes, k_params, v_codes, v_params, slot_pos, score, page_min, page_max)
+    return (q.new_empty((*q.shape[:-1], v_new.shape[-1])), *(torch.empty_like(t) for t in store))
+
+
+# In-place op -> (functional op, index of its first mutated argument, how many, whether the op's result is
+# used: then the functional op's output 0 replaces it and the store follows at 1..).
+_FUNCTIONAL = {
+    torch.ops.kvfx.store_write.default: (torch.ops.kvfx.store_update.default, 0, 2, False),
+    torch.ops.kvfx.kivi_write.default: (torch.ops.kvfx.kivi_update.default, 0, len(_KIVI_STORE), False),
+    torch.ops.kvfx.policy_attend.default: (torch.ops.kvfx.policy_update.default, 4, len(_TOKEN_STORE), True),
+}
+
+
 def functionalize(gm: fx.GraphModule, state: list[fx.Node]) -> None:
     """Rewrite in-place writes into the `state` placeholders as functional ops; return their last versions.
 
     The graph's outputs become (original outputs..., final value of each state tensor, in `state`
-    order). A write kvfx does not model (anything but the three writes above) into a state input
+    order). A write kvfx does not model (anything but the writes above) into a state input
     raises, naming it: exporting it would silently drop the write.
     """
     graph = gm.graph
@@ -79,9 +113,11 @@ def functionalize(gm: fx.GraphModule, state: list[fx.Node]) -> None:
         if not written:
             continue
         with graph.inserting_before(node):
-            results = _functional_write(graph, node)
+            results, value = _functional_write(graph, node)
         for p, result in zip(written, results):
             current[p] = result
+        if value is not None:
+            node.replace_all_uses_with(value)
         if node.users:
             raise KVFXError(f"the result of the cache write {node.format_node()} is used; kvfx exports writes "
                             "made for their side effect only")
@@ -94,10 +130,9 @@ def functionalize(gm: fx.GraphModule, state: list[fx.Node]) -> None:
 def _written_state(node: fx.Node, current: dict[fx.Node, fx.Node]) -> list[fx.Node]:
     """The state placeholders `node` writes in place ([] if none); raises for writes kvfx cannot export."""
     latest = {v: k for k, v in current.items()}
-    if node.op == "call_function" and node.target is torch.ops.kvfx.store_write.default:
-        return [latest[node.args[0]], latest[node.args[1]]]
-    if node.op == "call_function" and node.target is torch.ops.kvfx.kivi_write.default:
-        return [latest[a] for a in node.args[:8]]
+    if node.op == "call_function" and node.target in _FUNCTIONAL:
+        _, first, count, _ = _FUNCTIONAL[node.target]
+        return [latest[a] for a in node.args[first:first + count]]
     if node.op == "call_method" and node.target == "index_copy_" and node.args[0] in latest:
         return [latest[node.args[0]]]
     mutated = node.op == "call_method" and node.target.endswith("_") or node.target is operator.setitem
@@ -107,11 +142,11 @@ def _written_state(node: fx.Node, current: dict[fx.Node, fx.Node]) -> list[fx.No
     return []
 
 
-def _functional_write(graph: fx.Graph, node: fx.Node) -> list[fx.Node]:
+def _functional_write(graph: fx.Graph, node: fx.Node) -> tuple[list[fx.Node], fx.Node | None]:
+    """The functional form of `node`: (the written state tensors, what replaces the node's own result)."""
     if node.op == "call_method":  # buffer.index_copy_(dim, index, source)
-        return [graph.call_function(torch.index_copy, node.args, node.kwargs)]
-    target = torch.ops.kvfx.store_update.default if node.target is torch.ops.kvfx.store_write.default \
-        else torch.ops.kvfx.kivi_update.default
+        return [graph.call_function(torch.index_copy, node.args, node.kwargs)], None
+    target, _, count, returns = _FUNCTIONAL[node.target]
     update = graph.call_function(target, node.args, node.kwargs)
-    count = 2 if target is torch.ops.kvfx.store_update.default else len(_KIVI_STORE)
-    return [graph.call_function(operator.getitem, (update, i)) for i in range(count)]
+    items = [graph.call_function(operator.getitem, (update, i)) for i in range(count + returns)]
+    return (items[1:], items[0]) if returns else (items, None)

@@ -35,6 +35,7 @@ from kvfx.passes.rewrite import GraphPlan, rewrite_graph
 # The lowest opset each format's translation needs: every attention is an ONNX Attention node (23).
 FORMAT_OPSETS = {"none": 23, "int8": 23, "int4": 23, "int2": 23}
 MAX_OPSET = 23  # onnxscript 0.7's newest opset module
+EXPORTED_POLICIES = ("streaming",)
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,17 @@ class CacheTensor:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, options: Mapping[str, Any] | KVConfig | None = None,
                 max_cache_len: int = 256, batch_size: int = 1, opset: int = MAX_OPSET,
-                rewrite: bool = True) -> list[CacheTensor]:
+                rewrite: bool = True, optimize: bool = True) -> list[CacheTensor]:
     """Export `model` (a HF causal LM) with kvfx's cache `options` to the ONNX file `path`.
 
     rewrite=False exports the same step without kvfx (the model's own attention over an fp cache),
-    the baseline a benchmark compares with. Returns the cache tensors (also in the file's metadata).
+    the baseline a benchmark compares with. optimize=False skips onnxscript's graph optimizer (its
+    fusion rewriter took over 10 minutes on SmolLM2's 30-layer int4 graph on a 2-core CPU; onnxruntime
+    optimizes the graph again when it loads it). Returns the cache tensors (also in the file's metadata).
     """
     config = KVConfig.from_options(options)
     _check_opset(config.kv, opset)
+    _check_policy(config)
     _require_onnx()
     if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(max_cache_len, int) or max_cache_len < 2:
         raise KVFXError(f"export_onnx needs batch_size >= 1 and max_cache_len >= 2, got {batch_size}, {max_cache_len}")
@@ -74,7 +78,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, options: Mapping[str,
         module, inputs, dynamo=True, opset_version=opset, custom_translation_table=_table(),
         input_names=["input_ids", "past_len", *names], output_names=["logits", *(f"new.{n}" for n in names)],
         dynamic_shapes=(({1: tokens}, None, *(None for _ in names)),),  # one tuple: forward(*args)
-        optimize=True, report=False)
+        optimize=optimize, report=False)
     program.model.metadata_props[METADATA_KEY] = json.dumps([asdict(t) for _, t in cache])
     program.save(os.fspath(path), external_data=False)
     return [t for _, t in cache]
@@ -89,6 +93,18 @@ def _check_opset(kv: str, opset: int) -> None:
         raise KVFXError(f"ONNX export of kv={kv!r} needs opset >= {need} (ONNX Attention); got opset={opset!r}")
     if opset > MAX_OPSET:
         raise KVFXError(f"opset={opset} is newer than this exporter writes; use {need} <= opset <= {MAX_OPSET}")
+
+
+def _check_policy(config: KVConfig) -> None:
+    """Eviction policies with an export: StreamingLLM with a token-count budget (lowering/onnx_ops.py)."""
+    if config.policy == "none":
+        return
+    if config.policy not in EXPORTED_POLICIES:
+        raise KVFXError(f"kvfx has no ONNX lowering for policy={config.policy!r}; policies with one: "
+                        f"{', '.join(repr(p) for p in EXPORTED_POLICIES)}")
+    if isinstance(config.budget, float):
+        raise KVFXError(f"kvfx's ONNX export of policy={config.policy!r} needs a token-count budget (an int); "
+                        f"got budget={config.budget!r}")
 
 
 def _require_onnx() -> None:
@@ -134,7 +150,7 @@ def _cache_inputs(step: CapturedStep, original: list, plan: GraphPlan, config: K
     store_nodes = placeholders[len(original):]
     fmt = config.format
     for slot in plan.slots:
-        tensors = fmt.allocate(step.kv_shape, slot.dtype, torch.device("cpu")).tensors()
+        tensors = fmt.allocate(step.kv_shape, slot.dtype, torch.device("cpu"), slot.layer, step.layers).tensors()
         for name, tensor in zip(fmt.tensor_names, tensors):
             node = store_nodes.pop(0)
             cache.append((node, CacheTensor(f"layer{slot.layer}.{name}", tuple(tensor.shape),
@@ -159,7 +175,8 @@ def _fill(tensor: torch.Tensor) -> float:
 
 
 def _numpy_dtype(dtype: torch.dtype) -> str:
-    names = {torch.float32: "float32", torch.float16: "float16", torch.uint8: "uint8", torch.int64: "int64"}
+    names = {torch.float32: "float32", torch.float16: "float16", torch.uint8: "uint8", torch.int32: "int32",
+             torch.int64: "int64"}
     if dtype not in names:
         raise KVFXError(f"kvfx ONNX export supports caches in {', '.join(map(str, names))}; got {dtype}")
     return names[dtype]

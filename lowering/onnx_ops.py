@@ -102,14 +102,19 @@ def attend(q, k, v, k_qparams=None, v_qparams=None, attn_mask=None, kv_len: int 
 # ---- per-token int8 store --------------------------------------------------------------------
 
 
-def store_update(codes, qparams, pos, x):
-    """kvfx::store_update: quantize x [B, H, T, D] per token (kernels/int8.py) and write at pos [T]."""
+def _quantize_int8(x, like):
+    """kernels/int8.quantize_int8_reference: (codes uint8, qparams [..., 2] = (scale, zero) in like's dtype)."""
     xf = op.Cast(x, to=FLOAT)
     low = op.ReduceMin(xf, _ints(-1), keepdims=1)
     high = op.ReduceMax(xf, _ints(-1), keepdims=1)
     scale = op.Where(op.Greater(high, low), op.Div(op.Sub(high, low), _float(255.0)), _float(1.0))
-    new_codes = op.Cast(op.Clip(op.Round(op.Div(op.Sub(xf, low), scale)), _float(0.0), _float(255.0)), to=UINT8)
-    new_qparams = op.CastLike(op.Concat(scale, low, axis=-1), qparams)
+    codes = op.Cast(op.Clip(op.Round(op.Div(op.Sub(xf, low), scale)), _float(0.0), _float(255.0)), to=UINT8)
+    return codes, op.CastLike(op.Concat(scale, low, axis=-1), like)
+
+
+def store_update(codes, qparams, pos, x):
+    """kvfx::store_update: quantize x [B, H, T, D] per token (kernels/int8.py) and write at pos [T]."""
+    new_codes, new_qparams = _quantize_int8(x, qparams)
     return (op.ScatterElements(codes, _along_seq(pos, new_codes), new_codes, axis=2),
             op.ScatterElements(qparams, _along_seq(pos, new_qparams), new_qparams, axis=2))
 
@@ -266,14 +271,174 @@ def kivi_attend(q, k_new, v_new, pos, k_codes, v_codes, k_scale, k_zero, v_scale
     return _attention(q, full[0], full[1], attn_mask, -1, is_causal, scale)
 
 
+# ---- eviction policies over a TokenStore (kernels/policies.py, kernels/token_store.py) ---------------
+
+_EXPORTED_POLICIES = ("streaming",)
+_TOKEN_CODECS = ("none", "int8", "int4", "int2")
+
+
+def _token_quantize(x, codes_like, params_like, kv, group_size):
+    """token_store.TokenCodec.quantize of x [B, H, T, D] (in the store's dtype): (codes, params)."""
+    if kv == "none":
+        return op.CastLike(x, codes_like), None
+    if kv == "int8":
+        return _quantize_int8(x, params_like)
+    bits = {"int4": 4, "int2": 2}[kv]
+    grouped = op.Reshape(op.Cast(x, to=FLOAT), _ints(0, 0, 0, -1, group_size))
+    codes, scale, zero = _quantize_asym(grouped, 4, bits, params_like)
+    params = op.Reshape(op.Concat(scale, zero, axis=-1), _ints(0, 0, 0, -1))  # (scale, zero) per group
+    return _pack(op.Reshape(codes, _ints(0, 0, 0, -1)), bits), op.CastLike(params, params_like)
+
+
+def _token_dequantize(codes, params, like, kv, group_size):
+    """token_store.TokenCodec.dequantize: every slot [B, H, C, D] in like's dtype."""
+    if kv == "none":
+        return op.CastLike(codes, like)
+    if kv == "int8":
+        return _dequantize_int8(codes, params, like)
+    x = _unpack(codes, {"int4": 4, "int2": 2}[kv])
+    grouped = op.Reshape(x, _ints(0, 0, 0, -1, group_size))
+    params = op.Reshape(op.Cast(params, to=FLOAT), _ints(0, 0, 0, -1, 2))
+    scale = op.Slice(params, _ints(0), _ints(1), _ints(4))
+    zero = op.Slice(params, _ints(1), _ints(2), _ints(4))
+    return op.CastLike(op.Reshape(op.Add(op.Mul(grouped, scale), zero), op.Shape(x)), like)
+
+
+def _per_query_head(x, q, hkv):
+    """[B, Hkv, T|1, N] -> [B, Hq, T|1, N]: KV head k's rows for its g query heads k*g .. k*g+g-1."""
+    group = op.Div(_dims(q, 1, 2), hkv)
+    shape = op.Concat(_dims(x, 0, 2), group, _dims(x, 2, 4), axis=0)
+    return op.Reshape(op.Expand(op.Unsqueeze(x, _ints(2)), shape), op.Concat(_dims(q, 0, 2), _dims(x, 2, 4), axis=0))
+
+
+def _candidate_bias(attn_mask, is_causal, positions, pos, q):
+    """policies.candidate_bias as [B, Hq, T, N] fp32: the model's mask read at the candidates' positions
+    [B, Hkv, N] (-1: empty slot), -inf where a query may not see a candidate."""
+    hkv = _dims(positions, 1, 2)
+    t = _dims(q, 2, 3)
+    cand = op.Unsqueeze(positions, _ints(2))                                      # [B, Hkv, 1, N]
+    if attn_mask is None:
+        if is_causal:
+            visible = op.LessOrEqual(cand, op.Reshape(pos, _ints(1, 1, -1, 1)))   # [B, Hkv, T, N]
+        else:
+            visible = op.GreaterOrEqual(cand, _ints(0))
+        visible = _per_query_head(op.Expand(visible, op.Concat(_dims(cand, 0, 2), t, _dims(cand, 3, 4), axis=0)),
+                                  q, hkv)
+        bias = op.Where(visible, _float(0.0), _float(float("-inf")))
+    else:
+        cols = _dims(attn_mask, 3, 4)
+        index = _per_query_head(op.Clip(cand, _int(0), op.Squeeze(op.Sub(cols, _ints(1)), _ints(0))), q, hkv)
+        index = op.Expand(index, op.Concat(_dims(q, 0, 3), _dims(cand, 3, 4), axis=0))   # [B, Hq, T, N]
+        mask = op.Expand(attn_mask, op.Concat(_dims(q, 0, 3), cols, axis=0))             # [B, Hq, T, cols]
+        picked = op.GatherElements(mask, index, axis=3)
+        if attn_mask.dtype == onnx.TensorProto.BOOL:
+            bias = op.Where(picked, _float(0.0), _float(float("-inf")))
+        else:
+            bias = op.Cast(picked, to=FLOAT)
+        beyond = _per_query_head(op.GreaterOrEqual(cand, cols), q, hkv)
+        bias = op.Where(beyond, _float(float("-inf")), bias)
+    return op.Where(_per_query_head(op.Less(cand, _ints(0)), q, hkv), _float(float("-inf")), bias)
+
+
+def _streaming_keep(positions, valid, capacity, sink):
+    """Which candidates [B, Hkv, N] StreamingLLM keeps (policies.choose_kept with limit = capacity): the
+    `sink` oldest are protected (key +inf), the others ranked by position. Among valid candidates only
+    the protected ones tie (all kept, since sink < budget), so TopK's tie order cannot change the set."""
+    n = _dims(positions, 2, 3)
+    pos = op.Cast(positions, to=FLOAT)  # exact below 2^24 positions, as the reference
+    key = pos
+    if sink:
+        k = op.Min(_ints(sink), n)
+        smallest, _ = op.TopK(op.Where(valid, pos, _float(float("inf"))), k, axis=-1, largest=0, sorted=1)
+        oldest = op.Gather(smallest, op.Sub(k, _ints(1)), axis=2)                  # [B, Hkv, 1]
+        key = op.Where(op.LessOrEqual(pos, oldest), _float(float("inf")), pos)
+    key = op.Where(valid, key, _float(float("-inf")))
+    _, top = op.TopK(key, capacity, axis=-1, largest=1, sorted=1)
+    chosen = op.ScatterElements(op.Expand(_float(0.0), op.Shape(key)), top,
+                                op.Expand(_float(1.0), op.Shape(top)), axis=2)
+    return op.And(op.Cast(chosen, to=onnx.TensorProto.BOOL), valid)
+
+
+def _place(kept_old, kept_new, capacity):
+    """policies.place: source candidate of every slot [B, Hkv, C] (< C: kept slot, C + j: new token j,
+    -1: empty). Kept slots stay; kept new tokens fill the free slots in order."""
+    free_rank = op.Sub(op.CumSum(op.Cast(op.Not(kept_old), to=INT64), _int(2)), _int(1))
+    t = _dims(kept_new, 2, 3)
+    # Kept new tokens first, each group in index order (TopK puts the lower index first among equals).
+    _, new_order = op.TopK(op.Cast(kept_new, to=FLOAT), t, axis=-1, largest=1, sorted=1)
+    n_new = op.ReduceSum(op.Cast(kept_new, to=INT64), _ints(2), keepdims=1)
+    index = op.Clip(free_rank, _int(0), op.Squeeze(op.Sub(t, _ints(1)), _ints(0)))
+    from_new = op.Add(op.GatherElements(new_order, index, axis=2), capacity)
+    slot = op.Range(_int(0), op.Squeeze(capacity, _ints(0)), _int(1))
+    return op.Where(kept_old, op.Expand(slot, op.Shape(kept_old)),
+                    op.Where(op.Less(free_rank, n_new), from_new, _int(-1)))
+
+
+def policy_update(q, k_new, v_new, pos, k_codes, k_params, v_codes, v_params, slot_pos, score, page_min, page_max,
+                  attn_mask=None, is_causal: bool = False, scale: float = 1.0, options: str = "", layer: int = 0,
+                  layers: int = 1):
+    """kvfx::policy_update for StreamingLLM with an integer budget (policies.policy_attend_reference):
+    attention of q over the C slots (dequantized; empty ones masked) and the T new tokens, then the write.
+
+    The store's C old slots are always candidates (the reference drops them when the store is empty:
+    they are then all invalid and masked, which changes nothing). A call keeps up to C candidates: the
+    reference's prompt limit min(C, budget) is C for an integer budget (C = min(cache length, budget)).
+    """
+    from kvfx.kernels.policies import PolicySpec
+
+    spec = PolicySpec.parse(options)
+    if spec.policy not in _EXPORTED_POLICIES or spec.kv not in _TOKEN_CODECS or not isinstance(spec.budget, int):
+        raise KVFXError(f"kvfx's ONNX export lowers policy 'streaming' with an integer budget and kv in "
+                        f"{', '.join(_TOKEN_CODECS)}; got policy={spec.policy!r}, budget={spec.budget!r}, "
+                        f"kv={spec.kv!r}")
+    capacity = _dims(slot_pos, 2, 3)
+    shape = op.Concat(_dims(k_new, 0, 3), axis=0)                                   # [B, Hkv, T]
+    positions = op.Concat(op.Cast(slot_pos, to=INT64), op.Expand(op.Reshape(pos, _ints(1, 1, -1)), shape), axis=2)
+    bias = _candidate_bias(attn_mask, is_causal, positions, pos, q)                # [B, Hq, T, N]
+    keys, values = (op.Concat(_token_dequantize(codes, params, q, spec.kv, spec.group_size), op.CastLike(new, q),
+                              axis=2)
+                    for codes, params, new in ((k_codes, k_params, k_new), (v_codes, v_params, v_new)))
+    out = op.Attention(q, keys, values, op.CastLike(bias, q), scale=scale)[0]
+    # Valid: not empty and visible to the newest query of some query head of the KV head.
+    last = op.Slice(bias, _ints(-1), _ints(2 ** 62), _ints(2))                     # [B, Hq, 1, N]
+    seen = op.Cast(op.Greater(last, _float(float("-inf"))), to=FLOAT)
+    seen = op.Reshape(seen, op.Concat(_dims(slot_pos, 0, 2), _ints(-1), _dims(positions, 2, 3), axis=0))
+    valid = op.And(op.GreaterOrEqual(positions, _ints(0)), op.Greater(op.ReduceMax(seen, _ints(2), keepdims=0),
+                                                                      _float(0.0)))
+    kept = _streaming_keep(positions, valid, capacity, spec.sink)
+    n = _dims(positions, 2, 3)
+    source = _place(op.Slice(kept, _ints(0), capacity, _ints(2)), op.Slice(kept, capacity, n, _ints(2)), capacity)
+    # store.write: every slot refilled from its source candidate (old slots first, then the new tokens).
+    empty = op.Less(source, _int(0))
+    cand = op.Max(source, _int(0))
+    new_slot_pos = op.CastLike(op.Where(empty, _int(-1), op.GatherElements(positions, cand, axis=2)), slot_pos)
+    scores = op.Concat(score, op.Expand(op.CastLike(_float(0.0), score), shape), axis=2)
+    new_score = op.Where(empty, op.CastLike(_float(0.0), score), op.GatherElements(scores, cand, axis=2))
+    stores = []
+    for codes, params, new in ((k_codes, k_params, k_new), (v_codes, v_params, v_new)):
+        new_codes, new_params = _token_quantize(op.CastLike(new, params), codes, params, spec.kv, spec.group_size)
+        index = op.Unsqueeze(cand, _ints(3))
+        gathered = []
+        for old, fresh in ((codes, new_codes), (params, new_params)):
+            if fresh is None:  # kv="none": params hold nothing ([B, H, C, 0])
+                gathered.append(old)
+                continue
+            both = op.Concat(old, fresh, axis=2)
+            gathered.append(op.GatherElements(both, op.Expand(index, op.Concat(_dims(cand, 0, 3), _dims(old, 3, 4),
+                                                                              axis=0)), axis=2))
+        stores.extend(gathered)
+    return (out, *stores, new_slot_pos, new_score, page_min, page_max)
+
+
 def translation_table() -> dict:
     import torch
 
-    import kvfx.lowering.functional  # noqa: F401  (registers kvfx::store_update, kvfx::kivi_update)
+    import kvfx.lowering.functional  # noqa: F401  (registers the export-only kvfx::*_update ops)
 
     return {
         torch.ops.kvfx.attend.default: attend,
         torch.ops.kvfx.store_update.default: store_update,
         torch.ops.kvfx.kivi_update.default: kivi_update,
         torch.ops.kvfx.kivi_attend.default: kivi_attend,
+        torch.ops.kvfx.policy_update.default: policy_update,
     }

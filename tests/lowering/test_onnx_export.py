@@ -87,6 +87,41 @@ def test_ort_generation_matches_kvfx(kv, model, prompt, tmp_path):
             assert_same_cache(values, expected[1], bits[kv])
 
 
+STREAMING = dict(policy="streaming", budget=24, sink=4)  # 24 slots for 51 tokens: eviction from the prompt on
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_ort_generation_with_streaming_policy_matches_kvfx(kv, model, prompt, tmp_path):
+    """StreamingLLM (prompt 20 > budget 24 - sink after 4 steps): the exported graph evicts as kvfx does
+    (same tokens), holds only the 24-slot stores, and keeps exactly the sink + the newest positions."""
+    options = {"kv": kv, **STREAMING}
+    tokens, report, _ = kvfx_generate(model, prompt, options)
+    assert report.rewritten == report.found > 0
+
+    path = tmp_path / f"streaming-{kv}.onnx"
+    kvfx.export_onnx(model, path, options, max_cache_len=SLOTS, batch_size=1)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    generator = OrtGenerator(path, threads=1)
+    np.testing.assert_array_equal(generator.generate(prompt.numpy(), NEW), tokens.numpy())
+    assert generator.cache_bytes() == report.kv_bytes
+
+    written = PROMPT + NEW - 1  # the last token is generated, never fed back
+    kept = list(range(STREAMING["sink"])) + list(range(written - STREAMING["budget"] + STREAMING["sink"], written))
+    for name, slots in zip(generator.cache_names, generator.cache):
+        if name.endswith(".slot_pos"):
+            assert slots.shape[-1] == STREAMING["budget"]
+            assert (np.sort(slots, axis=-1) == kept).all(), name
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"policy": "h2o", "budget": 24}, r"no ONNX lowering for policy='h2o'; policies with one: 'streaming'"),
+    ({"policy": "streaming", "budget": 0.5}, r"policy='streaming' needs a token-count budget .*got budget=0.5"),
+])
+def test_policy_without_lowering_is_refused(options, message, model, tmp_path):
+    with pytest.raises(kvfx.KVFXError, match=message):
+        kvfx.export_onnx(model, tmp_path / "x.onnx", options)
+
+
 def test_unmatched_site_warns_and_keeps_its_fp_cache(model, prompt, tmp_path):
     path = tmp_path / "unmatched.onnx"
     with pytest.warns(UserWarning, match=r"attention site 0 .*group_size=32 must divide head_dim=16"):

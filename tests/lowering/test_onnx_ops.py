@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-import kvfx.lowering.functional  # noqa: F401  (kvfx::store_update, kvfx::kivi_update)
+import kvfx.lowering.functional  # noqa: F401  (kvfx::store_update, kvfx::kivi_update, kvfx::policy_update)
+from kvfx.config import KVConfig
 from kvfx.kernels.formats import format_for
 from kvfx.lowering.onnx_ops import OPSET, translation_table
 
@@ -36,6 +37,19 @@ class Int8Step(nn.Module):
         return out, k_codes, k_qparams, v_codes, v_qparams
 
 
+class PolicyStep(nn.Module):
+    """kvfx::policy_update with the model's mask given as a bool [1, 1, T, SLOTS] (causal) or absent."""
+
+    def __init__(self, options: str, masked: bool):
+        super().__init__()
+        self.options, self.masked = options, masked
+
+    def forward(self, q, k, v, pos, k_codes, k_params, v_codes, v_params, slot_pos, score, page_min, page_max):
+        store = (k_codes, k_params, v_codes, v_params, slot_pos, score, page_min, page_max)
+        mask = torch.arange(SLOTS)[None, None, None] <= pos[None, None, :, None] if self.masked else None
+        return torch.ops.kvfx.policy_update(q, k, v, pos, *store, mask, not self.masked, 0.2, self.options, 0, 1)
+
+
 def export(module, store, path):
     t = torch.export.Dim("t", min=1, max=SLOTS)
     args = (torch.randn(B, HQ, 3, D), torch.randn(B, H, 3, D), torch.randn(B, H, 3, D), torch.arange(3), *store)
@@ -47,8 +61,9 @@ def export(module, store, path):
     return session, [i.name for i in session.get_inputs()]
 
 
-def run_chunks(module, store, path, positions=None):
-    """Append CHUNKS through the exported graph and through the PyTorch module; compare after each."""
+def run_chunks(module, store, path, positions=None, live=None):
+    """Append CHUNKS through the exported graph and through the PyTorch module; compare after each
+    (where live(store) is given, store tensors only on the slots it says hold a token)."""
     session, names = export(module, store, path)
     ours, theirs = [t.numpy() for t in store], list(store)
     gen, start = torch.Generator().manual_seed(0), 0
@@ -57,8 +72,12 @@ def run_chunks(module, store, path, positions=None):
         pos = torch.arange(start, start + t) if positions is None else positions(start, t)
         out, *ours = session.run(None, dict(zip(names, [q.numpy(), k.numpy(), v.numpy(), pos.numpy(), *ours])))
         expected, *theirs = module(q, k, v, pos, *theirs)
+        keep = None if live is None else live([t.numpy() for t in theirs])
         for a, b in zip(ours, theirs):
-            np.testing.assert_array_equal(a, b.numpy())
+            b = b.numpy()
+            if keep is not None and a.shape[:3] == keep.shape:
+                a, b = a[keep], b[keep]
+            np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(out, expected.numpy(), atol=2e-5, rtol=1e-5)
         start += t
 
@@ -75,3 +94,14 @@ def test_int8_write_at_any_positions_and_attend_match_pytorch(tmp_path):
     # store_write's contract allows any distinct positions, not only an append.
     run_chunks(Int8Step(), store, tmp_path / "int8.onnx",
                positions=lambda start, t: torch.randperm(SLOTS, generator=torch.Generator().manual_seed(start))[:t])
+
+
+@pytest.mark.parametrize("kv,masked", [("none", False), ("int8", True), ("int4", False), ("int2", True)])
+def test_streaming_policy_matches_pytorch(kv, masked, tmp_path):
+    """StreamingLLM keeping 24 of 64 tokens: chunks of 18 and 33 after a prompt evict (the general path),
+    single tokens take the decode path. Empty slots hold garbage that differs (the decode path leaves
+    it, the general path copies a candidate), so the store is compared on the slots holding a token."""
+    config = KVConfig(kv=kv, group_size=16, policy="streaming", budget=24, sink=4)
+    store = config.format.allocate((B, H, SLOTS, D), torch.float32, torch.device("cpu")).tensors()
+    assert store[4].shape[-1] == 24
+    run_chunks(PolicyStep(config.to_json(), masked), store, tmp_path / "streaming.onnx", live=lambda s: s[4] >= 0)
