@@ -97,7 +97,7 @@ def is_add(node: Any) -> bool:
 def is_passthrough(node: fx.Node) -> bool:
     """Ops between a softmax and the value matmul that do not change the probabilities' meaning:
     a dtype cast, or inference dropout (p = 0 or training=False)."""
-    if is_method(node, "to") or is_method(node, "type_as"):
+    if is_method(node, "to", "type_as", "type", "float", "half", "bfloat16"):
         return True
     if node.op == "call_function" and node.target is F.dropout:
         p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)

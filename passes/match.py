@@ -122,14 +122,10 @@ def _values_downstream(softmax: fx.Node) -> bool:
 def _scores_upstream(node, depth: int = 6) -> bool:
     """A softmax is a candidate attention if a matmul produces its input within a few ops and its
     output feeds a matmul (a router or classifier softmax over a linear layer is not)."""
-    for _ in range(depth):
-        if is_matmul(node):
-            return True
-        inputs = [a for a in getattr(node, "args", ()) if isinstance(a, fx.Node)]
-        if not inputs:
-            return False
-        node = inputs[0] if not is_matmul(inputs[-1]) else inputs[-1]
-    return False
+    if is_matmul(node):
+        return True
+    inputs = [a for a in getattr(node, "args", ()) if isinstance(a, fx.Node)]
+    return depth > 0 and any(_scores_upstream(a, depth - 1) for a in inputs)
 
 
 def _head_expansion(node: fx.Node, query_heads: int) -> tuple[fx.Node, int, str, list[fx.Node]] | str | None:
@@ -137,8 +133,9 @@ def _head_expansion(node: fx.Node, query_heads: int) -> tuple[fx.Node, int, str,
     if is_method(node, "reshape") and is_method(node.args[0], "expand"):  # HF repeat_kv
         expand = node.args[0]
         unsqueeze = expand.args[0]
-        ok = (is_getitem(unsqueeze) and isinstance(unsqueeze.args[1], tuple) and len(unsqueeze.args[1]) == 5
-              and unsqueeze.args[1][2] is None and full_slices(unsqueeze.args[1][:2] + unsqueeze.args[1][3:], 4))
+        index = unsqueeze.args[1] if is_getitem(unsqueeze) else None  # x[:, :, None] (HF: x[:, :, None, :, :])
+        ok = (isinstance(index, tuple) and 3 <= len(index) <= 5 and index[2] is None and full_slices(index, 2)
+              and all(i == slice(None) or i is Ellipsis for i in index[3:]))
         expanded, reshaped = shape_of(expand), shape_of(node)
         if not ok or expanded is None or reshaped is None or len(expanded) != 5:
             return "key/value goes through an expand+reshape that is not HF repeat_kv"

@@ -167,13 +167,14 @@ def tiny(seed: int = 0, **overrides) -> Transformer:
 @torch.no_grad()
 def generate(model: Transformer, forward, prompt: torch.Tensor, new_tokens: int, max_seq: int | None = None):
     """Greedy decoding the gpt-fast way: one prefill call, then one call per token with its position.
-    `forward` is the model's forward, compiled or not; returns prompt + new tokens [B, T + new_tokens]."""
+    `forward` is the model's forward, compiled or not. Returns (prompt + new tokens [B, T + new_tokens],
+    each step's next-token logits [B, new_tokens, V])."""
     b, t = prompt.shape
     model.setup_caches(b, max_seq or t + new_tokens)
-    logits = forward(prompt, torch.arange(t), 0)
-    tokens = [prompt, logits[:, -1:].argmax(-1)]
+    logits = [forward(prompt, torch.arange(t), 0)[:, -1]]
+    tokens = [prompt, logits[-1].argmax(-1, keepdim=True)]
     for i in range(new_tokens - 1):
         pos = t + i
-        logits = forward(tokens[-1], torch.tensor([pos]), pos)
-        tokens.append(logits[:, -1:].argmax(-1))
-    return torch.cat(tokens, dim=1)
+        logits.append(forward(tokens[-1], torch.tensor([pos]), pos)[:, -1])
+        tokens.append(logits[-1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1), torch.stack(logits, dim=1)

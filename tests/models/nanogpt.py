@@ -104,11 +104,14 @@ def tiny(seed: int = 0, **overrides) -> GPT:
 
 
 @torch.no_grad()
-def generate(forward, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy decoding with the presents fed back as the next past; returns [B, T + new_tokens]."""
-    logits, past = forward(prompt)
-    tokens = [prompt, logits[:, -1:].argmax(-1)]
+def generate(forward, prompt: torch.Tensor, new_tokens: int):
+    """Greedy decoding with the presents fed back as the next past. Returns (prompt + new tokens
+    [B, T + new_tokens], each step's next-token logits [B, new_tokens, V])."""
+    out, past = forward(prompt)
+    logits = [out[:, -1]]
+    tokens = [prompt, logits[-1].argmax(-1, keepdim=True)]
     for _ in range(new_tokens - 1):
-        logits, past = forward(tokens[-1], past)
-        tokens.append(logits[:, -1:].argmax(-1))
-    return torch.cat(tokens, dim=1)
+        out, past = forward(tokens[-1], past)
+        logits.append(out[:, -1])
+        tokens.append(logits[-1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1), torch.stack(logits, dim=1)
