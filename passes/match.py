@@ -112,17 +112,24 @@ def find_attention(graph: fx.Graph) -> list[fx.Node]:
                                                       and _values_downstream(n))]
 
 
+def _is_product(node) -> bool:
+    """A (batched) matmul: what scores and outputs of attention are made by (3-D bmm/baddbmm
+    attention, as BLOOM writes it, is found here and then reported as not modelled)."""
+    return is_matmul(node) or is_function(node, torch.bmm, torch.baddbmm) or is_method(node, "bmm", "baddbmm")
+
+
 def _values_downstream(softmax: fx.Node) -> bool:
     node = softmax
-    while len(node.users) == 1 and is_passthrough(next(iter(node.users))):
+    while len(node.users) == 1 and (is_passthrough(next(iter(node.users)))
+                                    or is_method(next(iter(node.users)), "view", "reshape")):
         node = next(iter(node.users))
-    return any(is_matmul(u) and u.args[0] is node for u in node.users)
+    return any(_is_product(u) and node in u.args[:2] for u in node.users)
 
 
 def _scores_upstream(node, depth: int = 6) -> bool:
     """A softmax is a candidate attention if a matmul produces its input within a few ops and its
     output feeds a matmul (a router or classifier softmax over a linear layer is not)."""
-    if is_matmul(node):
+    if _is_product(node):
         return True
     inputs = [a for a in getattr(node, "args", ()) if isinstance(a, fx.Node)]
     return depth > 0 and any(_scores_upstream(a, depth - 1) for a in inputs)
