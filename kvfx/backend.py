@@ -14,7 +14,7 @@ from kvfx.config import KVConfig
 from kvfx.errors import KVFXError
 from kvfx.passes.rewrite import rewrite_graph
 from kvfx.reporting import clear_sessions, session_for
-from kvfx.runtime import FreedKVBuffer, make_runner
+from kvfx.runtime import FreedKVBuffer, cat_store_examples, make_runner
 
 
 def kvfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = None) -> Callable:
@@ -33,6 +33,7 @@ def kvfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = N
         if slot.key_input is not None:
             buffer = examples[slot.key_input]
             examples += fmt.allocate(buffer.shape, slot.dtype, buffer.device, slot.layer, plan.layers).tensors()
+    examples += cat_store_examples(plan)
     from torch._inductor.compile_fx import compile_fx
 
     compiled = compile_fx(gm, examples)

@@ -18,9 +18,11 @@ from typing import Any, Callable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from kvfx.cat_store import CatStore
 from kvfx.errors import KVFXError
 from kvfx.kernels.formats import KVStore
 from kvfx.kernels.kivi import dequantize_reference
+from kvfx.passes.cat_cache import CatSlot
 from kvfx.passes.rewrite import GraphPlan, StoreSlot
 from kvfx.reporting import Session
 
@@ -76,7 +78,7 @@ def dequantized(buffer: torch.Tensor, length: int | None = None) -> torch.Tensor
     store, is_key = _STORES.get(buffer, (None, None))
     if store is None:
         raise KVFXError("this tensor is not a KV-cache buffer held by kvfx")
-    if isinstance(store, KVStore):
+    if isinstance(store, (KVStore, CatStore)):
         keys, values = store.dequantize(buffer.dtype)
     elif length is None:
         raise KVFXError("a KIVI store keeps no length: call kvfx.runtime.dequantized(buffer, length=<tokens>)")
@@ -123,6 +125,7 @@ def make_runner(compiled: Callable, plan: GraphPlan, session: Session, fmt) -> C
     raw_reads = plan.raw_read_inputs
     inputs = [s for s in plan.slots if s.key_input is not None]
     returned = [s for s in plan.slots if s.store_output is not None]
+    cat_slots = plan.cat_slots
 
     def run(*args: Any) -> Any:
         for i in raw_reads:
@@ -135,12 +138,16 @@ def make_runner(compiled: Callable, plan: GraphPlan, session: Session, fmt) -> C
             key, value = args[slot.key_input], args[slot.value_input]
             stores.append(store_for_inputs(key, value, fmt, slot.layer, plan.layers))
             session.caches[key] = (value, stores[-1])
-        outputs = compiled(*args, *(t for s in stores for t in s.tensors()))
-        if returned:
+        grown = [_cat_store_view(slot, args, fmt) for slot in cat_slots]
+        outputs = compiled(*args, *(t for s in stores for t in s.tensors()),
+                           *(t for _, _, view in grown for t in view.tensors()))
+        if returned or grown:
             outputs = list(outputs)
             for slot in returned:
                 tensors = outputs[slot.store_output:slot.store_output + slot.store_tensors]
                 _hand_back(outputs, slot, fmt.from_tensors(tensors), session)
+            for slot, (store, length, _) in zip(cat_slots, grown):
+                _hand_back_grown(outputs, slot, store, length, session)
             outputs = outputs[:plan.outputs]
         _record_fp_caches(plan, args, outputs, session)
         return outputs
@@ -154,6 +161,53 @@ def _hand_back(outputs: list, slot: StoreSlot, store: Any, session: Session) -> 
     _register(key, value, store)
     session.caches[key] = (value, store)
     outputs[slot.key_output], outputs[slot.value_output] = key, value
+
+
+def _cat_store_view(slot: CatSlot, args: tuple, fmt) -> tuple[CatStore, int, KVStore]:
+    """The store a concatenated cache grows in this call, its length after the call, and the view of
+    its first `length` slots that the graph reads and writes."""
+    batch, heads, length, head_dim = (size(args) for size in slot.shape)
+    past = [None if i is None else args[i] for i in (slot.key_past_input, slot.value_past_input)]
+    if past[0] is None or past[0].dim() != 4:  # the graph starts the cache (or HF's empty 1-D start)
+        store = CatStore(fmt, batch, heads, head_dim, slot.dtype, slot.device)
+    else:
+        store = _past_store(*past, fmt, slot)
+    return store, length, store.view(length)
+
+
+def _past_store(key: torch.Tensor, value: torch.Tensor, fmt, slot: CatSlot) -> CatStore:
+    found, found_value = _STORES.get(key), _STORES.get(value)
+    if found is not None:
+        store = found[0]
+        if found_value is None or found_value[0] is not store:
+            raise KVFXError("the key and value caches passed in were not grown together by kvfx")
+        # A past shorter than the store: the caller went back to an earlier cache (e.g. kept an old
+        # `past`); the tokens after it belong to the newer cache, so it continues in a copy.
+        return store if store.length == key.shape[2] else store.fork(key.shape[2])
+    if isinstance(key, FreedKVBuffer) or isinstance(value, FreedKVBuffer):
+        raise KVFXError("a KV-cache tensor freed by kvfx has lost its store; create a new cache")
+    b, h, _, d = key.shape
+    store = CatStore(fmt, b, h, d, slot.dtype, slot.device)
+    store.adopt(key, value)  # a past built without kvfx: its tokens are quantized into the store
+    return store
+
+
+def _hand_back_grown(outputs: list, slot: CatSlot, store: CatStore, length: int, session: Session) -> None:
+    """The graph returned one-element stride-0 tensors shaped like the grown K/V: they become the
+    freed placeholders the caller keeps as its cache, registered to the store."""
+    store.length = length
+    key, value = outputs[slot.key_output], outputs[slot.value_output]
+    for tensor in (key, value):
+        free(tensor)
+    _register(key, value, store)
+    session.caches[key] = (value, store)
+
+
+def cat_store_examples(plan: GraphPlan) -> list[torch.Tensor]:
+    """Example values for the store-view inputs the rewrite added for concatenated caches: the fake
+    tensors the graph was rewritten with (sized by dynamo's symbols). A real tensor would be
+    fakeified afresh by AOTAutograd, with new symbols that no guard can name."""
+    return [t for slot in plan.cat_slots for t in slot.examples]
 
 
 def _record_fp_caches(plan: GraphPlan, args: tuple, outputs: Any, session: Session) -> None:

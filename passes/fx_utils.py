@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -26,8 +26,13 @@ def sdpa_arguments(node: fx.Node) -> dict[str, Any]:
     return args
 
 
-def is_method(node: Any, name: str) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == name
+def is_method(node: Any, *names: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def is_metadata_read(node: Any) -> bool:
+    """A read of a tensor's sizes, not its data (dynamo records `.shape` as size())."""
+    return is_method(node, "size", "numel", "dim", "stride") or is_function(node, torch.numel)
 
 
 def is_getitem(node: Any) -> bool:
@@ -92,7 +97,7 @@ def is_add(node: Any) -> bool:
 def is_passthrough(node: fx.Node) -> bool:
     """Ops between a softmax and the value matmul that do not change the probabilities' meaning:
     a dtype cast, or inference dropout (p = 0 or training=False)."""
-    if is_method(node, "to") or is_method(node, "type_as"):
+    if is_method(node, "to", "type_as", "type", "float", "half", "bfloat16"):
         return True
     if node.op == "call_function" and node.target is F.dropout:
         p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
@@ -108,3 +113,52 @@ def transposed_last_two(node: Any) -> fx.Node | None:
         if dims == {2, 3}:
             return node.args[0]
     return None
+
+
+def is_function(node: Any, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def is_cat(node: Any) -> bool:
+    return is_function(node, torch.cat, torch.concat, torch.concatenate)
+
+
+def call_arguments(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
+    """A call's arguments by name (positional ones named in order), for ops with no schema to read."""
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def output_values(graph: fx.Graph) -> list[Any]:
+    """What the graph returns, flattened one level (dynamo returns a tuple)."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    values = output.args[0]
+    return list(values) if isinstance(values, (tuple, list)) else [values]
+
+
+def size_recipe(size: Any, placeholders: list[fx.Node]) -> Callable[[tuple], int] | str:
+    """A function of the graph's call arguments giving a size that dynamo recorded (an int, or a
+    SymInt whose symbols are sizes of the inputs or SymInt inputs), or the reason there is none."""
+    if isinstance(size, int):
+        return lambda args: size
+    expr = size.node.expr
+    sources: dict[Any, tuple[int, int | None]] = {}
+    for i, node in enumerate(placeholders):
+        value = node.meta.get("example_value")
+        dims = [(None, value)] if isinstance(value, torch.SymInt) else (
+            list(enumerate(value.shape)) if isinstance(value, torch.Tensor) else [])
+        for dim, s in dims:
+            if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
+                sources.setdefault(s.node.expr, (i, dim))
+    missing = [s for s in expr.free_symbols if s not in sources]
+    if missing:
+        return f"size {expr} depends on {missing[0]}, which no graph input carries"
+    import sympy
+
+    def evaluate(args: tuple) -> int:
+        values = {s: sympy.Integer(int(args[i] if dim is None else args[i].shape[dim]))
+                  for s, (i, dim) in ((s, sources[s]) for s in expr.free_symbols)}
+        return int(expr.xreplace(values))
+
+    return evaluate

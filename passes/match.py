@@ -1,51 +1,79 @@
 """Find attention sites and the cache each one reads.
 
-A site is an SDPA call whose key and value come from KV-cache buffers [B, Hkv, S, D]:
+A site is an attention (an SDPA call, or matmul -> [scale] -> [mask terms] -> softmax -> matmul
+written by hand) whose key and value are read out of a KV cache [B, Hkv, S, D]:
 
-    buffer.index_copy_(2, pos, new)                       # the cache write (HF StaticCache)
+    buffer.index_copy_(2, pos, new)                       # a cache buffer written in place (HF StaticCache),
+    buffer[:, :, pos] = new                               # gpt-fast's index_put_,
+    buffer[:, :, start:stop] = new                        # or a slice write; or a cache that grows:
+    kv = torch.cat((past, new), dim=-2)                   # HF DynamicCache, nanoGPT's `present`
     kv = buffer[:, :, :L]                                 # optional: prefill reads the first L slots
-    kv = kv[:, :, None].expand(B, Hkv, g, S, D)           # optional: HF repeat_kv (GQA) ...
-    kv = kv.reshape(B, Hkv * g, S, D)                     # ... or SDPA's own enable_gqa=True
-    out = scaled_dot_product_attention(q, k, v, attn_mask=..., is_causal=..., scale=...)
+    kv = kv[:, :, None].expand(B, Hkv, g, S, D).reshape(B, Hkv * g, S, D)   # GQA: HF repeat_kv,
+    kv = kv.repeat_interleave(g, dim=1)                   # or repeat_interleave, or an MQA expand,
+    out = scaled_dot_product_attention(q, k, v, attn_mask=..., is_causal=..., scale=..., enable_gqa=...)
 
-Matching is structural (targets, argument positions, recorded shapes), never by names. Each
-function returns either what it matched or a reason string a user can act on.
+Matching is structural (targets, argument positions, recorded shapes), never by names, and never
+changes the graph: `prepare_site` materializes what a rewrite needs (write positions, one combined
+mask) once the site will be rewritten. Each function returns what it matched or a reason string a
+user can act on.
 """
 from __future__ import annotations
 
 import math
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from kvfx.passes.fx_utils import (describe, full_slices, graph_position, is_add, is_getitem, is_matmul,
-                                  is_method, is_passthrough, is_sdpa, is_softmax, same_shape, sdpa_arguments,
-                                  shape_of, softmax_dim, transposed_last_two)
+from kvfx.passes.cat_cache import CatCache, match_cat
+from kvfx.passes.fx_utils import (call_arguments, describe, example_tensor, full_slices, graph_position, is_add,
+                                  is_function, is_getitem, is_matmul, is_method, is_passthrough, is_sdpa, is_softmax,
+                                  output_values, same_shape, sdpa_arguments, shape_of, softmax_dim,
+                                  transposed_last_two)
 
 _SCALE_OPS = (operator.mul, operator.truediv, torch.mul, torch.div)
+_CASTS = ("float", "to", "type_as")
 
 # In-graph allocations that a cache buffer may come from (HF lazily allocates inside the prefill trace).
 _ALLOCATIONS = (torch.zeros, torch.empty)
 
+# A masked_fill / where fill at or below this is a mask (HF fills with finfo(dtype).min; fp16's is -65504).
+_MASK_FILL = -65504.0
+
 
 @dataclass
 class KVRead:
-    """How one SDPA operand (key or value) is read out of a cache buffer."""
+    """How one attention operand (key or value) is read out of a cache."""
 
-    buffer: fx.Node
+    buffer: fx.Node         # the cache: a graph input, an in-graph allocation, or (origin "cat") the
+                            # concatenation (or fresh tensor) that the graph returns as the grown cache
     group: int              # query heads per KV head (1: MHA or SDPA's enable_gqa)
     kv_len: int | fx.Node   # leading slots attended (-1: the whole buffer; a node when symbolic)
-    gqa: str                # "repeat_kv", "enable_gqa" or "none"
-    chain: list[fx.Node] = field(default_factory=list)  # nodes between buffer and SDPA
+    gqa: str                # "repeat_kv", "repeat_interleave", "expand", "enable_gqa" or "none"
+    chain: list[fx.Node] = field(default_factory=list)  # nodes between buffer and attention
+    origin: str = "input"   # "input", "allocated" or "cat"
+    cat: CatCache | None = None
 
 
 @dataclass
 class CacheWrite:
-    node: fx.Node           # buffer.index_copy_(2, pos, source)
-    pos: fx.Node
+    """An in-place write of `source` [B, Hkv, T, D] into a cache buffer along dim 2."""
+
+    node: fx.Node           # index_copy_ or setitem (index_put_ / slice write)
     source: fx.Node
+    kind: str               # "index_copy_", "index_put_" or "slice write"
+    pos: fx.Node | None     # positions [T]; None for a slice write until `prepare_site` makes them
+    bounds: tuple | None = None  # (start, stop) of a slice write: ints or nodes
+
+
+@dataclass
+class MaskTerm:
+    """One way a hand-written attention masks its scores."""
+
+    node: fx.Node
+    kind: str               # "add" (additive bias/mask), "keep" (bool, True = attend), "drop" (True = masked)
 
 
 @dataclass
@@ -64,12 +92,17 @@ class Site:
     scale: float
     key_write: CacheWrite | None
     value_write: CacheWrite | None
+    mask_terms: list[MaskTerm] = field(default_factory=list)  # manual: combined into attn_mask by prepare_site
 
     @property
     def pattern(self) -> str:
-        mask = "causal" if self.is_causal else ("mask" if self.attn_mask is not None else "no mask")
-        origin = "input" if self.key.buffer.op == "placeholder" else "allocated in graph"
-        write = "index_copy_" if self.key_write else "no write"
+        masked = self.attn_mask is not None or self.mask_terms
+        mask = "causal" if self.is_causal else ("mask" if masked else "no mask")
+        if self.key.origin == "cat":
+            cache = "cat cache" if self.key.cat.past is not None else "cache returned"
+            return f"{self.kind}+{self.key.gqa}, {mask}, {cache}"
+        origin = "input" if self.key.origin == "input" else "allocated in graph"
+        write = self.key_write.kind if self.key_write else "no write"
         return f"{self.kind}+{self.key.gqa}, {mask}, cache {origin}, {write}"
 
 
@@ -79,43 +112,67 @@ def find_attention(graph: fx.Graph) -> list[fx.Node]:
                                                       and _values_downstream(n))]
 
 
+def _is_product(node) -> bool:
+    """A (batched) matmul: what scores and outputs of attention are made by (3-D bmm/baddbmm
+    attention, as BLOOM writes it, is found here and then reported as not modelled)."""
+    return is_matmul(node) or is_function(node, torch.bmm, torch.baddbmm) or is_method(node, "bmm", "baddbmm")
+
+
 def _values_downstream(softmax: fx.Node) -> bool:
     node = softmax
-    while len(node.users) == 1 and is_passthrough(next(iter(node.users))):
+    while len(node.users) == 1 and (is_passthrough(next(iter(node.users)))
+                                    or is_method(next(iter(node.users)), "view", "reshape")):
         node = next(iter(node.users))
-    return any(is_matmul(u) and u.args[0] is node for u in node.users)
+    return any(_is_product(u) and node in u.args[:2] for u in node.users)
 
 
 def _scores_upstream(node, depth: int = 6) -> bool:
     """A softmax is a candidate attention if a matmul produces its input within a few ops and its
     output feeds a matmul (a router or classifier softmax over a linear layer is not)."""
-    for _ in range(depth):
-        if is_matmul(node):
-            return True
-        inputs = [a for a in getattr(node, "args", ()) if isinstance(a, fx.Node)]
-        if not inputs:
-            return False
-        node = inputs[0] if not is_matmul(inputs[-1]) else inputs[-1]
-    return False
+    if _is_product(node):
+        return True
+    inputs = [a for a in getattr(node, "args", ()) if isinstance(a, fx.Node)]
+    return depth > 0 and any(_scores_upstream(a, depth - 1) for a in inputs)
 
 
-def match_kv_read(node: fx.Node, query_heads: int, enable_gqa: bool) -> KVRead | str:
-    """Walk from an SDPA key/value operand back to its cache buffer."""
-    chain: list[fx.Node] = []
-    group, gqa = 1, "enable_gqa" if enable_gqa else "none"
-    if is_method(node, "reshape") and is_method(node.args[0], "expand"):
+def _head_expansion(node: fx.Node, query_heads: int) -> tuple[fx.Node, int, str, list[fx.Node]] | str | None:
+    """(KV tensor, group, name, chain) when `node` repeats KV heads up to the query heads; None if it does not."""
+    if is_method(node, "reshape") and is_method(node.args[0], "expand"):  # HF repeat_kv
         expand = node.args[0]
         unsqueeze = expand.args[0]
-        ok = (is_getitem(unsqueeze) and isinstance(unsqueeze.args[1], tuple) and len(unsqueeze.args[1]) == 5
-              and unsqueeze.args[1][2] is None and full_slices(unsqueeze.args[1][:2] + unsqueeze.args[1][3:], 4))
+        index = unsqueeze.args[1] if is_getitem(unsqueeze) else None  # x[:, :, None] (HF: x[:, :, None, :, :])
+        ok = (isinstance(index, tuple) and 3 <= len(index) <= 5 and index[2] is None and full_slices(index, 2)
+              and all(i == slice(None) or i is Ellipsis for i in index[3:]))
         expanded, reshaped = shape_of(expand), shape_of(node)
         if not ok or expanded is None or reshaped is None or len(expanded) != 5:
             return "key/value goes through an expand+reshape that is not HF repeat_kv"
         b, hkv, group, s, d = expanded
         if not isinstance(group, int) or not same_shape(reshaped, (b, hkv * group, s, d)):
             return f"repeat_kv reshape to {reshaped} does not merge the KV-head groups"
-        chain += [node, expand, unsqueeze]
-        node, gqa = unsqueeze.args[0], "repeat_kv"
+        return unsqueeze.args[0], group, "repeat_kv", [node, expand, unsqueeze]
+    if is_method(node, "repeat_interleave") or is_function(node, torch.repeat_interleave):
+        args = call_arguments(node, ("self", "repeats", "dim"))
+        if not isinstance(args.get("repeats"), int) or args.get("dim") not in (1, -3):
+            return "key/value goes through a repeat_interleave that does not repeat whole heads (dim 1, int repeats)"
+        return args["self"], args["repeats"], "repeat_interleave", [node]
+    if is_method(node, "expand"):  # multi-query attention: one KV head broadcast to every query head
+        before, after = shape_of(node.args[0]), shape_of(node)
+        if before is None or after is None or len(before) != 4 or before[1] != 1 or after[1] != query_heads \
+                or not same_shape((before[0], before[2], before[3]), (after[0], after[2], after[3])):
+            return "key/value goes through an expand that is not one KV head broadcast over the query heads"
+        return node.args[0], query_heads, "expand", [node]
+    return None
+
+
+def match_kv_read(node: fx.Node, query_heads: int, enable_gqa: bool, outputs: list[Any] = ()) -> KVRead | str:
+    """Walk from an attention key/value operand back to its cache."""
+    chain: list[fx.Node] = []
+    group, gqa = 1, "enable_gqa" if enable_gqa else "none"
+    expansion = _head_expansion(node, query_heads)
+    if isinstance(expansion, str):
+        return expansion
+    if expansion is not None:
+        node, group, gqa, chain = expansion
     kv_len = -1
     if is_getitem(node) and isinstance(node.args[1], tuple):
         index = node.args[1]
@@ -130,9 +187,20 @@ def match_kv_read(node: fx.Node, query_heads: int, enable_gqa: bool) -> KVRead |
         node, kv_len = node.args[0], seq.stop
     shape = shape_of(node)
     if shape is None or len(shape) != 4 or not isinstance(shape[1], int):
-        return f"key/value does not come from a 4-D cache buffer with a fixed head count (found {describe(node)})"
-    if node.op != "placeholder" and not (node.op == "call_function" and node.target in _ALLOCATIONS):
-        return f"key/value comes from {describe(node)}, not a cache buffer (graph input or allocation)"
+        return f"key/value does not come from a 4-D cache with a fixed head count (found {describe(node)})"
+    cat = None
+    if node.op == "placeholder":
+        origin = "input"
+    elif node.op == "call_function" and node.target in _ALLOCATIONS:
+        origin = "allocated"
+    else:
+        cat = match_cat(node, outputs)
+        if isinstance(cat, str):
+            return cat
+        if cat is None:
+            return (f"key/value comes from {describe(node)}, not a cache buffer (a graph input or allocation "
+                    f"written in place) nor a concatenation or tensor the graph returns")
+        origin = "cat"
     hkv = shape[1]
     if gqa == "enable_gqa":
         group = query_heads // hkv
@@ -140,22 +208,50 @@ def match_kv_read(node: fx.Node, query_heads: int, enable_gqa: bool) -> KVRead |
         return f"{query_heads} query heads do not map onto {hkv} KV heads"
     if isinstance(kv_len, int) and isinstance(shape[2], int) and kv_len > shape[2]:
         return f"slice of {kv_len} slots exceeds the cache length {shape[2]}"
-    return KVRead(node, group, kv_len, gqa, chain)
+    return KVRead(node, group, kv_len, gqa, chain, origin, cat)
 
 
 def match_cache_write(buffer: fx.Node, before: fx.Node, order: dict[fx.Node, int]) -> CacheWrite | str:
-    """The single `buffer.index_copy_(2, pos, source)` that precedes the attention read."""
-    writes = [u for u in buffer.users if is_method(u, "index_copy_") and order[u] < order[before]]
+    """The single in-place write into `buffer` that precedes the attention read."""
+    writes = [u for u in buffer.users if order[u] < order[before]
+              and (is_method(u, "index_copy_") or (is_function(u, operator.setitem) and u.args[0] is buffer))]
     if len(writes) != 1:
-        return f"expected one index_copy_ into the cache before attention, found {len(writes)}"
+        return f"expected one cache write (index_copy_, index_put_ or slice write) before attention, found {len(writes)}"
     node = writes[0]
-    args = dict(zip(("self", "dim", "index", "source"), node.args))
-    args.update(node.kwargs)
-    if args.get("dim") not in (2, -2):
-        return f"cache write index_copy_ along dim {args.get('dim')}, kvfx models dim 2 (sequence)"
     if node.users:
         return "the result of the cache write is used; kvfx models a write for its side effect only"
-    return CacheWrite(node, args["index"], args["source"])
+    if is_method(node, "index_copy_"):
+        args = call_arguments(node, ("self", "dim", "index", "source"))
+        if args.get("dim") not in (2, -2):
+            return f"cache write index_copy_ along dim {args.get('dim')}, kvfx models dim 2 (sequence)"
+        return CacheWrite(node, args["source"], "index_copy_", args["index"])
+    return _setitem_write(node)
+
+
+def _setitem_write(node: fx.Node) -> CacheWrite | str:
+    """`buffer[:, :, pos] = source` (pos a 1-D integer tensor) or `buffer[:, :, start:stop] = source`."""
+    _, index, source = node.args
+    index = index if isinstance(index, tuple) else (index,)
+    if index[3:] not in ((), (slice(None),), (Ellipsis,)) or len(index) < 3 or not full_slices(index, 2):
+        return f"cache write indexes the buffer as {index}; kvfx models writes along dim 2 only"
+    source_shape, seq = shape_of(source), index[2]
+    if source_shape is None or len(source_shape) != 4:
+        return "the value written into the cache is not a 4-D tensor [B, Hkv, T, D]"
+    if isinstance(seq, fx.Node):
+        pos = example_tensor(seq)
+        if pos is None or pos.dim() != 1 or pos.dtype not in (torch.int64, torch.int32):
+            return "cache write index is not a 1-D integer position tensor"
+        return CacheWrite(node, source, "index_put_", seq)
+    if isinstance(seq, slice) and seq.step in (None, 1) and seq.stop is not None:
+        start = 0 if seq.start is None else seq.start
+        if all(isinstance(b, fx.Node) or (isinstance(b, int) and b >= 0) for b in (start, seq.stop)):
+            return CacheWrite(node, source, "slice write", None, (start, seq.stop))
+    return f"cache write slice {seq} is not start:stop with non-negative bounds"
+
+
+def same_positions(a: CacheWrite, b: CacheWrite) -> bool:
+    """Both writes address the same positions (one position tensor, or equal slice bounds)."""
+    return a.pos is b.pos if a.bounds is None else a.bounds == b.bounds
 
 
 @dataclass
@@ -172,6 +268,7 @@ class AttentionForm:
     is_causal: bool
     scale: float | None     # None: SDPA's default 1/sqrt(D)
     enable_gqa: bool
+    mask_terms: list[MaskTerm] = field(default_factory=list)
 
 
 def sdpa_form(sdpa: fx.Node) -> AttentionForm | str:
@@ -187,7 +284,8 @@ def sdpa_form(sdpa: fx.Node) -> AttentionForm | str:
 
 
 def manual_form(softmax: fx.Node) -> AttentionForm | str:
-    """matmul(q, k^T) -> [* or / constant] -> [+ mask] -> softmax(-1) -> [.to / dropout(p=0)] -> matmul(., v)."""
+    """matmul(q, k^T) -> [* or / constant] -> [mask terms] -> [casts] -> softmax(-1) -> [casts / dropout(p=0)]
+    -> matmul(., v). Mask terms: `+ mask_or_bias`, `.masked_fill(cond, -inf)`, `torch.where(keep, s, -inf)`."""
     if softmax_dim(softmax) not in (-1, 3):
         return "softmax is not over the last dimension"
     node, after = softmax, []
@@ -199,11 +297,18 @@ def manual_form(softmax: fx.Node) -> AttentionForm | str:
     if len(users) != 1 or not is_matmul(users[0]) or users[0].args[0] is not node:
         return "softmax output does not feed one matmul with the values"
     out, value = users[0], users[0].args[1]
-    scores, mask, scale = softmax.args[0], None, 1.0
-    if is_add(scores):
+    scores, terms = softmax.args[0], []
+    while True:
+        step = _mask_step(scores)
+        if isinstance(step, str):
+            return step
+        if step is None:
+            break
         interior.append(scores)
-        left, right = scores.args
-        scores, mask = (left, right) if _is_scores(left) else (right, left)
+        scores, term = step
+        if term is not None:
+            terms.append(term)
+    scale = 1.0
     if _is_scaling(scores):
         left, right = scores.args
         constant, scores_in = (right, left) if isinstance(right, (int, float)) else (left, right)
@@ -219,17 +324,71 @@ def manual_form(softmax: fx.Node) -> AttentionForm | str:
     if key is None:
         return "the scores matmul does not take k transposed over its last two dims"
     interior += [scores, key_t]
-    if mask is not None and (not isinstance(mask, fx.Node) or shape_of(mask) is None):
-        return "the scores are added to something that is not a mask tensor"
-    return AttentionForm("manual", out, interior, query, key, value, mask, False, scale, False)
+    return AttentionForm("manual", out, interior, query, key, value, None, False, scale, False, terms)
+
+
+def _mask_step(node: fx.Node) -> tuple[fx.Node, MaskTerm | None] | str | None:
+    """One mask term (or score cast) peeled off the scores: (the scores before it, the term)."""
+    if is_method(node, "float", "type_as") or (is_method(node, "to") and _casts_dtype(node)):
+        return node.args[0], None
+    if is_add(node):
+        left, right = node.args
+        # The side that leads back to the scores matmul; else the left one (`scores + mask`), so that
+        # the walk goes on and names the op it does not model.
+        scores, mask = (right, left) if _leads_to_scores(right) and not _leads_to_scores(left) else (left, right)
+        if not isinstance(mask, fx.Node) or shape_of(mask) is None:
+            return "the scores are added to something that is not a mask tensor"
+        return scores, MaskTerm(mask, "add")
+    if is_method(node, "masked_fill") or is_function(node, torch.masked_fill):
+        args = call_arguments(node, ("self", "mask", "value"))
+        if not _is_mask_fill(args.get("value")) or not isinstance(args.get("mask"), fx.Node):
+            return f"the scores are masked_fill-ed with {args.get('value')}, not -inf (kvfx models masking only)"
+        return args["self"], MaskTerm(args["mask"], "drop")
+    if is_function(node, torch.where) and len(node.args) == 3 and _leads_to_scores(node.args[1]):
+        keep, scores, fill = node.args
+        if not _is_mask_fill(_constant(fill)) or not isinstance(keep, fx.Node):
+            return "the scores go through torch.where with a fill that is not -inf (kvfx models masking only)"
+        return scores, MaskTerm(keep, "keep")
+    return None
+
+
+def _casts_dtype(node: fx.Node) -> bool:
+    """x.to(dtype) (not .to(device) or .to(other_tensor))."""
+    return all(isinstance(a, torch.dtype) for a in node.args[1:]) and set(node.kwargs) <= {"dtype"}
+
+
+def _constant(value: Any) -> Any:
+    """A number, or the number in a 0-d tensor the graph builds from a constant (torch.tensor / full)."""
+    if isinstance(value, fx.Node) and is_function(value, torch.tensor, torch.full, torch.scalar_tensor):
+        data = value.args[1] if value.target is torch.full else value.args[0] if value.args else None
+        return data if isinstance(data, (int, float)) else None
+    return value
+
+
+def _is_mask_fill(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value <= _MASK_FILL
+
+
+def _leads_to_scores(node: Any, depth: int = 6) -> bool:
+    """`node` is the scores matmul, possibly through scaling, casts and mask terms."""
+    for _ in range(depth):
+        if is_matmul(node):
+            return True
+        if _is_scaling(node):
+            node = next((a for a in node.args if isinstance(a, fx.Node)), None)
+        elif is_add(node):
+            return any(_leads_to_scores(a, depth - 1) for a in node.args)
+        elif is_method(node, "masked_fill", *_CASTS) or is_function(node, torch.masked_fill):
+            node = node.args[0]
+        elif is_function(node, torch.where) and len(node.args) == 3:
+            node = node.args[1]
+        else:
+            return False
+    return False
 
 
 def _is_scaling(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _SCALE_OPS
-
-
-def _is_scores(node) -> bool:
-    return is_matmul(node) or _is_scaling(node)
 
 
 def match_site(layer: int, node: fx.Node, graph: fx.Graph) -> Site | str:
@@ -239,22 +398,71 @@ def match_site(layer: int, node: fx.Node, graph: fx.Graph) -> Site | str:
     q_shape = shape_of(form.query)
     if q_shape is None or len(q_shape) != 4 or not isinstance(q_shape[1], int) or not isinstance(q_shape[3], int):
         return "query is not a 4-D tensor [B, H, T, D] with a fixed head count and head dim"
-    reads = [match_kv_read(operand, q_shape[1], form.enable_gqa) for operand in (form.key, form.value)]
+    for term in form.mask_terms:
+        if shape_of(term.node) is None or len(shape_of(term.node)) > 4:
+            return f"a {term.kind} mask term of the scores is not a tensor that broadcasts to [B, H, T, S]"
+    outputs = output_values(graph)
+    reads = [match_kv_read(operand, q_shape[1], form.enable_gqa, outputs) for operand in (form.key, form.value)]
     for read in reads:
         if isinstance(read, str):
             return read
     key, value = reads
     if key.buffer is value.buffer or key.kv_len is not value.kv_len and key.kv_len != value.kv_len \
-            or key.group != value.group:
-        return "key and value are not two buffers read the same way"
-    order = graph_position(graph)
-    writes = [match_cache_write(read.buffer, form.node, order) for read in reads]
-    key_write, value_write = (None if isinstance(w, str) else w for w in writes)
-    if key.buffer.op != "placeholder":
-        # A buffer allocated in the graph holds only what this graph wrote into it.
-        for w in writes:
-            if isinstance(w, str):
-                return w
+            or key.group != value.group or key.origin != value.origin:
+        return "key and value are not two caches read the same way"
+    key_write = value_write = None
+    if key.origin != "cat":
+        order = graph_position(graph)
+        writes = [match_cache_write(read.buffer, form.node, order) for read in reads]
+        key_write, value_write = (None if isinstance(w, str) else w for w in writes)
+        if key.origin == "allocated":
+            # A buffer allocated in the graph holds only what this graph wrote into it.
+            for w in writes:
+                if isinstance(w, str):
+                    return w
+    mask = form.attn_mask
+    terms = form.mask_terms
+    if len(terms) == 1 and terms[0].kind == "add":  # a plain additive mask needs no new node
+        mask, terms = terms[0].node, []
     scale = form.scale if form.scale is not None else 1.0 / math.sqrt(q_shape[-1])
-    return Site(layer, form.node, form.kind, form.interior, form.query, key, value, form.attn_mask,
-                form.is_causal, float(scale), key_write, value_write)
+    return Site(layer, form.node, form.kind, form.interior, form.query, key, value, mask,
+                form.is_causal, float(scale), key_write, value_write, terms)
+
+
+def prepare_site(graph: fx.Graph, site: Site, positions: bool = True) -> None:
+    """Materialize what the rewrite of a site reads: one mask node for several mask terms, and (when
+    the writes move into a store) the positions [T] of slice writes (one node for both writes when
+    their bounds agree)."""
+    if site.mask_terms:
+        with graph.inserting_before(site.node):
+            site.attn_mask = _combined_mask(graph, site.mask_terms)
+        site.mask_terms = []
+    made: dict[tuple, fx.Node] = {}
+    for write in (site.key_write, site.value_write) if positions else ():
+        if write is not None and write.pos is None:
+            key = tuple(id(b) if isinstance(b, fx.Node) else b for b in write.bounds)
+            if key not in made:
+                device = example_tensor(write.source).device
+                with graph.inserting_before(write.node):
+                    made[key] = graph.call_function(torch.arange, write.bounds, {"device": device})
+            write.pos = made[key]
+
+
+def _combined_mask(graph: fx.Graph, terms: list[MaskTerm]) -> fx.Node:
+    """One SDPA-style mask equal to applying the terms: bool (True = attend) when all terms mask,
+    else additive with -inf where a masking term drops the score."""
+    keep = None
+    for term in terms:
+        if term.kind == "add":
+            continue
+        node = term.node if term.kind == "keep" else graph.call_function(operator.invert, (term.node,))
+        keep = node if keep is None else graph.call_function(operator.and_, (keep, node))
+    additive = None
+    for term in terms:
+        if term.kind == "add":
+            additive = term.node if additive is None else graph.call_function(operator.add, (additive, term.node))
+    if additive is None:
+        return keep
+    if keep is None:
+        return additive
+    return graph.call_function(torch.where, (keep, additive, float("-inf")))

@@ -21,8 +21,9 @@ import torch.fx as fx
 from kvfx.config import KVConfig, KVConfigError
 from kvfx.kernels.formats import KiviFormat
 from kvfx.kernels.token_store import TokenFormat
-from kvfx.passes.fx_utils import describe, example_tensor, graph_position, is_method, is_sdpa
-from kvfx.passes.match import Site, find_attention, match_site
+from kvfx.passes.fx_utils import describe, example_tensor, graph_position, is_metadata_read, is_sdpa
+from kvfx.passes import cat_cache
+from kvfx.passes.match import Site, find_attention, match_site, prepare_site, same_positions
 from kvfx.reporting import SiteReport
 
 
@@ -49,6 +50,7 @@ class GraphPlan:
     fp_cache_outputs: list[tuple[int, int]] = field(default_factory=list)  # indices of the model's buffers
     outputs: int = 0                  # how many outputs dynamo expects (store outputs come after)
     layers: int = 0                   # attention sites in the graph (PyramidKV budgets by depth)
+    cat_slots: list[cat_cache.CatSlot] = field(default_factory=list)  # concatenated caches held in CatStores
 
 
 def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> GraphPlan:
@@ -58,6 +60,7 @@ def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> Gra
     output = next(n for n in graph.nodes if n.op == "output")
     attention = find_attention(graph)
     plan.layers = len(attention)
+    cat_sites = []  # rewritten last: their store inputs must follow every static site's
     for layer, node in enumerate(attention):
         site = match_site(layer, node, graph)
         if isinstance(site, str):
@@ -65,21 +68,30 @@ def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> Gra
             plan.sites.append(SiteReport(graph_index, layer, kind, False, site, "unchanged"))
             continue
         if config.format is None:
+            prepare_site(graph, site, positions=False)
             _rewrite_attention(graph, site, site.key.buffer, site.value.buffer, None, None)
             _record_fp_cache(plan, site, placeholders, output)
             plan.sites.append(SiteReport(graph_index, layer, site.pattern, True, "", "model dtype"))
             continue
-        reason = _quantizable(site, output, config.format)
+        cat = site.key.origin == "cat"
+        reason = (cat_cache.unquantizable(site, placeholders, output, config.format) if cat
+                  else _quantizable(site, output, config.format))
         if reason:
             plan.sites.append(SiteReport(graph_index, layer, site.pattern, False, reason, "unchanged"))
             continue
-        plan.slots.append(_rewrite_quantized(graph, site, placeholders, output, config, plan.layers))
         plan.sites.append(SiteReport(graph_index, layer, site.pattern, True, "", config.format.name))
+        if cat:
+            cat_sites.append(site)
+            continue
+        prepare_site(graph, site)
+        plan.slots.append(_rewrite_quantized(graph, site, placeholders, output, config, plan.layers))
+    for site in cat_sites:
+        plan.cat_slots.append(_rewrite_cat_quantized(graph, site, placeholders, output, config))
     graph.lint()
     gm.recompile()
     plan.outputs = len(output.args[0]) - sum(s.store_tensors for s in plan.slots if s.store_output is not None)
     plan.raw_read_inputs = [i for i, p in enumerate(placeholders) if _is_cache_shaped(p)
-                            and any(not is_method(u, "size") for u in p.users)]
+                            and any(not is_metadata_read(u) for u in p.users)]
     return plan
 
 
@@ -102,12 +114,12 @@ def _quantizable(site: Site, output: fx.Node, fmt) -> str:
     reason = fmt.unsupported(example_tensor(site.key.buffer).shape[-1])
     if reason:
         return reason
-    if site.key_write and site.value_write and site.key_write.pos is not site.value_write.pos \
+    if site.key_write and site.value_write and not same_positions(site.key_write, site.value_write) \
             and isinstance(fmt, (KiviFormat, TokenFormat)):
         return f"keys and values are written at different positions; a {fmt.name} store writes both together"
     for name, read, write in (("key", site.key, site.key_write), ("value", site.value, site.value_write)):
         if write is None:
-            return f"no index_copy_ into the {name} cache in this graph; kvfx must see every write to quantize it"
+            return f"no write into the {name} cache in this graph that kvfx models; kvfx must see every write to quantize it"
         allowed = {write.node, output, site.node, *site.interior, *read.chain[-1:]}
         others = [u for u in read.buffer.users if u not in allowed]
         if others:
@@ -171,6 +183,17 @@ def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node],
             graph.call_function(torch.ops.kvfx.store_write.default, (codes, qparams, write.pos, write.source))
         graph.erase_node(write.node)
     _rewrite_attention(graph, site, k_codes, v_codes, k_qparams, v_qparams)
+    return slot
+
+
+def _rewrite_cat_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node], output: fx.Node,
+                           config: KVConfig) -> cat_cache.CatSlot:
+    """A concatenated cache (DynamicCache, nanoGPT present) moves into a CatStore (passes/cat_cache.py)."""
+    prepare_site(graph, site)
+    slot, (k_codes, k_qparams, v_codes, v_qparams) = cat_cache.add_cat_store(graph, site, placeholders, output,
+                                                                              config.format)
+    _rewrite_attention(graph, site, k_codes, v_codes, k_qparams, v_qparams)
+    cat_cache.drop_cats(graph, site)
     return slot
 
 

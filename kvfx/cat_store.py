@@ -1,0 +1,86 @@
+"""The quantized store of a cache that grows by concatenation (HF DynamicCache, nanoGPT `present`).
+
+The model never holds this cache's data: each call's graph writes the new tokens into a `CatStore`
+and returns, in place of the concatenated K/V, a shape-only placeholder (`kvfx.runtime`); the next
+call passes that placeholder back as its past, and the store is found by its identity.
+
+Memory is sequence-major ([S, B, H, D] underneath, seen as [B, H, S, D]): the view of the first n
+slots then has the same strides whatever the capacity, so one compiled graph serves every length,
+and growing is a copy into a larger allocation, amortized by growing 25% (in steps of 64 slots).
+int8 only (a `KVStore` of per-token codes and (scale, zero)): the KIVI stores are laid out by
+absolute position with a fixed capacity.
+"""
+from __future__ import annotations
+
+import torch
+
+from kvfx.kernels.formats import Int8Format, KVStore
+from kvfx.kernels.int8 import quantize_int8_reference
+
+_STEP = 64
+
+
+def seq_major_store(fmt: Int8Format, shape, dtype: torch.dtype, device: torch.device) -> KVStore:
+    """A store for [B, H, S, D] (sizes may be symbolic) whose tensors are [S, B, H, *] in memory.
+
+    Not views of a permuted tensor: a view as a graph's example input makes AOTAutograd give its
+    base fresh symbolic sizes that no guard can name."""
+    b, h, s, d = shape
+    layout = fmt.allocate((s, b, h, d), dtype, torch.device("meta"))  # the format's tensors, sequence first
+    return KVStore(*(torch.empty_strided(t.permute(1, 2, 0, 3).shape, t.permute(1, 2, 0, 3).stride(),
+                                         dtype=t.dtype, device=device).zero_() for t in layout.tensors()))
+
+
+class CatStore:
+    """An int8 `KVStore` of `capacity` slots of which the first `length` hold tokens."""
+
+    def __init__(self, fmt: Int8Format, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, capacity: int = 0):
+        self.fmt, self.dtype, self.device = fmt, dtype, device
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        self.length = 0
+        self.full = seq_major_store(fmt, (batch, heads, capacity, head_dim), dtype, device)
+
+    @property
+    def capacity(self) -> int:
+        return self.full.k_codes.shape[2]
+
+    def view(self, n: int) -> KVStore:
+        """The first n slots (what a graph that grows the cache to n tokens reads and writes)."""
+        self.reserve(n)
+        return KVStore(*(t[:, :, :n] for t in self.full.tensors()))
+
+    def reserve(self, n: int) -> None:
+        if n <= self.capacity:
+            return
+        capacity = -(-max(n, self.capacity * 5 // 4) // _STEP) * _STEP
+        old = self.full
+        self.full = seq_major_store(self.fmt, (self.batch, self.heads, capacity, self.head_dim), self.dtype,
+                                    self.device)
+        for new, kept in zip(self.full.tensors(), old.tensors()):
+            new[:, :, :self.length] = kept[:, :, :self.length]
+
+    def fork(self, length: int) -> "CatStore":
+        """A new store holding this one's first `length` tokens (a past the model went back to)."""
+        store = CatStore(self.fmt, self.batch, self.heads, self.head_dim, self.dtype, self.device, length)
+        for new, kept in zip(store.full.tensors(), self.full.tensors()):
+            new[:, :, :length] = kept[:, :, :length]
+        store.length = length
+        return store
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize a past the model built without kvfx (fp keys, values [B, H, L, D]) into slots 0..L-1."""
+        n = keys.shape[2]
+        view = self.view(n)
+        for codes, qparams, x in ((view.k_codes, view.k_qparams, keys), (view.v_codes, view.v_qparams, values)):
+            new_codes, new_qparams = quantize_int8_reference(x)
+            codes.copy_(new_codes)
+            qparams.copy_(new_qparams.to(qparams.dtype))
+        self.length = n
+
+    def nbytes(self) -> int:
+        """Bytes really held (the whole capacity)."""
+        return self.full.nbytes()
+
+    def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return KVStore(*(t[:, :, :self.length] for t in self.full.tensors())).dequantize(dtype)

@@ -1,0 +1,171 @@
+"""Caches that grow by concatenation: HF DynamicCache and nanoGPT-style `present`.
+
+    kv = torch.cat((past, new), dim=-2)    # or `new` itself when this graph starts the cache
+    out = attention(q, kv, ...)
+    return ..., kv                          # the caller keeps kv as the next call's past
+
+kv="none" rewrites only the attention (over kv, as the model computed it: lossless).
+
+kv="int8": the graph stops building kv. It gets four more inputs, the views of the first S slots
+(S = kv's length) of a `kvfx.cat_store.CatStore` the runtime finds by the identity of `past`; it
+writes `new` at slots [S - T, S) with kvfx::store_write, attends over the store with kvfx::attend,
+and returns, where kv was, a one-element stride-0 tensor of kv's shape, which the runtime turns
+into a freed placeholder registered to the store (what the caller passes back as the next past).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from kvfx.passes.fx_utils import (call_arguments, describe, example_tensor, is_cat, is_metadata_read, output_values,
+                                  shape_of, size_recipe)
+
+
+@dataclass
+class CatCache:
+    """What a site's key (or value) cache grows by in this graph."""
+
+    node: fx.Node             # the grown cache: torch.cat((past, new), dim=-2), or `new` itself
+    past: fx.Node | None      # the cache passed in; None when this graph starts it (prefill)
+    new: fx.Node              # this call's K (or V) [B, H, T, D]
+    returned: bool            # the graph returns `node` (the caller keeps it whole)
+
+
+def match_cat(node: fx.Node, outputs: list) -> CatCache | str | None:
+    """The cache growth that `node` (an attention's key/value source) is, a reason, or None when
+    `node` is no cache at all."""
+    if is_cat(node):
+        args = call_arguments(node, ("tensors", "dim"))
+        tensors, dim = args.get("tensors"), args.get("dim", 0)
+        if not isinstance(tensors, (tuple, list)) or len(tensors) != 2 or dim not in (-2, 2):
+            return "the cache concatenation is not (past, new) along the sequence dim (-2)"
+        past, new = tensors
+        if _empty(past):
+            past = None
+        elif past.op != "placeholder":
+            return (f"the past of the cache concatenation is computed in the graph ({describe(past)}), "
+                    f"not a cache passed in")
+        shape = shape_of(new)
+        if shape is None or len(shape) != 4:
+            return "the new keys/values concatenated to the cache are not a 4-D tensor [B, H, T, D]"
+        return CatCache(node, past, new, node in outputs)
+    if node in outputs:
+        return CatCache(node, None, node, True)
+    return None
+
+
+def _empty(node: fx.Node) -> bool:
+    """An empty 1-D tensor: how HF's DynamicLayer starts (torch.tensor([]) concatenated with the prompt's K)."""
+    value = example_tensor(node)
+    return value is not None and value.dim() == 1 and value.shape[0] == 0
+
+
+@dataclass
+class CatSlot:
+    """One site whose concatenated cache lives in a `CatStore`, as the runtime must provide it."""
+
+    layer: int
+    dtype: torch.dtype
+    device: torch.device
+    shape: list[Callable]               # [B, Hkv, S, D] of the grown cache, from the call's arguments
+    key_past_input: int | None          # graph-input index of the past placeholders (None: no past)
+    value_past_input: int | None
+    key_output: int                     # output index where the graph returned the grown cache
+    value_output: int
+    examples: tuple = ()                # fake example values of the store-view inputs (dynamo's symbols)
+    store_tensors: int = 4
+
+
+def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> str:
+    """Why a concatenated cache cannot move into a `CatStore` ("" if it can)."""
+    from kvfx.kernels.formats import Int8Format
+
+    if getattr(fmt, "spec", None) is not None:  # a TokenFormat: a policy
+        return (f"policy {fmt.spec.policy!r} needs a static cache (cache_implementation='static'); a cache that "
+                f"grows by concatenation (DynamicCache) is left unchanged")
+    if not isinstance(fmt, Int8Format):
+        return (f"kv={fmt.name!r} cannot yet hold a cache that grows by concatenation (DynamicCache); use "
+                f"kv='int8' for it, or a static cache (cache_implementation='static')")
+    outputs = output_values(output.graph)
+    for name, read in (("key", site.key), ("value", site.value)):
+        cat = read.cat
+        if read.kv_len != -1:
+            return f"the concatenated {name} cache is sliced before attention"
+        if not cat.returned or outputs.count(cat.node) != 1:
+            return (f"the concatenated {name} cache is not returned whole (a sliding-window cache keeps only its "
+                    f"last tokens); kvfx quantizes caches that keep the whole concatenation")
+        allowed = {output, site.node, *site.interior, *read.chain[-1:]}
+        others = [u for u in cat.node.users if u not in allowed and not is_metadata_read(u)]
+        if cat.past is not None:
+            others += [u for u in cat.past.users if u is not cat.node and not is_metadata_read(u)]
+        if cat.node is cat.new:  # no past: `new` itself is the cache, also used to build nothing else
+            others = [u for u in others if u is not cat.node]
+        if others:
+            return f"the {name} cache is also read by {describe(others[0])} outside attention"
+        recipes = [size_recipe(s, placeholders) for s in shape_of(cat.node)]
+        reason = next((r for r in recipes if isinstance(r, str)), "")
+        if reason:
+            return f"the {name} cache's size cannot be read from the call: {reason}"
+    return ""
+
+
+def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx.Node, fmt) -> tuple[CatSlot, list]:
+    """New inputs for the site's store views, its two writes before the attention, and placeholders
+    returned in place of the grown K/V. Returns the slot and the store nodes (k_codes, k_qparams,
+    v_codes, v_qparams); the caller rewrites the attention over them, then calls `drop_cats`."""
+    from kvfx.cat_store import seq_major_store
+
+    key, value = site.key.cat, site.value.cat
+    example = example_tensor(key.node)
+    with example.fake_mode:
+        examples = seq_major_store(fmt, example.shape, example.dtype, example.device).tensors()
+    last = next(n for n in reversed(graph.nodes) if n.op == "placeholder")
+    store = []
+    for name, tensor in zip(fmt.tensor_names, examples):
+        with graph.inserting_after(last):
+            last = graph.placeholder(f"kvfx_cat{site.layer}_{name}")
+        last._dynamo_source = None  # AOTAutograd wants one on every input of a dynamo graph
+        last.meta["example_value"] = tensor
+        store.append(last)
+    k_codes, k_qparams, v_codes, v_qparams = store
+    with graph.inserting_before(site.node):
+        # The last T slots of the grown cache. Sizes are read off the store view and `new`, not off
+        # `past`: the runtime's placeholder for it is fakeified afresh by AOTAutograd, with symbols
+        # that no guard can name.
+        length = _size(graph, k_codes, 2, example.shape[2])
+        new = _size(graph, key.new, 2, shape_of(key.new)[2])
+        start = length - new if isinstance(length, int) and isinstance(new, int) else \
+            graph.call_function(operator.sub, (length, new))
+        pos = graph.call_function(torch.arange, (start, length), {"device": example.device})
+        for codes, qparams, cat in ((k_codes, k_qparams, key), (v_codes, v_qparams, value)):
+            graph.call_function(torch.ops.kvfx.store_write.default, (codes, qparams, pos, cat.new))
+    outputs = output_values(graph)
+    indices = [outputs.index(cat.node) for cat in (key, value)]
+    with graph.inserting_before(output):
+        sizes = [_size(graph, key.new, d, s) for d, s in enumerate(example.shape) if d != 2]
+        sizes.insert(2, _size(graph, k_codes, 2, example.shape[2]))
+        for i, cat in zip(indices, (key, value)):
+            # One element, stride 0: the runtime frees it and hands it to the caller as the grown cache.
+            outputs[i] = graph.call_function(torch.empty_strided, (tuple(sizes), (0, 0, 0, 0)),
+                                             {"dtype": example.dtype, "device": example.device})
+    output.args = (tuple(outputs),)
+    index = {p: i for i, p in enumerate(placeholders)}
+    slot = CatSlot(site.layer, example.dtype, example.device, [size_recipe(s, placeholders) for s in example.shape],
+                   index.get(key.past), index.get(value.past), *indices, tuple(examples))
+    return slot, store
+
+
+def drop_cats(graph: fx.Graph, site) -> None:
+    """Erase the concatenations the rewrite left without users."""
+    for cat in (site.key.cat, site.value.cat):
+        if cat.node is not cat.new and not cat.node.users:
+            graph.erase_node(cat.node)
+
+
+def _size(graph: fx.Graph, node: fx.Node, dim: int, value) -> int | fx.Node:
+    """A size as a graph argument: the int, or `node.size(dim)` when symbolic."""
+    return value if isinstance(value, int) else graph.call_method("size", (node, dim))

@@ -1,0 +1,93 @@
+"""Caches that grow by concatenation (HF DynamicCache, nanoGPT `present`) held in kvfx's int8
+CatStore, and how often each cache kind makes dynamo compile."""
+import copy
+
+import gptfast
+import nanogpt
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvfx
+from kvfx.models import tiny_model
+from kvfx.runtime import FreedKVBuffer
+
+
+def prompt(n, seed=0, batch=1):
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_generate(model, ids, n, cache=None, **kw):
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation=cache, **kw)
+
+
+def test_dynamic_cache_holds_int8_stores_not_fp_tensors():
+    model = tiny_model()
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, backend="kvfx", options={"kv": "int8"})
+    cache = DynamicCache(config=model.config)
+    hf_generate(compiled, prompt(9), 24, past_key_values=cache)
+    keys = [layer.keys for layer in cache.layers]
+    assert all(isinstance(k, FreedKVBuffer) and k.untyped_storage().nbytes() == 0 for k in keys)
+    assert keys[0].shape == (1, 2, 32, 16)  # 9 prompt + 23 decoded tokens written
+    rep = kvfx.report(compiled)
+    assert rep.fp_kv_bytes == 2 * 2 * keys[0].numel() * 4
+    # Measured storages == the store's arithmetic: 64 slots (grown in steps of 64) of uint8 codes
+    # and fp32 (scale, zero) per token and KV head, for K and V of 2 layers.
+    assert rep.kv_bytes == 2 * 2 * (1 * 2 * 64 * (16 + 2 * 4))
+    torch.testing.assert_close(kvfx.runtime.dequantized(keys[0]).shape, keys[0].shape)
+
+
+def test_int8_left_padded_batch_with_a_dynamic_cache_matches_eager_per_row():
+    model = tiny_model()
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, backend="kvfx", options={"kv": "int8"})
+    ids = prompt(10, seed=5, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0  # row 1 is 4 tokens shorter, left padded
+    kw = dict(attention_mask=mask, pad_token_id=0)
+    assert torch.equal(hf_generate(compiled, ids, 12, **kw), hf_generate(model, ids, 12, **kw))
+    assert kvfx.report(compiled).rewritten == kvfx.report(compiled).found
+
+
+def test_two_continuations_of_one_past_do_not_mix():
+    """A past used twice (two continuations): the second continues in a copy of the store, so
+    neither sees the other's tokens."""
+    model = nanogpt.tiny()
+    compiled = torch.compile(model, backend="kvfx", options={"kv": "int8"})
+    with torch.no_grad():
+        _, past = compiled(prompt(6))
+        _, eager_past = model(prompt(6))
+        for token in (5, 9, 5):
+            ids = torch.tensor([[token]])
+            ours, _ = compiled(ids, past)
+            want, _ = model(ids, eager_past)
+            assert ours.argmax(-1).item() == want.argmax(-1).item()
+            torch.testing.assert_close(ours, want, atol=0.05, rtol=0.05)
+
+
+# Graphs compiled for three generations: prompt lengths 7, 7 (the same shapes: nothing new) and 11.
+# HF static: prefill + decode, then a new prompt and cache length make both dynamic (+2).
+# Growing caches (HF dynamic, nanoGPT): prefill, the first decode, then a decode with the past length
+# dynamic (+1 for a new prompt length). gpt-fast: prefill + decode (positions are tensors), +1 prefill.
+BOUNDS = {"hf-static": [2, 2, 4], "hf-dynamic": [3, 3, 4], "gptfast": [2, 2, 3], "nanogpt": [3, 3, 4]}
+
+
+@pytest.mark.parametrize("kind", list(BOUNDS))
+def test_compiles_per_cache_kind_are_bounded(kind):
+    if kind.startswith("hf"):
+        model = tiny_model()
+        model.forward = compiled = torch.compile(model.forward, backend="kvfx", options={"kv": "int8"})
+        run = lambda ids: hf_generate(model, ids, 6, "static" if kind == "hf-static" else None)  # noqa: E731
+    elif kind == "gptfast":
+        model = gptfast.tiny()
+        compiled = torch.compile(model.forward, backend="kvfx", options={"kv": "int8"})
+        run = lambda ids: gptfast.generate(model, compiled, ids, 6, max_seq=32)  # noqa: E731
+    else:
+        compiled = torch.compile(nanogpt.tiny(), backend="kvfx", options={"kv": "int8"})
+        run = lambda ids: nanogpt.generate(compiled, ids, 6)  # noqa: E731
+    counts = []
+    for n in (7, 7, 11):
+        run(prompt(n))
+        counts.append(len({s.graph for s in kvfx.report(compiled).sites}))
+    assert counts == BOUNDS[kind]

@@ -1,0 +1,265 @@
+"""Cache-write and attention patterns beyond HF StaticCache + SDPA, on small hand-written graphs:
+each rewritten site gives the eager result, each one kvfx cannot prove is left untouched with its reason."""
+import math
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kvfx
+from kvfx.config import KVConfig
+from kvfx.passes.rewrite import rewrite_graph
+
+
+def dynamo_graphs(fn, *args):
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(fn, backend=capture)(*args)
+    return graphs
+
+
+def rewritten(fn, args, kv):
+    """The one graph of fn, rewritten with kv: (plan, the call targets left in it)."""
+    (gm,) = dynamo_graphs(fn, *[a.clone() for a in args])
+    plan = rewrite_graph(gm, KVConfig(kv=kv), graph_index=0)
+    return plan, [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+def compiled_matches_eager(fn, args, kv, **tolerance):
+    want = fn(*[a.clone() for a in args])
+    got = torch.compile(fn, backend="kvfx", options={"kv": kv})(*[a.clone() for a in args])
+    for w, g in zip(*(x if isinstance(x, tuple) else (x,) for x in (want, got))):
+        if kv == "none" or g.untyped_storage().nbytes() > 0:  # grown caches come back as placeholders
+            torch.testing.assert_close(g, w, **tolerance)
+
+
+# ---- gpt-fast-style static buffers: index_put_ and slice writes; GQA by repeat_interleave; MQA -----
+
+def gptfast_step(q, k_cache, v_cache, pos, k, v, mask):
+    k_cache[:, :, pos] = k
+    v_cache[:, :, pos] = v
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+
+
+def slice_step(q, k_cache, v_cache, start, k, v, mask):
+    k_cache[:, :, start:start + k.shape[2]] = k
+    v_cache[:, :, start:start + v.shape[2]] = v
+    g = q.shape[1] // k_cache.shape[1]
+    kk, vv = (c.repeat_interleave(g, dim=1) for c in (k_cache, v_cache))
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=0.3)
+
+
+def mqa_step(q, k_cache, v_cache, pos, k, v, mask):
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
+    b, _, s, d = k_cache.shape
+    kk, vv = (c.expand(b, q.shape[1], s, d) for c in (k_cache, v_cache))
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+
+
+def static_inputs(heads=4, kv_heads=2, d=8, t=2, slots=6, start=2):
+    g = torch.Generator().manual_seed(0)
+    pos = torch.arange(start, start + t)
+    mask = torch.arange(slots)[None, :] <= pos[:, None]  # causal over the filled slots: chunked prefill
+    cache = torch.randn(1, kv_heads, slots, d, generator=g)
+    return (torch.randn(1, heads, t, d, generator=g), cache, cache.clone() + 1, pos,
+            torch.randn(1, kv_heads, t, d, generator=g), torch.randn(1, kv_heads, t, d, generator=g), mask)
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+@pytest.mark.parametrize("step, pattern", [(gptfast_step, "sdpa+enable_gqa, mask, cache input, index_put_"),
+                                           (mqa_step, "sdpa+expand, mask, cache input, index_copy_")])
+def test_position_writes_are_rewritten(step, pattern, kv):
+    args = static_inputs(kv_heads=1) if step is mqa_step else static_inputs()
+    plan, found = rewritten(step, args, kv)
+    assert [(s.pattern, s.rewritten) for s in plan.sites] == [(pattern, True)]
+    assert torch.ops.kvfx.attend.default in found
+    assert (torch.ops.kvfx.store_write.default in found) == (kv == "int8")
+    compiled_matches_eager(step, args, kv, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_slice_write_with_repeat_interleave_is_rewritten(kv):
+    q, k_cache, v_cache, pos, k, v, mask = static_inputs()
+    args = (q, k_cache, v_cache, 2, k, v, mask)
+    (gm,) = dynamo_graphs(slice_step, *args)
+    plan = rewrite_graph(gm, KVConfig(kv=kv), graph_index=0)
+    assert plan.sites[0].pattern == "sdpa+repeat_interleave, mask, cache input, slice write"
+    assert plan.sites[0].rewritten
+    found = [n.target for n in gm.graph.nodes]
+    assert "repeat_interleave" not in found
+    assert (found.count(torch.arange) == 1) == (kv == "int8")  # one position tensor for both writes
+    want = slice_step(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    got = torch.compile(slice_step, backend="kvfx", options={"kv": kv})(
+        *[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    torch.testing.assert_close(got, want, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
+
+
+def test_kivi_slice_writes_become_one_append():
+    q, k_cache, v_cache, pos, k, v, mask = static_inputs(d=32, slots=8, start=0, t=3)
+    (gm,) = dynamo_graphs(slice_step, q, k_cache, v_cache, 0, k, v, mask)
+    plan = rewrite_graph(gm, KVConfig(kv="int4", group_size=16, residual=16), graph_index=0)
+    assert plan.sites[0].rewritten
+    assert [n.target for n in gm.graph.nodes].count(torch.ops.kvfx.kivi_write.default) == 1
+
+
+def test_write_with_a_mask_index_is_left_unchanged():
+    def bool_index_write(q, k_cache, v_cache, k, v, where):
+        k_cache[:, :, where] = k
+        v_cache[:, :, where] = v
+        return F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=True)
+
+    q, k_cache, v_cache, _, k, v, _ = static_inputs(t=1)
+    where = torch.zeros(6, dtype=torch.bool)
+    where[3] = True
+    (gm,) = dynamo_graphs(bool_index_write, q, k_cache, v_cache, k, v, where)
+    before = gm.code
+    plan = rewrite_graph(gm, KVConfig(kv="int8"), graph_index=0)
+    assert gm.code == before and not plan.sites[0].rewritten
+
+
+# ---- caches that grow by concatenation -------------------------------------------------------------
+
+def cat_step(q, past_k, past_v, k, v):
+    """HF DynamicLayer.update + SDPA: the grown cache is returned for the next call."""
+    keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+    return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True), keys, values
+
+
+def sliding_cat_step(q, past_k, past_v, k, v):
+    """HF DynamicSlidingWindowLayer: attends over the concatenation, keeps only its last 3 tokens."""
+    keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+    return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True), keys[:, :, -3:], values[:, :, -3:]
+
+
+def cat_inputs(t=1, past=5):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(1, 4, t, 8, generator=g), torch.randn(1, 2, past, 8, generator=g),
+            torch.randn(1, 2, past, 8, generator=g), torch.randn(1, 2, t, 8, generator=g),
+            torch.randn(1, 2, t, 8, generator=g))
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_concatenated_cache_is_rewritten(kv):
+    plan, found = rewritten(cat_step, cat_inputs(), kv)
+    assert [(s.pattern, s.rewritten) for s in plan.sites] == [("sdpa+enable_gqa, no mask, cat cache", True)]
+    assert torch.ops.kvfx.attend.default in found
+    # kv="none" keeps the model's concatenation; int8 builds none: the tokens go to the store.
+    assert (torch.cat in found) == (kv == "none")
+    assert len(plan.cat_slots) == (kv == "int8")
+    compiled_matches_eager(cat_step, cat_inputs(), kv, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
+
+
+def test_grown_cache_comes_back_as_a_placeholder_and_keeps_growing():
+    compiled = torch.compile(cat_step, backend="kvfx", options={"kv": "int8"})
+    q, past_k, past_v, k, v = cat_inputs(t=3)
+    out, keys, values = compiled(q, past_k, past_v, k, v)  # a past built without kvfx is adopted
+    assert isinstance(keys, kvfx.runtime.FreedKVBuffer) and keys.shape == (1, 2, 8, 8)
+    assert keys.untyped_storage().nbytes() == 0
+    torch.testing.assert_close(kvfx.runtime.dequantized(keys), torch.cat([past_k, k], -2), atol=0.05, rtol=0.05)
+    reference = torch.cat([past_k, k], -2), torch.cat([past_v, v], -2)
+    for step in range(3):
+        q, _, _, k, v = cat_inputs(t=1, past=0)
+        reference = tuple(torch.cat([r, x], -2) for r, x in zip(reference, (k, v)))
+        out, keys, values = compiled(q, keys, values, k, v)
+        want = F.scaled_dot_product_attention(q, *reference, enable_gqa=True)
+        torch.testing.assert_close(out, want, atol=0.05, rtol=0.05)
+    assert keys.shape[2] == 11 and kvfx.runtime.held_bytes([keys, values]) < 0.6 * 2 * keys.numel() * 4 * 64 / 11
+
+
+@pytest.mark.parametrize("kv, reason", [("int8", "not returned whole"), ("int4", "cannot yet hold a cache that grows")])
+def test_concatenated_cache_kvfx_cannot_hold_is_left_unchanged(kv, reason):
+    step = sliding_cat_step if kv == "int8" else cat_step
+    (gm,) = dynamo_graphs(step, *cat_inputs())
+    before = gm.code
+    plan = rewrite_graph(gm, KVConfig(kv=kv, group_size=16, residual=16), graph_index=0)
+    assert gm.code == before
+    assert not plan.sites[0].rewritten and reason in plan.sites[0].reason
+
+
+def test_sliding_window_concatenation_is_rewritten_losslessly_for_kv_none():
+    plan, _ = rewritten(sliding_cat_step, cat_inputs(), "none")
+    assert plan.sites[0].rewritten
+    compiled_matches_eager(sliding_cat_step, cat_inputs(), "none")
+
+
+# ---- hand-written attention: masked_fill, where, ALiBi bias + mask ---------------------------------
+
+def nanogpt_attention(q, past_k, past_v, k, v, bias, alibi=None):
+    k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+    t, s = q.size(-2), k.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+    if alibi is not None:
+        att = att + alibi[None, :, s - t:s, :s]
+    att = att.masked_fill(bias[:, :, s - t:s, :s] == 0, float("-inf"))
+    return F.softmax(att, dim=-1) @ v, k, v
+
+
+def hf_gpt2_attention(q, past_k, past_v, k, v, keep):
+    k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+    att = torch.matmul(q, k.transpose(-1, -2)) / 8 ** 0.5
+    att = torch.where(keep, att.to(torch.float32), torch.tensor(torch.finfo(torch.float32).min))
+    return torch.matmul(F.softmax(att, dim=-1).type(v.dtype), v), k, v
+
+
+def mha_inputs(t=2, past=5):
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(1, 4, t, 8, generator=g), torch.randn(1, 4, past, 8, generator=g),
+            torch.randn(1, 4, past, 8, generator=g), torch.randn(1, 4, t, 8, generator=g),
+            torch.randn(1, 4, t, 8, generator=g)]
+
+
+def alibi(heads, n):
+    slopes = torch.tensor([2 ** (-8 * (h + 1) / heads) for h in range(heads)])
+    return slopes[:, None, None] * (torch.arange(n)[None, :] - torch.arange(n)[:, None])
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+@pytest.mark.parametrize("case", ["masked_fill", "alibi+masked_fill", "where"])
+def test_hand_written_masks_are_rewritten(case, kv):
+    tril = torch.ones(1, 1, 16, 16).tril()
+    if case == "where":
+        fn, extra = hf_gpt2_attention, [tril[:, :, 5:7, :7].bool()]
+    else:
+        fn, extra = nanogpt_attention, [tril] + ([alibi(4, 16)] if case.startswith("alibi") else [])
+    args = mha_inputs() + extra
+    plan, found = rewritten(fn, args, kv)
+    assert [(s.pattern, s.rewritten) for s in plan.sites] == [("manual+none, mask, cat cache", True)]
+    assert not {F.softmax, torch.matmul, operator.matmul, "masked_fill"} & set(found)
+    compiled_matches_eager(fn, args, kv, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
+
+
+def test_fill_that_is_not_a_mask_is_left_unchanged():
+    def zero_filled(q, past_k, past_v, k, v, bias):
+        k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+        att = (q @ k.transpose(-2, -1)).masked_fill(bias[:, :, 5:7, :7] == 0, 0.0)
+        return F.softmax(att, dim=-1) @ v, k, v
+
+    (gm,) = dynamo_graphs(zero_filled, *mha_inputs(), torch.ones(1, 1, 16, 16).tril())
+    before = gm.code
+    plan = rewrite_graph(gm, KVConfig(kv="none"), graph_index=0)
+    assert gm.code == before
+    assert plan.sites[0].reason == "the scores are masked_fill-ed with 0.0, not -inf (kvfx models masking only)"
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_sdpa_with_per_head_additive_bias_and_gqa(kv):
+    """ALiBi as SDPA's additive mask, one bias per query head, over a GQA cache (HF repeat_kv)."""
+    def step(q, k_cache, v_cache, pos, k, v, bias):
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        b, h, s, d = k_cache.shape
+        kk, vv = (c[:, :, None].expand(b, h, 2, s, d).reshape(b, h * 2, s, d) for c in (k_cache, v_cache))
+        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias)
+
+    q, k_cache, v_cache, pos, k, v, keep = static_inputs()
+    bias = alibi(4, 6)[None, :, 2:4].masked_fill(~keep, float("-inf"))
+    args = (q, k_cache, v_cache, pos, k, v, bias)
+    plan, _ = rewritten(step, args, kv)
+    assert plan.sites[0].rewritten
+    compiled_matches_eager(step, args, kv, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
