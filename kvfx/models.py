@@ -42,3 +42,25 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "s
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(configs[arch](**base), attn_implementation=attn_implementation)
     return model.eval()
+
+
+# What the tiny tokenizer is trained on: any English text will do, it only has to make merges.
+_TINY_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A small model reads a short prompt and writes a few "
+    "tokens. The grass is green, the sky is blue and the sun is yellow. What is the key? The key is 12345.",
+)
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained here in milliseconds (every byte is a token, so any text
+    encodes), for tiny models that need text in and out: pair it with tiny_model(vocab_size=...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_TINY_CORPUS, trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|eos|>"],
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|eos|>")
