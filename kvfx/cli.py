@@ -97,14 +97,21 @@ def _prompt_arguments(p: argparse.ArgumentParser) -> None:
                    "template, when it has one)")
 
 
+FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from kvfx import quality_sweep as sweep
-
-    common, model, config = _common_arguments(), _model_arguments(), _one_config_arguments()
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(prog="kvfx", description=__doc__, formatter_class=formatter, parents=[common])
+    common, model = _common_arguments(), _model_arguments()
+    parser = _Parser(prog="kvfx", description=__doc__, formatter_class=FORMATTER, parents=[common])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{generate,report,eval,bench}")
+    _add_generate_and_report(verbs, common, model)
+    _add_eval(verbs, common, model)
+    _add_bench(verbs, common)
+    return parser
 
+
+def _add_generate_and_report(verbs, common, model) -> None:
+    config, formatter = _one_config_arguments(), FORMATTER
     gen = verbs.add_parser("generate", parents=[common, model, config], formatter_class=formatter,
                            help="stream an answer through kvfx, then tokens/s, KV bytes and the report",
                            description="Generate greedily through torch.compile(model.forward, backend='kvfx') "
@@ -128,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--prefill-only", action="store_true", help="compile and run the prefill graph only")
     rep.set_defaults(run=cmd_report)
 
+
+def _add_eval(verbs, common, model) -> None:
+    from kvfx import quality_sweep as sweep
+
+    formatter = FORMATTER
     ev = verbs.add_parser("eval", parents=[common], formatter_class=formatter,
                           help="quality: passkey retrieval, perplexity (formats x policies x budgets)",
                           description=sweep.__doc__,
@@ -187,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--file", type=pathlib.Path, required=True, help="where to write the prompts")
     pr.set_defaults(run=cmd_prompts)
 
+
+def _add_bench(verbs, common) -> None:
+    formatter = FORMATTER
     names = ", ".join(_benchmark_names()) or f"none found under {BENCHMARKS}"
     be = verbs.add_parser("bench", parents=[common], formatter_class=formatter,
                           help="run a benchmark script (JSON + PNG into a folder)",
@@ -199,7 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder for the JSON and PNG (default: ./kvfx-bench)")
     be.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script (after --)")
     be.set_defaults(run=cmd_bench)
-    return parser
 
 
 # ------------------------------------------------------------------------------------------- verbs
@@ -384,11 +398,11 @@ def cmd_eval(args) -> int:
 
 def cmd_prompts(args) -> int:
     from kvfx.models import load_tokenizer
-    from kvfx.quality import passkey_prompts
+    from kvfx.quality import ANSWER_TOKENS, passkey_prompts
 
     prompts = passkey_prompts(load_tokenizer(args.model, args.gguf), args.lengths, args.depths, args.seed)
     args.file.parent.mkdir(parents=True, exist_ok=True)
-    args.file.write_text(json.dumps({"prompts": [p.to_json() for p in prompts]}) + "\n")
+    args.file.write_text(json.dumps({"answer_tokens": ANSWER_TOKENS, "prompts": [p.to_json() for p in prompts]}) + "\n")
     print(f"wrote {len(prompts)} passkey prompts to {args.file}")
     return 0
 

@@ -1,5 +1,6 @@
 """The quality harness: passkey prompts, perplexity against an independent computation, kvfx none
 against the model's own forward, and methods kvfx cannot run reported as skipped."""
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from kvfx.models import tiny_model, tiny_tokenizer
 from kvfx.quality import (EAGER, FILLER, NEEDLE, evaluate_passkey, evaluate_perplexity, kvfx_method, passkey_correct,
                           passkey_prompt, passkey_prompts, perplexity)
 from kvfx.quality_report import plot, table
+from kvfx.quality_sweep import kvpress_comparison, kvpress_rows
 
 VOCAB = 320
 
@@ -86,3 +88,21 @@ def test_passkey_through_kvfx_none_answers_as_eager(tokenizer, tmp_path):
     assert "passkey accuracy by needle depth" in text and "kvfx none" in text
     assert plot(result.rows, tmp_path / "passkey.png", "tiny")
     assert (tmp_path / "passkey.png").stat().st_size > 0
+
+
+def test_kvpress_results_are_scored_by_kvfx_and_must_come_from_the_same_prompts(tokenizer, tmp_path):
+    prompts = passkey_prompts(tokenizer, lengths=[1500], depths=[0.2, 0.8])
+    rows = [{"press": "SnapKV", "budget": 0.2, "length": p.length, "tokens": len(p.ids), "depth": p.depth,
+             "key": p.key, "answer": f" {p.key}." if p.depth < 0.5 else " 12345."} for p in prompts]
+    path = tmp_path / "kvpress_passkey.json"
+    path.write_text(json.dumps({"rows": rows}))
+    theirs = kvpress_rows(path, prompts)
+    assert [r["correct"] for r in theirs] == [True, False] and theirs[0]["series"] == "kvpress SnapKV"
+    [snap] = kvpress_comparison(theirs, [{"method": "kvfx snapkv @ 0.2", "reason": "no policy"}])
+    assert snap == {"policy": "snapkv", "press": "SnapKV", "budget": 0.2, "kvfx": None, "kvpress": 0.5,
+                    "note": "no policy"}
+    ours = [{"task": "passkey", "method": "kvfx snapkv @ 0.2", "series": "kvfx snapkv", "budget": 0.2,
+             "length": 1500, "depth": d, "correct": True} for d in (0.2, 0.8)]
+    assert kvpress_comparison(theirs + ours, [])[0]["kvfx"] == 1.0
+    with pytest.raises(ValueError, match="other passkey prompts"):
+        kvpress_rows(path, passkey_prompts(tokenizer, lengths=[1500], depths=[0.2, 0.8], seed=1))
