@@ -103,22 +103,25 @@ def plot(rows: Sequence[dict], path: pathlib.Path, title: str) -> bool:
             full[method] = score(mine)
         else:
             curves[mine[0]["series"]].append((float(mine[0]["budget"]), score(mine)))
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5) if curves else (7.5, 4.5))
+    shown = (lambda v: f"{v:.0%}") if task == "passkey" else (lambda v: f"{v:.3f}")
     if curves:
-        for series, points in curves.items():
+        for i, (series, points) in enumerate(curves.items()):
             points.sort()
             external = not series.startswith("kvfx")
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="x" if external else "o",
+            # series often coincide (two methods at 0%): distinct markers keep each visible
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="xo+sd^v"[i % 7], markerfacecolor="none",
                     linestyle="--" if external else "-", label=series)
         for i, (method, value) in enumerate(full.items()):
             ax.axhline(value, color=f"C{(len(curves) + i) % 10}", linestyle=":", linewidth=1.5,
-                       label=f"{method} (full cache)")
+                       label=f"{method}, full cache: {shown(value)}")
         ax.set_xlabel("budget (fraction of prompt tokens kept; quest: of pages read)")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         names = list(full)
         bars = ax.bar(range(len(names)), [full[n] for n in names], color=[f"C{i % 10}" for i in range(len(names))])
-        ax.bar_label(bars, fmt="{:.3f}" if task == "perplexity" else "{:.0%}")
+        ax.bar_label(bars, labels=[shown(full[n]) for n in names])
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         if task == "perplexity":
             ax.set_ylim(min(full.values()) * 0.95, max(full.values()) * 1.03)
@@ -126,8 +129,6 @@ def plot(rows: Sequence[dict], path: pathlib.Path, title: str) -> bool:
         ax.set_ylim(-0.03, 1.08)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    if curves:
-        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
