@@ -62,3 +62,60 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "s
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **overrides),
                                                           attn_implementation=attn_implementation)
     return model.eval()
+
+
+# What the tiny tokenizer is trained on: any English text will do, it only has to make merges.
+_TINY_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A small model reads a short prompt and writes a few "
+    "tokens. The grass is green, the sky is blue and the sun is yellow. What is the key? The key is 12345.",
+)
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained here in milliseconds (every byte is a token, so any text
+    encodes), for tiny models that need text in and out: pair it with tiny_model(vocab_size=...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_TINY_CORPUS, trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|eos|>"],
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|eos|>")
+
+
+def _local_source(path: str | None, gguf: str | None) -> tuple[str, str | None]:
+    """(folder, gguf file name or None) of a folder, a .gguf file, or a folder + gguf name; checked to exist."""
+    if path is not None and gguf is None and path.endswith(".gguf"):
+        path, gguf = os.path.dirname(path) or ".", os.path.basename(path)
+    if path is None:
+        path, gguf = os.path.dirname(gguf) or ".", os.path.basename(gguf)
+    wanted = os.path.join(path, gguf) if gguf is not None else path
+    if not os.path.exists(wanted):
+        raise FileNotFoundError(f"no model at {wanted!r} (kvfx loads local files only)")
+    return path, gguf
+
+
+def load_tokenizer(path: str | None = None, gguf: str | None = None):
+    """The tokenizer of `load_model(path, gguf)`, without loading the weights."""
+    from transformers import AutoTokenizer
+
+    folder, gguf = _local_source(path, gguf) if (path or gguf) else (smollm2_folder(), SMOLLM2_GGUF)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+
+
+def load_model(path: str | None = None, gguf: str | None = None, dtype: torch.dtype = torch.float32,
+               device: str = "cpu"):
+    """(model, tokenizer) from a local folder (transformers layout, or holding `gguf`), a .gguf file, or,
+    with neither given, the embedded SmolLM2. Nothing is downloaded: a path that does not exist fails."""
+    from transformers import AutoModelForCausalLM
+
+    if path is None and gguf is None:
+        model, tokenizer = load_smollm2(dtype)
+        return model.to(device), tokenizer
+    folder, gguf = _local_source(path, gguf)
+    tokenizer = load_tokenizer(folder, gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,117 @@
+"""Sweeps of the quality harness (what `kvfx eval` and benchmarks/quality.py run): every KV format,
+every policy at every budget, transformers' QuantizedCache (optimum-quanto) at equal bits, and the
+results of NVIDIA kvpress on the same passkey prompts (benchmarks/kvpress_baseline.py, own venv).
+
+Policies are asked for by name and passed to kvfx as options; a kvfx that does not accept one yet
+(KVConfig rejects it) reports those methods as skipped, with the reason, and measures the rest.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Mapping, Sequence
+
+from kvfx.quality import EAGER, Method, PasskeyPrompt, kvfx_method, passkey_correct
+from kvfx.quality_report import by_method, score
+
+FORMATS = ("none", "int8", "int4", "int2", "fp8")
+POLICIES = ("streaming", "h2o", "snapkv", "pyramidkv", "quest")
+BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)            # fraction of the prompt's tokens kept
+QUEST_PAGES = (1 / 16, 1 / 8, 3 / 16, 1 / 4)    # fraction of the cache's pages quest reads
+POLICY_FORMATS = ("none", "int4")               # each policy at full precision and composed with int4
+# kvfx policy -> the kvpress press that implements the same paper
+KVPRESS_TWINS = {"snapkv": "SnapKV", "streaming": "StreamingLLM", "pyramidkv": "PyramidKV"}
+
+
+def sweep_methods(formats: Sequence[str] = FORMATS, policies: Sequence[str] = POLICIES,
+                  budgets: Sequence[float] = BUDGETS, pages: Sequence[float] = QUEST_PAGES,
+                  policy_formats: Sequence[str] = POLICY_FORMATS,
+                  extra: Mapping[str, Any] | None = None) -> list[Method]:
+    """The eager reference, each format with the full cache, then each policy composed with each of
+    `policy_formats` at every budget (quest: at every fraction of pages). `extra` options (e.g.
+    residual=64) go to every kvfx method."""
+    extra = dict(extra or {})
+    methods = [EAGER] + [kvfx_method(**extra, kv=kv) for kv in formats]
+    for kv in policy_formats:
+        for policy in policies:
+            if policy == "none":
+                continue
+            if policy == "quest":
+                methods += [kvfx_method(**extra, kv=kv, policy=policy, pages=p) for p in pages]
+            else:
+                methods += [kvfx_method(**extra, kv=kv, policy=policy, budget=b) for b in budgets]
+    return methods
+
+
+def quanto_methods(bits: Sequence[int], group_size: int, residual: int) -> tuple[list[Method], list[dict]]:
+    """transformers' QuantizedCache with the optimum-quanto backend, one method per bit width, with
+    kvfx's group size and residual window (equal bits, equal grouping); skipped when quanto is missing."""
+    try:
+        import optimum.quanto  # noqa: F401  (transformers imports it lazily, inside the first cache update)
+        from transformers import QuantizedCache
+    except Exception as e:  # an incompatible install fails with more than ImportError
+        return [], [{"method": f"transformers quanto int{b}", "reason": f"optimum-quanto unusable: {e}"} for b in bits]
+
+    def cache_of(nbits: int):
+        return lambda config, max_cache_len: QuantizedCache(
+            backend="quanto", config=config, nbits=nbits, q_group_size=group_size, residual_length=residual)
+
+    return [Method(f"transformers quanto int{b}", f"transformers quanto int{b}", make_cache=cache_of(b))
+            for b in bits], []
+
+
+def kvpress_rows(path: str | pathlib.Path, prompts: Sequence[PasskeyPrompt]) -> list[dict]:
+    """Rows of a benchmarks/kvpress_baseline.py result, scored as kvfx scores its own. The result must
+    come from exactly these prompts (same lengths, depths and keys), or the comparison would not be one."""
+    data = json.loads(pathlib.Path(path).read_text())
+    ours = {(p.length, p.depth): p.key for p in prompts}
+    theirs = {(r["length"], r["depth"]): r["key"] for r in data["rows"]}
+    if theirs != ours:
+        raise ValueError(f"{path} was made from other passkey prompts than this run's "
+                         f"({len(theirs)} vs {len(ours)} prompts, or other keys): run kvpress_baseline.py on the "
+                         "file `kvfx eval prompts` writes with the same --lengths, --depths and --seed")
+    rows = []
+    for r in data["rows"]:
+        press, budget = r["press"], r["budget"]
+        series = f"kvpress {press}"
+        rows.append({"task": "passkey", "method": series + (f" @ {budget:g}" if budget is not None else ""),
+                     "series": series, "budget": budget, "options": {"press": press, "budget": budget},
+                     "length": r["length"], "tokens": r["tokens"], "depth": r["depth"], "key": r["key"],
+                     "answer": r["answer"], "correct": passkey_correct(r["answer"], r["key"])})
+    return rows
+
+
+def kvpress_comparison(rows: Sequence[dict], skipped: Sequence[dict]) -> list[dict]:
+    """Passkey accuracy of each kvfx policy and its kvpress twin at each budget kvpress ran; kvfx is None
+    (with the reason) where kvfx did not run that policy."""
+    groups = by_method(rows)
+    comparison = []
+    for policy, press in KVPRESS_TWINS.items():
+        theirs = {rs[0]["budget"]: rs for rs in groups.values()
+                  if rs[0]["series"] == f"kvpress {press}" and rs[0]["budget"] is not None}
+        for budget in sorted(theirs):
+            ours = next((rs for rs in groups.values()
+                         if rs[0]["series"] == f"kvfx {policy}" and rs[0]["budget"] == budget), None)
+            why = next((s["reason"] for s in skipped if s["method"].startswith(f"kvfx {policy} @")), "not run")
+            comparison.append({"policy": policy, "press": press, "budget": budget,
+                               "kvfx": score(ours) if ours else None, "kvpress": score(theirs[budget]),
+                               "note": "" if ours else why})
+    return comparison
+
+
+def comparison_table(comparison: Sequence[dict]) -> str:
+    lines = ["kvfx vs kvpress, passkey accuracy on the same prompts"]
+    for c in comparison:
+        ours = f"{c['kvfx']:.0%}" if c["kvfx"] is not None else "-"
+        lines.append(f"  {c['policy']:<10} vs {c['press'] + 'Press':<18} budget {c['budget']:<5g} "
+                     f"kvfx {ours:>5}  kvpress {c['kvpress']:>5.0%}  {c['note']}".rstrip())
+    return "\n".join(lines)
+
+
+def skipped_summary(skipped: Sequence[dict]) -> str:
+    """One line per distinct reason (a policy kvfx lacks skips every budget of it: one line, not ten)."""
+    reasons: dict[str, list[str]] = {}
+    for s in skipped:
+        reasons.setdefault(s["reason"], []).append(s["method"])
+    return "\n".join(f"skipped {len(ms)} method(s) ({ms[0]}{', ...' if len(ms) > 1 else ''}): {reason}"
+                     for reason, ms in reasons.items())

@@ -1,0 +1,102 @@
+"""The `kvfx` console script, run as a user runs it (subprocess of the installed entry point)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from kvfx.cli import main
+from kvfx.models import tiny_model, tiny_tokenizer
+
+VOCAB = 320
+
+
+def kvfx(*args, cwd=None):
+    exe = shutil.which("kvfx", path=os.path.dirname(sys.executable)) or shutil.which("kvfx")
+    assert exe, "the kvfx console script is not installed (pip install -e .)"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama saved with a tokenizer: a model path the CLI loads like any other."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", vocab_size=VOCAB).save_pretrained(folder)
+    tiny_tokenizer(VOCAB).save_pretrained(folder)
+    return folder
+
+
+def test_console_script_help():
+    result = kvfx("--help")
+    assert result.returncode == 0
+    assert all(verb in result.stdout for verb in ("generate", "report", "eval", "bench"))
+
+
+@pytest.mark.parametrize("verb", ["generate", "report", "eval", "eval passkey", "eval perplexity", "bench"])
+def test_every_verb_has_help_with_an_example(verb, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*verb.split(), "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "example:" in out and f"kvfx {verb}" in out
+
+
+@pytest.mark.parametrize("args, says", [
+    (["generate", "--kv", "int3"], "kvfx option 'kv' got 'int3'; valid choices: 'none', 'int8'"),
+    (["generate", "--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value: 'many'"),
+    (["generate", "-o", "residual"], "expected KEY=VALUE"),
+    (["report", "-o", "group_size=12"], "kvfx option 'group_size' got 12"),
+    (["eval", "perplexity", "--kv", "none", "--policy-kv", "int5"], "kvfx option 'kv' got 'int5'"),
+    (["bench", "no-such-benchmark"], "unknown benchmark 'no-such-benchmark'; valid: "),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_option_is_one_line_and_exit_2(args, says, capsys):
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert out == ""
+
+
+def test_bad_option_from_the_console_script():
+    result = kvfx("generate", "--kv", "int3")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == ("kvfx: error: kvfx option 'kv' got 'int3'; valid choices: 'none', 'int8', "
+                                     "'int4', 'int2', 'fp8'")
+
+
+def test_missing_model_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["report", "--model", str(tmp_path / "absent")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("kvfx: error: FileNotFoundError: no model at") and last.endswith("(--debug shows the traceback)")
+    with pytest.raises(FileNotFoundError):
+        main(["report", "--model", str(tmp_path / "absent"), "--debug"])
+
+
+def test_generate_streams_then_reports_speed_bytes_and_sites(tiny_folder):
+    result = kvfx("generate", "--model", str(tiny_folder), "--prompt", "The sky is", "--raw",
+                  "--kv", "int8", "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "tokens/s" in out and "KV bytes for 10 slots: kvfx " in out and "kvfx report" in out
+    assert "attention sites rewritten: graph 0: 2/2, graph 1: 2/2" in out
+    ratio = float(out.split("in the model dtype (")[1].split("x)")[0])
+    assert 0 < ratio <= 0.55  # per-token int8 of an fp32 cache
+
+
+def test_eval_perplexity_writes_json_and_png(tiny_folder, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("The grass is green. The sky is blue. " * 20)
+    code = main(["eval", "perplexity", "--model", str(tiny_folder), "--text", str(text), "--prefix", "16",
+                  "--tokens", "8", "--kv", "none", "--policy", "h2o", "--budget", "0.5", "--policy-kv", "none",
+                  "--quanto-bits", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    payload = json.loads((tmp_path / "out" / "quality_perplexity.json").read_text())
+    assert [r["method"] for r in payload["rows"]] == ["eager fp", "kvfx none"]
+    assert payload["rows"][1]["perplexity"] == pytest.approx(payload["rows"][0]["perplexity"], rel=1e-5)
+    if "kvfx h2o @ 0.5" not in [r["method"] for r in payload["rows"]]:  # until kvfx has policies
+        assert payload["skipped"][0]["method"] == "kvfx h2o @ 0.5" and "skipped 1 method" in out
+    assert (tmp_path / "out" / "quality_perplexity.png").stat().st_size > 0
+    assert "perplexity (16-token prefill, 8 teacher-forced decode steps)" in out

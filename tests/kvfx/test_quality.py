@@ -1,0 +1,108 @@
+"""The quality harness: passkey prompts, perplexity against an independent computation, kvfx none
+against the model's own forward, and methods kvfx cannot run reported as skipped."""
+import json
+import math
+
+import pytest
+import torch
+
+from kvfx.models import tiny_model, tiny_tokenizer
+from kvfx.quality import (EAGER, FILLER, NEEDLE, evaluate_passkey, evaluate_perplexity, kvfx_method, passkey_correct,
+                          passkey_prompt, passkey_prompts, perplexity)
+from kvfx.quality_report import plot, table
+from kvfx.quality_sweep import kvpress_comparison, kvpress_rows
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer(VOCAB)
+
+
+@pytest.mark.parametrize("length", [1500, 3000])  # the tiny vocabulary spends ~120 tokens on the intro
+@pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
+def test_passkey_prompt_has_the_key_at_the_depth_and_the_length(tokenizer, length, depth):
+    prompt = passkey_prompt(tokenizer, length, depth)
+    longest_sentence = max(len(tokenizer(" " + s, add_special_tokens=False)["input_ids"]) for s in FILLER)
+    assert length - longest_sentence < len(prompt.ids) <= length
+    needle = tokenizer(NEEDLE.format(key=prompt.key), add_special_tokens=False)["input_ids"]
+    assert list(prompt.ids[prompt.needle_start:prompt.needle_start + len(needle)]) == needle
+    assert abs(prompt.needle_start - depth * length) <= longest_sentence
+    text = tokenizer.decode(prompt.ids)
+    assert text.count(prompt.key) == 2 and text.endswith("The pass key is")
+    assert len(prompt.key) == 5 and prompt.key.isdigit()
+
+
+def test_passkey_prompts_differ_and_are_reproducible(tokenizer):
+    prompts = passkey_prompts(tokenizer, lengths=[256, 512], depths=[0.2, 0.8])
+    assert [(p.length, p.depth) for p in prompts] == [(256, 0.2), (256, 0.8), (512, 0.2), (512, 0.8)]
+    assert len({p.key for p in prompts}) == 4
+    assert prompts == passkey_prompts(tokenizer, lengths=[256, 512], depths=[0.2, 0.8])
+    assert type(prompts[0]).from_json(prompts[0].to_json()) == prompts[0]
+    with pytest.raises(ValueError, match="shorter than its fixed text"):
+        passkey_prompt(tokenizer, 20, 0.5)
+
+
+def test_passkey_correct_reads_the_digits():
+    assert passkey_correct(" 71432. Remember", "71432")
+    assert passkey_correct(" 7 1 4 3 2", "71432")
+    assert not passkey_correct(" 71423", "71432")
+
+
+def test_perplexity_is_exp_of_mean_nll_over_the_forced_tokens():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(0))
+    prefix, tokens = 24, 12
+    with torch.no_grad():  # independently: one full forward, no cache
+        logits = model(ids[:prefix + tokens].unsqueeze(0)).logits[0, prefix - 1:prefix + tokens - 1].float()
+    nll = -logits.log_softmax(-1).gather(1, ids[prefix:prefix + tokens, None]).squeeze(1)
+    assert perplexity(model, ids, prefix, tokens) == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    with pytest.raises(ValueError, match="prefix \\+ tokens <= 40"):
+        perplexity(model, ids, prefix, 17)
+
+
+def test_kvfx_none_perplexity_equals_eager_and_bad_methods_are_skipped():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    ids = torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(1))
+    result = evaluate_perplexity(model, ids, 32, 16, [EAGER, kvfx_method(kv="none"), kvfx_method(kv="int3")],
+                                 progress=False)
+    eager, none = result.rows
+    assert none["perplexity"] == pytest.approx(eager["perplexity"], rel=1e-5)
+    assert none["sites_rewritten"] == none["sites_found"] == 4  # 2 layers x (prefill, decode): kvfx really ran
+    assert eager.get("sites_found") is None
+    assert [s["method"] for s in result.skipped] == ["kvfx int3"]
+    assert "'kv' got 'int3'" in result.skipped[0]["reason"]
+    assert "kvfx none" in table(result.rows) and "+0.00%" in table(result.rows)
+
+
+def test_passkey_through_kvfx_none_answers_as_eager(tokenizer, tmp_path):
+    model = tiny_model("llama", vocab_size=VOCAB)
+    prompts = passkey_prompts(tokenizer, lengths=[200], depths=[0.3, 0.7])
+    result = evaluate_passkey(model, tokenizer, prompts, [EAGER, kvfx_method(kv="none")], progress=False)
+    eager = [r for r in result.rows if r["method"] == "eager fp"]
+    ours = [r for r in result.rows if r["method"] == "kvfx none"]
+    assert [r["answer"] for r in ours] == [r["answer"] for r in eager] and len(ours) == 2
+    assert all(r["sites_rewritten"] == r["sites_found"] > 0 for r in ours)
+    text = table(result.rows)
+    assert "passkey accuracy by needle depth" in text and "kvfx none" in text
+    assert plot(result.rows, tmp_path / "passkey.png", "tiny")
+    assert (tmp_path / "passkey.png").stat().st_size > 0
+
+
+def test_kvpress_results_are_scored_by_kvfx_and_must_come_from_the_same_prompts(tokenizer, tmp_path):
+    prompts = passkey_prompts(tokenizer, lengths=[1500], depths=[0.2, 0.8])
+    rows = [{"press": "SnapKV", "budget": 0.2, "length": p.length, "tokens": len(p.ids), "depth": p.depth,
+             "key": p.key, "answer": f" {p.key}." if p.depth < 0.5 else " 12345."} for p in prompts]
+    path = tmp_path / "kvpress_passkey.json"
+    path.write_text(json.dumps({"rows": rows}))
+    theirs = kvpress_rows(path, prompts)
+    assert [r["correct"] for r in theirs] == [True, False] and theirs[0]["series"] == "kvpress SnapKV"
+    [snap] = kvpress_comparison(theirs, [{"method": "kvfx snapkv @ 0.2", "reason": "no policy"}])
+    assert snap == {"policy": "snapkv", "press": "SnapKV", "budget": 0.2, "kvfx": None, "kvpress": 0.5,
+                    "note": "no policy"}
+    ours = [{"task": "passkey", "method": "kvfx snapkv @ 0.2", "series": "kvfx snapkv", "budget": 0.2,
+             "length": 1500, "depth": d, "correct": True} for d in (0.2, 0.8)]
+    assert kvpress_comparison(theirs + ours, [])[0]["kvfx"] == 1.0
+    with pytest.raises(ValueError, match="other passkey prompts"):
+        kvpress_rows(path, passkey_prompts(tokenizer, lengths=[1500], depths=[0.2, 0.8], seed=1))
