@@ -103,11 +103,33 @@ FORMATTER = argparse.RawDescriptionHelpFormatter
 def build_parser() -> argparse.ArgumentParser:
     common, model = _common_arguments(), _model_arguments()
     parser = _Parser(prog="kvfx", description=__doc__, formatter_class=FORMATTER, parents=[common])
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{generate,report,eval,bench}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{generate,report,eval,bench,export}")
     _add_generate_and_report(verbs, common, model)
     _add_eval(verbs, common, model)
     _add_bench(verbs, common)
+    _add_export(verbs, common, model)
     return parser
+
+
+def _add_export(verbs, common, model) -> None:
+    ex = verbs.add_parser("export", parents=[common], formatter_class=FORMATTER,
+                          help="export for a production runtime (ONNX)",
+                          description="Export the model with kvfx's cache for another runtime.")
+    targets = ex.add_subparsers(dest="target", required=True, metavar="{onnx}")
+    onnx = targets.add_parser("onnx", parents=[common, model, _one_config_arguments()], formatter_class=FORMATTER,
+                              help="one ONNX graph for prefill and decode, kvfx's cache as explicit inputs/outputs",
+                              description="kvfx.export_onnx: the rewritten step (prefill and decode share the graph; "
+                                          "the compressed cache tensors are graph inputs and outputs, see "
+                                          "docs/ARCHITECTURE.md), runnable with kvfx.lowering.ort_loop.",
+                              epilog="example:\n  kvfx export onnx --kv int4 --out smollm2-int4.onnx --max-cache-len 512"
+                                     "\n  kvfx export onnx --model ./my-llama --kv int8 --policy streaming "
+                                     "--budget 256 --out llama.onnx")
+    onnx.add_argument("--out", type=pathlib.Path, required=True, help="the .onnx file to write")
+    onnx.add_argument("--max-cache-len", type=int, default=512, help="cache slots of the exported step (512)")
+    onnx.add_argument("--batch-size", type=int, default=1)
+    onnx.add_argument("--no-optimize", action="store_true",
+                      help="skip onnxscript's optimizer (slow on large int4 graphs; onnxruntime optimizes on load)")
+    onnx.set_defaults(run=cmd_export_onnx)
 
 
 def _add_generate_and_report(verbs, common, model) -> None:
@@ -426,6 +448,18 @@ def cmd_bench(args) -> int:
 
 
 # -------------------------------------------------------------------------------------------- main
+
+def cmd_export_onnx(args) -> int:
+    import kvfx
+
+    options = _config_options(args)
+    model, _ = _load(args)
+    caches = kvfx.export_onnx(model, args.out, options=options, max_cache_len=args.max_cache_len,
+                              batch_size=args.batch_size, optimize=not args.no_optimize)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB, {len(caches)} cache tensors as inputs "
+          f"and outputs); run it with kvfx.lowering.ort_loop")
+    return 0
+
 
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()

@@ -35,7 +35,8 @@ def test_console_script_help():
     assert all(verb in result.stdout for verb in ("generate", "report", "eval", "bench"))
 
 
-@pytest.mark.parametrize("verb", ["generate", "report", "eval", "eval passkey", "eval perplexity", "bench"])
+@pytest.mark.parametrize("verb", ["generate", "report", "eval", "eval passkey", "eval perplexity", "bench",
+                                  "export onnx"])
 def test_every_verb_has_help_with_an_example(verb, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*verb.split(), "--help"])
@@ -100,3 +101,15 @@ def test_eval_perplexity_writes_json_and_png(tiny_folder, tmp_path, capsys):
         assert payload["skipped"][0]["method"] == "kvfx h2o @ 0.5" and "skipped 1 method" in out
     assert (tmp_path / "out" / "quality_perplexity.png").stat().st_size > 0
     assert "perplexity (16-token prefill, 8 teacher-forced decode steps)" in out
+
+
+def test_export_onnx_writes_a_model_onnxruntime_loads(tiny_folder, tmp_path):
+    import onnxruntime
+
+    out = tmp_path / "tiny-int8.onnx"
+    result = kvfx("export", "onnx", "--model", str(tiny_folder), "--kv", "int8", "--max-cache-len", "32",
+                  "--out", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and out.exists()
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert any("codes" in i.name or "k_" in i.name for i in session.get_inputs())
