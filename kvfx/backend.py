@@ -29,10 +29,13 @@ def kvfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = N
         raise KVFXError(f"kvfx strict mode: attention site {s.layer} of graph {s.graph} was not rewritten: {s.reason}")
     examples = [_plain(x) for x in example_inputs]
     fmt = config.format
-    for slot in plan.slots:
-        if slot.key_input is not None:
-            buffer = examples[slot.key_input]
-            examples += fmt.allocate(buffer.shape, slot.dtype, buffer.device, slot.layer, plan.layers).tensors()
+    # The store inputs the rewrite appended: their fake example values, whose sizes are expressions of
+    # the cache buffer's (symbolic) sizes. Real tensors here would be re-fakeified with fresh sizes, and
+    # duck sizing would tie a store dim to any graph size of equal value (a prompt of 16 tokens with a
+    # head dim of 16), an assumption a later call breaks.
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    appended = placeholders[len(examples):len(placeholders) - len(cat_store_examples(plan))]
+    examples += [n.meta["example_value"] for n in appended]
     examples += cat_store_examples(plan)
     from torch._inductor.compile_fx import compile_fx
 
