@@ -17,6 +17,7 @@ import argparse
 import collections
 import json
 import pathlib
+import resource
 import signal
 import time
 import traceback
@@ -129,23 +130,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="*", default=sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
     parser.add_argument("--seconds", type=int, default=120, help="time limit per architecture")
+    parser.add_argument("--memory-gb", type=float, default=8.0,
+                        help="address-space limit: a config whose sub-models stay large fails with an error")
     parser.add_argument("--out", default=str(RESULTS / "coverage.json"))
+    parser.add_argument("--resume", action="store_true", help="keep the architectures already in --out")
     args = parser.parse_args()
 
     def on_alarm(signum, frame):
         raise Timeout()
 
     signal.signal(signal.SIGALRM, on_alarm)
+    limit = int(args.memory_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.set_num_threads(1)
-    results, start = [], time.time()
-    for model_type in args.archs:
+    out = pathlib.Path(args.out)
+    results = json.loads(out.read_text())["results"] if args.resume and out.exists() else []
+    done, start = {r["model_type"] for r in results}, time.time()
+    for model_type in (a for a in args.archs if a not in done):
         results.append(run_arch(model_type, args.seconds))
+        write_json(out, json.loads(json.dumps(dict(results=results), default=str)))  # survives a kill
         print(f"[{time.time() - start:6.0f}s] {model_type}: "
               + ", ".join(f"{c} {sum(s['rewritten'] for s in results[-1][c]['int8'])}/{len(results[-1][c]['int8'])}"
                           if "int8" in results[-1].get(c, {}) else f"{c} -" for c in ("dynamic", "static")),
               flush=True)
     report = dict(environment=environment(), summary=summarize(results), results=results)
-    write_json(pathlib.Path(args.out), json.loads(json.dumps(report, default=str)))
+    write_json(out, json.loads(json.dumps(report, default=str)))
     print(json.dumps(report["summary"], indent=1, default=str))
 
 
