@@ -95,10 +95,10 @@ def test_eval_perplexity_writes_json_and_png(tiny_folder, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     payload = json.loads((tmp_path / "out" / "quality_perplexity.json").read_text())
-    assert [r["method"] for r in payload["rows"]] == ["eager fp", "kvfx none"]
+    assert [r["method"] for r in payload["rows"]] == ["eager fp", "kvfx none", "kvfx h2o @ 0.5"]
     assert payload["rows"][1]["perplexity"] == pytest.approx(payload["rows"][0]["perplexity"], rel=1e-5)
-    if "kvfx h2o @ 0.5" not in [r["method"] for r in payload["rows"]]:  # until kvfx has policies
-        assert payload["skipped"][0]["method"] == "kvfx h2o @ 0.5" and "skipped 1 method" in out
+    h2o = payload["rows"][2]
+    assert h2o["perplexity"] > 1 and h2o["kv_bytes"] < payload["rows"][1]["kv_bytes"]  # half the tokens kept
     assert (tmp_path / "out" / "quality_perplexity.png").stat().st_size > 0
     assert "perplexity (16-token prefill, 8 teacher-forced decode steps)" in out
 
