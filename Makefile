@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.kvfx-installed
 # pull multi-GB CUDA wheels).
 HAS_TORCH := $(shell $(PY) -c "import torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); print('yes' if v >= (2, 11) else '')" 2>/dev/null)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-all bench install clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(if $(HAS_TORCH),--system-site-packages) $(VENV)
@@ -24,8 +24,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m kvfx.demo
 
+# Two workers (pytest-xdist): the 2-core CI machine spends most of the suite compiling, one core each.
 test: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2 -m "not heavy"
+
+test-all: $(STAMP)
+	$(VENV)/bin/pytest -n 2
 
 bench: $(STAMP)
 	$(VPY) benchmarks/decode_cpu.py

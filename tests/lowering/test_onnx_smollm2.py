@@ -11,7 +11,7 @@ import kvfx
 from kvfx.lowering.ort_loop import OrtGenerator
 from kvfx.models import load_smollm2
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # ~2.5 min: make test-all
 
 NEW = 64
 # Residual 32 (not KIVI's 128): with a 42-token prompt + 64 new ones, R = 128 would keep every token in
