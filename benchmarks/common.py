@@ -49,6 +49,18 @@ def cuda_time_us(fn: Callable[[], object], reps: int = 50, warmup: int = 5, grap
             "p80_us": times[(4 * len(times)) // 5], "reps": reps, "mode": mode}
 
 
+def time_or_error(fn, reps: int) -> dict:
+    """`cuda_time_us`, or {"error": ...} for an input a kernel or backend does not take (OOM included)."""
+    try:
+        return cuda_time_us(fn, reps=reps)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"error": "out of memory"}
+    except Exception as exc:  # noqa: BLE001  (a backend that does not take these inputs)
+        torch.cuda.empty_cache()
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+
+
 def environment() -> dict:
     """Device, versions and commit, for the header of every result file."""
     import triton

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import RESULTS, cuda_time_us, environment, plot_speedups, write_json
+from common import RESULTS, cuda_time_us, environment, plot_speedups, time_or_error, write_json
 from kvfx.kernels.decode_attention import decode_attention_triton, default_num_splits
 from kvfx.kernels.kivi import KiviStore, quantized_length, store_write
 
@@ -90,17 +90,6 @@ def launch_configs(name: str, quick: bool) -> list[dict]:
     if quick:
         return [dict(block_n=64, num_warps=4, split_factor=1)]
     return [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (1, 2)]
-
-
-def time_or_error(fn, reps: int) -> dict:
-    try:
-        return cuda_time_us(fn, reps=reps)
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return {"error": "out of memory"}
-    except Exception as exc:  # noqa: BLE001  (a backend that does not take these inputs)
-        torch.cuda.empty_cache()
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
 
 
 def bench_shape(b: int, s: int, configs, reps: int) -> list[dict]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import RESULTS, cuda_time_us, environment, plot_speedups, write_json
+from common import RESULTS, environment, plot_speedups, time_or_error, write_json
 import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 
@@ -39,17 +39,6 @@ CONFIGS = {  # row name -> KVConfig options
     "int4+h2o-20%": dict(kv="int4", policy="h2o", budget=0.2),
     "int4+snapkv-20%": dict(kv="int4", policy="snapkv", budget=0.2),
 }
-
-
-def time_or_error(fn, reps: int) -> dict:
-    try:
-        return cuda_time_us(fn, reps=reps)
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return {"error": "out of memory"}
-    except Exception as exc:  # noqa: BLE001  (a backend that does not take these inputs)
-        torch.cuda.empty_cache()
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
 
 
 def full_store(options: dict, k: torch.Tensor, v: torch.Tensor):
