@@ -345,8 +345,11 @@ def _meta(args) -> dict:
     import torch
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+    except OSError:  # no git on this machine
+        commit = None
     return {"model": args.model or args.gguf or "SmolLM2-135M-Instruct (embedded GGUF Q4_1, dequantized)",
             "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else
