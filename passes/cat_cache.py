@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from kvfx.passes.fx_utils import (call_arguments, describe, example_tensor, is_cat, is_metadata_read, output_values,
+from kvfx.passes.fx_utils import (append_inputs, call_arguments, describe, example_tensor, is_cat, is_metadata_read, output_values,
                                   shape_of, size_recipe)
 
 
@@ -123,14 +123,7 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
     example = example_tensor(key.node)
     with example.fake_mode:
         examples = seq_major_store(fmt, example.shape, example.dtype, example.device).tensors()
-    last = next(n for n in reversed(graph.nodes) if n.op == "placeholder")
-    store = []
-    for name, tensor in zip(fmt.tensor_names, examples):
-        with graph.inserting_after(last):
-            last = graph.placeholder(f"kvfx_cat{site.layer}_{name}")
-        last._dynamo_source = None  # AOTAutograd wants one on every input of a dynamo graph
-        last.meta["example_value"] = tensor
-        store.append(last)
+    store = append_inputs(graph, [f"kvfx_cat{site.layer}_{name}" for name in fmt.tensor_names], examples)
     k_codes, k_qparams, v_codes, v_qparams = store
     with graph.inserting_before(site.node):
         # The last T slots of the grown cache. Sizes are read off the store view and `new`, not off

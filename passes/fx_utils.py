@@ -162,3 +162,16 @@ def size_recipe(size: Any, placeholders: list[fx.Node]) -> Callable[[tuple], int
         return int(expr.xreplace(values))
 
     return evaluate
+
+
+def append_inputs(graph: fx.Graph, names: list[str], examples) -> list[fx.Node]:
+    """New graph inputs after the last one, named `names`, with fake `examples` as their values."""
+    last = next(n for n in reversed(graph.nodes) if n.op == "placeholder")
+    nodes = []
+    for name, example in zip(names, examples):
+        with graph.inserting_after(last):
+            last = graph.placeholder(name)
+        last._dynamo_source = None  # AOTAutograd wants one on every input of a dynamo graph
+        last.meta["example_value"] = example
+        nodes.append(last)
+    return nodes

@@ -21,7 +21,7 @@ import torch.fx as fx
 from kvfx.config import KVConfig, KVConfigError
 from kvfx.kernels.formats import KiviFormat
 from kvfx.kernels.token_store import TokenFormat
-from kvfx.passes.fx_utils import describe, example_tensor, graph_position, is_metadata_read, is_sdpa
+from kvfx.passes.fx_utils import append_inputs, describe, example_tensor, graph_position, is_metadata_read, is_sdpa
 from kvfx.passes import cat_cache
 from kvfx.passes.match import Site, find_attention, match_site, prepare_site, same_positions
 from kvfx.reporting import SiteReport
@@ -257,15 +257,7 @@ def _store_inputs(graph: fx.Graph, site: Site, buffer: torch.Tensor, fmt, layers
     # AOTAutograd would otherwise give the new inputs fresh sizes that no guard can name.
     with buffer.fake_mode:
         examples = fmt.allocate(buffer.shape, buffer.dtype, buffer.device, site.layer, layers).tensors()
-    last = next(n for n in reversed(graph.nodes) if n.op == "placeholder")
-    store = []
-    for name, example in zip(fmt.tensor_names, examples):
-        with graph.inserting_after(last):
-            last = graph.placeholder(f"kvfx_layer{site.layer}_{name}")
-        last._dynamo_source = None  # AOTAutograd wants one on every input of a dynamo graph
-        last.meta["example_value"] = example
-        store.append(last)
-    return store
+    return append_inputs(graph, [f"kvfx_layer{site.layer}_{name}" for name in fmt.tensor_names], examples)
 
 
 def _store_allocation(graph: fx.Graph, site: Site, size: tuple, buffer: torch.Tensor,
