@@ -10,17 +10,9 @@ import torch.nn.functional as F
 import kvfx
 from kvfx.config import KVConfig
 from kvfx.passes.rewrite import rewrite_graph
+from graphs import dynamo_graphs
 
 
-def dynamo_graphs(fn, *args):
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch.compile(fn, backend=capture)(*args)
-    return graphs
 
 
 def rewritten(fn, args, kv):
