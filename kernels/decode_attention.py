@@ -61,33 +61,73 @@ def decode_attention_reference(q: torch.Tensor, store: KiviStore, lengths: torch
 
 
 @triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc, DOT: tl.constexpr):
-    """Fold scores s [M, N] (base 2, -inf = masked) and values v [N, D] into the running (m, l, acc)."""
+def _softmax_weights(s, m_i, l_i):
+    """Fold scores s [M, N] (base 2, -inf = masked) into the running (m, l): returns (m, l, p, alpha)
+    with p the tile's unnormalized weights and alpha the factor for the accumulators. A row that has
+    seen only masked scores keeps m = -inf (no NaN from -inf - -inf)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
-    return m_new, l_i, acc
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, axis=1), p, alpha
 
 
 @triton.jit
-def _residual_attention(q_dot, k_ring, v_ring, bh, qlen, length, m_i, l_i, acc,
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT: tl.constexpr):
+    """Fold scores s [M, N] (base 2, -inf = masked) and values v [N, D] into the running (m, l, acc)."""
+    m_i, l_i, p, alpha = _softmax_weights(s, m_i, l_i)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _mask_bias(bias_ptr, row, pos, BIAS_COLS, HAS_BIAS: tl.constexpr):
+    """The additive mask of batch row `row` at positions pos, in base 2 (-inf at or past BIAS_COLS);
+    zeros without a mask. bias [B, BIAS_COLS] fp32, natural-log units as the model gave it."""
+    if HAS_BIAS:
+        return tl.load(bias_ptr + row * BIAS_COLS + pos, mask=pos < BIAS_COLS, other=float("-inf")) * 1.4426950408889634
+    return tl.zeros(pos.shape, tl.float32)
+
+
+@triton.jit
+def _fold_unwritten(bias_ptr, row, lo, hi, BIAS_COLS, m_i, l_i, BLOCK_T: tl.constexpr):
+    """Fold positions lo .. hi - 1, which hold no token (keys and values zero, as in the model's zeroed
+    cache, so each logit is the mask's bias there), into (m, l). Returns (m, l, alpha), alpha the
+    factor for the accumulators. Fully masked tiles (the usual case: a causal mask) cost one read."""
+    m_0 = m_i
+    for t0 in range(lo, hi, BLOCK_T):
+        pos = t0 + tl.arange(0, BLOCK_T)
+        b2 = tl.load(bias_ptr + row * BIAS_COLS + pos, mask=pos < hi, other=float("-inf")) * 1.4426950408889634
+        if tl.max(b2, axis=0) > float("-inf"):
+            m_i, l_i, p, alpha = _softmax_weights(tl.broadcast_to(b2[None, :], (m_i.shape[0], BLOCK_T)), m_i, l_i)
+    return m_i, l_i, tl.where(m_i == float("-inf"), 1.0, tl.exp2(m_0 - m_i))
+
+
+@triton.jit
+def _residual_attention(q_dot, k_ring, v_ring, bh, qlen, length, m_i, l_i, acc, bias_ptr, row, BIAS_COLS,
                         R: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr,
-                        BLOCK_R: tl.constexpr):
+                        BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Fold the full-precision residual, positions qlen .. length - 1 at ring slot pos % (R + G), into
-    the running (m, l, acc) of the query rows q_dot [M, D]."""
+    the running (m, l, acc) of the query rows q_dot [M, D], under the row's mask bias."""
     d = tl.arange(0, D)[None, :]
     for start in range(qlen, length, BLOCK_R):
         pos = start + tl.arange(0, BLOCK_R)
         valid = pos < length
         ring = (bh * (R + G) + pos[:, None] % (R + G)) * D + d
         k = tl.load(k_ring + ring, mask=valid[:, None], other=0.0)
-        s = tl.dot(q_dot, tl.trans(k.to(DOT)))
+        s = tl.dot(q_dot, tl.trans(k.to(DOT))) + _mask_bias(bias_ptr, row, pos, BIAS_COLS, HAS_BIAS)[None, :]
         s = tl.where(valid[None, :], s, float("-inf"))
         v = tl.load(v_ring + ring, mask=valid[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT)
     return m_i, l_i, acc
+
+
+@triton.jit
+def _unwritten_share(length, BIAS_COLS, split, NS):
+    """Split `split` of NS's share [lo, hi) of the unwritten positions length .. BIAS_COLS - 1."""
+    per = tl.cdiv(tl.maximum(BIAS_COLS - length, 0), NS)
+    lo = length + split * per
+    return lo, tl.minimum(lo + per, BIAS_COLS)
 
 
 @triton.jit
@@ -125,14 +165,20 @@ def _load_quantized_tile(codes_ptr, scale_ptr, zero_ptr, bh, start, qlen, NG,
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring,
-                             len_ptr, m_ptr, l_ptr, acc_ptr, qk_scale, H, NG, NS,
+                             len_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr, qk_scale, H, NG, NS, BIAS_COLS,
                              GQ: tl.constexpr, R: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                              BITS: tl.constexpr, FP8: tl.constexpr, DOT: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Program (row b * H + KV head, split): partial attention of the GQ query heads of that KV head."""
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Program (row b * H + KV head, split): partial attention of the GQ query heads of that KV head.
+
+    With a mask (HAS_BIAS: bias [B, BIAS_COLS], additive, by position) every position < BIAS_COLS is
+    attended under it: the written ones from the store, the unwritten ones past the row's length as
+    zero keys and values (split i < NS takes a share of those, `_fold_unwritten`)."""
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    length = tl.load(len_ptr + bh // H)
+    row = bh // H
+    length = tl.load(len_ptr + row)
     qlen = tl.maximum(length - R, 0) // G * G
     rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)[None, :]
@@ -152,17 +198,22 @@ def _decode_attention_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, 
             start = tile * BLOCK_N
             k = _load_quantized_tile(k_codes, k_scale, k_zero, bh, start, qlen, NG,
                                      True, G, D, BITS, FP8, BLOCK_N)
-            s = tl.dot(q_dot, tl.trans(k.to(DOT)))
-            s = tl.where((start + tl.arange(0, BLOCK_N) < qlen)[None, :], s, float("-inf"))
+            pos = start + tl.arange(0, BLOCK_N)
+            s = tl.dot(q_dot, tl.trans(k.to(DOT))) + _mask_bias(bias_ptr, row, pos, BIAS_COLS, HAS_BIAS)[None, :]
+            s = tl.where((pos < qlen)[None, :], s, float("-inf"))
             v = _load_quantized_tile(v_codes, v_scale, v_zero, bh, start, qlen, NG,
                                      False, G, D, BITS, FP8, BLOCK_N)
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT)
         if FP8:
             acc = acc * tl.load(v_scale + bh)
+        if HAS_BIAS:
+            lo, hi = _unwritten_share(length, BIAS_COLS, split, NS)
+            m_i, l_i, alpha = _fold_unwritten(bias_ptr, row, lo, hi, BIAS_COLS, m_i, l_i, BLOCK_T)
+            acc = acc * alpha[:, None]
     else:  # the full-precision residual, positions qlen .. length - 1 at ring slot pos % (R + G)
         q_dot = q.to(DOT)
-        m_i, l_i, acc = _residual_attention(q_dot, k_ring, v_ring, bh, qlen, length, m_i, l_i, acc,
-                                            R, G, D, DOT, BLOCK_R)
+        m_i, l_i, acc = _residual_attention(q_dot, k_ring, v_ring, bh, qlen, length, m_i, l_i, acc, bias_ptr, row,
+                                            BIAS_COLS, R, G, D, DOT, BLOCK_R, HAS_BIAS)
     # partials [B * H, NS + 1, GQ(, D)]
     part = (bh * (NS + 1) + split) * GQ + rows
     tl.store(m_ptr + part, m_i, mask=rows < GQ)
@@ -264,20 +315,22 @@ def _load_q_slot(qrow, rmask, jb, qk_scale, I: tl.constexpr, PB: tl.constexpr, D
 
 @triton.jit
 def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring,
-                       len_ptr, m_ptr, l_ptr, acc_ptr, qk_scale, H, NG, NS,
+                       len_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr, qk_scale, H, NG, NS, BIAS_COLS,
                        GQ: tl.constexpr, R: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                        BITS: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                       VMODE: tl.constexpr, PW: tl.constexpr):
+                       VMODE: tl.constexpr, PW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr):
     """`_decode_attention_kernel` for the int formats, one group of G tokens per step, without reshapes.
 
     The dot over channels is order-free, so code slot I of every byte (channels I + PB * j, j < D / PB)
     is a [G, D / PB] tile in the layout of the loaded bytes: keys take PB dots against the matching
     channels of q, values PB dots into PB accumulators that the end stores at their channels. A group
-    tile is whole (qlen is a multiple of G), so the quantized loop needs no masks.
+    tile is whole (qlen is a multiple of G), so the quantized loop needs no masks but the model's
+    (HAS_BIAS, as in `_decode_attention_kernel`).
     """
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    length = tl.load(len_ptr + bh // H)
+    row = bh // H
+    length = tl.load(len_ptr + row)
     qlen = tl.maximum(length - R, 0) // G * G
     rows = tl.arange(0, BLOCK_M)
     rmask = rows[:, None] < GQ
@@ -323,11 +376,9 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
             if PB > 2:
                 s = _key_slot_dot(s, q2, kb, k_scale, k_zero, kp, kw_s, kw_z, 2, PB, BITS, DOT, PW)
                 s = _key_slot_dot(s, q3, kb, k_scale, k_zero, kp, kw_s, kw_z, 3, PB, BITS, DOT, PW)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
+            if HAS_BIAS:
+                s += _mask_bias(bias_ptr, row, grp * G + n, BIAS_COLS, True)[None, :]
+            m_i, l_i, p, alpha = _softmax_weights(s, m_i, l_i)
             p = p.to(DOT)
             vs, vz = _value_params(v_scale, v_zero, slot, jb, G, D, PB, VMODE)
             acc0 = _value_slot_dot(acc0 * alpha[:, None], p, vb, vs, vz, 0, BITS, DOT, G, VMODE)
@@ -336,6 +387,13 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
             if PB > 2:
                 acc2 = _value_slot_dot(acc2 * alpha[:, None], p, vb, vs, vz, 2, BITS, DOT, G, VMODE)
                 acc3 = _value_slot_dot(acc3 * alpha[:, None], p, vb, vs, vz, 3, BITS, DOT, G, VMODE)
+        if HAS_BIAS:
+            lo, hi = _unwritten_share(length, BIAS_COLS, split, NS)
+            m_i, l_i, alpha = _fold_unwritten(bias_ptr, row, lo, hi, BIAS_COLS, m_i, l_i, BLOCK_T)
+            acc0 = acc0 * alpha[:, None]
+            acc1 = acc1 * alpha[:, None]
+            acc2 = acc2 * alpha[:, None]
+            acc3 = acc3 * alpha[:, None]
         out = acc_ptr + part[:, None] * D + jb[None, :] * PB
         tl.store(out, acc0, mask=rmask)
         if PB > 1:
@@ -347,38 +405,50 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
         d = tl.arange(0, D)[None, :]
         q_dot = (tl.load(qrow + d, mask=rmask, other=0.0).to(tl.float32) * qk_scale).to(DOT)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        m_i, l_i, acc = _residual_attention(q_dot, k_ring, v_ring, bh, qlen, length, m_i, l_i, acc,
-                                            R, G, D, DOT, BLOCK_R)
+        m_i, l_i, acc = _residual_attention(q_dot, k_ring, v_ring, bh, qlen, length, m_i, l_i, acc, bias_ptr, row,
+                                            BIAS_COLS, R, G, D, DOT, BLOCK_R, HAS_BIAS)
         tl.store(acc_ptr + part[:, None] * D + d, acc, mask=rmask)
     tl.store(m_ptr + part, m_i, mask=rows < GQ)
     tl.store(l_ptr + part, l_i, mask=rows < GQ)
 
 
 @triton.jit
-def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NS, GQ: tl.constexpr, D: tl.constexpr,
-                           BLOCK_S: tl.constexpr):
-    """Program per (row, query head): merge its NS + 1 partials exactly, out = sum_i w_i acc_i / sum_i w_i l_i
-    with w_i = exp2(m_i - max m). Empty splits have m = -inf, l = 0, acc = 0."""
+def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NP, GQ: tl.constexpr, ROWS: tl.constexpr,
+                           D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program per (row, query head): merge its NP partials exactly, out = sum_i w_i acc_i / sum_i w_i l_i
+    with w_i = exp2(m_i - max m). Partials [B * Hkv, NP, ROWS(, D)], query head h of a KV head in row h
+    (ROWS >= GQ). Empty splits have m = -inf, l = 0, acc = 0."""
     pid = tl.program_id(0).to(tl.int64)  # = b * Hq + hq; its partials are those of KV head pid // GQ, row pid % GQ
-    base = (pid // GQ) * (NS + 1) * GQ + pid % GQ
+    base = (pid // GQ) * NP * ROWS + pid % GQ
     d = tl.arange(0, D)
     m_run = float("-inf")
     l_run = 0.0
     acc_run = tl.zeros([D], tl.float32)
-    for s0 in range(0, NS + 1, BLOCK_S):
+    for s0 in range(0, NP, BLOCK_S):
         splits = s0 + tl.arange(0, BLOCK_S)
-        inside = splits < NS + 1
-        m = tl.load(m_ptr + base + splits * GQ, mask=inside, other=float("-inf"))
+        inside = splits < NP
+        m = tl.load(m_ptr + base + splits * ROWS, mask=inside, other=float("-inf"))
         m_new = tl.maximum(m_run, tl.max(m, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every split so far empty
         w = tl.exp2(m - m_safe)
         alpha = tl.exp2(m_run - m_safe)
-        l_run = l_run * alpha + tl.sum(w * tl.load(l_ptr + base + splits * GQ, mask=inside, other=0.0), axis=0)
-        acc = tl.load(acc_ptr + (base + splits[:, None] * GQ) * D + d[None, :], mask=inside[:, None], other=0.0)
+        l_run = l_run * alpha + tl.sum(w * tl.load(l_ptr + base + splits * ROWS, mask=inside, other=0.0), axis=0)
+        acc = tl.load(acc_ptr + (base + splits[:, None] * ROWS) * D + d[None, :], mask=inside[:, None], other=0.0)
         acc_run = acc_run * alpha + tl.sum(w[:, None] * acc, axis=0)
         m_run = m_new
     out = acc_run / tl.where(l_run > 0, l_run, 1.0)  # length 0: zeros
     tl.store(out_ptr + pid * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def combine_partials(part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch.Tensor, b: int, hq: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Merge split-K partials part_m, part_l [B * Hkv, NP, ROWS], part_acc [B * Hkv, NP, ROWS, D] (rows past
+    the g = Hq / Hkv query heads of a KV head are ignored) into the attention output [B, Hq, 1, D]."""
+    bh, n_part, rows, d = part_acc.shape
+    out = torch.empty(b, hq, 1, d, device=part_acc.device, dtype=dtype)
+    _decode_combine_kernel[(b * hq,)](part_m, part_l, part_acc, out, n_part, GQ=hq * b // bh, ROWS=rows, D=d,
+                                      BLOCK_S=min(32, triton.next_power_of_2(n_part)))
+    return out
 
 
 def default_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> int:
@@ -398,8 +468,14 @@ def int_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> 
 def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor, scale: float | None = None,
                             num_splits: int | None = None, block_n: int | None = None,
                             num_warps: int | None = None, num_stages: int | None = None, vmode: int = 0,
-                            key_words: bool = True, int_kernel: bool = True) -> torch.Tensor:
+                            key_words: bool = True, int_kernel: bool = True, bias: torch.Tensor | None = None
+                            ) -> torch.Tensor:
     """Triton version of `decode_attention_reference` (same arguments and result).
+
+    bias: the model's mask for the query, additive fp32 [B, N] by position (-inf = masked). With it the
+    query attends positions [0, N) under the mask instead of [0, lengths[b]): written ones from the
+    store, unwritten ones (>= lengths[b]) as zero keys and values, as a zeroed fp cache would give
+    (`kvfx::kivi_attend`'s semantics). Positions >= N are not attended.
 
     num_splits: programs per (row, KV head) over the packed store (default `default_num_splits`,
     `int_num_splits` for the int kernel);
@@ -433,12 +509,14 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
     interpreted = not q.is_cuda
     dot = tl.float32 if interpreted else TL_DTYPES[q.dtype]  # the interpreter's bf16 tl.dot is wrong
     args = (q.reshape(b, hq, d).contiguous(), store.k_codes, store.v_codes, store.k_scale, store.k_zero,
-            store.v_scale, store.v_zero, store.k_ring, store.v_ring, lengths, part_m, part_l, part_acc,
-            scale * LOG2E, hkv, store.k_codes.shape[2] // g, ns)
+            store.v_scale, store.v_zero, store.k_ring, store.v_ring, lengths,
+            part_m if bias is None else bias.contiguous(), part_m, part_l, part_acc,
+            scale * LOG2E, hkv, store.k_codes.shape[2] // g, ns, 0 if bias is None else bias.shape[-1])
     if num_warps is None:
         num_warps = INT_NUM_WARPS if int_path else 4
     launch = dict(GQ=gq, R=store.residual, G=g, D=d, BITS=store.bits, DOT=dot,
-                  BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_R=32, num_warps=num_warps)
+                  BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_R=32, num_warps=num_warps,
+                  HAS_BIAS=bias is not None, BLOCK_T=256)
     if num_stages is not None:
         launch["num_stages"] = num_stages
     if int_path:
@@ -451,10 +529,7 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
         _decode_int_kernel[(b * hkv, ns + 1)](*args, VMODE=vmode, PW=pw, **launch)
     else:
         _decode_attention_kernel[(b * hkv, ns + 1)](*args, FP8=store.fp8, BLOCK_N=block_n, **launch)
-    out = torch.empty(b, hq, 1, d, device=q.device, dtype=q.dtype)
-    _decode_combine_kernel[(b * hq,)](part_m, part_l, part_acc, out, ns, GQ=gq, D=d,
-                                      BLOCK_S=min(32, triton.next_power_of_2(ns + 1)))
-    return out
+    return combine_partials(part_m, part_l, part_acc, b, hq, q.dtype)
 
 
 def decode_attention(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor, scale: float | None = None

@@ -12,7 +12,10 @@ implement them) and lowering (which exports them):
   Quantizes x [B, Hkv, T, D] and writes it at positions pos [T] (dim 2) of codes [B, Hkv, S, D] and
   qparams [B, Hkv, S, 2], in place.
 
-The CPU and CUDA implementations are the references (the Triton kernels slot in per device).
+CPU runs the references. On CUDA, a decode step (one query token) in fp16/bf16 takes the Triton
+decode kernels: `attend` through `slot_attention.attend_positions`, `kivi_attend` through
+`decode_attention.decode_attention_triton`, both reading the model's mask row by position; prompts
+and calls the kernels do not take (per-head masks, is_causal, other head dims) take the references.
 """
 from __future__ import annotations
 
@@ -20,10 +23,18 @@ import torch
 
 from kvfx.errors import KVFXError
 from kvfx.kernels.attention import attend_int8_cpu, attend_reference
+from kvfx.kernels.decode_attention import HEAD_DIMS, decode_attention_triton
 from kvfx.kernels.formats import format_from_json
 from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
 from kvfx.kernels.kivi import KiviStore, dequantize_reference, store_write_reference, store_write_triton
 from kvfx.kernels.policies import decode_step, policy_attend_reference
+from kvfx.kernels.slot_attention import attend_positions, attend_positions_supported, row_bias, row_mask
+
+
+def _decode_kernels(q: torch.Tensor) -> bool:
+    """Whether a decode step takes the Triton kernels: on CUDA in half precision (fp32 stays on the
+    exact reference, as tl.dot would round its operands to tf32). Tests force it under the interpreter."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _check_fits(last: int, count: int, slots: int) -> None:
@@ -38,6 +49,9 @@ def _check_fits(last: int, count: int, slots: int) -> None:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparams: torch.Tensor | None,
            v_qparams: torch.Tensor | None, attn_mask: torch.Tensor | None, kv_len: int, is_causal: bool,
            scale: float) -> torch.Tensor:
+    if (_decode_kernels(q) and (k_qparams is None) == (v_qparams is None)
+            and attend_positions_supported(q, k, v, k_qparams, v_qparams, attn_mask, is_causal)):
+        return attend_positions(q, k, v, k_qparams, v_qparams, attn_mask, kv_len, scale)
     if k_qparams is not None and v_qparams is not None and q.device.type == "cpu":
         return attend_int8_cpu(q, k, k_qparams, v, v_qparams, attn_mask, kv_len, is_causal, scale)
     if k_qparams is not None:
@@ -137,8 +151,13 @@ def kivi_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
     """
     store = _kivi((k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring), bits, fp8, group_size,
                   residual)
-    start, t = int(pos[0]), k_new.shape[2]
     n = width if kv_len < 0 else kv_len
+    b, t, d = q.shape[0], q.shape[2], q.shape[3]
+    # A decode step: the new token is in the ring already (residual > 0 keeps it at full precision).
+    if t == 1 and _decode_kernels(q) and residual > 0 and d in HEAD_DIMS and not is_causal and row_mask(attn_mask):
+        lengths = (pos[:1] + 1).to(torch.int32).expand(b)  # on the device: no host sync
+        return decode_attention_triton(q, store, lengths, scale, bias=row_bias(attn_mask, b, n, q.device))
+    start = int(pos[0])
     keys, values = dequantize_reference(store, start + t, q.dtype)
     full = []
     for cached, new in ((keys, k_new), (values, v_new)):

@@ -16,10 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvfx.kernels.decode_attention import LOG2E
+from kvfx.kernels.decode_attention import HEAD_DIMS, LOG2E, combine_partials
 from kvfx.kernels.kivi import TL_DTYPES
 
-HEAD_DIMS = (64, 128)
 CODECS = ("none", "int8")
 
 
@@ -27,8 +26,14 @@ CODECS = ("none", "int8")
 def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr,
                            logit_ptr, C, N, NS, HKV, BIAS_COLS, qk_scale, GQ: tl.constexpr, D: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr,
-                           HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, LOGITS: tl.constexpr, DOT: tl.constexpr):
-    """Program (bh, split): slots n in its share of [0, N) (slot idx[bh, n], or n), base-2 logits."""
+                           HAS_IDX: tl.constexpr, HAS_POS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           LOGITS: tl.constexpr, DOT: tl.constexpr):
+    """Program (bh, split): slots n in its share of [0, N) (slot idx[bh, n], or n), base-2 logits.
+
+    HAS_POS: slot_pos gives each slot's position (-1 = empty); without it the slot is the position
+    (a cache addressed by position, every slot < N live). A tile whose bias is -inf everywhere (left
+    padding, outside a sliding window, past the written length) is skipped without reading its K/V.
+    """
     bh = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -49,32 +54,41 @@ def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr
             slot = tl.load(idx_ptr + bh * N + n, mask=inside, other=0)
         else:
             slot = n
-        pos = tl.load(pos_ptr + bh * C + slot, mask=inside, other=-1)
-        live = inside & (pos >= 0)
-        offs = (bh * C + slot[:, None]) * D + d[None, :]
-        k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
-        if INT8:  # per-token (scale, zero)
-            prm = (bh * C + slot) * 2
-            k = k * tl.load(kp_ptr + prm, mask=live, other=0.0).to(tl.float32)[:, None] \
-                + tl.load(kp_ptr + prm + 1, mask=live, other=0.0).to(tl.float32)[:, None]
-            v = v * tl.load(vp_ptr + prm, mask=live, other=0.0).to(tl.float32)[:, None] \
-                + tl.load(vp_ptr + prm + 1, mask=live, other=0.0).to(tl.float32)[:, None]
-        s = tl.dot(q, tl.trans(k.to(DOT)))  # [BLOCK_M, BLOCK_N], base-2 logits
+        if HAS_POS:
+            pos = tl.load(pos_ptr + bh * C + slot, mask=inside, other=-1)
+            live = inside & (pos >= 0)
+        else:
+            pos = slot
+            live = inside
         if HAS_BIAS:  # the row's additive mask at each slot's position (base 2)
-            bias = tl.load(bias_ptr + (bh // HKV) * BIAS_COLS + pos, mask=live & (pos < BIAS_COLS), other=float("-inf"))
-            s += bias[None, :] * 1.4426950408889634
-        s = tl.where(live[None, :], s, float("-inf"))
+            bias = tl.load(bias_ptr + (bh // HKV) * BIAS_COLS + pos, mask=live & (pos < BIAS_COLS),
+                           other=float("-inf")) * 1.4426950408889634
+            live = live & (bias > float("-inf"))
+        if tl.max(live.to(tl.int32), axis=0) > 0:
+            offs = (bh * C + slot[:, None]) * D + d[None, :]
+            k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
+            if INT8:  # per-token (scale, zero)
+                prm = (bh * C + slot) * 2
+                k = k * tl.load(kp_ptr + prm, mask=live, other=0.0).to(tl.float32)[:, None] \
+                    + tl.load(kp_ptr + prm + 1, mask=live, other=0.0).to(tl.float32)[:, None]
+                v = v * tl.load(vp_ptr + prm, mask=live, other=0.0).to(tl.float32)[:, None] \
+                    + tl.load(vp_ptr + prm + 1, mask=live, other=0.0).to(tl.float32)[:, None]
+            s = tl.dot(q, tl.trans(k.to(DOT)))  # [BLOCK_M, BLOCK_N], base-2 logits
+            if HAS_BIAS:
+                s += bias[None, :]
+            s = tl.where(live[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)  # m_new is finite: the tile has a live slot
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
+            m_i = m_new
+        else:
+            s = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
         if LOGITS:
             tl.store(logit_ptr + (bh * GQ + rows[:, None]) * C + slot[None, :], s,
                      mask=rmask[:, None] & inside[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no NaN from -inf - -inf
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
-        m_i = m_new
     out = (bh * NS + split) * BLOCK_M + rows
     tl.store(m_ptr + out, m_i)
     tl.store(l_ptr + out, l_i)
@@ -83,15 +97,24 @@ def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr
 
 def supported(store, q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
     """Whether `slot_attention` takes this call (else the torch path of `decode_step` does)."""
-    return (store.codec.kv in CODECS and q.shape[-1] in HEAD_DIMS and q.shape[2] == 1
-            and (attn_mask is None or (attn_mask.dim() == 4 and attn_mask.shape[1] == 1)))
+    return store.codec.kv in CODECS and q.shape[-1] in HEAD_DIMS and q.shape[2] == 1 and row_mask(attn_mask)
 
 
-def _row_bias(attn_mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
-    """The mask of one query [B|1, 1, 1, S'] as an additive fp32 bias [B, S'] by logical position."""
+def row_mask(attn_mask: torch.Tensor | None) -> bool:
+    """Whether the mask is one a decode kernel takes: none, or one row per batch row shared by the heads."""
+    return attn_mask is None or (attn_mask.dim() == 4 and attn_mask.shape[1] == 1)
+
+
+def row_bias(attn_mask: torch.Tensor | None, b: int, cols: int | None = None,
+             device: torch.device | None = None) -> torch.Tensor | None:
+    """The mask of one query [B|1, 1, 1, S'] as an additive fp32 bias [B, S'] by logical position;
+    with `cols`, exactly [B, cols] (a mask of one column broadcasts; no mask: zeros on `device`)."""
     if attn_mask is None:
-        return None
-    row = attn_mask[:, 0, -1].expand(b, -1)
+        return None if cols is None else torch.zeros(b, cols, device=device)
+    row = attn_mask[:, 0, -1]
+    if cols is not None:
+        row = row.expand(-1, cols) if row.shape[-1] == 1 else row[:, :cols]
+    row = row.expand(b, -1)
     if row.dtype == torch.bool:
         return torch.zeros(row.shape, device=row.device).masked_fill(~row, float("-inf")).contiguous()
     return row.float().contiguous()
@@ -118,7 +141,7 @@ def slot_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, po
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(b * hkv, ns, block_m, d, device=q.device, dtype=torch.float32)
     logits = torch.empty(b, hkv, gq, c, device=q.device, dtype=torch.float32) if want_logits else part_m
-    bias = _row_bias(attn_mask, b)
+    bias = row_bias(attn_mask, b)
     interpreted = not q.is_cuda
     dot = tl.float32 if interpreted else TL_DTYPES[store.dtype]  # the interpreter's bf16 tl.dot is wrong
     int8 = store.codec.kv == "int8"
@@ -126,7 +149,7 @@ def slot_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, po
         q.reshape(b * hq, d).contiguous(), store.k_codes, store.v_codes, store.k_params, store.v_params,
         store.slot_pos, slots.contiguous() if slots is not None else store.slot_pos, bias if bias is not None else part_m,
         part_m, part_l, part_acc, logits, c, n, ns, hkv, bias.shape[-1] if bias is not None else 0, scale * LOG2E,
-        GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n, INT8=int8, HAS_IDX=slots is not None,
+        GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n, INT8=int8, HAS_IDX=slots is not None, HAS_POS=True,
         HAS_BIAS=bias is not None, LOGITS=want_logits, DOT=dot, num_warps=4)
     # The new token: its base-2 logit per query head, masked like any position.
     qg = q.view(b, hkv, gq, d).float()
@@ -147,3 +170,50 @@ def slot_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, po
     if want_logits:  # (every slot was read: `slots` is None)
         probs = (torch.exp2(logits - top[..., None]) / norm[..., None]).sum(2)
     return out, probs, p_new
+
+
+def _positional(t: torch.Tensor, slots: int) -> bool:
+    """Whether t [B, H, S', W] lies as the rows of a contiguous [B, H, slots, W] (a [:, :, :L] slice does)."""
+    b, h, _, w = t.shape
+    return t.stride(3) == 1 and t.stride(2) == w and t.stride(1) == slots * w and (b == 1 or t.stride(0) == h * slots * w)
+
+
+def attend_positions_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparams: torch.Tensor | None,
+                               v_qparams: torch.Tensor | None, attn_mask: torch.Tensor | None, is_causal: bool) -> bool:
+    """Whether `attend_positions` takes this `kvfx::attend` call (one query token, a row mask, a cache
+    laid out by position with head dim 64 or 128; else the reference does)."""
+    d = q.shape[-1]
+    slots = k.stride(1) // max(d, 1)
+    return (q.shape[2] == 1 and d in HEAD_DIMS and k.shape[-1] == d and v.shape[-1] == d and not is_causal
+            and q.shape[1] % k.shape[1] == 0 and row_mask(attn_mask)
+            and all(_positional(t, slots) for t in (k, v, k_qparams, v_qparams) if t is not None))
+
+
+def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparams: torch.Tensor | None,
+                     v_qparams: torch.Tensor | None, attn_mask: torch.Tensor | None, kv_len: int, scale: float,
+                     num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+    """`kvfx::attend` for one query token q [B, Hq, 1, D] over a cache addressed by position: k, v
+    [B, Hkv, S, D] in the model dtype, or uint8 codes with per-token (scale, zero) qparams [B, Hkv, S, 2].
+    Attends the first kv_len positions (-1: all S) under the row mask; tiles the mask hides entirely
+    (past the written length of a static cache, left padding, outside a sliding window) are never read.
+    Precondition: `attend_positions_supported`. Returns [B, Hq, 1, D] in q's dtype.
+    """
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    n = k.shape[2] if kv_len < 0 else min(kv_len, k.shape[2])
+    gq = hq // hkv
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+    ns = num_splits or max(1, min(triton.cdiv(4 * sms, b * hkv), triton.cdiv(n, 2 * block_n)))
+    block_m = max(16, triton.next_power_of_2(gq))
+    part_m = torch.empty(b * hkv, ns, block_m, device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(b * hkv, ns, block_m, d, device=q.device, dtype=torch.float32)
+    bias = row_bias(attn_mask, b, n) if attn_mask is not None else None
+    dot = tl.float32 if not q.is_cuda else TL_DTYPES[q.dtype]  # the interpreter's bf16 tl.dot is wrong
+    params = (k_qparams, v_qparams) if k_qparams is not None else (part_m, part_m)
+    _slot_attention_kernel[(b * hkv, ns)](
+        q.reshape(b * hq, d).contiguous(), k, v, *params, part_m, part_m, bias if bias is not None else part_m,
+        part_m, part_l, part_acc, part_m, k.stride(1) // d, n, ns, hkv, bias.shape[-1] if bias is not None else 0,
+        scale * LOG2E, GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n, INT8=k_qparams is not None, HAS_IDX=False,
+        HAS_POS=False, HAS_BIAS=bias is not None, LOGITS=False, DOT=dot, num_warps=4)
+    return combine_partials(part_m, part_l, part_acc, b, hq, q.dtype)
