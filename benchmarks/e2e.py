@@ -3,12 +3,16 @@
 The model is transformers' LlamaForCausalLM at the Llama-3-8B shape (32 layers, hidden 4096, 32/8
 heads, head dim 128, vocab 128256) with random weights built on the device, decoding through a
 StaticCache with `model.forward` compiled by `torch.compile` (backend "inductor", or "kvfx" with
-the config's options). For each config and batch: prefill a random prompt of `--context` tokens,
-then time `--steps` one-token decode steps (CUDA-synchronized wall time per step, median), the
-first call's time (compilation included), peak GPU memory, and the KV bytes held
-(`kvfx.report(...).kv_bytes`; the fp cache for inductor). Writes e2e.json and e2e.png.
+the config's options). For each config and batch: prefill a random prompt of `--context` tokens
+in chunks of `--prefill-chunk` (the last position's logits only), then time `--steps` one-token decode
+steps (CUDA-synchronized wall time per step, median), the first calls' times (compilation included),
+peak GPU memory, and the KV bytes held (`kvfx.report(...).kv_bytes`; the fp cache for inductor).
+Batches are swept in the order given; a config that runs out of memory skips its larger batches, so
+the largest batch that ran is its max batch. `--profile` adds the GPU kernels of one decode step
+(torch.profiler, device time per kernel family). Writes e2e.json and e2e.png (tokens/s vs batch).
 
 example: python benchmarks/e2e.py --context 8192 --batch 1 4 --configs inductor kvfx-none kvfx-int4
+         python benchmarks/e2e.py --context 32768 --batch 1 8 16 32 --configs inductor kvfx-int4 --out /tmp/r
          python benchmarks/e2e.py --tiny --device cpu        (a smoke run of the script itself)
 """
 from __future__ import annotations
@@ -35,7 +39,11 @@ CONFIGS = {
     "kvfx-none": dict(backend="kvfx", options={"kv": "none"}),
     "kvfx-int8": dict(backend="kvfx", options={"kv": "int8"}),
     "kvfx-int4": dict(backend="kvfx", options={"kv": "int4"}),
+    "kvfx-int2": dict(backend="kvfx", options={"kv": "int2"}),
+    "kvfx-fp8": dict(backend="kvfx", options={"kv": "fp8"}),
     "kvfx-h2o-20%": dict(backend="kvfx", options={"policy": "h2o", "budget": 0.2}),
+    "kvfx-int4-snapkv-20%": dict(backend="kvfx", options={"kv": "int4", "policy": "snapkv", "budget": 0.2}),
+    "kvfx-quest-1/8": dict(backend="kvfx", options={"policy": "quest", "pages": 0.125}),
 }
 
 
@@ -44,8 +52,36 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def prefill(model, prompt: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Run the prompt through the model in chunks; the last position's logits [B, 1, V]."""
+    for start in range(0, prompt.shape[1], chunk):
+        ids = prompt[:, start:start + chunk]
+        pos = torch.arange(start, start + ids.shape[1], device=prompt.device)
+        logits = model(ids, past_key_values=cache, use_cache=True, cache_position=pos,
+                       position_ids=pos[None].expand(prompt.shape[0], -1), logits_to_keep=1).logits
+    return logits
+
+
+def kernel_profile(step, steps: int = 3, top: int = 12) -> dict:
+    """Device time per decode step by kernel name (top kernels), and the step's CPU wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    kernels = sorted(((e.key, e.self_device_time_total / steps, e.count // steps) for e in events
+                      if e.self_device_time_total > 0), key=lambda x: -x[1])
+    total = sum(k[1] for k in kernels)
+    return {"device_us_per_step": total,
+            "kernels": [{"name": n[:90], "us_per_step": round(us, 1), "calls_per_step": c, "share": round(us / total, 3)}
+                        for n, us, c in kernels[:top]]}
+
+
 @torch.no_grad()
-def run_config(model, eager_forward, name: str, batch: int, context: int, steps: int, device: str) -> dict:
+def run_config(model, eager_forward, name: str, batch: int, context: int, steps: int, device: str,
+               chunk: int = 2048, profile: bool = False) -> dict:
     torch._dynamo.reset()
     model.forward = torch.compile(eager_forward, **CONFIGS[name])
     row = dict(config=name, batch=batch, context=context)
@@ -55,9 +91,9 @@ def run_config(model, eager_forward, name: str, batch: int, context: int, steps:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
-        cache = StaticCache(config=model.config, max_cache_len=context + steps + 2)
+        cache = StaticCache(config=model.config, max_cache_len=context + steps + 3)
         start = time.perf_counter()
-        logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:]
+        logits = prefill(model, prompt, cache, chunk)
         sync(device)
         row["prefill_first_s"] = time.perf_counter() - start  # compilation included
         times = []
@@ -72,6 +108,10 @@ def run_config(model, eager_forward, name: str, batch: int, context: int, steps:
         row["decode_first_s"] = times[0]  # the decode graph's compilation
         row["median_step_ms"] = statistics.median(times[1:]) * 1e3
         row["tokens_per_s"] = batch / (row["median_step_ms"] / 1e3)
+        if profile and device == "cuda":
+            pos = torch.full((batch, 1), context + steps + 1, device=device)
+            row["profile"] = kernel_profile(lambda: model(token, past_key_values=cache, position_ids=pos,
+                                                          use_cache=True))
         if name.startswith("kvfx"):
             rep = kvfx.report(model.forward)
             row["kv_bytes"], row["fp_kv_bytes"] = rep.kv_bytes, rep.fp_kv_bytes
@@ -99,6 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps (median reported)")
+    parser.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill call (2048)")
+    parser.add_argument("--profile", action="store_true", help="record the GPU kernels of a decode step")
     parser.add_argument("--layers", type=int, default=None, help="override the layer count (32)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer toy model (smoke test of the script)")
     parser.add_argument("--device", default="cuda")
@@ -117,8 +159,14 @@ def main(argv=None) -> int:
     eager_forward = model.forward
     rows = []
     plan = [(c, b, n) for n in args.context for b in args.batch for c in args.configs]
+    out_of_memory = set()
     for name, batch, context in tqdm(plan, desc="e2e", unit="run"):
-        row = run_config(model, eager_forward, name, batch, context, args.steps, args.device)
+        if (name, context) in out_of_memory:
+            continue
+        row = run_config(model, eager_forward, name, batch, context, args.steps, args.device,
+                         args.prefill_chunk, args.profile)
+        if "out of memory" in row.get("error", ""):
+            out_of_memory.add((name, context))
         rows.append(row)
         tqdm.write(f"{name:<14} B{batch:<3} ctx {context:<6} " + (
             f"{row['median_step_ms']:8.2f} ms/step {row['tokens_per_s']:8.1f} tok/s  first prefill "
@@ -128,8 +176,12 @@ def main(argv=None) -> int:
                          and x["context"] == r["context"] and "tokens_per_s" in x), None)
             if base and "tokens_per_s" in r:
                 r["speedup_vs_inductor"] = r["tokens_per_s"] / base["tokens_per_s"]
+        max_batch = {f"{r['config']} @ {r['context']}": max(x["batch"] for x in rows if "tokens_per_s" in x
+                                                              and (x["config"], x["context"]) == (r["config"], r["context"]))
+                     for r in rows if "tokens_per_s" in r}
         write_json(args.out / "e2e.json", {"benchmark": "e2e", "environment": environment(), "model": shape,
-                                           "dtype": str(dtype), "steps": args.steps, "rows": rows})
+                                           "dtype": str(dtype), "steps": args.steps, "rows": rows,
+                                           "max_batch_that_ran": max_batch})
     plot_speedups(args.out / "e2e.png", [r for r in rows if "tokens_per_s" in r], "context", "batch", "config",
                   "tokens_per_s", f"decode tokens/s, Llama-3-8B shape ({environment()['device']})", "tokens/s")
     return 0
