@@ -22,6 +22,7 @@ import pathlib
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 from tqdm import tqdm
@@ -125,6 +126,7 @@ def run_config(model, eager_forward, name: str, batch: int, context: int, steps:
         row["error"] = "out of memory"
     except Exception as exc:  # noqa: BLE001  (recorded, the sweep goes on)
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        traceback.print_exc()
     model.forward = eager_forward
     if device == "cuda":
         torch.cuda.empty_cache()
