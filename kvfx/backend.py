@@ -39,8 +39,23 @@ def kvfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = N
     examples += cat_store_examples(plan)
     from torch._inductor.compile_fx import compile_fx
 
-    compiled = compile_fx(gm, examples)
+    patches = None
+    if config.cudagraphs and _decode_graph(gm):
+        for node in appended:  # a store lives as long as its cache: replays may keep its address
+            node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+        patches = {"triton.cudagraphs": True}
+    compiled = compile_fx(gm, examples, config_patches=patches)
     return make_runner(compiled, plan, session, fmt)
+
+
+ATTENTION_OPS = ("attend", "kivi_attend", "policy_attend")
+
+
+def _decode_graph(gm: fx.GraphModule) -> bool:
+    """Whether the graph is a decode step on CUDA: kvfx attention sites, each of one query token."""
+    queries = [n.args[0].meta.get("example_value") for n in gm.graph.nodes if n.op == "call_function"
+               and getattr(n.target, "namespace", None) == "kvfx" and n.target._opname in ATTENTION_OPS]
+    return bool(queries) and all(q is not None and q.is_cuda and q.dim() == 4 and q.shape[2] == 1 for q in queries)
 
 
 def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:

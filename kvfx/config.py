@@ -44,6 +44,11 @@ class KVConfig:
         fraction of the prompt (float in (0, 1]); eviction policies need one.
     strict:
         Raise instead of leaving an attention site that kvfx cannot prove it handles unchanged.
+    cudagraphs:
+        Replay decode-step graphs (every attention site one query token) on CUDA as CUDA graphs
+        (inductor's cudagraph trees, the kvfx stores marked as static inputs): removes the per-op
+        launch and Python cost, which dominates a decode step at small batch. Prompt graphs run
+        normally. Like ``mode="reduce-overhead"``, outputs are overwritten by the next replay.
     """
 
     kv: str = "none"
@@ -59,6 +64,7 @@ class KVConfig:
     page_size: int = 16
     pages: int | float = 0.125
     strict: bool = False
+    cudagraphs: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("kv", self.kv, FORMAT_NAMES)
@@ -70,8 +76,9 @@ class KVConfig:
                                 f"of group_size={self.group_size} (e.g. 0, {self.group_size}, 128)")
         _check_choice("policy", self.policy, POLICIES)
         self._check_policy()
-        if not isinstance(self.strict, bool):
-            raise KVConfigError(f"kvfx option 'strict' must be True or False, got {self.strict!r}")
+        for flag in ("strict", "cudagraphs"):
+            if not isinstance(getattr(self, flag), bool):
+                raise KVConfigError(f"kvfx option '{flag}' must be True or False, got {getattr(self, flag)!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "KVConfig" | None) -> "KVConfig":

@@ -31,3 +31,24 @@ def test_compiled_decode_on_cuda(kv, policy):
         assert torch.equal(ours.sequences, eager.sequences)
     else:
         assert rep.kv_bytes < rep.fp_kv_bytes
+
+
+@pytest.mark.parametrize("kv, policy", [("none", {}), ("int8", {}), ("int4", {}), ("none", {"policy": "h2o", "budget": 4096})])
+def test_decode_replays_as_cuda_graphs(kv, policy):
+    """cudagraphs=True: decode graphs replay as CUDA graphs (kvfx stores as static inputs) with the same
+    results, and the prompt graphs still run normally."""
+    model = tiny_model(hidden_size=256, num_attention_heads=4, num_key_value_heads=2).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    kw = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    options = {"kv": kv, **({"group_size": 32, "residual": 32} if kv == "int4" else {}), **policy}
+    with torch.no_grad():
+        model.forward = torch.compile(model.forward, backend="kvfx", options=options)
+        plain = model.generate(ids, past_key_values=StaticCache(config=model.config, max_cache_len=256), **kw)
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward._torchdynamo_orig_callable, backend="kvfx",
+                                      options={**options, "cudagraphs": True})
+        for _ in range(2):  # a second cache: new stores, re-recorded graphs
+            graphed = model.generate(ids, past_key_values=StaticCache(config=model.config, max_cache_len=256), **kw)
+            assert torch.equal(graphed.sequences, plain.sequences)
+            torch.testing.assert_close(torch.stack(graphed.logits).float(), torch.stack(plain.logits).float(),
+                                       atol=1e-2, rtol=1e-2)
