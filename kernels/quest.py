@@ -82,9 +82,9 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.c
     ties = 0
     for c0 in range(0, NP, CHUNK):
         c = c0 + tl.arange(0, CHUNK)
-        key = _page_keys(score_ptr, bh, c, NP, newest)
-        tie = (key == kth) & (c < NP)
-        pick = (c < NP) & ((key > kth) | (tie & (ties + tl.cumsum(tie.to(tl.int32), axis=0) <= ties_wanted)))
+        chunk = _page_keys(score_ptr, bh, c, NP, newest)
+        tie = (chunk == kth) & (c < NP)
+        pick = (c < NP) & ((chunk > kth) | (tie & (ties + tl.cumsum(tie.to(tl.int32), axis=0) <= ties_wanted)))
         tl.store(pages_ptr + out + chosen + tl.cumsum(pick.to(tl.int32), axis=0) - 1, c, mask=pick)
         chosen += tl.sum(pick.to(tl.int32), axis=0)
         ties += tl.sum(tie.to(tl.int32), axis=0)

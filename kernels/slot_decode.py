@@ -232,7 +232,7 @@ def _slot_decode_kernel(m_ptr, l_ptr, acc_ptr, logit_ptr, q_ptr, k_new_ptr, v_ne
 
 def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
                        attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec, layer: int,
-                       block_c: int = 512) -> torch.Tensor:
+                       block_c: int = 2048) -> torch.Tensor:
     """`decode_step` in Triton launches (Quest's page choice, the slot attention, this kernel): the
     output [B, Hq, 1, D] in q's dtype; the store is updated in place."""
     from kvfx.kernels.policies import QUEST_DENSE_LAYERS
@@ -262,5 +262,5 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
         GQ=gq, BLOCK_G=triton.next_power_of_2(gq), PART_M=parts.m.shape[2], D=d, BLOCK_C=block_c, PROTECT=protect,
         SINK=sink, SINK_BLOCK=triton.next_power_of_2(max(sink, 1)), SCORED=scored, CODEC=codec.kv, BITS=codec.bits,
         G=codec.group_size if codec.kv in ("int4", "int2") else 1, DTYPE=TL_DTYPES[store.dtype], PAGE=page,
-        BLOCK_P=triton.next_power_of_2(max(page, 1)), HAS_BIAS=parts.bias is not None, CAUSAL=is_causal, num_warps=4)
+        BLOCK_P=triton.next_power_of_2(max(page, 1)), HAS_BIAS=parts.bias is not None, CAUSAL=is_causal, num_warps=8)
     return out
