@@ -80,6 +80,19 @@ def _store_token(x, codes_ptr, params_ptr, slot, D: tl.constexpr, CODEC: tl.cons
 
 
 @triton.jit
+def _eviction_key(pos, valid, priority, kth, newest, RECENT, PROTECT: tl.constexpr):
+    """`eviction_key` of a decode step: +inf where protected (StreamingLLM: position <= the sink-th oldest
+    `kth`; H2O / SnapKV: among the RECENT newest), -inf where not valid, else the priority."""
+    if PROTECT == "sink":
+        protected = pos <= kth
+    elif PROTECT == "recent":
+        protected = pos > newest - RECENT
+    else:
+        protected = pos < -1  # nothing
+    return tl.where(valid, tl.where(protected, float("inf"), priority), float("-inf"))
+
+
+@triton.jit
 def _slot_decode_kernel(m_ptr, l_ptr, acc_ptr, logit_ptr, q_ptr, k_new_ptr, v_new_ptr, new_pos_ptr, bias_ptr,
                         k_codes, k_params, v_codes, v_params, slot_pos_ptr, score_ptr, page_min_ptr, page_max_ptr,
                         out_ptr, C, NS, HKV, BIAS_COLS, qk_scale, RECENT,
@@ -172,14 +185,7 @@ def _slot_decode_kernel(m_ptr, l_ptr, acc_ptr, logit_ptr, q_ptr, k_new_ptr, v_ne
             priority = pos.to(tl.float32)
             tl.store(score_ptr + base + c, tl.zeros((BLOCK_C,), tl.float32), mask=inside & ~valid)
         tl.store(slot_pos_ptr + base + c, tl.full((BLOCK_C,), -1, tl.int32), mask=inside & ~valid & (pos >= 0))
-        if PROTECT == "sink":
-            protected = pos <= kth
-        elif PROTECT == "recent":
-            protected = pos > newest - RECENT
-        else:
-            protected = pos < -1
-        key = tl.where(valid, tl.where(protected, float("inf"), priority), float("-inf"))
-        key = tl.where(inside, key, float("inf"))
+        key = tl.where(inside, _eviction_key(pos, valid, priority, kth, newest, RECENT, PROTECT), float("inf"))
         low = tl.min(key, axis=0)
         at = tl.max(tl.where(inside & (key == low), c, -1), axis=0)
         better = low <= best_key
@@ -193,14 +199,7 @@ def _slot_decode_kernel(m_ptr, l_ptr, acc_ptr, logit_ptr, q_ptr, k_new_ptr, v_ne
     else:
         new_score = tl.zeros((), tl.float32)
         new_priority = new_pos.to(tl.float32)
-    if PROTECT == "sink":
-        new_protected = new_pos <= kth
-    elif PROTECT == "recent":
-        new_protected = new_pos > newest - RECENT
-    else:
-        new_protected = new_pos < -1
-    new_key = tl.where(new_valid, tl.where(new_protected, float("inf"), new_priority),
-                       float("-inf"))
+    new_key = _eviction_key(new_pos, new_valid, new_priority, kth, newest, RECENT, PROTECT)
     best = tl.where(new_key <= best_key, C, best)
     full = n_valid > C
     free = tl.where(full & (best < C), best, tl.where(first_free < C, first_free, 0))
