@@ -6,6 +6,7 @@ import pathlib
 import platform
 import statistics
 import subprocess
+import time
 from typing import Callable
 
 import torch
@@ -49,10 +50,26 @@ def cuda_time_us(fn: Callable[[], object], reps: int = 50, warmup: int = 5, grap
             "p80_us": times[(4 * len(times)) // 5], "reps": reps, "mode": mode}
 
 
-def time_or_error(fn, reps: int) -> dict:
-    """`cuda_time_us`, or {"error": ...} for an input a kernel or backend does not take (OOM included)."""
+def wall_time_us(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> dict:
+    """Wall-clock median of fn() in microseconds, for CPU smoke runs (the Triton interpreter): a check
+    that a script runs, never a performance figure."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(1e6 * (time.perf_counter() - start))
+    times.sort()
+    return {"median_us": statistics.median(times), "p20_us": times[len(times) // 5],
+            "p80_us": times[(4 * len(times)) // 5], "reps": reps, "mode": "cpu_wall_clock"}
+
+
+def time_or_error(fn, reps: int, device: str = "cuda") -> dict:
+    """`cuda_time_us` (`wall_time_us` on the CPU), or {"error": ...} for an input a kernel or backend
+    does not take (OOM included)."""
     try:
-        return cuda_time_us(fn, reps=reps)
+        return cuda_time_us(fn, reps=reps) if device == "cuda" else wall_time_us(fn, reps=min(reps, 3))
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"error": "out of memory"}

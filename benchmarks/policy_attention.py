@@ -8,14 +8,22 @@ slots (Quest: over the chosen pages), H2O/SnapKV score accumulation, and the wri
 (eviction included), on a store already holding its budget. "sdpa-over-kept" is SDPA over a dense
 copy of the kept slots: the floor an attention-only kernel over the same bytes would reach. The
 h2o row against the "streaming" row (same slots, no score accumulation) prices H2O's scores.
-Every time is a CUDA-graph replay with a cold L2 (see `common.cuda_time_us`).
+Every time is a CUDA-graph replay with a cold L2 (see `common.cuda_time_us`). The decode step is the
+Triton path of `decode_step` (kvfx.kernels.slot_decode: Quest's page kernels, the slot-attention
+kernel, the fused eviction kernel) for every format; each kvfx row also reports `max_err`, the largest
+difference of its output from `decode_step_reference` (torch) on a copy of the same store, and
+`same_kept`, whether both keep the same positions afterwards.
 
 example: python benchmarks/policy_attention.py --batch 8 --seq 65536
          python benchmarks/policy_attention.py --quick --out /tmp/results
+         TRITON_INTERPRET=1 python benchmarks/policy_attention.py --device cpu --quick --out /tmp/results
+         (CPU: the Triton interpreter on tiny shapes, a check that the script and the paths run; no timing claim)
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import pathlib
 import sys
 
@@ -26,10 +34,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from common import RESULTS, environment, plot_speedups, time_or_error, write_json
 import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
+from kvfx.kernels.policies import decode_step_reference
 
 HQ, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
-DEVICE = "cuda"
+DEVICE = "cuda"  # --device sets it
+LAYER, LAYERS = 4, 32  # a layer Quest reads sparsely
 CONFIGS = {  # row name -> KVConfig options
     "streaming-20%": dict(policy="streaming", budget=0.2),
     "h2o-20%": dict(policy="h2o", budget=0.2),
@@ -38,14 +48,27 @@ CONFIGS = {  # row name -> KVConfig options
     "int8+h2o-20%": dict(kv="int8", policy="h2o", budget=0.2),
     "int4+h2o-20%": dict(kv="int4", policy="h2o", budget=0.2),
     "int4+snapkv-20%": dict(kv="int4", policy="snapkv", budget=0.2),
+    "int2+h2o-20%": dict(kv="int2", policy="h2o", budget=0.2),
+    "fp8+h2o-20%": dict(kv="fp8", policy="h2o", budget=0.2),
+    "int4+quest-1/8": dict(kv="int4", policy="quest", pages=0.125),
 }
+
+
+def check_against_reference(fmt, store, q, k1, v1, pos) -> dict:
+    """One step of the kvfx op and of `decode_step_reference`, each on its own copy of `store`."""
+    mine, ref = copy.deepcopy(store), copy.deepcopy(store)
+    got = torch.ops.kvfx.policy_attend(q, k1, v1, pos, *mine.tensors(), None, False, D ** -0.5, fmt.options,
+                                       LAYER, LAYERS)
+    want = decode_step_reference(q, k1, v1, pos, ref, None, False, D ** -0.5, fmt.spec, LAYER)
+    same = bool(torch.equal(mine.slot_pos.sort(-1).values, ref.slot_pos.sort(-1).values))
+    return {"max_err": float((got.float() - want.float()).abs().max()), "same_kept": same}
 
 
 def full_store(options: dict, k: torch.Tensor, v: torch.Tensor):
     """A store of the config holding as many of the S tokens as its capacity takes (the newest)."""
     fmt = kvfx.KVConfig(**options).format
     b, h, s, d = k.shape
-    store = fmt.allocate((b, h, s + 1, d), DTYPE, DEVICE, layer=4, layers=32)
+    store = fmt.allocate((b, h, s + 1, d), DTYPE, DEVICE, layer=LAYER, layers=LAYERS)
     c = store.slot_pos.shape[-1]
     n = min(c - 1, s)  # one slot stays free for the first timed step; later steps evict
     for codes, params, x in ((store.k_codes, store.k_params, k), (store.v_codes, store.v_params, v)):
@@ -61,17 +84,19 @@ def full_store(options: dict, k: torch.Tensor, v: torch.Tensor):
 
 def bench_shape(b: int, s: int, reps: int) -> list[dict]:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION} if DEVICE == "cuda" \
+        else {"math": SDPBackend.MATH}
     q = torch.randn(b, HQ, 1, D, device=DEVICE, dtype=DTYPE, generator=gen)
     k = torch.randn(b, HKV, s, D, device=DEVICE, dtype=DTYPE, generator=gen)
     v = torch.randn(b, HKV, s, D, device=DEVICE, dtype=DTYPE, generator=gen)
     k1, v1 = k[:, :, -1:].clone(), v[:, :, -1:].clone()
     base = dict(batch=b, seq=s)
     rows = []
-    for name, backend in {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}.items():
+    for name, backend in backends.items():
         def sdpa(backend=backend):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        rows.append(dict(base, impl=f"sdpa-{name}", **time_or_error(sdpa, reps)))
+        rows.append(dict(base, impl=f"sdpa-{name}", **time_or_error(sdpa, reps, DEVICE)))
     timed = [r["median_us"] for r in rows if "median_us" in r]
     best_sdpa = min(timed) if timed else None
     pos = torch.tensor([s], device=DEVICE)
@@ -82,24 +107,31 @@ def bench_shape(b: int, s: int, reps: int) -> list[dict]:
             torch.cuda.empty_cache()
             rows.append(dict(base, impl=f"kvfx-{name}", error="out of memory (store)"))
             continue
-        json_options = kvfx.KVConfig(**options).to_json()
+        try:
+            check = check_against_reference(fmt, store, q, k1, v1, pos)
+        except torch.OutOfMemoryError:  # the torch reference dequantizes the whole store
+            torch.cuda.empty_cache()
+            check = {"max_err": None, "same_kept": None}
 
-        def step(store=store, json_options=json_options):
+        def step(store=store, json_options=fmt.options):
             return torch.ops.kvfx.policy_attend(q, k1, v1, pos, *store.tensors(), None, False, D ** -0.5,
-                                                json_options, 4, 32)
+                                                json_options, LAYER, LAYERS)
 
         kept = store.slot_pos.shape[-1]
-        rows.append(dict(base, impl=f"kvfx-{name}", slots=kept, bytes_held=store.nbytes(), **time_or_error(step, reps)))
+        rows.append(dict(base, impl=f"kvfx-{name}", slots=kept, bytes_held=store.nbytes(), **check,
+                         **time_or_error(step, reps, DEVICE)))
         if name in ("h2o-20%", "quest-1/8"):
             read = kept if name != "quest-1/8" else s // 8 + fmt.spec.page_size  # Quest: its pages + the newest
             dense_k, dense_v = k[:, :, :read], v[:, :, :read]
 
             def over_kept(dense_k=dense_k, dense_v=dense_v):
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                with sdpa_kernel(list(backends.values())[0]):
                     return F.scaled_dot_product_attention(q, dense_k, dense_v, enable_gqa=True)
-            rows.append(dict(base, impl=f"sdpa-over-kept-{name}", slots=dense_k.shape[2], **time_or_error(over_kept, reps)))
+            rows.append(dict(base, impl=f"sdpa-over-kept-{name}", slots=dense_k.shape[2],
+                             **time_or_error(over_kept, reps, DEVICE)))
         del store
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     for r in rows:
         if "median_us" in r and best_sdpa:
             r["speedup_vs_best_sdpa"] = best_sdpa / r["median_us"]
@@ -112,14 +144,24 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seq", type=int, nargs="+", default=[16384, 65536])
-    parser.add_argument("--quick", action="store_true", help="B 1, S 4K: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="B 1, S 4K (CPU: S 256): a smoke run")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: the Triton interpreter (TRITON_INTERPRET=1) on tiny shapes, no timing claim")
     parser.add_argument("--reps", type=int, default=30, help="timed runs per measurement (median reported)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for policy_attention.json/.png")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("policy_attention: needs a CUDA GPU (run it on the GPU machine)", file=sys.stderr)
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("policy_attention: needs a CUDA GPU (run it on the GPU machine, or --device cpu for a smoke run)",
+              file=sys.stderr)
         return 2
-    shapes = [(1, 4096)] if args.quick else [(b, s) for b in args.batch for s in args.seq]
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("policy_attention: --device cpu runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1",
+              file=sys.stderr)
+        return 2
+    quick = (1, 4096) if DEVICE == "cuda" else (1, 256)
+    shapes = [quick] if args.quick else [(b, s) for b in args.batch for s in args.seq]
     rows = []
     for b, s in shapes:
         shape_rows = bench_shape(b, s, args.reps)

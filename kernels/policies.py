@@ -336,11 +336,21 @@ def decode_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
                 layer: int) -> torch.Tensor:
     """`policy_attend_reference` for one new token, without its copies: the store is read once (Quest:
     only the chosen pages), the new token is attended beside it, and the write touches one slot.
-    Same result as the general path (tested); no host synchronisation. The attention runs in the
-    Triton kernel of `kvfx.kernels.slot_attention` where it applies, else in torch."""
+    Same result as the general path (tested); no host synchronisation. Triton launches
+    (`kvfx.kernels.slot_decode`) where they apply, else `decode_step_reference`."""
     from kvfx.kernels.kivi import use_triton
-    from kvfx.kernels.slot_attention import slot_attention, supported
+    from kvfx.kernels.slot_attention import supported
+    from kvfx.kernels.slot_decode import decode_step_triton
 
+    if use_triton(q) and supported(store, q, attn_mask):
+        return decode_step_triton(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, spec, layer)
+    return decode_step_reference(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, spec, layer)
+
+
+def decode_step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
+                          attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec: PolicySpec,
+                          layer: int) -> torch.Tensor:
+    """`decode_step` in torch ops (the spec of the fused Triton step; any mask, any head dim)."""
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     group = hq // hkv
@@ -352,12 +362,7 @@ def decode_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
     scored = spec.policy in ("h2o", "snapkv", "pyramidkv")  # (Quest's reads are not scored)
     pages = quest_pages(qg, store.page_min, store.page_max, store.slot_pos, spec) \
         if spec.policy == "quest" and layer >= QUEST_DENSE_LAYERS else None
-    if use_triton(q) and supported(store, q, attn_mask):
-        slots = _page_slots(*pages, spec.page_size)[0] if pages is not None else None
-        out, slot_probs, new_probs = slot_attention(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, slots,
-                                                    want_logits=scored)
-    else:
-        out, slot_probs, new_probs = _decode_attention_torch(qg, k_new, v_new, store, bias, pages, scale, spec)
+    out, slot_probs, new_probs = _decode_attention_torch(qg, k_new, v_new, store, bias, pages, scale, spec)
     score = store.score + slot_probs if scored else store.score
     new_score = new_probs if scored else torch.zeros_like(score[..., :1])
     key = eviction_key(spec, positions, valid, torch.cat([score, new_score], -1), torch.full((b,), c, device=q.device))

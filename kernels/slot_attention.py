@@ -1,39 +1,86 @@
 """Decode attention over a policy's `TokenStore` slots: Triton split-K kernel beside its reference.
 
 One query token per row. Each program takes one (row, KV head) and a contiguous share of the slots
-to read (all C slots, or Quest's chosen pages given as slot indices), loads the g query heads of the
-KV head as the M dimension of `tl.dot` (padded to 16), and folds tiles of BLOCK_N slots into a
-running (max, sum of exp, unnormalized output), as flash-decoding does. A slot counts when its
-position is >= 0; the model's mask enters as an additive bias per logical position of the row
-(read at each slot's position). With `want_logits` the kernel also writes each slot's logit, from
-which H2O's attention scores are taken once the softmax normalizer is known (no second pass over
-the KV bytes). Codecs: "none" (model dtype) and "int8" (per-token scale and zero, dequantized in
-registers). The partials and the new token are combined in `slot_attention`.
+to read (all C slots, Quest's chosen slots as a list, or Quest's chosen pages), loads the g query
+heads of the KV head as the M dimension of `tl.dot` (padded to 16), and folds tiles of BLOCK_N slots
+into a running (max, sum of exp, unnormalized output), as flash-decoding does. A slot counts when its
+position is >= 0 (and, causal, <= the query's); the model's mask enters as an additive bias per
+logical position of the row (read at each slot's position). With `want_logits` the kernel also
+writes each slot's logit, from which H2O's attention scores are taken once the softmax normalizer is
+known (no second pass over the KV bytes). Every `TokenCodec` is dequantized in registers
+(`_load_tokens`): "none", "int8" (per-token scale and zero), "int4"/"int2" (bit-packed, per-token
+(scale, zero) per group of G channels), "fp8" (one scale per token).
+
+The partials and the new token are combined by `combine_reference` here (torch, the spec) or, on the
+decode path, inside the fused eviction kernel of `kvfx.kernels.slot_decode`. The reference of the
+whole attention is `kvfx.kernels.policies._decode_attention_torch`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from kvfx.kernels.decode_attention import HEAD_DIMS, LOG2E, combine_partials
-from kvfx.kernels.kivi import TL_DTYPES
+from kvfx.kernels.kivi import TL_DTYPES, _unpack
 
-CODECS = ("none", "int8")
+CODECS = ("none", "int8", "int4", "int2", "fp8")
 
 
 @triton.jit
-def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr,
-                           logit_ptr, C, N, NS, HKV, BIAS_COLS, qk_scale, GQ: tl.constexpr, D: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr,
-                           HAS_IDX: tl.constexpr, HAS_POS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           LOGITS: tl.constexpr, DOT: tl.constexpr):
-    """Program (bh, split): slots n in its share of [0, N) (slot idx[bh, n], or n), base-2 logits.
+def _load_tokens(codes_ptr, params_ptr, slot, live, N: tl.constexpr, D: tl.constexpr, CODEC: tl.constexpr,
+                 BITS: tl.constexpr, G: tl.constexpr):
+    """The tokens of flat slot indices `slot` [N] (row-head-slot) dequantized to fp32 [N, D] as
+    `TokenCodec.dequantize` does; slots not `live` read as zeros."""
+    if CODEC == "int4" or CODEC == "int2":  # bit-packed codes, (scale, zero) per token per G channels
+        DB: tl.constexpr = D * BITS // 8
+        NG: tl.constexpr = D // G
+        packed = tl.load(codes_ptr + slot[:, None] * DB + tl.arange(0, DB)[None, :], mask=live[:, None], other=0)
+        x = tl.reshape(_unpack(packed, N, D, BITS), (N, NG, G))
+        prm = slot[:, None] * (2 * NG) + 2 * tl.arange(0, NG)[None, :]  # params interleave (scale, zero)
+        scale = tl.load(params_ptr + prm, mask=live[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(params_ptr + prm + 1, mask=live[:, None], other=0.0).to(tl.float32)
+        x = tl.reshape(x * scale[:, :, None] + zero[:, :, None], (N, D))
+    else:
+        x = tl.load(codes_ptr + slot[:, None] * D + tl.arange(0, D)[None, :], mask=live[:, None],
+                    other=0.0).to(tl.float32)
+        if CODEC == "int8":  # per-token (scale, zero)
+            x = x * tl.load(params_ptr + slot * 2, mask=live, other=0.0).to(tl.float32)[:, None] \
+                + tl.load(params_ptr + slot * 2 + 1, mask=live, other=0.0).to(tl.float32)[:, None]
+        elif CODEC == "fp8":  # one scale per token
+            x = x * tl.load(params_ptr + slot, mask=live, other=0.0).to(tl.float32)[:, None]
+    return x
 
-    HAS_POS: slot_pos gives each slot's position (-1 = empty); without it the slot is the position
-    (a cache addressed by position, every slot < N live). A tile whose bias is -inf everywhere (left
-    padding, outside a sliding window, past the written length) is skipped without reading its K/V.
-    """
+
+@triton.jit
+def _visible(pos, new_pos, bias_ptr, row, BIAS_COLS, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+    """Whether the query at new_pos sees logical positions `pos` (>= 0), and the mask's additive bias
+    there (natural log units; 0 without a mask)."""
+    seen = pos >= 0
+    bias = tl.zeros(pos.shape, tl.float32)
+    if HAS_BIAS:
+        inside = seen & (pos < BIAS_COLS)
+        bias = tl.load(bias_ptr + row * BIAS_COLS + pos, mask=inside, other=float("-inf"))
+        seen = inside & (bias > float("-inf"))
+    elif CAUSAL:
+        seen = seen & (pos <= new_pos)
+    return seen, bias
+
+
+@triton.jit
+def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr, bias_ptr, new_pos_ptr,
+                           m_ptr, l_ptr, acc_ptr, logit_ptr, C, N, NS, HKV, BIAS_COLS, qk_scale,
+                           GQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           CODEC: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, INDEX: tl.constexpr,
+                           PAGE: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+                           LOGITS: tl.constexpr, DOT: tl.constexpr, POSITIONAL: tl.constexpr = False):
+    """Program (bh, split): slots n in its share of [0, N), base-2 logits. INDEX "slots": slot
+    idx[bh, n]; "pages": slot idx[bh, n // PAGE] * PAGE + n % PAGE; else slot n. POSITIONAL: the slot
+    is the position (a cache addressed by position, `attend_positions`), no slot_pos is read. A tile
+    the mask hides entirely (left padding, past a static cache's written length, outside a sliding
+    window, empty slots) is skipped without reading its K/V."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -41,6 +88,7 @@ def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr
     rmask = rows < GQ
     q = tl.load(q_ptr + (bh * GQ + rows[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
     q = (q.to(tl.float32) * qk_scale).to(DOT)
+    new_pos = tl.load(new_pos_ptr)
     per_split = tl.cdiv(tl.cdiv(N, NS), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, N)
@@ -50,42 +98,32 @@ def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         inside = n < end
-        if HAS_IDX:
+        if INDEX == "slots":
             slot = tl.load(idx_ptr + bh * N + n, mask=inside, other=0)
+        elif INDEX == "pages":
+            slot = tl.load(idx_ptr + bh * (N // PAGE) + n // PAGE, mask=inside, other=0) * PAGE + n % PAGE
         else:
             slot = n
-        if HAS_POS:
-            pos = tl.load(pos_ptr + bh * C + slot, mask=inside, other=-1)
-            live = inside & (pos >= 0)
+        if POSITIONAL:
+            pos = tl.where(inside, slot, -1)
         else:
-            pos = slot
-            live = inside
-        if HAS_BIAS:  # the row's additive mask at each slot's position (base 2)
-            bias = tl.load(bias_ptr + (bh // HKV) * BIAS_COLS + pos, mask=live & (pos < BIAS_COLS),
-                           other=float("-inf")) * 1.4426950408889634
-            live = live & (bias > float("-inf"))
+            pos = tl.load(pos_ptr + bh * C + slot, mask=inside, other=-1)
+        live, bias = _visible(pos, new_pos, bias_ptr, bh // HKV, BIAS_COLS, HAS_BIAS, CAUSAL)
+        s = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
         if tl.max(live.to(tl.int32), axis=0) > 0:
-            offs = (bh * C + slot[:, None]) * D + d[None, :]
-            k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
-            if INT8:  # per-token (scale, zero)
-                prm = (bh * C + slot) * 2
-                k = k * tl.load(kp_ptr + prm, mask=live, other=0.0).to(tl.float32)[:, None] \
-                    + tl.load(kp_ptr + prm + 1, mask=live, other=0.0).to(tl.float32)[:, None]
-                v = v * tl.load(vp_ptr + prm, mask=live, other=0.0).to(tl.float32)[:, None] \
-                    + tl.load(vp_ptr + prm + 1, mask=live, other=0.0).to(tl.float32)[:, None]
+            k = _load_tokens(k_ptr, kp_ptr, bh * C + slot, live, BLOCK_N, D, CODEC, BITS, G)
             s = tl.dot(q, tl.trans(k.to(DOT)))  # [BLOCK_M, BLOCK_N], base-2 logits
-            if HAS_BIAS:
-                s += bias[None, :]
+            if HAS_BIAS:  # the row's additive mask at each slot's position (base 2)
+                s += bias[None, :] * 1.4426950408889634
             s = tl.where(live[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)  # m_new is finite: the tile has a live slot
-            p = tl.exp2(s - m_new[:, None])
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no NaN from -inf - -inf
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = _load_tokens(v_ptr, vp_ptr, bh * C + slot, live, BLOCK_N, D, CODEC, BITS, G)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
             m_i = m_new
-        else:
-            s = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
         if LOGITS:
             tl.store(logit_ptr + (bh * GQ + rows[:, None]) * C + slot[None, :], s,
                      mask=rmask[:, None] & inside[None, :])
@@ -96,7 +134,7 @@ def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr
 
 
 def supported(store, q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
-    """Whether `slot_attention` takes this call (else the torch path of `decode_step` does)."""
+    """Whether the Triton decode path takes this call (else the torch path of `decode_step` does)."""
     return store.codec.kv in CODECS and q.shape[-1] in HEAD_DIMS and q.shape[2] == 1 and row_mask(attn_mask)
 
 
@@ -120,56 +158,91 @@ def row_bias(attn_mask: torch.Tensor | None, b: int, cols: int | None = None,
     return row.float().contiguous()
 
 
-def slot_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
-                   attn_mask: torch.Tensor | None, is_causal: bool, scale: float, slots: torch.Tensor | None = None,
-                   want_logits: bool = False, num_splits: int | None = None, block_n: int = 64
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Attention of one query token q [B, Hq, 1, D] over the store's slots (or `slots` [B, Hkv, N]) and
-    the new token k_new, v_new [B, Hkv, 1, D] at position pos [1] (which every kept slot precedes).
+@dataclass
+class Partials:
+    """What `slot_partials` leaves for the combine: per (row-head, split, query row) the running max
+    m and sum l of exp2(logit - m), the unnormalized output acc; the base-2 logits [B, Hkv, g, C] of
+    every slot read (when asked for); the row bias [B, S'] (None without a mask)."""
 
-    Returns (out [B, Hq, 1, D] fp32, probabilities of the slots summed over each KV head's g query heads
-    [B, Hkv, C] if want_logits else None, probability of the new token summed the same way [B, Hkv, 1]).
-    """
+    m: torch.Tensor
+    l: torch.Tensor
+    acc: torch.Tensor
+    logits: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Tensor | None, is_causal: bool,
+                  scale: float, index: torch.Tensor | None = None, page: int = 0, want_logits: bool = False,
+                  num_splits: int | None = None, block_n: int = 64) -> Partials:
+    """Launch `_slot_attention_kernel` for queries q [B, Hq, 1, D] at position pos [1] over the store's
+    slots: all of them, the slot list `index` [B, Hkv, N] (page 0), or the pages `index` [B, Hkv, n]
+    of `page` slots each."""
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     gq = hq // hkv
-    n = c if slots is None else slots.shape[-1]
+    n = c if index is None else index.shape[-1] * max(page, 1)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
     ns = num_splits or max(1, min(triton.cdiv(4 * sms, b * hkv), triton.cdiv(n, 2 * block_n)))
     block_m = max(16, triton.next_power_of_2(gq))
     part_m = torch.empty(b * hkv, ns, block_m, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(b * hkv, ns, block_m, d, device=q.device, dtype=torch.float32)
-    logits = torch.empty(b, hkv, gq, c, device=q.device, dtype=torch.float32) if want_logits else part_m
+    logits = torch.empty(b, hkv, gq, c, device=q.device, dtype=torch.float32) if want_logits else None
     bias = row_bias(attn_mask, b)
     interpreted = not q.is_cuda
     dot = tl.float32 if interpreted else TL_DTYPES[store.dtype]  # the interpreter's bf16 tl.dot is wrong
-    int8 = store.codec.kv == "int8"
+    codec = store.codec
     _slot_attention_kernel[(b * hkv, ns)](
         q.reshape(b * hq, d).contiguous(), store.k_codes, store.v_codes, store.k_params, store.v_params,
-        store.slot_pos, slots.contiguous() if slots is not None else store.slot_pos, bias if bias is not None else part_m,
-        part_m, part_l, part_acc, logits, c, n, ns, hkv, bias.shape[-1] if bias is not None else 0, scale * LOG2E,
-        GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n, INT8=int8, HAS_IDX=slots is not None, HAS_POS=True,
-        HAS_BIAS=bias is not None, LOGITS=want_logits, DOT=dot, num_warps=4)
-    # The new token: its base-2 logit per query head, masked like any position.
+        store.slot_pos, index.contiguous() if index is not None else store.slot_pos,
+        bias if bias is not None else part_m, pos, part_m, part_l, part_acc,
+        logits if logits is not None else part_m, c, n, ns, hkv, bias.shape[-1] if bias is not None else 0,
+        scale * LOG2E, GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n, CODEC=codec.kv, BITS=codec.bits,
+        G=codec.group_size if codec.kv in ("int4", "int2") else 1,
+        INDEX="none" if index is None else ("pages" if page else "slots"), PAGE=max(page, 1),
+        HAS_BIAS=bias is not None, CAUSAL=is_causal, LOGITS=want_logits, DOT=dot, num_warps=4)
+    return Partials(part_m, part_l, part_acc, logits, bias)
+
+
+def combine_reference(parts: Partials, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                      pos: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Merge the splits' partials with the new token k_new, v_new [B, Hkv, 1, D] at pos [1] (in torch):
+    (out [B, Hq, 1, D] fp32, slot probabilities summed over each KV head's g query heads [B, Hkv, C]
+    when the logits were kept, the new token's probability summed the same way [B, Hkv, 1])."""
+    b, hq, _, d = q.shape
+    hkv = k_new.shape[1]
+    gq = hq // hkv
+    ns = parts.m.shape[1]
     qg = q.view(b, hkv, gq, d).float()
-    new = (qg * k_new.view(b, hkv, 1, d).float()).sum(-1) * (scale * LOG2E)  # [B, Hkv, g]
-    if bias is not None:
-        new = new + bias.gather(1, pos.view(1, 1).expand(b, 1).long()).view(b, 1, 1) * LOG2E
-    m = part_m[:, :, :gq].view(b, hkv, ns, gq)
+    new = (qg * k_new.view(b, hkv, 1, d).float()).sum(-1) * (scale * LOG2E)  # [B, Hkv, g], base 2
+    if parts.bias is not None:
+        new = new + parts.bias.gather(1, pos.view(1, 1).expand(b, 1).long()).view(b, 1, 1) * LOG2E
+    m = parts.m[:, :, :gq].view(b, hkv, ns, gq)
     top = torch.maximum(m.amax(2), new)
     top = torch.where(top == float("-inf"), 0.0, top)
     w = torch.exp2(m - top[:, :, None])  # [B, Hkv, NS, g]
     w_new = torch.exp2(new - top)
-    total = (part_l[:, :, :gq].view(b, hkv, ns, gq) * w).sum(2) + w_new
-    acc = (part_acc[:, :, :gq].view(b, hkv, ns, gq, d) * w[..., None]).sum(2) + w_new[..., None] * v_new.view(b, hkv, 1, d).float()
+    total = (parts.l[:, :, :gq].view(b, hkv, ns, gq) * w).sum(2) + w_new
+    acc = (parts.acc[:, :, :gq].view(b, hkv, ns, gq, d) * w[..., None]).sum(2) \
+        + w_new[..., None] * v_new.view(b, hkv, 1, d).float()
     norm = torch.where(total > 0, total, 1.0)
     out = (acc / norm[..., None]).reshape(b, hq, 1, d)
     p_new = (w_new / norm).sum(-1, keepdim=True)
     probs = None
-    if want_logits:  # (every slot was read: `slots` is None)
-        probs = (torch.exp2(logits - top[..., None]) / norm[..., None]).sum(2)
+    if parts.logits is not None:  # (every slot was read)
+        probs = (torch.exp2(parts.logits - top[..., None]) / norm[..., None]).sum(2)
     return out, probs, p_new
+
+
+def slot_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
+                   attn_mask: torch.Tensor | None, is_causal: bool, scale: float, index: torch.Tensor | None = None,
+                   page: int = 0, want_logits: bool = False, num_splits: int | None = None, block_n: int = 64
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Attention of one query token q [B, Hq, 1, D] over the store's slots (or `index`, see
+    `slot_partials`) and the new token k_new, v_new [B, Hkv, 1, D] at position pos [1]: the kernel's
+    partials merged by `combine_reference` (what `combine_reference` returns)."""
+    parts = slot_partials(q, pos, store, attn_mask, is_causal, scale, index, page, want_logits, num_splits, block_n)
+    return combine_reference(parts, q, k_new, v_new, pos, scale)
 
 
 def _positional(t: torch.Tensor, slots: int) -> bool:
@@ -213,7 +286,8 @@ def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparam
     params = (k_qparams, v_qparams) if k_qparams is not None else (part_m, part_m)
     _slot_attention_kernel[(b * hkv, ns)](
         q.reshape(b * hq, d).contiguous(), k, v, *params, part_m, part_m, bias if bias is not None else part_m,
-        part_m, part_l, part_acc, part_m, k.stride(1) // d, n, ns, hkv, bias.shape[-1] if bias is not None else 0,
-        scale * LOG2E, GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n, INT8=k_qparams is not None, HAS_IDX=False,
-        HAS_POS=False, HAS_BIAS=bias is not None, LOGITS=False, DOT=dot, num_warps=4)
+        part_m, part_m, part_l, part_acc, part_m, k.stride(1) // d, n, ns, hkv,
+        bias.shape[-1] if bias is not None else 0, scale * LOG2E, GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        CODEC="none" if k_qparams is None else "int8", BITS=8, G=1, INDEX="none", PAGE=1,
+        HAS_BIAS=bias is not None, CAUSAL=False, LOGITS=False, DOT=dot, POSITIONAL=True, num_warps=4)
     return combine_partials(part_m, part_l, part_acc, b, hq, q.dtype)

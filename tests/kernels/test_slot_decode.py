@@ -1,0 +1,97 @@
+"""The fused Triton decode step (TRITON_INTERPRET=1 on CPU) against `decode_step_reference`, step by step."""
+import copy
+import math
+
+import hypothesis.strategies as st
+import torch
+from hypothesis import given, settings
+
+import kvfx
+from kvfx.kernels.policies import decode_step_reference, quest_pages
+from kvfx.kernels.quest import quest_pages_triton
+from kvfx.kernels.slot_decode import decode_step_triton
+
+KV_FORMATS = ["none", "int8", "int4", "int2", "fp8"]
+POLICIES = ["streaming", "h2o", "snapkv", "pyramidkv", "quest"]
+
+
+def random_store(fmt, b, hkv, cache_len, d, empty, gen, layer=3, layers=4, ordered=False):
+    """A store with `empty` free slots (an int, or a share) and distinct positions below `cache_len` - 8 in random
+    slots, with random tokens and scores (SnapKV: some pinned at +inf); `ordered`: older tokens score
+    higher (H2O's victim is then the oldest position outside the recent window: its boundary)."""
+    store = fmt.allocate((b, hkv, cache_len, d), torch.float32, torch.device("cpu"), layer, layers)
+    cap = store.slot_pos.shape[-1]
+    for codes, params in ((store.k_codes, store.k_params), (store.v_codes, store.v_params)):
+        new_codes, new_params = store.codec.quantize(torch.randn(b, hkv, cap, d, generator=gen))
+        codes.copy_(new_codes), params.copy_(new_params)
+    n = min(max(1, cap - (empty if isinstance(empty, int) else int(cap * empty))), cache_len - 8)
+    for i in range(b):
+        for j in range(hkv):
+            slots = torch.randperm(cap, generator=gen)[:n]
+            store.slot_pos[i, j, slots] = torch.randperm(cache_len - 8, generator=gen)[:n].int()
+    score = 1.0 - store.slot_pos / cache_len if ordered else torch.rand(b, hkv, cap, generator=gen)
+    store.score.copy_(score.masked_fill(store.slot_pos < 0, 0.0))
+    if fmt.spec.policy in ("snapkv", "pyramidkv"):
+        store.score.masked_fill_((torch.rand(b, hkv, cap, generator=gen) < 0.3) & (store.slot_pos >= 0), math.inf)
+    if store.page_min.numel():
+        store._update_pages()
+    return store
+
+
+def assert_same_store(got, want):
+    for name in ("slot_pos", "k_params", "v_params", "score", "page_min", "page_max"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-4, msg=name)
+    for name in ("k_codes", "v_codes"):  # bit-exact (fp8 compared as bytes)
+        a, b = getattr(got, name), getattr(want, name)
+        if a.dtype == torch.float8_e4m3fn:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert torch.equal(a, b), name
+
+
+@settings(max_examples=40, deadline=None)
+@given(policy=st.sampled_from(POLICIES), kv=st.sampled_from(KV_FORMATS), b=st.integers(1, 2), hkv=st.integers(1, 2),
+       g=st.integers(1, 4), budget=st.integers(3, 40), empty=st.sampled_from([0, 1, 2, 0.6]), ordered=st.booleans(),
+       mask=st.sampled_from(["none", "causal", "row"]), steps=st.integers(1, 3), sink=st.integers(0, 2),
+       seed=st.integers(0, 99))
+def test_fused_step_equals_the_reference(policy, kv, b, hkv, g, budget, empty, ordered, mask, steps, sink, seed):
+    """Output, kept positions, scores, codes and params, Quest's bounds: the same after every step."""
+    gen = torch.Generator().manual_seed(seed)
+    d, cache_len = 64, 48
+    options = dict(kv=kv, group_size=32, policy=policy)
+    options.update(page_size=4, pages=3) if policy == "quest" \
+        else options.update(budget=min(budget, cache_len - 1), window=min(3, budget - 1), sink=min(sink, budget - 1))
+    fmt = kvfx.KVConfig(**options).format
+    fast = random_store(fmt, b, hkv, cache_len, d, empty, gen, ordered=ordered)
+    slow = copy.deepcopy(fast)
+    for t in range(cache_len - steps, cache_len):
+        q = torch.randn(b, hkv * g, 1, d, generator=gen)
+        k_new, v_new = torch.randn(b, hkv, 1, d, generator=gen), torch.randn(b, hkv, 1, d, generator=gen)
+        pos = torch.tensor([t])
+        attn_mask = None
+        if mask == "row":  # hides a random tenth of the positions (not the new one)
+            attn_mask = torch.rand(b, 1, 1, cache_len, generator=gen) > 0.1
+            attn_mask[..., t] = True
+        args = (q, k_new, v_new, pos)
+        want = decode_step_reference(*args, slow, attn_mask, mask == "causal", 0.3, fmt.spec, 3)
+        got = decode_step_triton(*args, fast, attn_mask, mask == "causal", 0.3, fmt.spec, 3, block_c=16)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert_same_store(fast, slow)
+
+
+@settings(max_examples=15, deadline=None)
+@given(b=st.integers(1, 2), hkv=st.integers(1, 2), g=st.integers(1, 4), page=st.sampled_from([2, 4, 5]),
+       pages=st.integers(1, 12), cache_len=st.integers(8, 80), empty=st.floats(0.0, 0.95), seed=st.integers(0, 99))
+def test_quest_kernels_choose_the_reference_pages(b, hkv, g, page, pages, cache_len, empty, seed):
+    gen = torch.Generator().manual_seed(seed)
+    fmt = kvfx.KVConfig(policy="quest", page_size=page, pages=pages).format
+    store = random_store(fmt, b, hkv, cache_len + 8, 64, empty, gen)
+    q = torch.randn(b, hkv * g, 1, 64, generator=gen)
+    got = quest_pages_triton(q, store, fmt.spec).long()
+    want, read = quest_pages(q.view(b, hkv, g, 64), store.page_min, store.page_max, store.slot_pos, fmt.spec)
+    assert torch.equal(got[..., -1], want[..., -1])  # the newest token's page, last
+    for i in range(b):
+        for j in range(hkv):  # the same live pages (pages without tokens are read as nothing)
+            live = set(want[i, j][read[i, j]].tolist())
+            mine = got[i, j].tolist()
+            assert len(set(mine)) == len(mine)
+            assert {p for p in mine if (store.slot_pos[i, j, p * page:(p + 1) * page] >= 0).any()} == live
