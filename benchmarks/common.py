@@ -109,6 +109,8 @@ def plot_speedups(path: pathlib.Path, rows: list[dict], group_key: str, x_key: s
     except ImportError:
         return False
     groups = sorted({r[group_key] for r in rows})
+    if not groups:  # nothing ran (every run failed): no plot
+        return False
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups):
         mine = [r for r in rows if r[group_key] == group and r.get(y_key) is not None]
