@@ -114,6 +114,8 @@ def _quantizable(site: Site, output: fx.Node, fmt) -> str:
     reason = fmt.unsupported(example_tensor(site.key.buffer).shape[-1])
     if reason:
         return reason
+    if site.softcap and isinstance(fmt, (KiviFormat, TokenFormat)):
+        return f"kv={fmt.name!r} (or a policy) has no softcapped attention yet; kv='int8' and kv='none' have"
     if site.key_write and site.value_write and not same_positions(site.key_write, site.value_write) \
             and isinstance(fmt, (KiviFormat, TokenFormat)):
         return f"keys and values are written at different positions; a {fmt.name} store writes both together"
@@ -132,13 +134,20 @@ def _rewrite_attention(graph: fx.Graph, site: Site, key: fx.Node, value: fx.Node
     with graph.inserting_before(site.node):
         attend = graph.call_function(torch.ops.kvfx.attend.default, (
             site.query, key, value, key_qparams, value_qparams, site.attn_mask,
-            site.key.kv_len, site.is_causal, site.scale))
+            site.key.kv_len, site.is_causal, site.scale) + ((site.softcap,) if site.softcap else ()))
     _replace_attention(graph, site, attend)
 
 
 def _replace_attention(graph: fx.Graph, site: Site, attend: fx.Node) -> None:
     """`attend` takes the attention output's place; what only fed it goes."""
     attend.meta = dict(site.node.meta)
+    if site.merged_output:  # bmm attention: [B, H, T, D] back to the model's [B * H, T, D]
+        query, value = example_tensor(site.query), example_tensor(site.value.buffer)
+        with query.fake_mode:
+            attend.meta["example_value"] = query.new_empty((*query.shape[:-1], value.shape[-1]))
+        with graph.inserting_after(attend):
+            attend = graph.call_method("flatten", (attend, 0, 1))
+        attend.meta = dict(site.node.meta)
     site.node.replace_all_uses_with(attend)
     graph.erase_node(site.node)
     # Each list runs from the attention output back towards the cache buffer.
