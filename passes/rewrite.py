@@ -21,7 +21,8 @@ import torch.fx as fx
 from kvfx.config import KVConfig, KVConfigError
 from kvfx.kernels.formats import KiviFormat
 from kvfx.kernels.token_store import TokenFormat
-from kvfx.passes.fx_utils import append_inputs, describe, example_tensor, graph_position, is_metadata_read, is_sdpa
+from kvfx.passes.fx_utils import (append_inputs, describe, example_tensor, graph_position, is_metadata_read, is_method,
+                                  is_sdpa)
 from kvfx.passes import cat_cache
 from kvfx.passes.match import Site, find_attention, match_site, prepare_site, same_positions
 from kvfx.reporting import SiteReport
@@ -120,6 +121,9 @@ def _quantizable(site: Site, output: fx.Node, fmt) -> str:
             and isinstance(fmt, (KiviFormat, TokenFormat)):
         return f"keys and values are written at different positions; a {fmt.name} store writes both together"
     for name, read, write in (("key", site.key, site.key_write), ("value", site.value, site.value_write)):
+        if write is None and any(is_method(u, "copy_") and u.args[0] is read.buffer for u in read.buffer.users):
+            return (f"the {name} cache is overwritten whole (copy_; HF's full static sliding-window layer rolls it), "
+                    f"a write kvfx does not model: left in fp (a cache quantized by an earlier graph is read back)")
         if write is None:
             return f"no write into the {name} cache in this graph that kvfx models; kvfx must see every write to quantize it"
         allowed = {write.node, output, site.node, *site.interior, *read.chain[-1:]}
