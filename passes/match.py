@@ -334,6 +334,8 @@ def manual_form(softmax: fx.Node) -> AttentionForm | str:
         if isinstance(found, MaskTerm):
             terms.append(found)
             if len(shape_of(scores) or ()) == 3:
+                if len(shape_of(found.node) or ()) > 3:
+                    return "a mask term of the 3-D attention scores has more than 3 dims"
                 terms_3d.append(found)
         elif found is not None:
             heads.append(found)
@@ -362,6 +364,8 @@ def manual_form(softmax: fx.Node) -> AttentionForm | str:
     if merged != (len(shape_of(scores) or ()) == 3):
         return "the scores and the values of the attention are not both 3-D (bmm) or both 4-D (matmul)"
     q_heads = (shape_of(query) or (None, None))[1]
+    if merged and not all(same_shape(shape_of(x)[:2], shape_of(query)[:2]) for x in (key, value)):
+        return "the 3-D attention's q, k and v are not all [B, H, N, D] with the same B and H before the merge"
     if any(not same_shape((h,), (q_heads,)) for h in heads):
         return "a view of the 3-D attention scores splits B * H into other factors than the query's [B, H]"
     for term in terms_3d:
@@ -516,6 +520,8 @@ def match_site(layer: int, node: fx.Node, graph: fx.Graph) -> Site | str:
         if isinstance(read, str):
             return read
     key, value = reads
+    if any(r.gqa == "broadcast" and not same_shape(shape_of(r.buffer)[:1], q_shape[:1]) for r in reads):
+        return "a single KV head is broadcast over the batch too; kvfx models a cache with the query's batch size"
     if key.buffer is value.buffer or key.kv_len is not value.kv_len and key.kv_len != value.kv_len \
             or key.group != value.group or key.origin != value.origin:
         return "key and value are not two caches read the same way"

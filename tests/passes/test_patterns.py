@@ -373,3 +373,15 @@ def test_one_kv_head_broadcast_by_sdpa_is_rewritten(kv):
     plan, _ = rewritten(falcon_step, args, kv)
     assert [(s.pattern, s.rewritten) for s in plan.sites] == [("sdpa+broadcast, mask, cache input, index_copy_", True)]
     compiled_matches_eager(falcon_step, args, kv, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
+
+
+def test_one_kv_head_broadcast_over_the_batch_too_is_left_unchanged():
+    def shared_cache(q, k_cache, v_cache):
+        return F.scaled_dot_product_attention(q, k_cache, v_cache)
+
+    q, k_cache, v_cache = torch.randn(2, 4, 1, 8), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8)
+    (gm,) = dynamo_graphs(shared_cache, q, k_cache, v_cache)
+    before = gm.code
+    plan = rewrite_graph(gm, KVConfig(kv="none"), graph_index=0)
+    assert gm.code == before
+    assert "broadcast over the batch too" in plan.sites[0].reason
