@@ -30,11 +30,15 @@ from kvfx.passes.rewrite import rewrite_graph
 
 from common import RESULTS, environment, write_json  # benchmarks/common.py (run from benchmarks/ or by path)
 
+# Every depth field set to 2 (MPT's n_layers, the BART family's decoder_layers...), so that no
+# architecture weighs 6-12x the others by its default depth; use_cache on (MPT defaults to off: its
+# generate then recomputes the whole sequence, with no KV cache for kvfx to find).
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256,
-            n_embd=64, n_layer=2, n_head=4, n_positions=256, d_model=64, num_layers=2, num_heads=4,
-            moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4,
-            num_experts_per_tok=2, sliding_window=8, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+            n_embd=64, n_layer=2, n_layers=2, n_head=4, n_positions=256, d_model=64, num_layers=2, num_heads=4,
+            decoder_layers=2, encoder_layers=2, moe_intermediate_size=32, num_experts=4, num_local_experts=4,
+            n_routed_experts=4, num_experts_per_tok=2, sliding_window=8, use_cache=True, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0)
 KVS = ("none", "int8")
 
 

@@ -30,11 +30,12 @@ def fold_mask(attn_mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_le
 
 
 def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                     kv_len: int, is_causal: bool, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v for GQA.
+                     kv_len: int, is_causal: bool, scale: float, softcap: float = 0.0) -> torch.Tensor:
+    """softmax(softcap(q k^T * scale) + mask) v for GQA.
 
     q [B, Hq, T, D]; k, v [B, Hkv, S, D]; only the first `kv_len` positions are attended (-1: all S);
-    attn_mask broadcasts to [B, Hq or 1, T, kv_len] (bool: True = attend, or additive). Returns
+    attn_mask broadcasts to [B, Hq or 1, T, kv_len] (bool: True = attend, or additive); softcap c > 0
+    caps the scaled scores as tanh(s / c) * c before the mask (Gemma-2), 0 leaves them. Returns
     [B, Hq, T, Dv].
     """
     if kv_len >= 0:
@@ -43,13 +44,31 @@ def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     hkv = k.shape[1]
     group = hq // hkv
     mask = fold_mask(attn_mask, is_causal, t, k.shape[2], hkv, group, q.device)
-    out = F.scaled_dot_product_attention(q.reshape(b, hkv, group * t, d), k, v, attn_mask=mask, scale=scale)
+    q = q.reshape(b, hkv, group * t, d)
+    if softcap > 0:  # SDPA has no softcap: the scores written out
+        scores = softcapped(q @ k.transpose(-1, -2) * scale, softcap)
+        out = (masked_softmax(scores, mask) @ v.to(scores.dtype)).to(q.dtype)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, hq, t, v.shape[-1])
+
+
+def softcapped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """tanh(s / c) * c (c > 0; c = 0: the scores as they are)."""
+    return torch.tanh(scores / softcap) * softcap if softcap > 0 else scores
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dim after the (folded) mask; a row that sees no key gets zeros, as SDPA
+    gives (HF's left-padding rows), not NaN."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
+    return torch.softmax(scores, dim=-1).masked_fill(scores.amax(-1, keepdim=True) == float("-inf"), 0.0)
 
 
 def attend_int8_cpu(q: torch.Tensor, k_codes: torch.Tensor, k_qparams: torch.Tensor, v_codes: torch.Tensor,
                     v_qparams: torch.Tensor, attn_mask: torch.Tensor | None, kv_len: int, is_causal: bool,
-                    scale: float) -> torch.Tensor:
+                    scale: float, softcap: float = 0.0) -> torch.Tensor:
     """`attend_reference` over dequantized int8 K/V, without materializing the dequantized cache.
 
     With k = c * s + z per token (codes c, scale s, zero z): q.k = s * (q.c) + z * sum(q), and
@@ -64,12 +83,8 @@ def attend_int8_cpu(q: torch.Tensor, k_codes: torch.Tensor, k_qparams: torch.Ten
     qf = q.reshape(b, hkv, group * t, d).float()
     k_scale, k_zero = k_qparams[..., 0].float().unsqueeze(2), k_qparams[..., 1].float().unsqueeze(2)
     scores = (qf @ k_codes.float().transpose(-1, -2)) * k_scale + qf.sum(-1, keepdim=True) * k_zero
-    scores = scores * scale
-    mask = fold_mask(attn_mask, is_causal, t, s, hkv, group, q.device)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    # A query row that sees no key gets zeros, as SDPA gives (HF's left-padding rows), not NaN.
-    probs = torch.softmax(scores, dim=-1).masked_fill(scores.amax(-1, keepdim=True) == float("-inf"), 0.0)
+    scores = softcapped(scores * scale, softcap)
+    probs = masked_softmax(scores, fold_mask(attn_mask, is_causal, t, s, hkv, group, q.device))
     v_scale, v_zero = v_qparams[..., 0].float().unsqueeze(2), v_qparams[..., 1].float().unsqueeze(-1)
     out = (probs * v_scale) @ v_codes.float() + probs @ v_zero
     return out.to(q.dtype).reshape(b, hq, t, d)

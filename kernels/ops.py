@@ -3,11 +3,11 @@
 These schemas are the contract between the passes (which insert the ops), the kernels (which
 implement them) and lowering (which exports them):
 
-- ``kvfx::attend(q, k, v, k_qparams?, v_qparams?, attn_mask?, kv_len, is_causal, scale) -> out``
+- ``kvfx::attend(q, k, v, k_qparams?, v_qparams?, attn_mask?, kv_len, is_causal, scale, softcap=0.0) -> out``
   GQA attention of q [B, Hq, T, D] over a cache k, v [B, Hkv, S, D]. With qparams, k and v hold uint8
   codes and k_qparams, v_qparams [B, Hkv, S, 2] their per-token (scale, zero), dequantized inside
   attention. Only the first kv_len positions are attended (-1: all); attn_mask and is_causal mean
-  what they mean for SDPA.
+  what they mean for SDPA; softcap c > 0 caps the scaled scores as tanh(s / c) * c before the mask.
 - ``kvfx::store_write(codes!, qparams!, pos, x) -> ()``
   Quantizes x [B, Hkv, T, D] and writes it at positions pos [T] (dim 2) of codes [B, Hkv, S, D] and
   qparams [B, Hkv, S, 2], in place.
@@ -48,21 +48,21 @@ def _check_fits(last: int, count: int, slots: int) -> None:
 @torch.library.custom_op("kvfx::attend", mutates_args=())
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparams: torch.Tensor | None,
            v_qparams: torch.Tensor | None, attn_mask: torch.Tensor | None, kv_len: int, is_causal: bool,
-           scale: float) -> torch.Tensor:
-    if (_decode_kernels(q) and (k_qparams is None) == (v_qparams is None)
+           scale: float, softcap: float = 0.0) -> torch.Tensor:
+    if (_decode_kernels(q) and softcap == 0.0 and (k_qparams is None) == (v_qparams is None)
             and attend_positions_supported(q, k, v, k_qparams, v_qparams, attn_mask, is_causal)):
         return attend_positions(q, k, v, k_qparams, v_qparams, attn_mask, kv_len, scale)
     if k_qparams is not None and v_qparams is not None and q.device.type == "cpu":
-        return attend_int8_cpu(q, k, k_qparams, v, v_qparams, attn_mask, kv_len, is_causal, scale)
+        return attend_int8_cpu(q, k, k_qparams, v, v_qparams, attn_mask, kv_len, is_causal, scale, softcap)
     if k_qparams is not None:
         k = dequantize_int8_reference(k, k_qparams, q.dtype)
     if v_qparams is not None:
         v = dequantize_int8_reference(v, v_qparams, q.dtype)
-    return attend_reference(q, k, v, attn_mask, kv_len, is_causal, scale).contiguous()
+    return attend_reference(q, k, v, attn_mask, kv_len, is_causal, scale, softcap).contiguous()
 
 
 @attend.register_fake
-def _(q, k, v, k_qparams, v_qparams, attn_mask, kv_len, is_causal, scale):
+def _(q, k, v, k_qparams, v_qparams, attn_mask, kv_len, is_causal, scale, softcap=0.0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -85,7 +85,7 @@ def _attend_backward(ctx, grad_out):
         wrt = [t for t in (q, k, v) if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wrt, grad_out))
     return (next(grads), next(grads) if k_qparams is None else None, next(grads) if v_qparams is None else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 attend.register_autograd(_attend_backward, setup_context=_attend_setup_context)

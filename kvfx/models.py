@@ -40,6 +40,10 @@ TINY_ARCHS = {
     "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8)),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, vocab_size=128, bos_token_id=1,
                                 eos_token_id=2, pad_token_id=0)),
+    # BLOOM: 3-D bmm attention with ALiBi as baddbmm's input (n_layer / n_head are its depth and heads).
+    "bloom": ("BloomConfig", dict(n_layer=2, n_head=4)),
+    # Falcon-7B style multi-query attention: one KV head that SDPA broadcasts over the query heads.
+    "falcon": ("FalconConfig", dict(multi_query=True)),
 }
 
 

@@ -127,12 +127,12 @@ def make_runner(compiled: Callable, plan: GraphPlan, session: Session, fmt) -> C
     returned = [s for s in plan.slots if s.store_output is not None]
     cat_slots = plan.cat_slots
 
+    store_inputs = {i for s in inputs for i in (s.key_input, s.value_input)}
+
     def run(*args: Any) -> Any:
         for i in raw_reads:
             if isinstance(args[i], FreedKVBuffer):
-                raise KVFXError(
-                    f"graph input {i} is a KV-cache buffer that kvfx freed, and this graph reads it "
-                    f"outside a rewritten attention site; see kvfx.report(...) for the site's reason")
+                _read_back(args[i], i, i in store_inputs, session)
         stores = []
         for slot in inputs:
             key, value = args[slot.key_input], args[slot.value_input]
@@ -153,6 +153,26 @@ def make_runner(compiled: Callable, plan: GraphPlan, session: Session, fmt) -> C
         return outputs
 
     return run
+
+
+def _read_back(buffer: torch.Tensor, index: int, also_rewritten: bool, session: Session) -> None:
+    """A graph reads a buffer kvfx froze outside any rewritten site (HF's full static sliding-window
+    layer rolls its buffer: roll + copy_, a write kvfx does not model): the buffer gets its fp memory
+    back, filled with its store's tokens, and the cache goes on unquantized (the report names the site)."""
+    store, _ = _STORES.get(buffer, (None, None))
+    if also_rewritten or not isinstance(store, KVStore) or not buffer.is_contiguous():
+        raise KVFXError(
+            f"graph input {index} is a KV-cache buffer that kvfx freed, and this graph reads it "
+            f"outside a rewritten attention site; see kvfx.report(...) for the site's reason")
+    content = dequantized(buffer)
+    with torch._C.DisableTorchFunctionSubclass():
+        buffer.__class__ = torch.Tensor
+        buffer.untyped_storage().resize_(buffer.numel() * buffer.element_size())
+        buffer.copy_(content)
+    del _STORES[buffer]
+    for key, (value, held) in list(session.caches.items()):
+        if held is store and (buffer is key or buffer is value):  # the cache's bytes are the fp buffers from now on
+            session.caches[key] = (value, None)
 
 
 def _hand_back(outputs: list, slot: StoreSlot, store: Any, session: Session) -> None:

@@ -90,8 +90,10 @@ def _dequantize_int8(codes, qparams, like):
 
 
 def attend(q, k, v, k_qparams=None, v_qparams=None, attn_mask=None, kv_len: int = -1, is_causal: bool = False,
-           scale: float = 1.0):
+           scale: float = 1.0, softcap: float = 0.0):
     """kvfx::attend: GQA attention over an fp cache, or an int8 one dequantized per token."""
+    if softcap:  # ONNX Attention caps after adding the mask; kvfx (Gemma-2) caps before it
+        raise KVFXError(f"ONNX export of softcapped attention (softcap={softcap}) is not supported yet")
     if k_qparams is not None:
         k = _dequantize_int8(k, k_qparams, q)
     if v_qparams is not None:

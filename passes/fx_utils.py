@@ -107,10 +107,11 @@ def is_passthrough(node: fx.Node) -> bool:
 
 
 def transposed_last_two(node: Any) -> fx.Node | None:
-    """x for x.transpose(-1, -2) / (2, 3) of a 4-D x, else None."""
+    """x for x.transpose(-1, -2) (or its last two dims by number) of a 3-D or 4-D x, else None."""
     if is_method(node, "transpose") or (isinstance(node, fx.Node) and node.target is torch.transpose):
-        dims = {d % 4 for d in node.args[1:3] if isinstance(d, int)}
-        if dims == {2, 3}:
+        rank = len(shape_of(node.args[0]) or ())
+        dims = {d % rank for d in node.args[1:3] if isinstance(d, int)} if rank in (3, 4) else set()
+        if dims == {rank - 2, rank - 1}:
             return node.args[0]
     return None
 

@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from kvfx.passes.cat_cache import CatCache, match_cat
+from kvfx.passes.heads import baddbmm_arguments, is_baddbmm, is_bmm, merged_heads, split_heads
 from kvfx.passes.fx_utils import (call_arguments, describe, example_tensor, full_slices, graph_position, is_add,
                                   is_function, is_getitem, is_matmul, is_method, is_passthrough, is_sdpa, is_softmax,
                                   output_values, same_shape, sdpa_arguments, shape_of, softmax_dim,
@@ -51,7 +52,7 @@ class KVRead:
                             # concatenation (or fresh tensor) that the graph returns as the grown cache
     group: int              # query heads per KV head (1: MHA or SDPA's enable_gqa)
     kv_len: int | fx.Node   # leading slots attended (-1: the whole buffer; a node when symbolic)
-    gqa: str                # "repeat_kv", "repeat_interleave", "expand", "enable_gqa" or "none"
+    gqa: str                # "repeat_kv", "repeat_interleave", "expand", "enable_gqa", "broadcast" or "none"
     chain: list[fx.Node] = field(default_factory=list)  # nodes between buffer and attention
     origin: str = "input"   # "input", "allocated" or "cat"
     cat: CatCache | None = None
@@ -74,6 +75,13 @@ class MaskTerm:
 
     node: fx.Node
     kind: str               # "add" (additive bias/mask), "keep" (bool, True = attend), "drop" (True = masked)
+    heads: int | None = None  # a term of 3-D scores [B * H, T, S]: its leading dim unflattens to [B, H]
+    factor: float = 1.0     # an additive term is scaled by this (baddbmm's beta)
+
+    @property
+    def plain(self) -> bool:
+        """Usable as SDPA's additive mask as it is, with no new node."""
+        return self.kind == "add" and self.heads is None and self.factor == 1.0
 
 
 @dataclass
@@ -93,11 +101,14 @@ class Site:
     key_write: CacheWrite | None
     value_write: CacheWrite | None
     mask_terms: list[MaskTerm] = field(default_factory=list)  # manual: combined into attn_mask by prepare_site
+    softcap: float = 0.0
+    merged_output: bool = False
 
     @property
     def pattern(self) -> str:
         masked = self.attn_mask is not None or self.mask_terms
         mask = "causal" if self.is_causal else ("mask" if masked else "no mask")
+        mask = f"softcap, {mask}" if self.softcap else mask
         if self.key.origin == "cat":
             cache = "cat cache" if self.key.cat.past is not None else "cache returned"
             return f"{self.kind}+{self.key.gqa}, {mask}, {cache}"
@@ -204,6 +215,8 @@ def match_kv_read(node: fx.Node, query_heads: int, enable_gqa: bool, outputs: li
     hkv = shape[1]
     if gqa == "enable_gqa":
         group = query_heads // hkv
+    elif gqa == "none" and hkv == 1 < query_heads:  # one KV head broadcast by SDPA / matmul (Falcon's MQA)
+        group, gqa = query_heads, "broadcast"
     if hkv * group != query_heads:
         return f"{query_heads} query heads do not map onto {hkv} KV heads"
     if isinstance(kv_len, int) and isinstance(shape[2], int) and kv_len > shape[2]:
@@ -269,6 +282,8 @@ class AttentionForm:
     scale: float | None     # None: SDPA's default 1/sqrt(D)
     enable_gqa: bool
     mask_terms: list[MaskTerm] = field(default_factory=list)
+    softcap: float = 0.0    # tanh(s / c) * c of the scaled scores, before the mask (0: none)
+    merged_output: bool = False  # the output is [B * H, T, D] (bmm attention): flatten kvfx's [B, H, T, D]
 
 
 def sdpa_form(sdpa: fx.Node) -> AttentionForm | str:
@@ -284,30 +299,51 @@ def sdpa_form(sdpa: fx.Node) -> AttentionForm | str:
 
 
 def manual_form(softmax: fx.Node) -> AttentionForm | str:
-    """matmul(q, k^T) -> [* or / constant] -> [mask terms] -> [casts] -> softmax(-1) -> [casts / dropout(p=0)]
-    -> matmul(., v). Mask terms: `+ mask_or_bias`, `.masked_fill(cond, -inf)`, `torch.where(keep, s, -inf)`."""
-    if softmax_dim(softmax) not in (-1, 3):
+    """matmul(q, k^T) -> [* or / constant] -> [softcap] -> [mask terms] -> [casts] -> softmax(-1) -> [casts /
+    dropout(p=0)] -> matmul(., v). Mask terms: `+ mask_or_bias`, `.masked_fill(cond, -inf)`,
+    `torch.where(keep, s, -inf)`. Softcap: `tanh(s / c) * c`. Or the same over 3-D tensors, heads merged
+    into the batch (passes/heads.py): bmm / baddbmm products, head views anywhere between them."""
+    rank = len(shape_of(softmax) or ())
+    if softmax_dim(softmax) not in (-1, rank - 1):
         return "softmax is not over the last dimension"
     node, after = softmax, []
-    while len(node.users) == 1 and is_passthrough(next(iter(node.users))):
+    while len(node.users) == 1 and _keeps_probabilities(next(iter(node.users))):
         node = next(iter(node.users))
         after.append(node)
     interior = [*reversed(after), softmax]  # from the output back towards the scores
     users = list(node.users)
-    if len(users) != 1 or not is_matmul(users[0]) or users[0].args[0] is not node:
+    if len(users) != 1 or not (is_matmul(users[0]) or is_bmm(users[0])) or users[0].args[0] is not node:
         return "softmax output does not feed one matmul with the values"
     out, value = users[0], users[0].args[1]
-    scores, terms = softmax.args[0], []
+    merged = is_bmm(out)
+    if merged:
+        value_3d, value = value, merged_heads(value)
+        if value is None:
+            return "the values of a bmm attention are not a 4-D tensor [B, H, S, D] viewed as [B * H, S, D]"
+        interior.append(value_3d)
+    scores, terms, heads, terms_3d = softmax.args[0], [], [], []
     while True:
-        step = _mask_step(scores)
+        view = _head_view(scores)
+        step = view if view is not None else _mask_step(scores)
         if isinstance(step, str):
             return step
         if step is None:
             break
         interior.append(scores)
-        scores, term = step
-        if term is not None:
-            terms.append(term)
+        below, found = step
+        if isinstance(found, MaskTerm):
+            terms.append(found)
+            if len(shape_of(scores) or ()) == 3:
+                if len(shape_of(found.node) or ()) > 3:
+                    return "a mask term of the 3-D attention scores has more than 3 dims"
+                terms_3d.append(found)
+        elif found is not None:
+            heads.append(found)
+        scores = below
+    softcap = _softcap(scores)
+    if softcap is not None:
+        interior += softcap[2]
+        scores, softcap = softcap[0], softcap[1]
     scale = 1.0
     if _is_scaling(scores):
         left, right = scores.args
@@ -317,14 +353,87 @@ def manual_form(softmax: fx.Node) -> AttentionForm | str:
         scale = 1.0 / constant if scores.target in (operator.truediv, torch.div) else float(constant)
         interior.append(scores)
         scores = scores_in
-    if not is_matmul(scores):
-        return f"softmax input has an op kvfx does not model: {describe(scores)}"
-    query, key_t = scores.args
-    key = transposed_last_two(key_t)
-    if key is None:
-        return "the scores matmul does not take k transposed over its last two dims"
-    interior += [scores, key_t]
-    return AttentionForm("manual", out, interior, query, key, value, None, False, scale, False, terms)
+    product = _scores_product(scores)
+    if isinstance(product, str):
+        return product
+    query, key, factor, bias, nodes = product
+    interior += nodes
+    if bias is not None:
+        terms.append(bias)
+        terms_3d.append(bias)
+    if merged != (len(shape_of(scores) or ()) == 3):
+        return "the scores and the values of the attention are not both 3-D (bmm) or both 4-D (matmul)"
+    q_heads = (shape_of(query) or (None, None))[1]
+    if merged and not all(same_shape(shape_of(x)[:2], shape_of(query)[:2]) for x in (key, value)):
+        return "the 3-D attention's q, k and v are not all [B, H, N, D] with the same B and H before the merge"
+    if any(not same_shape((h,), (q_heads,)) for h in heads):
+        return "a view of the 3-D attention scores splits B * H into other factors than the query's [B, H]"
+    for term in terms_3d:
+        term.heads = _term_heads(term, q_heads)
+    return AttentionForm("bmm" if merged else "manual", out, interior, query, key, value, None, False,
+                         scale * factor, False, terms, softcap or 0.0, merged)
+
+
+def _keeps_probabilities(node: fx.Node) -> bool:
+    """A cast, inference dropout, or a view between [B, H, T, S] and [B * H, T, S]."""
+    return is_passthrough(node) or _head_view(node) is not None
+
+
+def _head_view(node: fx.Node) -> tuple[fx.Node, Any] | None:
+    """(x, H) for x [B * H, T, S] viewed as [B, H, T, S]; (x, None) for the reverse view; else None."""
+    split = split_heads(node)
+    if split is not None:
+        return split
+    merged = merged_heads(node)
+    return None if merged is None else (merged, None)
+
+
+def _term_heads(term: MaskTerm, heads) -> int | None:
+    """A term added to 3-D scores [B * H, T, S] with a leading dim > 1 is per (batch row, head): it
+    is unflattened to [B, H, ...]; a leading dim 1 (or fewer dims) broadcasts as it is."""
+    shape = shape_of(term.node)
+    return None if shape is None or len(shape) < 3 or shape[0] == 1 else heads
+
+
+def _softcap(node: fx.Node) -> tuple[fx.Node, float, list[fx.Node]] | None:
+    """(s, c, nodes) for `tanh(s / c) * c` (Gemma-2's attention logit softcapping), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in (operator.mul, torch.mul)):
+        return None
+    tanh, cap = node.args if isinstance(node.args[1], (int, float)) else node.args[::-1]
+    if not isinstance(cap, (int, float)) or cap <= 0 or not (is_function(tanh, torch.tanh) or is_method(tanh, "tanh")):
+        return None
+    divided = tanh.args[0]
+    if not (is_function(divided, operator.truediv, torch.div) and divided.args[1] == cap
+            and isinstance(divided.args[0], fx.Node) and not divided.kwargs):
+        return None
+    return divided.args[0], float(cap), [node, tanh, divided]
+
+
+def _scores_product(node: fx.Node) -> tuple[fx.Node, fx.Node, float, MaskTerm | None, list[fx.Node]] | str:
+    """(q, k, scale factor, bias term, nodes) of the product that makes the scores: matmul(q, k^T) over
+    [B, H, T, D], or bmm / baddbmm over the same viewed as [B * H, T, D]."""
+    if is_matmul(node):
+        query, key_t = node.args
+        key = transposed_last_two(key_t)
+        if key is None:
+            return "the scores matmul does not take k transposed over its last two dims"
+        return query, key, 1.0, None, [node, key_t]
+    if not (is_bmm(node) or is_baddbmm(node)):
+        return f"softmax input has an op kvfx does not model: {describe(node)}"
+    args = baddbmm_arguments(node) if is_baddbmm(node) else dict(batch1=node.args[0], batch2=node.args[1])
+    query_3d, key_t = args["batch1"], args["batch2"]
+    key_3d = transposed_last_two(key_t)
+    query, key = merged_heads(query_3d), merged_heads(key_3d)
+    if key_3d is None or query is None or key is None:
+        return "the 3-D scores are not bmm(q, k^T) of 4-D q, k [B, H, N, D] viewed as [B * H, N, D]"
+    nodes = [node, key_t, key_3d, query_3d]
+    if not is_baddbmm(node):
+        return query, key, 1.0, None, nodes
+    beta, alpha = args["beta"], args["alpha"]
+    if not isinstance(beta, (int, float)) or not isinstance(alpha, (int, float)) or not isinstance(args["input"], fx.Node):
+        return "baddbmm of the attention scores has a non-constant beta or alpha, or no bias tensor"
+    bias = MaskTerm(args["input"], "add", factor=float(beta)) if beta != 0 else None
+    return query, key, float(alpha), bias, nodes
 
 
 def _mask_step(node: fx.Node) -> tuple[fx.Node, MaskTerm | None] | str | None:
@@ -372,9 +481,13 @@ def _is_mask_fill(value: Any) -> bool:
 def _leads_to_scores(node: Any, depth: int = 6) -> bool:
     """`node` is the scores matmul, possibly through scaling, casts and mask terms."""
     for _ in range(depth):
-        if is_matmul(node):
+        if is_matmul(node) or is_bmm(node) or is_baddbmm(node):
             return True
-        if _is_scaling(node):
+        if _head_view(node) is not None:
+            node = node.args[0]
+        elif _softcap(node) is not None:
+            node = _softcap(node)[0]
+        elif _is_scaling(node):
             node = next((a for a in node.args if isinstance(a, fx.Node)), None)
         elif is_add(node):
             return any(_leads_to_scores(a, depth - 1) for a in node.args)
@@ -407,6 +520,8 @@ def match_site(layer: int, node: fx.Node, graph: fx.Graph) -> Site | str:
         if isinstance(read, str):
             return read
     key, value = reads
+    if any(r.gqa == "broadcast" and not same_shape(shape_of(r.buffer)[:1], q_shape[:1]) for r in reads):
+        return "a single KV head is broadcast over the batch too; kvfx models a cache with the query's batch size"
     if key.buffer is value.buffer or key.kv_len is not value.kv_len and key.kv_len != value.kv_len \
             or key.group != value.group or key.origin != value.origin:
         return "key and value are not two caches read the same way"
@@ -422,11 +537,11 @@ def match_site(layer: int, node: fx.Node, graph: fx.Graph) -> Site | str:
                     return w
     mask = form.attn_mask
     terms = form.mask_terms
-    if len(terms) == 1 and terms[0].kind == "add":  # a plain additive mask needs no new node
+    if len(terms) == 1 and terms[0].plain:  # a plain additive mask needs no new node
         mask, terms = terms[0].node, []
     scale = form.scale if form.scale is not None else 1.0 / math.sqrt(q_shape[-1])
     return Site(layer, form.node, form.kind, form.interior, form.query, key, value, mask,
-                form.is_causal, float(scale), key_write, value_write, terms)
+                form.is_causal, float(scale), key_write, value_write, terms, form.softcap, form.merged_output)
 
 
 def prepare_site(graph: fx.Graph, site: Site, positions: bool = True) -> None:
@@ -455,14 +570,26 @@ def _combined_mask(graph: fx.Graph, terms: list[MaskTerm]) -> fx.Node:
     for term in terms:
         if term.kind == "add":
             continue
-        node = term.node if term.kind == "keep" else graph.call_function(operator.invert, (term.node,))
+        node = _term_value(graph, term)
+        node = node if term.kind == "keep" else graph.call_function(operator.invert, (node,))
         keep = node if keep is None else graph.call_function(operator.and_, (keep, node))
     additive = None
     for term in terms:
         if term.kind == "add":
-            additive = term.node if additive is None else graph.call_function(operator.add, (additive, term.node))
+            node = _term_value(graph, term)
+            additive = node if additive is None else graph.call_function(operator.add, (additive, node))
     if additive is None:
         return keep
     if keep is None:
         return additive
     return graph.call_function(torch.where, (keep, additive, float("-inf")))
+
+
+def _term_value(graph: fx.Graph, term: MaskTerm) -> fx.Node:
+    """The term as a tensor that broadcasts to [B, H, T, S]."""
+    node = term.node
+    if term.heads is not None:
+        node = graph.call_method("unflatten", (node, 0, (-1, term.heads)))
+    if term.factor != 1.0:
+        node = graph.call_function(operator.mul, (node, term.factor))
+    return node

@@ -21,7 +21,8 @@ import torch.fx as fx
 from kvfx.config import KVConfig, KVConfigError
 from kvfx.kernels.formats import KiviFormat
 from kvfx.kernels.token_store import TokenFormat
-from kvfx.passes.fx_utils import append_inputs, describe, example_tensor, graph_position, is_metadata_read, is_sdpa
+from kvfx.passes.fx_utils import (append_inputs, describe, example_tensor, graph_position, is_metadata_read, is_method,
+                                  is_sdpa)
 from kvfx.passes import cat_cache
 from kvfx.passes.match import Site, find_attention, match_site, prepare_site, same_positions
 from kvfx.reporting import SiteReport
@@ -114,10 +115,15 @@ def _quantizable(site: Site, output: fx.Node, fmt) -> str:
     reason = fmt.unsupported(example_tensor(site.key.buffer).shape[-1])
     if reason:
         return reason
+    if site.softcap and isinstance(fmt, (KiviFormat, TokenFormat)):
+        return f"kv={fmt.name!r} (or a policy) has no softcapped attention yet; kv='int8' and kv='none' have"
     if site.key_write and site.value_write and not same_positions(site.key_write, site.value_write) \
             and isinstance(fmt, (KiviFormat, TokenFormat)):
         return f"keys and values are written at different positions; a {fmt.name} store writes both together"
     for name, read, write in (("key", site.key, site.key_write), ("value", site.value, site.value_write)):
+        if write is None and any(is_method(u, "copy_") and u.args[0] is read.buffer for u in read.buffer.users):
+            return (f"the {name} cache is overwritten whole (copy_; HF's full static sliding-window layer rolls it), "
+                    f"a write kvfx does not model: left in fp (a cache quantized by an earlier graph is read back)")
         if write is None:
             return f"no write into the {name} cache in this graph that kvfx models; kvfx must see every write to quantize it"
         allowed = {write.node, output, site.node, *site.interior, *read.chain[-1:]}
@@ -132,13 +138,20 @@ def _rewrite_attention(graph: fx.Graph, site: Site, key: fx.Node, value: fx.Node
     with graph.inserting_before(site.node):
         attend = graph.call_function(torch.ops.kvfx.attend.default, (
             site.query, key, value, key_qparams, value_qparams, site.attn_mask,
-            site.key.kv_len, site.is_causal, site.scale))
+            site.key.kv_len, site.is_causal, site.scale) + ((site.softcap,) if site.softcap else ()))
     _replace_attention(graph, site, attend)
 
 
 def _replace_attention(graph: fx.Graph, site: Site, attend: fx.Node) -> None:
     """`attend` takes the attention output's place; what only fed it goes."""
     attend.meta = dict(site.node.meta)
+    if site.merged_output:  # bmm attention: [B, H, T, D] back to the model's [B * H, T, D]
+        query, value = example_tensor(site.query), example_tensor(site.value.buffer)
+        with query.fake_mode:
+            attend.meta["example_value"] = query.new_empty((*query.shape[:-1], value.shape[-1]))
+        with graph.inserting_after(attend):
+            attend = graph.call_method("flatten", (attend, 0, 1))
+        attend.meta = dict(site.node.meta)
     site.node.replace_all_uses_with(attend)
     graph.erase_node(site.node)
     # Each list runs from the attention output back towards the cache buffer.

@@ -66,6 +66,34 @@ def test_attend_int8_equals_attention_over_dequantized(case):
     torch.testing.assert_close(got.float(), want, atol=TOL[q.dtype] * 4, rtol=TOL[q.dtype] * 4)
 
 
+def softcapped_eager(q, k, v, mask, kv_len, is_causal, scale, softcap):
+    """Gemma-2's eager attention written out: scale, tanh(s / c) * c, mask, softmax (fp32)."""
+    g = q.shape[1] // k.shape[1]
+    if kv_len >= 0:
+        k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+    k, v = (t.float().repeat_interleave(g, dim=1) for t in (k, v))
+    scores = torch.tanh(q.float() @ k.transpose(-1, -2) * scale / softcap) * softcap
+    if is_causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)  # a row that sees no key: zeros, as SDPA
+    return probs @ v
+
+
+@given(attention_case(), st.sampled_from([0.5, 5.0, 50.0]), st.booleans())
+def test_attend_softcap_equals_eager_softcapping(case, softcap, quantized):
+    q, k, v, mask, kv_len, is_causal, scale = case
+    if quantized:
+        (kc, ks), (vc, vs) = quantize_int8_reference(k), quantize_int8_reference(v)
+        got = torch.ops.kvfx.attend(q, kc, vc, ks, vs, mask, kv_len, is_causal, scale, softcap)
+        k, v = (dequantize_int8_reference(c, p, torch.float32) for c, p in ((kc, ks), (vc, vs)))
+    else:
+        got = torch.ops.kvfx.attend(q, k, v, None, None, mask, kv_len, is_causal, scale, softcap)
+    want = softcapped_eager(q, k, v, mask, kv_len, is_causal, scale, softcap)
+    torch.testing.assert_close(got.float(), want, atol=TOL[q.dtype] * 4, rtol=TOL[q.dtype] * 4)
+
+
 def test_store_write_quantizes_at_positions():
     codes = torch.zeros(2, 3, 10, 8, dtype=torch.uint8)
     qparams = torch.zeros(2, 3, 10, 2)
@@ -89,6 +117,7 @@ def test_opcheck(quantized):
         ks = vs = None
         q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     torch.library.opcheck(torch.ops.kvfx.attend.default, (q, k, v, ks, vs, mask, -1, False, 0.35))
+    torch.library.opcheck(torch.ops.kvfx.attend.default, (q, k, v, ks, vs, mask, -1, False, 0.35, 20.0))
     codes, qparams = torch.zeros(2, 2, 6, 8, dtype=torch.uint8), torch.zeros(2, 2, 6, 2)
     torch.library.opcheck(torch.ops.kvfx.store_write.default, (codes, qparams, torch.tensor([1, 4]), torch.randn(2, 2, 2, 8)))
 

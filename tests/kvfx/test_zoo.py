@@ -27,6 +27,9 @@ HF = {
     "gpt2-eager": ("gpt2", "eager", {}),
     "phi3": ("phi3", "sdpa", {}),
     "gemma2": ("gemma2", "eager", dict(attn_logit_softcapping=None)),
+    "gemma2-softcap": ("gemma2", "eager", {}),   # its default attention logit softcapping (50.0)
+    "bloom": ("bloom", "eager", {}),             # 3-D bmm attention, ALiBi through baddbmm
+    "falcon": ("falcon", "sdpa", {}),            # one KV head broadcast by SDPA
 }
 PROMPT = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(11))
 
@@ -80,7 +83,8 @@ def assert_rewritten(report, layers=2, unchanged=None):
 # tests/kvfx/test_backend_hf.py); the pairs that add a pattern (sliding windows, GPT-2's eager
 # attention) under both. Every case compiles 2-3 graphs: the zoo is kept to what it proves.
 LOSSLESS = [("llama", "dynamic"), ("mistral", "static"), ("mistral", "dynamic"), ("gpt2", "static"),
-            ("gpt2-eager", "dynamic"), ("phi3", "static"), ("gemma2", "static")]
+            ("gpt2-eager", "dynamic"), ("phi3", "static"), ("gemma2", "static"), ("gemma2-softcap", "dynamic"),
+            ("bloom", "dynamic"), ("falcon", "static")]
 OWN = [("gptfast:index_put:enable_gqa", "own"), ("gptfast:slice:repeat_interleave", "own"), ("nanogpt", "own")]
 
 
@@ -91,8 +95,6 @@ def test_kv_none_gives_eager_tokens(case):
     assert_rewritten(report)
 
 
-# int8 on a static sliding-window layer is not covered: once the window is full, HF rolls the buffer
-# (roll + setitem + copy_), a write kvfx does not model after the prefill quantized the cache.
 QUANTIZED = {
     ("qwen2", "dynamic"): {},
     ("mistral-full", "static"): {},
@@ -110,3 +112,14 @@ def test_int8_stays_within_tolerance(case):
     (eager, eager_logits), (ours, logits), report = run(case, "int8")
     assert_int8_agrees(eager, eager_logits, ours, logits, PROMPT.shape[1])
     assert_rewritten(report, unchanged=QUANTIZED[case])
+
+
+def test_int8_static_sliding_window_reads_back_once_the_window_rolls():
+    """Gemma-2 (softcapped) with a static cache: its sliding layer's buffer is quantized until the
+    window is full; then HF rolls it (roll + copy_, a write kvfx does not model), that graph leaves
+    the site unchanged with the reason, and the runtime reads the buffer back in fp for it."""
+    (eager, eager_logits), (ours, logits), report = run(("gemma2-softcap", "static"), "int8")
+    assert_int8_agrees(eager, eager_logits, ours, logits, PROMPT.shape[1])
+    unchanged = [s for s in report.sites if not s.rewritten]
+    assert unchanged and all(s.layer == 0 and "overwritten whole" in s.reason for s in unchanged)
+    assert any(s.layer == 0 and s.rewritten and "softcap" in s.pattern for s in report.sites)

@@ -255,3 +255,133 @@ def test_sdpa_with_per_head_additive_bias_and_gqa(kv):
     plan, _ = rewritten(step, args, kv)
     assert plan.sites[0].rewritten
     compiled_matches_eager(step, args, kv, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
+
+
+# ---- 3-D bmm attention (BLOOM, the BART family): heads merged into the batch -----------------------
+
+def bloom_attention(q, past_k, past_v, k, v, alibi, mask):
+    """BLOOM: ALiBi as baddbmm's input [B*H, 1, S], the scores viewed 4-D for the mask, bmm with v."""
+    k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+    b, h, t, d = q.shape
+    q3, k3, v3 = q.reshape(b * h, -1, d), k.reshape(b * h, -1, d).transpose(-1, -2), v.reshape(b * h, -1, d)
+    scores = alibi.baddbmm(batch1=q3, batch2=k3, beta=1.0, alpha=d ** -0.5).view(b, h, t, -1) + mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(probs.view(b * h, t, -1), v3).view(b, h, t, d), k, v
+
+
+def bart_attention(q, past_k, past_v, k, v, mask, split=None):
+    """The BART family: bmm scores viewed 4-D for the mask and back to 3-D for softmax and bmm."""
+    k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+    b, h, t, d = q.shape
+    q3, k3, v3 = q.reshape(b * h, -1, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
+    scores = torch.bmm(q3, k3.transpose(1, 2)).view(*(split or (b, h)), t, -1) + mask
+    return torch.bmm(F.softmax(scores.view(b * h, t, -1), dim=-1), v3), k, v
+
+
+def bmm_inputs(batch=2):
+    g = torch.Generator().manual_seed(3)
+    q, past_k, past_v, k, v = (torch.randn(batch, *x.shape[1:], generator=g) for x in mha_inputs())
+    mask = torch.zeros(batch, 1, 2, 7).masked_fill(torch.ones(2, 7).tril(5) == 0, torch.finfo(torch.float32).min)
+    return [q, past_k, past_v, k, v, mask]
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+@pytest.mark.parametrize("case", ["bloom", "bart"])
+def test_bmm_attention_is_rewritten(case, kv):
+    args = bmm_inputs()
+    if case == "bloom":  # per (batch row, head) ALiBi, as BLOOM builds it
+        fn = bloom_attention
+        args.insert(5, alibi(4, 7)[None, :, -1:].expand(2, 4, 1, 7).reshape(8, 1, 7).contiguous())
+    else:
+        fn = bart_attention
+    plan, found = rewritten(fn, args, kv)
+    assert [(s.pattern, s.rewritten) for s in plan.sites] == [("bmm+none, mask, cat cache", True)]
+    assert not {torch.bmm, "baddbmm", F.softmax} & set(found)
+    compiled_matches_eager(fn, args, kv, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
+
+
+def test_bmm_scores_split_into_other_factors_are_left_unchanged():
+    """[B*H, T, S] viewed as [H, B, T, S] (B = 2, H = 4) pairs rows with the wrong heads' masks."""
+    args = bmm_inputs() + [(4, 2)]
+    args[5] = args[5].expand(2, 4, 2, 7).transpose(0, 1).contiguous()  # a per-head mask, shaped [H, B, T, S]
+    (gm,) = dynamo_graphs(bart_attention, *args)
+    before = gm.code
+    plan = rewrite_graph(gm, KVConfig(kv="none"), graph_index=0)
+    assert gm.code == before
+    assert "splits B * H into other factors" in plan.sites[0].reason
+
+
+def test_bmm_of_tensors_that_are_not_merged_heads_is_left_unchanged():
+    def flat(q3, k3, v3):
+        return torch.bmm(F.softmax(torch.bmm(q3, k3.transpose(1, 2)), dim=-1), v3)
+
+    (gm,) = dynamo_graphs(flat, *(torch.randn(8, 3, 4) for _ in range(3)))
+    before = gm.code
+    plan = rewrite_graph(gm, KVConfig(kv="none"), graph_index=0)
+    assert gm.code == before
+    assert "not a 4-D tensor [B, H, S, D] viewed as [B * H, S, D]" in plan.sites[0].reason
+
+
+# ---- softcapping (Gemma-2) and one KV head broadcast by SDPA (Falcon) -------------------------------
+
+def softcapped_attention(q, past_k, past_v, k, v, mask, cap=30.0, inner_cap=30.0):
+    """Gemma-2's eager attention: scale, tanh(s / c) * c, then the additive mask."""
+    k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+    att = torch.matmul(q, k.transpose(2, 3)) * 4.0
+    att = torch.tanh(att / inner_cap) * cap + mask
+    return torch.matmul(F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype), v), k, v
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_softcapped_attention_is_rewritten(kv):
+    args = bmm_inputs(batch=1)
+    plan, found = rewritten(softcapped_attention, args, kv)
+    assert [(s.pattern, s.rewritten) for s in plan.sites] == [("manual+none, softcap, mask, cat cache", True)]
+    assert torch.tanh not in found
+    attend = [a for a in found if a is torch.ops.kvfx.attend.default]
+    assert len(attend) == 1
+    compiled_matches_eager(softcapped_attention, args, kv, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
+
+
+@pytest.mark.parametrize("kv, caps, reason", [
+    ("none", (30.0, 20.0), "softmax input has an op kvfx does not model: tanh"),  # tanh(s / 20) * 30: no softcap
+    ("int4", (30.0, 30.0), "no softcapped attention yet"),
+])
+def test_softcap_kvfx_cannot_prove_is_left_unchanged(kv, caps, reason):
+    def static_softcapped(q, k_cache, v_cache, pos, k, v, mask):
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        att = torch.tanh(torch.matmul(q, k_cache.transpose(2, 3)) / caps[1]) * caps[0]
+        return torch.matmul(F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1), v_cache)
+
+    (gm,) = dynamo_graphs(static_softcapped, *static_inputs(heads=2, d=32))
+    before = gm.code
+    plan = rewrite_graph(gm, KVConfig(kv=kv, group_size=16, residual=16), graph_index=0)
+    assert gm.code == before
+    assert reason in plan.sites[0].reason
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_one_kv_head_broadcast_by_sdpa_is_rewritten(kv):
+    """Falcon's multi-query attention: a [B, 1, S, D] cache that SDPA broadcasts over the query heads."""
+    def falcon_step(q, k_cache, v_cache, pos, k, v, mask):
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+
+    args = static_inputs(kv_heads=1)
+    plan, _ = rewritten(falcon_step, args, kv)
+    assert [(s.pattern, s.rewritten) for s in plan.sites] == [("sdpa+broadcast, mask, cache input, index_copy_", True)]
+    compiled_matches_eager(falcon_step, args, kv, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
+
+
+def test_one_kv_head_broadcast_over_the_batch_too_is_left_unchanged():
+    def shared_cache(q, k_cache, v_cache):
+        return F.scaled_dot_product_attention(q, k_cache, v_cache)
+
+    q, k_cache, v_cache = torch.randn(2, 4, 1, 8), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8)
+    (gm,) = dynamo_graphs(shared_cache, q, k_cache, v_cache)
+    before = gm.code
+    plan = rewrite_graph(gm, KVConfig(kv="none"), graph_index=0)
+    assert gm.code == before
+    assert "broadcast over the batch too" in plan.sites[0].reason

@@ -1,5 +1,7 @@
 """Structural matching and rewriting on dynamo graphs: positive cases (ops appear, sites counted)
 and negative ones (a graph kvfx cannot prove it handles is left exactly as it was)."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,26 +119,21 @@ def additive_decode_inputs():
 
 
 @pytest.mark.parametrize("kv", ["none", "int8"])
-def test_manual_attention_is_rewritten_and_exact(kv):
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_manual_attention_is_rewritten_and_exact(kv, softcap):
     args = additive_decode_inputs()
-    want = manual_attention(*[a.clone() for a in args])
-    (gm,) = dynamo_graphs(manual_attention, *[a.clone() for a in args])
+    step = functools.partial(manual_attention, softcap=softcap)
+    want = step(*[a.clone() for a in args])
+    (gm,) = dynamo_graphs(step, *[a.clone() for a in args])
     plan = rewrite_graph(gm, KVConfig(kv=kv), graph_index=0)
     assert [s.rewritten for s in plan.sites] == [True] and plan.sites[0].pattern.startswith("manual+repeat_kv")
+    assert ("softcap" in plan.sites[0].pattern) == (softcap is not None)
     found = targets(gm)
     assert torch.ops.kvfx.attend.default in found and torch.matmul not in found and F.softmax not in found
-    compiled = torch.compile(manual_attention, backend="kvfx", options={"kv": kv})
+    assert torch.tanh not in found
+    compiled = torch.compile(step, backend="kvfx", options={"kv": kv})
     got = compiled(*[a.clone() for a in args])
     torch.testing.assert_close(got, want, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
-
-
-def test_softcapped_attention_is_left_unchanged_with_the_reason():
-    (gm,) = dynamo_graphs(lambda *a: manual_attention(*a, softcap=30.0), *additive_decode_inputs())
-    before = gm.code
-    plan = rewrite_graph(gm, KVConfig(kv="int8"), graph_index=0)
-    assert gm.code == before
-    assert plan.sites[0].reason == "softmax input has an op kvfx does not model: tanh"
-    assert plan.sites[0].pattern == "manual"
 
 
 def test_router_softmax_is_not_an_attention_site():
