@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Query rows per attention call are bounded so that B * Hq * rows * S (the folded mask, and the scores
+# where they are written out) stays under this many elements: a long prompt on a large batch (32K
+# tokens at batch 32 in chunks of 2048) otherwise materializes a mask of tens of GB.
+BLOCK_ELEMENTS = 1 << 28
+
 
 def fold_mask(attn_mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_len: int,
               kv_heads: int, group: int, device: torch.device) -> torch.Tensor | None:
@@ -20,6 +25,7 @@ def fold_mask(attn_mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_le
         return None
     while attn_mask.dim() < 4:
         attn_mask = attn_mask.unsqueeze(0)
+    attn_mask = attn_mask.expand(*attn_mask.shape[:2], q_len, kv_len)  # a row shared by the queries, too
     b, h = attn_mask.shape[:2]
     if h == 1:
         attn_mask = attn_mask.unsqueeze(2).expand(b, 1, group, *attn_mask.shape[2:])
@@ -41,6 +47,10 @@ def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     if kv_len >= 0:
         k, v = k[:, :, :kv_len], v[:, :, :kv_len]
     b, hq, t, d = q.shape
+    rows = max(1, BLOCK_ELEMENTS // max(1, b * hq * k.shape[2]))
+    if t > rows:  # blocks of query rows (each row's attention is independent of the others')
+        return torch.cat([attend_reference(q[:, :, i:i + rows], k, v, mask_rows(attn_mask, is_causal, i, rows, t, k),
+                                           -1, False, scale, softcap) for i in range(0, t, rows)], dim=2)
     hkv = k.shape[1]
     group = hq // hkv
     mask = fold_mask(attn_mask, is_causal, t, k.shape[2], hkv, group, q.device)
@@ -51,6 +61,17 @@ def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, hq, t, v.shape[-1])
+
+
+def mask_rows(attn_mask: torch.Tensor | None, is_causal: bool, start: int, rows: int, t: int,
+              k: torch.Tensor) -> torch.Tensor | None:
+    """The mask of query rows start .. start + rows - 1 of an attention over t queries and keys k."""
+    if is_causal:  # top-left aligned: query i sees keys 0..i
+        n = min(rows, t - start)
+        return torch.ones(n, k.shape[2], dtype=torch.bool, device=k.device).tril(start)
+    if attn_mask is None or attn_mask.dim() < 2 or attn_mask.shape[-2] != t:
+        return attn_mask  # None, or the same for every query row
+    return attn_mask[..., start:start + rows, :]
 
 
 def softcapped(scores: torch.Tensor, softcap: float) -> torch.Tensor:

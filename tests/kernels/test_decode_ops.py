@@ -135,3 +135,10 @@ def test_attend_decode_kernel_skips_what_the_mask_hides(kv):
     with decode_kernels():
         got = torch.ops.kvfx.attend(q, k, v, kp, vp, mask, -1, False, 0.125)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_softcapped_decode_stays_on_the_reference():
+    """The decode kernels have no softcap: such a call keeps the reference's result."""
+    q, (k, v) = torch.randn(1, 4, 1, 64), torch.randn(2, 1, 2, 40, 64)
+    got, want = forced(torch.ops.kvfx.attend, q, k, v, None, None, None, -1, False, 0.125, 5.0)
+    assert torch.equal(got, want)

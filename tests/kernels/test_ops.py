@@ -167,3 +167,23 @@ def test_kivi_write_past_the_cache_is_a_clear_error():
     with pytest.raises(kvfx.KVFXError, match="do not fit the KV cache of 8 slots"):
         torch.ops.kvfx.kivi_write(*store.tensors(), torch.arange(6, 10), torch.randn(1, 1, 4, 32),
                                   torch.randn(1, 1, 4, 32), 8, 4, False, 16, 16)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive-per-head", "one-row", "2-d"])
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_long_prompts_attend_in_query_blocks_with_the_same_result(monkeypatch, mask_kind, softcap):
+    """Query rows are attended in blocks (bounded mask and score memory); blocks change nothing."""
+    from kvfx.kernels import attention
+
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, t, s, d = 2, 4, 2, 37, 50, 16
+    q, (k, v) = torch.randn(b, hq, t, d, generator=gen), torch.randn(2, b, hkv, s, d, generator=gen)
+    mask = {"none": None, "causal": None, "bool": torch.rand(b, 1, t, s, generator=gen) > 0.3,
+            "additive-per-head": torch.randn(b, hq, t, s, generator=gen),
+            "one-row": torch.rand(b, 1, 1, s, generator=gen) > 0.2, "2-d": torch.rand(t, s, generator=gen) > 0.3}[mask_kind]
+    args = (q, k, v, mask, -1, mask_kind == "causal", 0.3, softcap)
+    whole = attention.attend_reference(*args)
+    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", b * hq * s * 5)  # blocks of 5 query rows
+    torch.testing.assert_close(attention.attend_reference(*args), whole, atol=1e-6, rtol=1e-6)
+    want = repeat_kv_sdpa(q, k, v, mask, -1, mask_kind == "causal", 0.3) if softcap == 0 else whole
+    torch.testing.assert_close(whole, want, atol=1e-5, rtol=1e-5)
