@@ -25,15 +25,16 @@ from kvfx.errors import KVFXError
 from kvfx.kernels.attention import attend_int8_cpu, attend_reference
 from kvfx.kernels.decode_attention import HEAD_DIMS, decode_attention_triton
 from kvfx.kernels.formats import format_from_json
-from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
+from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference, store_write_int8_triton
 from kvfx.kernels.kivi import KiviStore, dequantize_reference, store_write_reference, store_write_triton
 from kvfx.kernels.policies import decode_step, policy_attend_reference
 from kvfx.kernels.slot_attention import attend_positions, attend_positions_supported, row_bias, row_mask
 
 
 def _decode_kernels(q: torch.Tensor) -> bool:
-    """Whether a decode step takes the Triton kernels: on CUDA in half precision (fp32 stays on the
-    exact reference, as tl.dot would round its operands to tf32). Tests force it under the interpreter."""
+    """Whether the ops take their Triton kernels (decode attention, the int8 write): on CUDA in half
+    precision (fp32 stays on the exact references, as tl.dot would round its operands to tf32). Tests
+    force it under the interpreter."""
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
@@ -93,6 +94,8 @@ attend.register_autograd(_attend_backward, setup_context=_attend_setup_context)
 
 @torch.library.custom_op("kvfx::store_write", mutates_args=("codes", "qparams"))
 def store_write(codes: torch.Tensor, qparams: torch.Tensor, pos: torch.Tensor, x: torch.Tensor) -> None:
+    if _decode_kernels(x) and x.shape[-1] in HEAD_DIMS and codes.is_contiguous() and qparams.is_contiguous():
+        return store_write_int8_triton(codes, qparams, pos, x)
     if pos.numel() and pos.device.type == "cpu":
         _check_fits(int(pos.max()), x.shape[2], codes.shape[2])
     new_codes, new_qparams = quantize_int8_reference(x)

@@ -27,20 +27,12 @@ import triton
 import triton.language as tl
 
 from kvfx.kernels.decode_attention import LOG2E
+from kvfx.kernels.int8 import _quantize_int8_row
 from kvfx.kernels.kivi import TL_DTYPES, _pack, _quantize, _round_e4m3, _round_to
 from kvfx.kernels.slot_attention import _load_tokens, _visible
 
 SCORED = ("h2o", "snapkv", "pyramidkv")
 BIG = tl.constexpr(2**31 - 1)  # int32 "no position"
-
-
-@triton.jit
-def _round_half_even(y):
-    """torch.round of fp32 y (ties to even), exactly."""
-    r = tl.floor(y)
-    frac = y - r
-    up = (frac > 0.5) | ((frac == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0))
-    return tl.where(up, r + 1.0, r)
 
 
 @triton.jit
@@ -52,11 +44,7 @@ def _store_token(x, codes_ptr, params_ptr, slot, D: tl.constexpr, CODEC: tl.cons
     if CODEC == "none":
         tl.store(codes_ptr + slot * D + d, x.to(DTYPE))
     elif CODEC == "int8":  # asymmetric per token: (scale, min), codes round((x - min) / scale)
-        low = tl.min(x, axis=1)
-        high = tl.max(x, axis=1)
-        scale = tl.where(high > low, (high - low) / 255.0, 1.0)
-        codes = _round_half_even((x - low[:, None]) / scale[:, None])
-        codes = tl.minimum(tl.maximum(codes, 0.0), 255.0)
+        codes, scale, low = _quantize_int8_row(x)
         tl.store(codes_ptr + slot * D + d, codes.to(tl.uint8))
         tl.store(params_ptr + slot * 2 + tl.arange(0, 1), scale.to(DTYPE))
         tl.store(params_ptr + slot * 2 + 1 + tl.arange(0, 1), low.to(DTYPE))

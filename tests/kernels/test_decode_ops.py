@@ -142,3 +142,25 @@ def test_softcapped_decode_stays_on_the_reference():
     q, (k, v) = torch.randn(1, 4, 1, 64), torch.randn(2, 1, 2, 40, 64)
     got, want = forced(torch.ops.kvfx.attend, q, k, v, None, None, None, -1, False, 0.125, 5.0)
     assert torch.equal(got, want)
+
+
+@settings(max_examples=15, deadline=None)
+@given(b=st.integers(1, 2), h=st.integers(1, 3), t=st.integers(1, 5), dtype=st.sampled_from(list(TOL)),
+       kind=st.sampled_from(["normal", "constant", "ties", "outlier"]), seed=st.integers(0, 2**16))
+def test_int8_store_write_kernel_equals_reference_bit_for_bit(b, h, t, dtype, kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h, t, 64, generator=gen)
+    if kind == "constant":
+        x = torch.full_like(x, 0.75)
+    elif kind == "ties":  # (x - min) / scale lands on .5 for many elements
+        x = torch.randint(0, 511, x.shape, generator=gen).float() / 2
+        x[..., 0], x[..., 1] = 0.0, 255.0
+    elif kind == "outlier":
+        x[..., 7] *= 300.0
+    x = x.to(dtype)
+    pos = torch.randperm(12, generator=gen)[:t]
+    stores = [(torch.zeros(b, h, 12, 64, dtype=torch.uint8), torch.zeros(b, h, 12, 2, dtype=dtype)) for _ in range(2)]
+    torch.ops.kvfx.store_write(*stores[0], pos, x)
+    with decode_kernels():
+        torch.ops.kvfx.store_write(*stores[1], pos, x)
+    assert torch.equal(stores[0][0], stores[1][0]) and torch.equal(stores[0][1], stores[1][1])
