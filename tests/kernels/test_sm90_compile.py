@@ -1,4 +1,6 @@
-"""The policy decode kernels compile for an H100 (sm_90: PTX and cubin) on this CPU machine.
+"""The decode kernels compile for an H100 (sm_90: PTX and cubin) on this CPU machine: the policy
+kernels, the positional and KIVI decode attention of `kvfx::attend` / `kvfx::kivi_attend` with a mask
+bias, the split combine and the int8 write.
 
 The interpreter runs kernels as Python and lets through what the compiler refuses (a loop-carried
 variable changing shape, for one), so this compiles them for real. In a subprocess: under
@@ -16,6 +18,8 @@ from triton.compiler import ASTSource
 from kvfx.kernels.quest import _quest_score_kernel, _quest_select_kernel
 from kvfx.kernels.slot_attention import _slot_attention_kernel
 from kvfx.kernels.slot_decode import _slot_decode_kernel
+from kvfx.kernels.decode_attention import _decode_attention_kernel, _decode_combine_kernel, _decode_int_kernel
+from kvfx.kernels.int8 import _store_write_int8_kernel
 
 def build(fn, types, consts):
     names = list(inspect.signature(fn.fn).parameters)
@@ -41,11 +45,28 @@ for codec, codes, bits, index, protect in (("int4", "*u8", 4, "none", "recent"),
 build(_quest_score_kernel, dict(q_ptr=bf, min_ptr=bf, max_ptr=bf, slot_pos_ptr=i32, score_ptr=f32, newest_ptr=i32),
       dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=32))
 build(_quest_select_kernel, dict(score_ptr=f32, newest_ptr=i32, pages_ptr=i32), dict(NP_BLOCK=4096, CHUNK=1024))
+for codec, codes in (("none", bf), ("int8", "*u8")):  # kvfx::attend's positional mode
+    build(_slot_attention_kernel, dict(q_ptr=bf, k_ptr=codes, v_ptr=codes, kp_ptr=bf, vp_ptr=bf, pos_ptr=f32, idx_ptr=f32,
+                                       bias_ptr=f32, new_pos_ptr=f32, m_ptr=f32, l_ptr=f32, acc_ptr=f32, logit_ptr=f32,
+                                       qk_scale="fp32"),
+          dict(GQ=4, D=128, BLOCK_M=16, BLOCK_N=64, CODEC=codec, BITS=8, G=1, INDEX="none", PAGE=1, HAS_BIAS=True,
+               CAUSAL=False, LOGITS=False, DOT=tl.bfloat16, POSITIONAL=True))
+kivi = dict(q_ptr=bf, k_ring=bf, v_ring=bf, len_ptr=i32, bias_ptr=f32, m_ptr=f32, l_ptr=f32, acc_ptr=f32, qk_scale="fp32")
+for bits, word in ((4, i32), (2, "*i64")):
+    build(_decode_int_kernel, dict(kivi, k_codes="*u8", v_codes="*u8", k_scale=word, k_zero=word, v_scale=bf, v_zero=bf),
+          dict(GQ=4, R=128, G=32, D=128, BITS=bits, DOT=tl.bfloat16, BLOCK_M=16, BLOCK_R=32, VMODE=0, PW=1,
+               HAS_BIAS=True, BLOCK_T=256))
+build(_decode_attention_kernel, dict(kivi, k_codes="*fp8e4nv", v_codes="*fp8e4nv", k_scale=f32, k_zero=f32, v_scale=f32,
+                                     v_zero=f32),
+      dict(GQ=4, R=128, G=32, D=128, BITS=8, FP8=True, DOT=tl.bfloat16, BLOCK_M=16, BLOCK_N=64, BLOCK_R=32,
+           HAS_BIAS=True, BLOCK_T=256))
+build(_decode_combine_kernel, dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, out_ptr=bf), dict(GQ=4, ROWS=16, D=128, BLOCK_S=32))
+build(_store_write_int8_kernel, dict(x_ptr=bf, pos_ptr="*i64", codes_ptr="*u8", qparams_ptr=bf), dict(D=128))
 print("compiled")
 '''
 
 
-def test_policy_kernels_compile_for_sm90():
+def test_decode_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
