@@ -171,6 +171,18 @@ class Partials:
     bias: torch.Tensor | None
 
 
+def _split_buffers(q: torch.Tensor, hkv: int, n: int, num_splits: int | None, block_n: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partials (m, l [B * Hkv, NS, BLOCK_M], acc [.., D]) of a split-K pass over n slots: enough splits
+    to fill the GPU (about 4 programs per SM) with at least 2 tiles each, unless `num_splits` is given."""
+    b, hq, _, d = q.shape
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+    ns = num_splits or max(1, min(triton.cdiv(4 * sms, b * hkv), triton.cdiv(n, 2 * block_n)))
+    block_m = max(16, triton.next_power_of_2(hq // hkv))
+    part_m = torch.empty(b * hkv, ns, block_m, device=q.device, dtype=torch.float32)
+    return part_m, torch.empty_like(part_m), torch.empty(b * hkv, ns, block_m, d, device=q.device, dtype=torch.float32)
+
+
 def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Tensor | None, is_causal: bool,
                   scale: float, index: torch.Tensor | None = None, page: int = 0, want_logits: bool = False,
                   num_splits: int | None = None, block_n: int = 64) -> Partials:
@@ -181,12 +193,8 @@ def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Te
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     gq = hq // hkv
     n = c if index is None else index.shape[-1] * max(page, 1)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
-    ns = num_splits or max(1, min(triton.cdiv(4 * sms, b * hkv), triton.cdiv(n, 2 * block_n)))
-    block_m = max(16, triton.next_power_of_2(gq))
-    part_m = torch.empty(b * hkv, ns, block_m, device=q.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(b * hkv, ns, block_m, d, device=q.device, dtype=torch.float32)
+    part_m, part_l, part_acc = _split_buffers(q, hkv, n, num_splits, block_n)
+    ns, block_m = part_m.shape[1:]
     logits = torch.empty(b, hkv, gq, c, device=q.device, dtype=torch.float32) if want_logits else None
     bias = row_bias(attn_mask, b)
     interpreted = not q.is_cuda
@@ -275,12 +283,8 @@ def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparam
     hkv = k.shape[1]
     n = k.shape[2] if kv_len < 0 else min(kv_len, k.shape[2])
     gq = hq // hkv
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
-    ns = num_splits or max(1, min(triton.cdiv(4 * sms, b * hkv), triton.cdiv(n, 2 * block_n)))
-    block_m = max(16, triton.next_power_of_2(gq))
-    part_m = torch.empty(b * hkv, ns, block_m, device=q.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(b * hkv, ns, block_m, d, device=q.device, dtype=torch.float32)
+    part_m, part_l, part_acc = _split_buffers(q, hkv, n, num_splits, block_n)
+    ns, block_m = part_m.shape[1:]
     bias = row_bias(attn_mask, b, n) if attn_mask is not None else None
     dot = tl.float32 if not q.is_cuda else TL_DTYPES[q.dtype]  # the interpreter's bf16 tl.dot is wrong
     params = (k_qparams, v_qparams) if k_qparams is not None else (part_m, part_m)
