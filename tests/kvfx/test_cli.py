@@ -50,6 +50,7 @@ def test_every_verb_has_help_with_an_example(verb, capsys):
     (["generate", "-o", "residual"], "expected KEY=VALUE"),
     (["report", "-o", "group_size=12"], "kvfx option 'group_size' got 12"),
     (["eval", "perplexity", "--kv", "none", "--policy-kv", "int5"], "kvfx option 'kv' got 'int5'"),
+    (["eval", "passkey", "--merge"], "--merge needs --out"),
     (["bench", "no-such-benchmark"], "unknown benchmark 'no-such-benchmark'; valid: "),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
