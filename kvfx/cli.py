@@ -170,7 +170,7 @@ def _add_eval(verbs, common, model) -> None:
                                  "--policy snapkv --budget 0.1 0.2 --out results/")
     tasks = ev.add_subparsers(dest="task", required=True, metavar="{passkey,perplexity,prompts}")
     methods = _Parser(add_help=False)
-    g = methods.add_argument_group("methods (eager fp is always measured, as the reference)")
+    g = methods.add_argument_group("methods (eager fp is measured as the reference, unless --no-eager)")
     g.add_argument("--kv", nargs="*", default=list(sweep.FORMATS), metavar="FMT",
                    help=f"formats with the full cache (default: {' '.join(sweep.FORMATS)}; none at all: --kv)")
     g.add_argument("--policy", nargs="+", default=list(sweep.POLICIES), metavar="P",
@@ -183,6 +183,8 @@ def _add_eval(verbs, common, model) -> None:
                    help=f"formats each policy is composed with (default: {' '.join(sweep.POLICY_FORMATS)})")
     g.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="another kvfx option for every kvfx method (repeatable)")
+    g.add_argument("--no-eager", action="store_true",
+                   help="skip the eager reference (with --merge: the earlier result's is kept)")
     g.add_argument("--quanto-bits", nargs="*", type=int, metavar="BITS",
                    help="also transformers' QuantizedCache (optimum-quanto) at these bits, with kvfx's "
                         "group_size and residual (perplexity default: 4 2; passkey default: none)")
@@ -395,6 +397,8 @@ def cmd_eval(args) -> int:
     for kv in {*args.kv, *args.policy_kv}:  # a bad format or option fails before the model loads
         KVConfig.from_options({**extra, "kv": kv})
     methods = quality_sweep.sweep_methods(args.kv, args.policy, args.budget, args.pages, args.policy_kv, extra)
+    if args.no_eager:
+        methods.remove(quality.EAGER)
     config = KVConfig.from_options({k: v for k, v in extra.items() if k in ("group_size", "residual")})
     bits = args.quanto_bits if args.quanto_bits is not None else ([4, 2] if args.task == "perplexity" else [])
     quanto, skipped = quality_sweep.quanto_methods(bits, config.group_size, config.residual)
