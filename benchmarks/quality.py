@@ -4,9 +4,11 @@
     python benchmarks/quality.py passkey --lengths 1024 2048 --depths 0.1 0.5 0.9 --kvpress results/kvpress_passkey.json
     python benchmarks/quality.py prompts --lengths 1024 2048 --depths 0.1 0.5 0.9 --file /tmp/prompts.json
 
-Runs behind benchmarks/results/quality_*.json (CPU, 2 cores; kvfx policies were not in KVConfig yet, so
-the policy methods were skipped): see docs/ARCHITECTURE.md, "Quality harness". Any `kvfx eval` flag
-works here; --out defaults to benchmarks/results.
+Runs behind benchmarks/results/quality_*.json (CPU, 2 cores): see docs/ARCHITECTURE.md, "Quality harness".
+quality_passkey.json was measured a few methods at a time (--merge --no-eager --kv, e.g.
+`... passkey --lengths 1024 2048 --depths 0.1 0.5 0.9 --kv --no-eager --policy snapkv --budget 0.2
+--policy-kv none --kvpress benchmarks/results/kvpress_passkey.json --merge`). Any `kvfx eval` flag works
+here; --out defaults to benchmarks/results.
 """
 import pathlib
 import sys

@@ -295,8 +295,8 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
         return mask_bias(t0, t1) if extra is None else mask_bias(t0, t1) + extra
 
     scored = spec.policy in ("snapkv", "pyramidkv")
-    out, colsum, obs = attend_candidates(q.view(b, hkv, group, t, d), keys, values, bias_fn,
-                                         min(spec.window, t) if scored and t > 1 else 0, scale,
+    obs_window = min(spec.window, t) if scored and t > 1 else 0
+    out, colsum, obs = attend_candidates(q.view(b, hkv, group, t, d), keys, values, bias_fn, obs_window, scale,
                                          want_column_sums=spec.policy in ("h2o", "snapkv", "pyramidkv"))
     # Candidates the newest query can still see (not padding, not outside a sliding window).
     valid = (positions >= 0) & (mask_bias(t - 1, t)[:, :, :, 0] > float("-inf")).any(2)
@@ -304,7 +304,10 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     if colsum is not None:
         score = score + colsum
     if obs is not None:  # SnapKV on a prompt: the observation window's pooled attention decides
-        score = _pool(obs, positions, valid, spec.pooling)
+        # Only the tokens before the window are pooled, as in SnapKV's code (the window is kept anyway):
+        # pooled with them, its large attention to itself would also keep the 3 tokens before it.
+        before = positions <= pos[-1].to(positions.dtype) - obs_window
+        score = _pool(obs, positions, valid & before, spec.pooling)
     limit = torch.full((b,), c, device=q.device)
     if t > 1 and spec.policy in EVICTING:
         lengths = valid.sum(-1).amax(-1)

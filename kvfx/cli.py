@@ -170,9 +170,9 @@ def _add_eval(verbs, common, model) -> None:
                                  "--policy snapkv --budget 0.1 0.2 --out results/")
     tasks = ev.add_subparsers(dest="task", required=True, metavar="{passkey,perplexity,prompts}")
     methods = _Parser(add_help=False)
-    g = methods.add_argument_group("methods (eager fp is always measured, as the reference)")
-    g.add_argument("--kv", nargs="+", default=list(sweep.FORMATS), metavar="FMT",
-                   help=f"formats with the full cache (default: {' '.join(sweep.FORMATS)})")
+    g = methods.add_argument_group("methods (eager fp is measured as the reference, unless --no-eager)")
+    g.add_argument("--kv", nargs="*", default=list(sweep.FORMATS), metavar="FMT",
+                   help=f"formats with the full cache (default: {' '.join(sweep.FORMATS)}; none at all: --kv)")
     g.add_argument("--policy", nargs="+", default=list(sweep.POLICIES), metavar="P",
                    help=f"policies swept over budgets; 'none' for no policy (default: {' '.join(sweep.POLICIES)})")
     g.add_argument("--budget", nargs="+", type=_number, default=list(sweep.BUDGETS), metavar="B",
@@ -183,11 +183,16 @@ def _add_eval(verbs, common, model) -> None:
                    help=f"formats each policy is composed with (default: {' '.join(sweep.POLICY_FORMATS)})")
     g.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="another kvfx option for every kvfx method (repeatable)")
+    g.add_argument("--no-eager", action="store_true",
+                   help="skip the eager reference (with --merge: the earlier result's is kept)")
     g.add_argument("--quanto-bits", nargs="*", type=int, metavar="BITS",
                    help="also transformers' QuantizedCache (optimum-quanto) at these bits, with kvfx's "
                         "group_size and residual (perplexity default: 4 2; passkey default: none)")
     out = _Parser(add_help=False)
     out.add_argument("--out", type=pathlib.Path, help="folder for quality_<task>.json and .png")
+    out.add_argument("--merge", action="store_true",
+                     help="keep the rows of --out's earlier result (same settings) for the methods this run "
+                          "does not measure: a sweep a few methods at a time")
     out.add_argument("--plot-only", type=pathlib.Path, metavar="JSON",
                      help="print the table and redraw the PNG of an earlier result, then stop")
     grid = _Parser(add_help=False)
@@ -386,16 +391,20 @@ def cmd_eval(args) -> int:
         return 0
     from kvfx.config import KVConfig
 
+    if args.merge and args.out is None:
+        raise UsageError("kvfx eval: error: --merge needs --out (the folder of the earlier result)")
     extra = dict(args.option)
     for kv in {*args.kv, *args.policy_kv}:  # a bad format or option fails before the model loads
         KVConfig.from_options({**extra, "kv": kv})
     methods = quality_sweep.sweep_methods(args.kv, args.policy, args.budget, args.pages, args.policy_kv, extra)
+    if args.no_eager:
+        methods.remove(quality.EAGER)
     config = KVConfig.from_options({k: v for k, v in extra.items() if k in ("group_size", "residual")})
     bits = args.quanto_bits if args.quanto_bits is not None else ([4, 2] if args.task == "perplexity" else [])
     quanto, skipped = quality_sweep.quanto_methods(bits, config.group_size, config.residual)
     model, tokenizer = _load(args)
     settings = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()
-                if k not in ("run", "debug", "out", "plot_only", "option")}
+                if k not in ("run", "debug", "out", "plot_only", "option", "merge")}
     settings["option"] = extra
     if args.task == "passkey":
         prompts = quality.passkey_prompts(tokenizer, args.lengths, args.depths, args.seed)
@@ -408,12 +417,14 @@ def cmd_eval(args) -> int:
         rows = result.rows
     skipped += result.skipped
     payload = {"task": args.task, "meta": _meta(args), "settings": settings, "rows": rows, "skipped": skipped}
-    if args.task == "passkey" and args.kvpress:
-        payload["comparison"] = quality_sweep.kvpress_comparison(rows, skipped)
+    path = args.out / f"quality_{args.task}.json" if args.out is not None else None
+    if args.merge and path is not None and path.exists():
+        payload = quality_sweep.merge(json.loads(path.read_text()), payload)
+    if args.task == "passkey" and any(r["series"].startswith("kvpress ") for r in payload["rows"]):
+        payload["comparison"] = quality_sweep.kvpress_comparison(payload["rows"], payload["skipped"])
     png = None
-    if args.out is not None:
+    if path is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"quality_{args.task}.json"
         path.write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {path}")
         png = path.with_suffix(".png")

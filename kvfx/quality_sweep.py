@@ -108,6 +108,29 @@ def comparison_table(comparison: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+# Settings that decide what a row measured: two results merge only when these are equal.
+MERGE_KEYS = {"passkey": ("lengths", "depths", "seed", "model", "gguf", "dtype", "device"),
+              "perplexity": ("text", "prefix", "tokens", "model", "gguf", "dtype", "device")}
+
+
+def merge(earlier: Mapping[str, Any], payload: dict) -> dict:
+    """`payload` (this run) with the rows of `earlier` (a result of the same task and settings) for the
+    methods this run did not measure: a sweep can be run, and committed, a few methods at a time.
+    This run's rows replace an earlier method's rows; the earlier runs' meta and settings are kept
+    under "merged"; "skipped" stays this run's (an earlier skip may no longer hold for this kvfx)."""
+    task = payload["task"]
+    if earlier.get("task") != task:
+        raise ValueError(f"cannot merge a {earlier.get('task')!r} result into a {task!r} one")
+    differ = [k for k in MERGE_KEYS[task] if earlier["settings"].get(k) != payload["settings"].get(k)]
+    if differ:
+        raise ValueError(f"cannot merge results measured with other settings ({', '.join(differ)} differ): "
+                         "its rows would not be comparable")
+    now = {r["method"] for r in payload["rows"]} | {s["method"] for s in payload["skipped"]}
+    return {**payload,
+            "rows": [r for r in earlier["rows"] if r["method"] not in now] + payload["rows"],
+            "merged": [*earlier.get("merged", []), {"meta": earlier["meta"], "settings": earlier["settings"]}]}
+
+
 def skipped_summary(skipped: Sequence[dict]) -> str:
     """One line per distinct reason (a policy kvfx lacks skips every budget of it: one line, not ten)."""
     reasons: dict[str, list[str]] = {}

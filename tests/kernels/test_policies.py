@@ -130,6 +130,38 @@ def test_snapkv_keeps_the_observation_window_and_what_it_attends_to():
     assert set(kept) <= set(now) and len(now) == 14 and {44, 45, 46, 47} <= set(now)
 
 
+def snapkv_pooled_scores(q, k, window, pooling, scale=0.3):
+    """SnapKV's scores [Hkv, n - window] of the tokens before the window, as its authors' code makes
+    them (one row; the g query heads of a KV head summed, as METHODS.md says): the last `window`
+    queries' attention, summed, then pooled (width 7) over those tokens alone."""
+    hq, n, _ = q.shape
+    hkv = k.shape[0]
+    scores = q[:, -window:] @ k.repeat_interleave(hq // hkv, 0).transpose(-1, -2) * scale
+    scores = scores.masked_fill(torch.ones(window, n, dtype=torch.bool).triu(n - window + 1), float("-inf"))
+    attention = scores.softmax(-1)[..., :n - window].sum(1).view(hkv, hq // hkv, -1).sum(1)
+    pool = torch.nn.functional.max_pool1d if pooling == "max" else torch.nn.functional.avg_pool1d
+    return pool(attention.unsqueeze(1), 7, stride=1, padding=3).squeeze(1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(12, 80), window=st.integers(1, 8), extra=st.integers(1, 12), g=st.integers(1, 3),
+       pooling=st.sampled_from(["max", "avg"]), seed=st.integers(0, 999))
+def test_snapkv_prompt_selection_is_the_papers(n, window, extra, g, pooling, seed):
+    """A prompt keeps the window and the keep - window tokens with SnapKV's highest pooled scores (as a
+    set of scores: max pooling makes plateaus of equal scores, which its code breaks arbitrarily). In
+    particular the window's attention to itself does not raise the tokens just before it."""
+    keep = min(window + extra, n)
+    fmt, store = make_store(n + 4, 1, 2, 32, policy="snapkv", budget=keep, window=window, pooling=pooling)
+    q, k, v = sequence(1, 2 * g, 2, n, 32, seed)
+    run(fmt, store, q, k, v, 0)
+    pooled = snapkv_pooled_scores(q[0], k[0], window, pooling)
+    for head, kept in enumerate(held(store)[0]):
+        chosen = [p for p in kept if p < n - window]
+        assert kept[len(chosen):] == list(range(n - window, n))
+        got = pooled[head, chosen].sort().values
+        torch.testing.assert_close(got, pooled[head].topk(keep - window).values.sort().values)
+
+
 def test_pyramidkv_budgets_shrink_with_depth_and_sum_to_the_mean():
     spec = PolicySpec.parse(kvfx.KVConfig(policy="pyramidkv", budget=100, beta=20, window=1).to_json())
     capacities = [spec.capacity(10_000, layer, 8) - spec.window for layer in range(8)]

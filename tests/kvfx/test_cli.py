@@ -50,6 +50,7 @@ def test_every_verb_has_help_with_an_example(verb, capsys):
     (["generate", "-o", "residual"], "expected KEY=VALUE"),
     (["report", "-o", "group_size=12"], "kvfx option 'group_size' got 12"),
     (["eval", "perplexity", "--kv", "none", "--policy-kv", "int5"], "kvfx option 'kv' got 'int5'"),
+    (["eval", "passkey", "--merge"], "--merge needs --out"),
     (["bench", "no-such-benchmark"], "unknown benchmark 'no-such-benchmark'; valid: "),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
@@ -101,6 +102,13 @@ def test_eval_perplexity_writes_json_and_png(tiny_folder, tmp_path, capsys):
     assert h2o["perplexity"] > 1 and h2o["kv_bytes"] < payload["rows"][1]["kv_bytes"]  # half the tokens kept
     assert (tmp_path / "out" / "quality_perplexity.png").stat().st_size > 0
     assert "perplexity (16-token prefill, 8 teacher-forced decode steps)" in out
+    # A second run of one more method, merged into the first run's result, without re-measuring eager.
+    assert main(["eval", "perplexity", "--model", str(tiny_folder), "--text", str(text), "--prefix", "16",
+                 "--tokens", "8", "--kv", "--policy", "h2o", "--budget", "0.25", "--policy-kv", "none",
+                 "--quanto-bits", "--no-eager", "--merge", "--out", str(tmp_path / "out")]) == 0
+    merged = json.loads((tmp_path / "out" / "quality_perplexity.json").read_text())
+    assert [r["method"] for r in merged["rows"]] == ["eager fp", "kvfx none", "kvfx h2o @ 0.5", "kvfx h2o @ 0.25"]
+    assert merged["rows"][:3] == payload["rows"] and merged["merged"][0]["meta"] == payload["meta"]
 
 
 def test_export_onnx_writes_a_model_onnxruntime_loads(tiny_folder, tmp_path):

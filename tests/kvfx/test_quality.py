@@ -10,7 +10,7 @@ from kvfx.models import tiny_model, tiny_tokenizer
 from kvfx.quality import (EAGER, FILLER, NEEDLE, evaluate_passkey, evaluate_perplexity, kvfx_method, passkey_correct,
                           passkey_prompt, passkey_prompts, perplexity)
 from kvfx.quality_report import plot, table
-from kvfx.quality_sweep import kvpress_comparison, kvpress_rows
+from kvfx.quality_sweep import kvpress_comparison, kvpress_rows, merge
 
 VOCAB = 320
 
@@ -106,3 +106,20 @@ def test_kvpress_results_are_scored_by_kvfx_and_must_come_from_the_same_prompts(
     assert kvpress_comparison(theirs + ours, [])[0]["kvfx"] == 1.0
     with pytest.raises(ValueError, match="other passkey prompts"):
         kvpress_rows(path, passkey_prompts(tokenizer, lengths=[1500], depths=[0.2, 0.8], seed=1))
+
+
+def _result(methods, run, **settings):
+    rows = [{"task": "passkey", "method": m, "series": m, "budget": None, "correct": run == "new"} for m in methods]
+    return {"task": "passkey", "meta": {"commit": run}, "rows": rows, "skipped": [{"method": "kvfx quest", "reason": run}],
+            "settings": {"lengths": [1024], "depths": [0.5], "seed": 0, **settings}}
+
+
+def test_merge_keeps_earlier_methods_and_replaces_remeasured_ones():
+    earlier = _result(["eager fp", "kvfx none", "kvpress SnapKV @ 0.2"], "old")
+    merged = merge(earlier, _result(["eager fp", "kvfx snapkv @ 0.2"], "new"))
+    assert [(r["method"], r["correct"]) for r in merged["rows"]] == [
+        ("kvfx none", False), ("kvpress SnapKV @ 0.2", False), ("eager fp", True), ("kvfx snapkv @ 0.2", True)]
+    assert merged["meta"] == {"commit": "new"} and merged["skipped"] == [{"method": "kvfx quest", "reason": "new"}]
+    assert [m["meta"]["commit"] for m in merge(merged, _result([], "newer"))["merged"]] == ["old", "new"]
+    with pytest.raises(ValueError, match="other settings \\(depths, seed differ\\)"):
+        merge(earlier, _result([], "new", depths=[0.9], seed=1))
