@@ -108,4 +108,4 @@ def attend_int8_cpu(q: torch.Tensor, k_codes: torch.Tensor, k_qparams: torch.Ten
     probs = masked_softmax(scores, fold_mask(attn_mask, is_causal, t, s, hkv, group, q.device))
     v_scale, v_zero = v_qparams[..., 0].float().unsqueeze(2), v_qparams[..., 1].float().unsqueeze(-1)
     out = (probs * v_scale) @ v_codes.float() + probs @ v_zero
-    return out.to(q.dtype).reshape(b, hq, t, d)
+    return out.to(q.dtype).reshape(b, hq, t, v_codes.shape[-1])

@@ -323,6 +323,11 @@ def manual_form(softmax: fx.Node) -> AttentionForm | str:
         interior.append(value_3d)
     scores, terms, heads, terms_3d = softmax.args[0], [], [], []
     while True:
+        shift = _row_max_shift(scores)
+        if shift is not None:  # softmax(s - max(s)) = softmax(s): it subtracts the row max itself
+            interior += [scores, *shift[1]]
+            scores = shift[0]
+            continue
         view = _head_view(scores)
         step = view if view is not None else _mask_step(scores)
         if isinstance(step, str):
@@ -361,10 +366,11 @@ def manual_form(softmax: fx.Node) -> AttentionForm | str:
     if bias is not None:
         terms.append(bias)
         terms_3d.append(bias)
-    if merged != (len(shape_of(scores) or ()) == 3):
-        return "the scores and the values of the attention are not both 3-D (bmm) or both 4-D (matmul)"
     q_heads = (shape_of(query) or (None, None))[1]
-    if merged and not all(same_shape(shape_of(x)[:2], shape_of(query)[:2]) for x in (key, value)):
+    # Ranks change along the chain only through head views, each checked against the query's [B, H]
+    # below, so 3-D scores may feed a 4-D output (GPT-NeoX-Japanese) and 4-D scores a bmm.
+    if (merged or is_baddbmm(scores) or is_bmm(scores)) and \
+            not all(same_shape(shape_of(x)[:2], shape_of(query)[:2]) for x in (key, value)):
         return "the 3-D attention's q, k and v are not all [B, H, N, D] with the same B and H before the merge"
     if any(not same_shape((h,), (q_heads,)) for h in heads):
         return "a view of the 3-D attention scores splits B * H into other factors than the query's [B, H]"
@@ -386,6 +392,29 @@ def _head_view(node: fx.Node) -> tuple[fx.Node, Any] | None:
         return split
     merged = merged_heads(node)
     return None if merged is None else (merged, None)
+
+
+def _row_max_shift(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(s, nodes) for `s - s.max(dim=-1, keepdim=True)[0]` (or .values, or amax), else None."""
+    if not (is_function(node, operator.sub, torch.sub) and not node.kwargs and isinstance(node.args[0], fx.Node)):
+        return None
+    scores, row_max = node.args
+    nodes = [row_max]
+    if (is_getitem(row_max) and row_max.args[1] == 0) or (
+            is_function(row_max, getattr) and row_max.args[1] == "values"):
+        row_max = row_max.args[0]
+        nodes.append(row_max)
+    elif not is_method(row_max, "amax"):
+        return None
+    if not (is_method(row_max, "max", "amax") or is_function(row_max, torch.max, torch.amax)):
+        return None
+    args = call_arguments(row_max, ("self", "dim", "keepdim"))
+    rank = len(shape_of(scores) or ())
+    if args.get("self") is not scores or args.get("dim") not in (-1, rank - 1, [-1], (-1,)) or args.get("keepdim") is not True:
+        return None
+    if any(len(n.users) != 1 for n in nodes):
+        return None
+    return scores, nodes
 
 
 def _term_heads(term: MaskTerm, heads) -> int | None:

@@ -75,8 +75,8 @@ def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> Gra
             plan.sites.append(SiteReport(graph_index, layer, site.pattern, True, "", "model dtype"))
             continue
         cat = site.key.origin == "cat"
-        reason = (cat_cache.unquantizable(site, placeholders, output, config.format) if cat
-                  else _quantizable(site, output, config.format))
+        reason = _head_dims_differ(site) or (cat_cache.unquantizable(site, placeholders, output, config.format) if cat
+                                             else _quantizable(site, output, config.format))
         if reason:
             plan.sites.append(SiteReport(graph_index, layer, site.pattern, False, reason, "unchanged"))
             continue
@@ -108,6 +108,15 @@ def _record_fp_cache(plan: GraphPlan, site: Site, placeholders: list[fx.Node], o
         plan.fp_cache_inputs.append((placeholders.index(key), placeholders.index(value)))
     elif key in outputs and value in outputs:
         plan.fp_cache_outputs.append((outputs.index(key), outputs.index(value)))
+
+
+def _head_dims_differ(site: Site) -> str:
+    """Why the site's keys and values cannot share one store layout ("" if they can)."""
+    dims = [example_tensor(read.buffer).shape[-1] for read in (site.key, site.value)]
+    if dims[0] != dims[1]:
+        return (f"keys and values have different head dims ({dims[0]} and {dims[1]}); a kvfx store holds one "
+                f"head dim for both")
+    return ""
 
 
 def _quantizable(site: Site, output: fx.Node, fmt) -> str:

@@ -385,3 +385,32 @@ def test_one_kv_head_broadcast_over_the_batch_too_is_left_unchanged():
     plan = rewrite_graph(gm, KVConfig(kv="none"), graph_index=0)
     assert gm.code == before
     assert "broadcast over the batch too" in plan.sites[0].reason
+
+
+# ---- the row max subtracted before softmax (MiMo-V2); keys and values of different head dims -------
+
+def max_shifted_attention(q, past_k, past_v, k, v, mask):
+    k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+    att = torch.matmul(q, k.transpose(2, 3)) * 0.25 + mask
+    att = att - att.max(dim=-1, keepdim=True).values  # softmax subtracts it anyway
+    return torch.matmul(F.softmax(att, dim=-1, dtype=torch.float32), v), k, v
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_row_max_shift_before_softmax_is_rewritten(kv):
+    args = bmm_inputs(batch=1)
+    plan, found = rewritten(max_shifted_attention, args, kv)
+    assert [s.rewritten for s in plan.sites] == [True]
+    assert "max" not in found and F.softmax not in found
+    compiled_matches_eager(max_shifted_attention, args, kv, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
+
+
+def test_int8_leaves_keys_and_values_of_different_head_dims_unchanged():
+    q, past_k, past_v, k, v, mask = bmm_inputs(batch=1)
+    args = [q, past_k, past_v[..., :4].contiguous(), k, v[..., :4].contiguous(), mask]
+    assert rewritten(max_shifted_attention, args, "none")[0].sites[0].rewritten  # attend handles Dv != Dk
+    (gm,) = dynamo_graphs(max_shifted_attention, *args)
+    before = gm.code
+    plan = rewrite_graph(gm, KVConfig(kv="int8"), graph_index=0)
+    assert gm.code == before
+    assert "different head dims (8 and 4)" in plan.sites[0].reason
