@@ -232,3 +232,14 @@ def test_head_dim_a_kivi_group_cannot_divide_is_left_unchanged():
     assert torch.equal(greedy(compiled, ids, 4), greedy(model, ids, 4))
     rep = kvfx.report(compiled)
     assert rep.rewritten == 0 and "group_size=32 must divide head_dim=16" in rep.sites[0].reason
+
+
+def test_cudagraphs_option_leaves_cpu_graphs_alone():
+    """cudagraphs=True graphs only CUDA decode graphs (test_cuda.py covers those): on CPU the compile and
+    the tokens are those of the same options without it."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(4))
+    compiled = compiled_copy(model, kv="none", cudagraphs=True)
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    assert torch.equal(greedy(compiled, ids, 16, past_key_values=cache), greedy(model, ids, 16))
+    assert kvfx.report(compiled).rewritten == 4
