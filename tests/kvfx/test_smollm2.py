@@ -57,6 +57,7 @@ def test_int8_top1_agrees_on_256_decode_steps(smollm2):
     assert rep.kv_bytes <= 0.55 * rep.fp_kv_bytes
 
 
+@pytest.mark.heavy  # ~2 min cold: make test-all (CI time); the tiny-model KIVI tests stay in make test
 def test_kivi_int4_top1_agrees_on_256_decode_steps(smollm2):
     model, prompt, reference = smollm2
     eager_forward = model.forward
