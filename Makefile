@@ -26,10 +26,10 @@ demo: $(STAMP)
 
 # Two workers (pytest-xdist): the 2-core CI machine spends most of the suite compiling, one core each.
 test: $(STAMP)
-	$(VENV)/bin/pytest -n 2 -m "not heavy"
+	$(VENV)/bin/pytest -n 2 --dist worksteal -m "not heavy"
 
 test-all: $(STAMP)
-	$(VENV)/bin/pytest -n 2
+	$(VENV)/bin/pytest -n 2 --dist worksteal
 
 bench: $(STAMP)
 	$(VPY) benchmarks/decode_cpu.py
