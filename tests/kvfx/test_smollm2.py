@@ -26,6 +26,7 @@ def compiled_forward(model, kv):
     return torch.compile(model.forward, backend="kvfx", options={"kv": kv})
 
 
+@pytest.mark.heavy  # 80 s + 80 s of model load, cold: make test-all (CI time); `make demo` runs SmolLM2
 def test_kv_none_is_lossless_for_64_tokens(smollm2):
     model, prompt, reference = smollm2
     eager_forward = model.forward
