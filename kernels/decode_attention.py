@@ -81,12 +81,10 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT: tl.constexpr):
 
 
 @triton.jit
-def _mask_bias(bias_ptr, row, pos, BIAS_COLS, HAS_BIAS: tl.constexpr):
-    """The additive mask of batch row `row` at positions pos, in base 2 (-inf at or past BIAS_COLS);
-    zeros without a mask. bias [B, BIAS_COLS] fp32, natural-log units as the model gave it."""
-    if HAS_BIAS:
-        return tl.load(bias_ptr + row * BIAS_COLS + pos, mask=pos < BIAS_COLS, other=float("-inf")) * 1.4426950408889634
-    return tl.zeros(pos.shape, tl.float32)
+def _mask_bias(bias_ptr, row, pos, hi, BIAS_COLS):
+    """The additive mask of batch row `row` at positions pos, in base 2 (-inf at or past hi <= BIAS_COLS).
+    bias [B, BIAS_COLS] fp32, natural-log units as the model gave it."""
+    return tl.load(bias_ptr + row * BIAS_COLS + pos, mask=pos < hi, other=float("-inf")) * 1.4426950408889634
 
 
 @triton.jit
@@ -96,8 +94,7 @@ def _fold_unwritten(bias_ptr, row, lo, hi, BIAS_COLS, m_i, l_i, BLOCK_T: tl.cons
     factor for the accumulators. Fully masked tiles (the usual case: a causal mask) cost one read."""
     m_0 = m_i
     for t0 in range(lo, hi, BLOCK_T):
-        pos = t0 + tl.arange(0, BLOCK_T)
-        b2 = tl.load(bias_ptr + row * BIAS_COLS + pos, mask=pos < hi, other=float("-inf")) * 1.4426950408889634
+        b2 = _mask_bias(bias_ptr, row, t0 + tl.arange(0, BLOCK_T), hi, BIAS_COLS)
         if tl.max(b2, axis=0) > float("-inf"):
             m_i, l_i, p, alpha = _softmax_weights(tl.broadcast_to(b2[None, :], (m_i.shape[0], BLOCK_T)), m_i, l_i)
     return m_i, l_i, tl.where(m_i == float("-inf"), 1.0, tl.exp2(m_0 - m_i))
@@ -115,7 +112,9 @@ def _residual_attention(q_dot, k_ring, v_ring, bh, qlen, length, m_i, l_i, acc, 
         valid = pos < length
         ring = (bh * (R + G) + pos[:, None] % (R + G)) * D + d
         k = tl.load(k_ring + ring, mask=valid[:, None], other=0.0)
-        s = tl.dot(q_dot, tl.trans(k.to(DOT))) + _mask_bias(bias_ptr, row, pos, BIAS_COLS, HAS_BIAS)[None, :]
+        s = tl.dot(q_dot, tl.trans(k.to(DOT)))
+        if HAS_BIAS:
+            s += _mask_bias(bias_ptr, row, pos, BIAS_COLS, BIAS_COLS)[None, :]
         s = tl.where(valid[None, :], s, float("-inf"))
         v = tl.load(v_ring + ring, mask=valid[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT)
@@ -199,7 +198,9 @@ def _decode_attention_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, 
             k = _load_quantized_tile(k_codes, k_scale, k_zero, bh, start, qlen, NG,
                                      True, G, D, BITS, FP8, BLOCK_N)
             pos = start + tl.arange(0, BLOCK_N)
-            s = tl.dot(q_dot, tl.trans(k.to(DOT))) + _mask_bias(bias_ptr, row, pos, BIAS_COLS, HAS_BIAS)[None, :]
+            s = tl.dot(q_dot, tl.trans(k.to(DOT)))
+            if HAS_BIAS:
+                s += _mask_bias(bias_ptr, row, pos, BIAS_COLS, BIAS_COLS)[None, :]
             s = tl.where((pos < qlen)[None, :], s, float("-inf"))
             v = _load_quantized_tile(v_codes, v_scale, v_zero, bh, start, qlen, NG,
                                      False, G, D, BITS, FP8, BLOCK_N)
@@ -377,7 +378,7 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
                 s = _key_slot_dot(s, q2, kb, k_scale, k_zero, kp, kw_s, kw_z, 2, PB, BITS, DOT, PW)
                 s = _key_slot_dot(s, q3, kb, k_scale, k_zero, kp, kw_s, kw_z, 3, PB, BITS, DOT, PW)
             if HAS_BIAS:
-                s += _mask_bias(bias_ptr, row, grp * G + n, BIAS_COLS, True)[None, :]
+                s += _mask_bias(bias_ptr, row, grp * G + n, BIAS_COLS, BIAS_COLS)[None, :]
             m_i, l_i, p, alpha = _softmax_weights(s, m_i, l_i)
             p = p.to(DOT)
             vs, vz = _value_params(v_scale, v_zero, slot, jb, G, D, PB, VMODE)

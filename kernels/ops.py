@@ -50,7 +50,7 @@ def _check_fits(last: int, count: int, slots: int) -> None:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparams: torch.Tensor | None,
            v_qparams: torch.Tensor | None, attn_mask: torch.Tensor | None, kv_len: int, is_causal: bool,
            scale: float, softcap: float = 0.0) -> torch.Tensor:
-    if (_decode_kernels(q) and softcap == 0.0 and (k_qparams is None) == (v_qparams is None)
+    if (_decode_kernels(q) and softcap == 0.0
             and attend_positions_supported(q, k, v, k_qparams, v_qparams, attn_mask, is_causal)):
         return attend_positions(q, k, v, k_qparams, v_qparams, attn_mask, kv_len, scale)
     if k_qparams is not None and v_qparams is not None and q.device.type == "cpu":

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvfx.kernels.decode_attention import HEAD_DIMS, LOG2E, combine_partials
+from kvfx.kernels.decode_attention import HEAD_DIMS, LOG2E, _softmax_weights, combine_partials
 from kvfx.kernels.kivi import TL_DTYPES, _unpack
 
 CODECS = ("none", "int8", "int4", "int2", "fp8")
@@ -116,14 +116,9 @@ def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr
             if HAS_BIAS:  # the row's additive mask at each slot's position (base 2)
                 s += bias[None, :] * 1.4426950408889634
             s = tl.where(live[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no NaN from -inf - -inf
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i, l_i, p, alpha = _softmax_weights(s, m_i, l_i)
             v = _load_tokens(v_ptr, vp_ptr, bh * C + slot, live, BLOCK_N, D, CODEC, BITS, G)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
-            m_i = m_new
         if LOGITS:
             tl.store(logit_ptr + (bh * GQ + rows[:, None]) * C + slot[None, :], s,
                      mask=rmask[:, None] & inside[None, :])
@@ -262,11 +257,13 @@ def _positional(t: torch.Tensor, slots: int) -> bool:
 def attend_positions_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparams: torch.Tensor | None,
                                v_qparams: torch.Tensor | None, attn_mask: torch.Tensor | None, is_causal: bool) -> bool:
     """Whether `attend_positions` takes this `kvfx::attend` call (one query token, a row mask, a cache
-    laid out by position with head dim 64 or 128; else the reference does)."""
+    laid out by position with head dim 64 or 128, both or neither of K and V quantized; else the
+    reference does)."""
     d = q.shape[-1]
     slots = k.stride(1) // max(d, 1)
     return (q.shape[2] == 1 and d in HEAD_DIMS and k.shape[-1] == d and v.shape[-1] == d and not is_causal
             and q.shape[1] % k.shape[1] == 0 and row_mask(attn_mask)
+            and (k_qparams is None) == (v_qparams is None)
             and all(_positional(t, slots) for t in (k, v, k_qparams, v_qparams) if t is not None))
 
 
