@@ -14,6 +14,7 @@ def test_defaults_are_lossless():
     ({"policy": "lru"}, ["'policy'", "'lru'", "'none'"]),
     ({"kvv": "int8"}, ["'kvv'", "valid options", "kv"]),
     ({"strict": "yes"}, ["'strict'", "'yes'"]),
+    ({"cudagraphs": 1}, ["'cudagraphs'", "got 1", "True or False"]),
 ])
 def test_bad_options_name_option_value_and_choices(options, words):
     with pytest.raises(kvfx.KVConfigError) as err:
