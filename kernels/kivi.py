@@ -238,7 +238,9 @@ def fp8_scale_reference(x: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Per (row, head) fp8 scale amax / 448 over the first count[b] tokens of x [B, H, T, D] (1 if none)."""
     valid = torch.arange(x.shape[2], device=x.device) < count[:, None]  # [B, T]
     amax = torch.where(valid[:, None, :, None], x.float().abs(), 0.0).amax(dim=(2, 3))
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # A tensor divisor: CUDA divides by a Python scalar as a multiply by its fp32 reciprocal, one ulp
+    # off amax / 448 (a constant input then no longer comes back exactly on the GPU).
+    return torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
 
 
 # ---------------------------------------------------------------------------------------------
