@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from kvfx.config import KVConfig
 from kvfx.errors import KVFXError
+from kvfx.passes.fx_utils import written_placeholders
 from kvfx.passes.rewrite import rewrite_graph
 from kvfx.reporting import clear_sessions, session_for
 from kvfx.runtime import FreedKVBuffer, cat_store_examples, make_runner
@@ -41,8 +42,12 @@ def kvfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = N
 
     patches = None
     if config.cudagraphs and _decode_graph(gm):
-        for node in appended:  # a store lives as long as its cache: replays may keep its address
-            node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+        # Cudagraph trees skip a graph that writes a non-static input. The inputs written are kvfx's
+        # stores and the model's cache tensors (HF: kv="none" keys/values, cumulative_length), all
+        # living as long as their cache: static, so replays keep their addresses, and a new cache
+        # (new addresses) re-records.
+        for node in {*appended, *written_placeholders(gm.graph)}:
+            node.meta["tensor_dict"] = {**node.meta.get("tensor_dict", {}), "_dynamo_static_input_type": "unguarded"}
         patches = {"triton.cudagraphs": True}
     compiled = compile_fx(gm, examples, config_patches=patches)
     return make_runner(compiled, plan, session, fmt)

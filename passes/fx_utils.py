@@ -39,6 +39,35 @@ def is_getitem(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
 
 
+VIEW_METHODS = ("view", "reshape", "select", "narrow", "transpose", "permute", "unsqueeze", "squeeze", "expand",
+                "flatten", "unflatten", "__getitem__")
+
+
+def written_placeholders(graph: fx.Graph) -> list[fx.Node]:
+    """The graph inputs written in place (through views): by a `..._` method or function, a slice
+    assignment, or an op whose schema writes an argument. HF's caches are such inputs (the keys and
+    values a StaticCache `index_copy_`s into, its per-layer `cumulative_length.add_`)."""
+    written = []
+    for node in graph.nodes:
+        if node.op not in ("call_method", "call_function"):
+            continue
+        schema = getattr(node.target, "_schema", None)
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if schema is not None:
+            args = call_arguments(node, tuple(a.name for a in schema.arguments))
+            targets = [args.get(a.name) for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        elif node.target is operator.setitem or (name.endswith("_") and not name.startswith("_")):
+            targets = node.args[:1]
+        else:
+            continue
+        for base in targets:
+            while isinstance(base, fx.Node) and (is_getitem(base) or is_method(base, *VIEW_METHODS)):
+                base = base.args[0]
+            if isinstance(base, fx.Node) and base.op == "placeholder" and base not in written:
+                written.append(base)
+    return written
+
+
 def shape_of(node: Any) -> tuple | None:
     """The shape dynamo recorded for a node (ints, or SymInts for dynamic sizes), or None."""
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None

@@ -2,6 +2,7 @@
 inductor-compiled CUDA graph, the Triton KIVI write kernel included."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import StaticCache
 
 import kvfx
@@ -45,6 +46,7 @@ def test_decode_replays_as_cuda_graphs(kv, policy):
         model.forward = torch.compile(model.forward, backend="kvfx", options=options)
         plain = model.generate(ids, past_key_values=StaticCache(config=model.config, max_cache_len=256), **kw)
         torch._dynamo.reset()
+        counters.clear()
         model.forward = torch.compile(model.forward._torchdynamo_orig_callable, backend="kvfx",
                                       options={**options, "cudagraphs": True})
         for _ in range(2):  # a second cache: new stores, re-recorded graphs
@@ -52,3 +54,4 @@ def test_decode_replays_as_cuda_graphs(kv, policy):
             assert torch.equal(graphed.sequences, plain.sequences)
             torch.testing.assert_close(torch.stack(graphed.logits).float(), torch.stack(plain.logits).float(),
                                        atol=1e-2, rtol=1e-2)
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the decode graphs did replay as CUDA graphs

@@ -414,3 +414,20 @@ def test_int8_leaves_keys_and_values_of_different_head_dims_unchanged():
     plan = rewrite_graph(gm, KVConfig(kv="int8"), graph_index=0)
     assert gm.code == before
     assert "different head dims (8 and 4)" in plan.sites[0].reason
+
+
+def test_written_placeholders_follow_views_and_skip_read_only_inputs():
+    """What cudagraphs=True marks static: every input written in place, through views, and no other."""
+    from kvfx.passes.fx_utils import written_placeholders
+
+    def step(keys, values, count, scratch, x, pos):
+        keys.index_copy_(2, pos, x)
+        values[:, :, pos] = x  # a slice assignment
+        count.add_(1)
+        torch.ops.aten.copy_.default(scratch.view(-1)[:4], x.reshape(-1)[:4])  # a schema write, via views
+        return keys.sum() + x.sum()
+
+    inputs = (torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4), torch.zeros(()), torch.zeros(8), torch.ones(1, 2, 1, 4),
+              torch.tensor([3]))
+    (gm,) = dynamo_graphs(step, *inputs)
+    assert [n.name for n in written_placeholders(gm.graph)] == ["l_keys_", "l_values_", "l_count_", "l_scratch_"]
