@@ -137,9 +137,9 @@ def run_config(model, eager_forward, name: str, batch: int, context: int, steps:
     return row
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="example:" + __doc__.split("example:")[1],
+def build_parser(doc: str) -> argparse.ArgumentParser:
+    """The sweep's options (e2e.py and e2e_tp.py); doc: the script's docstring (description, examples)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog="example:" + doc.split("example:")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, nargs="+", default=[8192])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
@@ -150,31 +150,42 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="override the layer count (32)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer toy model (smoke test of the script)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for e2e.json / e2e.png")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("e2e: no CUDA GPU here; run it on the GPU machine, or --tiny --device cpu", file=sys.stderr)
-        return 2
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for the JSON and PNG results")
+    return parser
+
+
+def model_shape(args) -> dict:
     shape = dict(TINY if args.tiny else LLAMA3_8B)
     if args.layers:
         shape["num_hidden_layers"] = args.layers
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    with torch.device(args.device):
+    return shape
+
+
+def build_model(config: LlamaConfig, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    """Random weights drawn on the device from seed 0."""
+    with torch.device(device):
         torch.manual_seed(0)
-        model = LlamaForCausalLM._from_config(LlamaConfig(**shape), dtype=dtype).eval()
-    eager_forward = model.forward
+        return LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+
+
+def sweep(args, run, name: str, shape: dict, dtype: torch.dtype, label: str, header: dict | None = None,
+          output: bool = True) -> list[dict]:
+    """run(config, batch, context) -> row for every config, batch and context of args, with ratios to
+    inductor, into <args.out>/<name>.json (rewritten after each row) and <name>.png. A config that ran out
+    of memory skips its larger batches. output=False: run the same plan, print and write nothing."""
     rows = []
     plan = [(c, b, n) for n in args.context for b in args.batch for c in args.configs]
     out_of_memory = set()
-    for name, batch, context in tqdm(plan, desc="e2e", unit="run"):
-        if (name, context) in out_of_memory:
+    for config, batch, context in tqdm(plan, desc=name, unit="run", disable=not output):
+        if (config, context) in out_of_memory:
             continue
-        row = run_config(model, eager_forward, name, batch, context, args.steps, args.device,
-                         args.prefill_chunk, args.profile)
+        row = run(config, batch, context)
         if "out of memory" in row.get("error", ""):
-            out_of_memory.add((name, context))
+            out_of_memory.add((config, context))
         rows.append(row)
-        tqdm.write(f"{name:<22} B{batch:<3} ctx {context:<6} " + (
+        if not output:
+            continue
+        tqdm.write(f"{config:<22} B{batch:<3} ctx {context:<6} " + (
             f"{row['median_step_ms']:8.2f} ms/step {row['tokens_per_s']:8.1f} tok/s  first prefill "
             f"{row['prefill_first_s']:.1f}s  KV {row['kv_bytes'] / 2**30:.2f} GiB" if "error" not in row else row["error"]))
         for r in rows:  # ratios to the best inductor config of the same shape, and to inductor's best anywhere
@@ -189,11 +200,27 @@ def main(argv=None) -> int:
         max_batch = {f"{r['config']} @ {r['context']}": max(x["batch"] for x in rows if "tokens_per_s" in x
                                                               and (x["config"], x["context"]) == (r["config"], r["context"]))
                      for r in rows if "tokens_per_s" in r}
-        write_json(args.out / "e2e.json", {"benchmark": "e2e", "environment": environment(), "model": shape,
-                                           "dtype": str(dtype), "steps": args.steps, "rows": rows,
-                                           "max_batch_that_ran": max_batch})
-    plot_speedups(args.out / "e2e.png", [r for r in rows if "tokens_per_s" in r], "context", "batch", "config",
-                  "tokens_per_s", f"decode tokens/s, Llama-3-8B shape ({environment()['device']})", "tokens/s")
+        write_json(args.out / f"{name}.json", {"benchmark": name, "environment": environment(), "model": shape,
+                                               **(header or {}), "dtype": str(dtype), "steps": args.steps,
+                                               "rows": rows, "max_batch_that_ran": max_batch})
+    if output:
+        plot_speedups(args.out / f"{name}.png", [r for r in rows if "tokens_per_s" in r], "context", "batch", "config",
+                      "tokens_per_s", f"decode tokens/s, {label} ({environment()['device']})", "tokens/s")
+    return rows
+
+
+def main(argv=None) -> int:
+    args = build_parser(__doc__).parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("e2e: no CUDA GPU here; run it on the GPU machine, or --tiny --device cpu", file=sys.stderr)
+        return 2
+    shape = model_shape(args)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = build_model(LlamaConfig(**shape), args.device, dtype)
+    eager_forward = model.forward
+    sweep(args, lambda config, batch, context: run_config(model, eager_forward, config, batch, context, args.steps,
+                                                          args.device, args.prefill_chunk, args.profile),
+          "e2e", shape, dtype, "Llama-3-8B shape")
     return 0
 
 
