@@ -25,6 +25,7 @@ import time
 import traceback
 
 import torch
+from torch._dynamo.utils import counters
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
@@ -87,6 +88,7 @@ def kernel_profile(step, steps: int = 3, top: int = 12) -> dict:
 def run_config(model, eager_forward, name: str, batch: int, context: int, steps: int, device: str,
                chunk: int = 2048, profile: bool = False) -> dict:
     torch._dynamo.reset()
+    counters.clear()
     model.forward = torch.compile(eager_forward, **CONFIGS[name])
     row = dict(config=name, batch=batch, context=context)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -111,6 +113,7 @@ def run_config(model, eager_forward, name: str, batch: int, context: int, steps:
             sync(device)
             times.append(time.perf_counter() - start)
         row["decode_first_s"] = times[0]  # the decode graph's compilation
+        row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]  # graphs "+cg" could not graph
         row["median_step_ms"] = statistics.median(times[1:]) * 1e3
         row["tokens_per_s"] = batch / (row["median_step_ms"] / 1e3)
         if profile and device == "cuda":  # 3 more steps at the next positions

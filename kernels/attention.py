@@ -63,6 +63,28 @@ def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     return out.reshape(b, hq, t, v.shape[-1])
 
 
+def visible_prompt_keys(attn_mask: torch.Tensor | None, kv_len: int, queries: int, is_causal: bool,
+                        slots: int) -> tuple[torch.Tensor | None, int]:
+    """(mask, kv_len) of a prompt's attention over `slots` keys trimmed to the keys its mask lets some
+    query see: a chunk written into a static cache sees nothing past its own end, and the scores of the
+    cache's unwritten tail are never computed. Exact (the keys dropped get zero weight); one host
+    sync, so prompts only (a decode step, or a call with kv_len given, is returned as it is)."""
+    if kv_len >= 0 or queries == 1 or is_causal or attn_mask is None:
+        return attn_mask, kv_len
+    kv_len = visible_prefix(attn_mask, slots)
+    return (attn_mask[..., :kv_len] if kv_len >= 0 else attn_mask), kv_len
+
+
+def visible_prefix(attn_mask: torch.Tensor, slots: int) -> int:
+    """1 + the last of `slots` key positions the mask lets any query see (-1: every key, or none)."""
+    cols = attn_mask.shape[-1]
+    if cols == 1:
+        return -1  # one column broadcast over every key
+    seen = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+    last = int((seen.reshape(-1, cols).any(0) * torch.arange(1, cols + 1, device=seen.device)).max())
+    return min(slots, last) if last else -1  # (no key seen at all: left as it is)
+
+
 def mask_rows(attn_mask: torch.Tensor | None, is_causal: bool, start: int, rows: int, t: int,
               k: torch.Tensor) -> torch.Tensor | None:
     """The mask of query rows start .. start + rows - 1 of an attention over t queries and keys k."""

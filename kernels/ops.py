@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from kvfx.errors import KVFXError
-from kvfx.kernels.attention import attend_int8_cpu, attend_reference
+from kvfx.kernels.attention import attend_int8_cpu, attend_reference, visible_prompt_keys
 from kvfx.kernels.decode_attention import HEAD_DIMS, decode_attention_triton
 from kvfx.kernels.formats import format_from_json
 from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference, store_write_int8_triton
@@ -53,6 +53,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparams: torch.T
     if (_decode_kernels(q) and softcap == 0.0
             and attend_positions_supported(q, k, v, k_qparams, v_qparams, attn_mask, is_causal)):
         return attend_positions(q, k, v, k_qparams, v_qparams, attn_mask, kv_len, scale)
+    attn_mask, kv_len = visible_prompt_keys(attn_mask, kv_len, q.shape[2], is_causal, k.shape[2])
     if k_qparams is not None and v_qparams is not None and q.device.type == "cpu":
         return attend_int8_cpu(q, k, k_qparams, v, v_qparams, attn_mask, kv_len, is_causal, scale, softcap)
     if k_qparams is not None:
@@ -160,6 +161,8 @@ def kivi_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
     if t == 1 and _decode_kernels(q) and residual > 0 and d in HEAD_DIMS and not is_causal and row_mask(attn_mask):
         lengths = (pos[:1] + 1).to(torch.int32).expand(b)  # on the device: no host sync
         return decode_attention_triton(q, store, lengths, scale, bias=row_bias(attn_mask, b, n, q.device))
+    attn_mask, kv_len = visible_prompt_keys(attn_mask, kv_len, t, is_causal, width)
+    n = width if kv_len < 0 else kv_len
     start = int(pos[0])
     keys, values = dequantize_reference(store, start + t, q.dtype)
     full = []

@@ -187,3 +187,20 @@ def test_long_prompts_attend_in_query_blocks_with_the_same_result(monkeypatch, m
     torch.testing.assert_close(attention.attend_reference(*args), whole, atol=1e-6, rtol=1e-6)
     want = repeat_kv_sdpa(q, k, v, mask, -1, mask_kind == "causal", 0.3) if softcap == 0 else whole
     torch.testing.assert_close(whole, want, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_attention_skips_the_tail_no_query_sees():
+    """A prompt chunk in a static cache: keys past the last visible position are not attended, and
+    filling them with NaN changes nothing (kvfx::attend no longer reads them)."""
+    from kvfx.kernels.attention import attend_reference, visible_prefix
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 32, 16), torch.randn(2, 2, 32, 16)
+    mask = torch.ones(5, 32, dtype=torch.bool).tril(10)[None, None].expand(2, 1, 5, 32).clone()  # sees keys <= 14
+    assert visible_prefix(mask, 32) == 15
+    additive = torch.zeros(2, 1, 5, 32).masked_fill(~mask, float("-inf"))
+    assert visible_prefix(additive, 32) == 15 and visible_prefix(torch.zeros(2, 1, 5, 32, dtype=torch.bool), 32) == -1
+    expected = attend_reference(q, k, v, mask, -1, False, 0.25)
+    k[:, :, 15:], v[:, :, 15:] = float("nan"), float("nan")
+    for m in (mask, additive):
+        torch.testing.assert_close(torch.ops.kvfx.attend(q, k, v, None, None, m, -1, False, 0.25), expected)
