@@ -239,9 +239,13 @@ def _code_slot(xb, I: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _load_bytes(ptr, BITS: tl.constexpr):
-    """Packed code bytes for `_code_slot`: byte | 0x4B000000 (int32)."""
-    return tl.load(ptr).to(tl.int32) | 0x4B000000
+def _load_bytes(ptr, BITS: tl.constexpr, mask=None):
+    """Packed code bytes for `_code_slot`: byte | 0x4B000000 (int32); where `mask` is false, codes 0."""
+    if mask is None:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=mask, other=0)
+    return x.to(tl.int32) | 0x4B000000
 
 
 @triton.jit

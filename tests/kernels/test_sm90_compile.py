@@ -1,6 +1,7 @@
 """The decode kernels compile for an H100 (sm_90: PTX and cubin) on this CPU machine: the policy
-kernels, the positional and KIVI decode attention of `kvfx::attend` / `kvfx::kivi_attend` with a mask
-bias, the split combine and the int8 write.
+kernels (every codec; int4/int2 at head dims 64 and 128, group sizes 32 and 64), the positional
+and KIVI decode attention of `kvfx::attend` / `kvfx::kivi_attend` with a mask bias, the split
+combine and the int8 write.
 
 The interpreter runs kernels as Python and lets through what the compiler refuses (a loop-carried
 variable changing shape, for one), so this compiles them for real. In a subprocess: under
@@ -28,19 +29,25 @@ def build(fn, types, consts):
     assert "cubin" in triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32)).asm
 
 bf, f32, i32 = "*bf16", "*fp32", "*i32"
-for codec, codes, bits, index, protect in (("int4", "*u8", 4, "none", "recent"), ("fp8", "*fp8e4nv", 8, "pages", "none"),
-                                           ("int8", "*u8", 8, "slots", "sink")):
-    build(_slot_attention_kernel, dict(q_ptr=bf, k_ptr=codes, v_ptr=codes, kp_ptr=bf, vp_ptr=bf, pos_ptr=i32, idx_ptr=i32,
-                                       bias_ptr=f32, new_pos_ptr="*i64", m_ptr=f32, l_ptr=f32, acc_ptr=f32, logit_ptr=f32,
-                                       qk_scale="fp32"),
-          dict(GQ=4, D=128, BLOCK_M=16, BLOCK_N=64, CODEC=codec, BITS=bits, G=32, INDEX=index, PAGE=16,
-               HAS_BIAS=protect == "sink", CAUSAL=True, LOGITS=protect == "recent", DOT=tl.bfloat16))
+# int4/int2 params of a bf16 store reach the slot kernel as int32 words of (scale, zero) (PW=1)
+for codec, codes, bits, d, g, index, protect in (("int4", "*u8", 4, 128, 32, "none", "recent"),
+                                                 ("int2", "*u8", 2, 128, 32, "slots", "none"),
+                                                 ("int4", "*u8", 4, 64, 64, "pages", "sink"),
+                                                 ("int2", "*u8", 2, 64, 32, "none", "recent"),
+                                                 ("fp8", "*fp8e4nv", 8, 128, 32, "pages", "none"),
+                                                 ("int8", "*u8", 8, 128, 32, "slots", "sink")):
+    pw = int(codec in ("int4", "int2"))
+    build(_slot_attention_kernel, dict(q_ptr=bf, k_ptr=codes, v_ptr=codes, kp_ptr=i32 if pw else bf, vp_ptr=i32 if pw else bf,
+                                       pos_ptr=i32, idx_ptr=i32, bias_ptr=f32, new_pos_ptr="*i64", m_ptr=f32, l_ptr=f32,
+                                       acc_ptr=f32, logit_ptr=f32, qk_scale="fp32"),
+          dict(GQ=4, D=d, BLOCK_M=16, BLOCK_N=64, CODEC=codec, BITS=bits, G=g, INDEX=index, PAGE=16,
+               HAS_BIAS=protect == "sink", CAUSAL=True, LOGITS=protect == "recent", DOT=tl.bfloat16, PW=pw))
     build(_slot_decode_kernel, dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, logit_ptr=f32, q_ptr=bf, k_new_ptr=bf, v_new_ptr=bf,
                                     new_pos_ptr="*i64", bias_ptr=f32, k_codes=codes, k_params=bf, v_codes=codes,
                                     v_params=bf, slot_pos_ptr=i32, score_ptr=f32, page_min_ptr=bf, page_max_ptr=bf,
                                     out_ptr=bf, qk_scale="fp32"),
-          dict(GQ=4, BLOCK_G=4, PART_M=16, D=128, BLOCK_C=2048, PROTECT=protect, SINK=4, SINK_BLOCK=4,
-               SCORED=protect == "recent", CODEC=codec, BITS=bits, G=32, DTYPE=tl.bfloat16,
+          dict(GQ=4, BLOCK_G=4, PART_M=16, D=d, BLOCK_C=2048, PROTECT=protect, SINK=4, SINK_BLOCK=4,
+               SCORED=protect == "recent", CODEC=codec, BITS=bits, G=g, DTYPE=tl.bfloat16,
                PAGE=16 if protect == "none" else 0, BLOCK_P=16, HAS_BIAS=protect == "sink", CAUSAL=True))
 build(_quest_score_kernel, dict(q_ptr=bf, min_ptr=bf, max_ptr=bf, slot_pos_ptr=i32, score_ptr=f32, newest_ptr=i32),
       dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=32))
@@ -50,7 +57,7 @@ for codec, codes in (("none", bf), ("int8", "*u8")):  # kvfx::attend's positiona
                                        bias_ptr=f32, new_pos_ptr=f32, m_ptr=f32, l_ptr=f32, acc_ptr=f32, logit_ptr=f32,
                                        qk_scale="fp32"),
           dict(GQ=4, D=128, BLOCK_M=16, BLOCK_N=64, CODEC=codec, BITS=8, G=1, INDEX="none", PAGE=1, HAS_BIAS=True,
-               CAUSAL=False, LOGITS=False, DOT=tl.bfloat16, POSITIONAL=True))
+               CAUSAL=False, LOGITS=False, DOT=tl.bfloat16, PW=0, POSITIONAL=True))
 kivi = dict(q_ptr=bf, k_ring=bf, v_ring=bf, len_ptr=i32, bias_ptr=f32, m_ptr=f32, l_ptr=f32, acc_ptr=f32, qk_scale="fp32")
 for bits, word in ((4, i32), (2, "*i64")):
     build(_decode_int_kernel, dict(kivi, k_codes="*u8", v_codes="*u8", k_scale=word, k_zero=word, v_scale=bf, v_zero=bf),
