@@ -448,6 +448,29 @@ def _store_residual_kernel(new_ptr, ring_ptr, start_ptr, len_ptr, H, T, stride_b
              mask=keep)
 
 
+@triton.jit
+def _fp8_scale_kernel(new_ptr, scale_ptr, start_ptr, len_ptr, H, T, stride_b, stride_h, stride_t,
+                      D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One program per (row, head): `_update_fp8_scales` in one launch. A row's first write (start 0)
+    sets its scale to amax / 448 over the write's tokens (1 if they are all zero); later writes, every
+    decode step, only read the row's start. div_rn: `/` is approximate on the GPU, and the scale must
+    be the reference's to the bit."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // H
+    s0 = tl.load(start_ptr + b)
+    count = tl.load(len_ptr + b) - s0
+    if (s0 == 0) & (count > 0):
+        d = tl.arange(0, D)[None, :]
+        amax = tl.zeros([BLOCK_T, D], tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            x = tl.load(new_ptr + b * stride_b + (pid % H) * stride_h + t[:, None] * stride_t + d,
+                        mask=(t < count)[:, None], other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        top = tl.max(tl.max(amax, axis=1), axis=0)
+        tl.store(scale_ptr + pid, tl.where(top > 0, tl.math.div_rn(top, 448.0), 1.0))
+
+
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -458,8 +481,6 @@ def store_write_triton(store: KiviStore, k: torch.Tensor, v: torch.Tensor, start
     Two launches because a new token's ring slot can be the slot of an old token the flush still reads.
     """
     start, lengths = _write_args(store, k, v, start, lengths)
-    if store.fp8:
-        _update_fp8_scales(store, k, v, start, lengths)
     b, h, t, d = k.shape
     if t == 0:
         return
@@ -471,6 +492,9 @@ def store_write_triton(store: KiviStore, k: torch.Tensor, v: torch.Tensor, start
         if new.stride(-1) != 1:
             new = new.contiguous()
         strides = (new.stride(0), new.stride(1), new.stride(2))
+        if store.fp8:  # before the flush, which quantizes with the scale
+            _fp8_scale_kernel[(b * h,)](new, scale, start, lengths, h, t, *strides, D=d,
+                                        BLOCK_T=min(32, triton.next_power_of_2(t)))
         # A write of T tokens completes at most ceil(T / G) groups (see `quantized_length`).
         _store_flush_kernel[(b * h, triton.cdiv(t, g))](
             new, ring, codes, scale, zero, start, lengths, h, *strides, groups,

@@ -132,6 +132,8 @@ def test_triton_write_equals_reference(case):
     lengths = write_all(store_write_triton, store, k, v, prefill, steps)
     write_all(store_write_reference, want, k, v, prefill, steps)
     assert_same_store(store, want, lengths)
+    if store.fp8:  # each row's scales, set by its first write (the Triton kernel's div_rn = torch's /)
+        assert torch.equal(store.k_scale, want.k_scale) and torch.equal(store.v_scale, want.v_scale)
 
 
 @given(store_case())

@@ -1,7 +1,7 @@
 """The decode kernels compile for an H100 (sm_90: PTX and cubin) on this CPU machine: the policy
 kernels (every codec; int4/int2 at head dims 64 and 128, group sizes 32 and 64), the positional
 and KIVI decode attention of `kvfx::attend` / `kvfx::kivi_attend` with a mask bias, the split
-combine and the int8 write.
+combine, the int8 write and the fp8 first-write scale.
 
 The interpreter runs kernels as Python and lets through what the compiler refuses (a loop-carried
 variable changing shape, for one), so this compiles them for real. In a subprocess: under
@@ -21,6 +21,7 @@ from kvfx.kernels.slot_attention import _slot_attention_kernel
 from kvfx.kernels.slot_decode import _slot_decode_kernel
 from kvfx.kernels.decode_attention import _decode_attention_kernel, _decode_combine_kernel, _decode_int_kernel
 from kvfx.kernels.int8 import _store_write_int8_kernel
+from kvfx.kernels.kivi import _fp8_scale_kernel
 
 def build(fn, types, consts):
     names = list(inspect.signature(fn.fn).parameters)
@@ -69,6 +70,7 @@ build(_decode_attention_kernel, dict(kivi, k_codes="*fp8e4nv", v_codes="*fp8e4nv
            HAS_BIAS=True, BLOCK_T=256))
 build(_decode_combine_kernel, dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, out_ptr=bf), dict(GQ=4, ROWS=16, D=128, BLOCK_S=32))
 build(_store_write_int8_kernel, dict(x_ptr=bf, pos_ptr="*i64", codes_ptr="*u8", qparams_ptr=bf), dict(D=128))
+build(_fp8_scale_kernel, dict(new_ptr=bf, scale_ptr=f32, start_ptr=i32, len_ptr=i32), dict(D=128, BLOCK_T=32))
 print("compiled")
 '''
 
