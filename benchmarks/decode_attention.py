@@ -7,7 +7,10 @@ expand + reshape, then SDPA). kvfx formats use KIVI's defaults for int (G=32, R=
 for fp8 and none; each is timed over a small sweep of launch configs (tile, warps, splits; for int:
 warps, splits, value-parameter expansion) and the best is reported with its config. The int formats
 also get a "kvfx-<format>-generic" row: the generic tile kernel (the one none and fp8 use), the int
-formats' previous kernel, at one config, for a before/after within the same run. Every time is the GPU time of a CUDA-graph replay with a cold L2,
+formats' previous kernel, at one config, for a before/after within the same run. "kvfx-attend-none-positional"
+and "kvfx-attend-int8-positional" time what the compile path runs for kv="none" / "int8" (`kvfx::attend`:
+the slot kernel in positional mode over the model's own cache), swept over tile, warps and splits, with
+the default launch's time beside the best (`default_us`). Every time is the GPU time of a CUDA-graph replay with a cold L2,
 median over the reps (p20/p80 beside it), see `common.cuda_time_us`.
 
 GB/s = bytes read / time, bytes from explicit formulas (`sdpa_bytes`, `kvfx_bytes`): K and V as
@@ -32,7 +35,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import RESULTS, cuda_time_us, environment, plot_speedups, time_or_error, write_json
 from kvfx.kernels.decode_attention import decode_attention_triton, default_num_splits
+from kvfx.kernels.int8 import quantize_int8_reference
 from kvfx.kernels.kivi import KiviStore, quantized_length, store_write
+from kvfx.kernels.slot_attention import attend_positions, default_positional_splits
 
 HQ, HKV, D, GROUP, RESIDUAL = 32, 8, 128, 32, 128
 DTYPE = torch.bfloat16
@@ -92,7 +97,7 @@ def launch_configs(name: str, quick: bool) -> list[dict]:
     return [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (1, 2)]
 
 
-def bench_shape(b: int, s: int, configs, reps: int) -> list[dict]:
+def bench_shape(b: int, s: int, configs, reps: int, quick: bool = False) -> list[dict]:
     """configs: format name -> list of launch configs (`launch_configs`)."""
     rows = []
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -111,6 +116,7 @@ def bench_shape(b: int, s: int, configs, reps: int) -> list[dict]:
     best_sdpa = min(timed) if timed else None
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
+    rows += bench_positional(q, k, v, want, base, quick, reps)
     lengths = torch.full((b,), s, dtype=torch.int32, device=DEVICE)
     for name, cfg in FORMATS.items():
         try:
@@ -144,6 +150,36 @@ def bench_shape(b: int, s: int, configs, reps: int) -> list[dict]:
         if "median_us" in r:
             r["gb_per_s"] = r["bytes"] / r["median_us"] / 1e3
             r["speedup_vs_best_sdpa"] = best_sdpa / r["median_us"] if best_sdpa else None
+    return rows
+
+
+def bench_positional(q, k, v, want, base: dict, quick: bool, reps: int) -> list[dict]:
+    """What `kvfx::attend` runs for a decode step of kv="none" / "int8" in the compile path: the slot
+    kernel in positional mode (`attend_positions`) over the model's own [B, Hkv, S, D] cache (none) or
+    int8 codes + per-token (scale, zero), swept over tile, warps and splits; the row's `config` is the
+    best, `default_us` the time of the default launch (what the compile path uses today)."""
+    rows = []
+    scale = D ** -0.5
+    sweep = [dict(block_n=64, num_warps=4, split_factor=1)] if quick else \
+        [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (1, 2)]
+    codes_k, params_k = quantize_int8_reference(k)
+    codes_v, params_v = quantize_int8_reference(v)
+    for name, args, nbytes in (("none", (k, v, None, None), sdpa_bytes(base["batch"], base["seq"])),
+                               ("int8", (codes_k, codes_v, params_k, params_v),
+                                2 * codes_k.numel() + 2 * params_k.numel() * DTYPE.itemsize + 2 * q.numel() * DTYPE.itemsize)):
+        def run(**kw):
+            return attend_positions(q, *args, None, -1, scale, **kw)
+        default = time_or_error(run, reps)
+        best = None
+        for c in sweep:
+            kw = dict(block_n=c["block_n"], num_warps=c["num_warps"],
+                      num_splits=c["split_factor"] * default_positional_splits(q, k.shape[1], k.shape[2], c["block_n"]))
+            result = time_or_error(lambda: run(**kw), reps)
+            if "median_us" in result and (best is None or result["median_us"] < best["median_us"]):
+                best = dict(result, config=dict(c, num_splits=kw["num_splits"]),
+                            max_abs_err_vs_sdpa=(run(**kw).float() - want).abs().max().item())
+        rows.append(dict(base, impl=f"kvfx-attend-{name}-positional", bytes=nbytes, default_us=default.get("median_us"),
+                         **(best or {"error": "no config ran"})))
     return rows
 
 
@@ -206,7 +242,7 @@ def main(argv=None) -> int:
     for b in args.batch:
         for s in args.seq:
             try:
-                rows = bench_shape(b, s, configs, args.reps)
+                rows = bench_shape(b, s, configs, args.reps, args.quick)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 payload["skipped"].append(dict(batch=b, seq=s, reason="out of memory"))

@@ -276,13 +276,19 @@ class Partials:
     bias: torch.Tensor | None
 
 
+def default_positional_splits(q: torch.Tensor, hkv: int, n: int, block_n: int) -> int:
+    """Splits of a pass over n slots: enough to fill the GPU (about 4 programs per SM), at least 2
+    tiles each."""
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+    return max(1, min(triton.cdiv(4 * sms, q.shape[0] * hkv), triton.cdiv(n, 2 * block_n)))
+
+
 def _split_buffers(q: torch.Tensor, hkv: int, n: int, num_splits: int | None, block_n: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partials (m, l [B * Hkv, NS, BLOCK_M], acc [.., D]) of a split-K pass over n slots: enough splits
-    to fill the GPU (about 4 programs per SM) with at least 2 tiles each, unless `num_splits` is given."""
+    """Partials (m, l [B * Hkv, NS, BLOCK_M], acc [.., D]) of a split-K pass over n slots in
+    `num_splits` splits (None: `default_positional_splits`)."""
     b, hq, _, d = q.shape
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
-    ns = num_splits or max(1, min(triton.cdiv(4 * sms, b * hkv), triton.cdiv(n, 2 * block_n)))
+    ns = num_splits or default_positional_splits(q, hkv, n, block_n)
     block_m = max(16, triton.next_power_of_2(hq // hkv))
     part_m = torch.empty(b * hkv, ns, block_m, device=q.device, dtype=torch.float32)
     return part_m, torch.empty_like(part_m), torch.empty(b * hkv, ns, block_m, d, device=q.device, dtype=torch.float32)
@@ -384,7 +390,7 @@ def attend_positions_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparams: torch.Tensor | None,
                      v_qparams: torch.Tensor | None, attn_mask: torch.Tensor | None, kv_len: int, scale: float,
-                     num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+                     num_splits: int | None = None, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
     """`kvfx::attend` for one query token q [B, Hq, 1, D] over a cache addressed by position: k, v
     [B, Hkv, S, D] in the model dtype, or uint8 codes with per-token (scale, zero) qparams [B, Hkv, S, 2].
     Attends the first kv_len positions (-1: all S) under the row mask; tiles the mask hides entirely
@@ -405,5 +411,5 @@ def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparam
         part_m, part_m, part_l, part_acc, part_m, k.stride(1) // d, n, ns, hkv,
         bias.shape[-1] if bias is not None else 0, scale * LOG2E, GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
         CODEC="none" if k_qparams is None else "int8", BITS=8, G=1, INDEX="none", PAGE=1,
-        HAS_BIAS=bias is not None, CAUSAL=False, LOGITS=False, DOT=dot, POSITIONAL=True, num_warps=4)
+        HAS_BIAS=bias is not None, CAUSAL=False, LOGITS=False, DOT=dot, POSITIONAL=True, num_warps=num_warps)
     return combine_partials(part_m, part_l, part_acc, b, hq, q.dtype)
