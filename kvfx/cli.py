@@ -447,6 +447,21 @@ def _benchmark_names() -> list[str]:
     return sorted(p.stem.replace("_", "-") for p in BENCHMARKS.glob("*.py") if p.stem not in NOT_BENCHMARKS)
 
 
+def _bench_out_and_script_args(out: pathlib.Path, rest: list[str]) -> tuple[pathlib.Path, list[str]]:
+    """`kvfx bench NAME [--out DIR] [-- SCRIPT ARGS]`: argparse's REMAINDER takes everything after NAME,
+    so kvfx's own --out is read back from the part before `--`; without `--` all of it is the script's."""
+    if "--" not in rest:
+        return out, rest
+    cut = rest.index("--")
+    own = argparse.ArgumentParser(prog="kvfx bench", add_help=False)
+    own.add_argument("--out", type=pathlib.Path, default=out)
+    known, unknown = own.parse_known_args(rest[:cut])
+    if unknown:
+        raise UsageError(f"kvfx bench: error: unrecognized arguments before --: {' '.join(unknown)} "
+                         "(the script's arguments go after --)")
+    return known.out, rest[cut + 1:]
+
+
 def cmd_bench(args) -> int:
     names = _benchmark_names()
     if not names:
@@ -454,9 +469,9 @@ def cmd_bench(args) -> int:
                          "a source checkout, e.g. after pip install -e .)")
     if args.name not in names:
         raise UsageError(f"kvfx bench: error: unknown benchmark {args.name!r}; valid: {', '.join(names)}")
-    extra = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+    out, extra = _bench_out_and_script_args(args.out, args.script_args)
     script = BENCHMARKS / f"{args.name.replace('-', '_')}.py"
-    command = [sys.executable, str(script), *extra, "--out", str(args.out)]
+    command = [sys.executable, str(script), *extra, "--out", str(out)]
     print("running " + " ".join(command), file=sys.stderr, flush=True)
     return subprocess.run(command).returncode
 

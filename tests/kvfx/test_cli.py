@@ -52,6 +52,7 @@ def test_every_verb_has_help_with_an_example(verb, capsys):
     (["eval", "perplexity", "--kv", "none", "--policy-kv", "int5"], "kvfx option 'kv' got 'int5'"),
     (["eval", "passkey", "--merge"], "--merge needs --out"),
     (["bench", "no-such-benchmark"], "unknown benchmark 'no-such-benchmark'; valid: "),
+    (["bench", "e2e", "--tiny", "--", "--steps", "2"], "unrecognized arguments before --: --tiny"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_option_is_one_line_and_exit_2(args, says, capsys):
@@ -121,3 +122,15 @@ def test_export_onnx_writes_a_model_onnxruntime_loads(tiny_folder, tmp_path):
     assert "wrote" in result.stdout and out.exists()
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert any("codes" in i.name or "k_" in i.name for i in session.get_inputs())
+
+
+def test_bench_e2e_runs_its_tiny_smoke_config(tmp_path):
+    """`kvfx bench e2e` on the CPU (2-layer toy model): the script the GPU runs works end to end, its
+    row carries the fields the README quotes, and kvfx holds fewer KV bytes than the fp cache."""
+    result = kvfx("bench", "e2e", "--out", str(tmp_path), "--", "--tiny", "--device", "cpu", "--configs", "kvfx-int4",
+                  "--batch", "1", "--context", "512", "--steps", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    assert row["config"] == "kvfx-int4" and row["tokens_per_s"] > 0 and row["cudagraph_skips"] == 0
+    assert 0 < row["kv_bytes"] < row["fp_kv_bytes"]  # (512 tokens: past KIVI's fixed fp ring of R + G slots)
+    assert (tmp_path / "e2e.png").exists()
