@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import pathlib
 import subprocess
@@ -402,10 +403,19 @@ def cmd_eval(args) -> int:
     config = KVConfig.from_options({k: v for k, v in extra.items() if k in ("group_size", "residual")})
     bits = args.quanto_bits if args.quanto_bits is not None else ([4, 2] if args.task == "perplexity" else [])
     quanto, skipped = quality_sweep.quanto_methods(bits, config.group_size, config.residual)
-    model, tokenizer = _load(args)
     settings = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()
                 if k not in ("run", "debug", "out", "plot_only", "option", "merge")}
     settings["option"] = extra
+    if args.task == "perplexity":
+        settings["text_sha256"] = hashlib.sha256(pathlib.Path(args.text).read_bytes()).hexdigest()
+    path = args.out / f"quality_{args.task}.json" if args.out is not None else None
+    earlier = json.loads(path.read_text()) if args.merge and path is not None and path.exists() else None
+    if earlier is not None:  # before the model loads and the sweep runs
+        try:
+            quality_sweep.check_mergeable(earlier, args.task, settings)
+        except ValueError as exc:
+            raise UsageError(f"kvfx eval: error: --merge {path}: {exc}") from None
+    model, tokenizer = _load(args)
     if args.task == "passkey":
         prompts = quality.passkey_prompts(tokenizer, args.lengths, args.depths, args.seed)
         external = quality_sweep.kvpress_rows(args.kvpress, prompts) if args.kvpress else []
@@ -417,9 +427,8 @@ def cmd_eval(args) -> int:
         rows = result.rows
     skipped += result.skipped
     payload = {"task": args.task, "meta": _meta(args), "settings": settings, "rows": rows, "skipped": skipped}
-    path = args.out / f"quality_{args.task}.json" if args.out is not None else None
-    if args.merge and path is not None and path.exists():
-        payload = quality_sweep.merge(json.loads(path.read_text()), payload)
+    if earlier is not None:
+        payload = quality_sweep.merge(earlier, payload)
     if args.task == "passkey" and any(r["series"].startswith("kvpress ") for r in payload["rows"]):
         payload["comparison"] = quality_sweep.kvpress_comparison(payload["rows"], payload["skipped"])
     png = None

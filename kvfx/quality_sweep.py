@@ -108,9 +108,21 @@ def comparison_table(comparison: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-# Settings that decide what a row measured: two results merge only when these are equal.
+# Settings that decide what a row measured: two results merge only when these are equal. The text is
+# compared by content (its path differs between checkouts of the same file).
 MERGE_KEYS = {"passkey": ("lengths", "depths", "seed", "model", "gguf", "dtype", "device"),
-              "perplexity": ("text", "prefix", "tokens", "model", "gguf", "dtype", "device")}
+              "perplexity": ("text_sha256", "prefix", "tokens", "model", "gguf", "dtype", "device")}
+
+
+def check_mergeable(earlier: Mapping[str, Any], task: str, settings: Mapping[str, Any]) -> None:
+    """Raise ValueError unless rows measured with `settings` can be merged into `earlier` (checked
+    before measuring: a sweep that cannot be merged fails at once, not after its runs)."""
+    if earlier.get("task") != task:
+        raise ValueError(f"cannot merge a {earlier.get('task')!r} result into a {task!r} one")
+    differ = [k for k in MERGE_KEYS[task] if earlier["settings"].get(k) != settings.get(k)]
+    if differ:
+        raise ValueError(f"cannot merge results measured with other settings ({', '.join(differ)} differ): "
+                         "its rows would not be comparable")
 
 
 def merge(earlier: Mapping[str, Any], payload: dict) -> dict:
@@ -118,13 +130,7 @@ def merge(earlier: Mapping[str, Any], payload: dict) -> dict:
     methods this run did not measure: a sweep can be run, and committed, a few methods at a time.
     This run's rows replace an earlier method's rows; the earlier runs' meta and settings are kept
     under "merged"; "skipped" stays this run's (an earlier skip may no longer hold for this kvfx)."""
-    task = payload["task"]
-    if earlier.get("task") != task:
-        raise ValueError(f"cannot merge a {earlier.get('task')!r} result into a {task!r} one")
-    differ = [k for k in MERGE_KEYS[task] if earlier["settings"].get(k) != payload["settings"].get(k)]
-    if differ:
-        raise ValueError(f"cannot merge results measured with other settings ({', '.join(differ)} differ): "
-                         "its rows would not be comparable")
+    check_mergeable(earlier, payload["task"], payload["settings"])
     now = {r["method"] for r in payload["rows"]} | {s["method"] for s in payload["skipped"]}
     return {**payload,
             "rows": [r for r in earlier["rows"] if r["method"] not in now] + payload["rows"],

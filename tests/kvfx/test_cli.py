@@ -110,6 +110,17 @@ def test_eval_perplexity_writes_json_and_png(tiny_folder, tmp_path, capsys):
     merged = json.loads((tmp_path / "out" / "quality_perplexity.json").read_text())
     assert [r["method"] for r in merged["rows"]] == ["eager fp", "kvfx none", "kvfx h2o @ 0.5", "kvfx h2o @ 0.25"]
     assert merged["rows"][:3] == payload["rows"] and merged["merged"][0]["meta"] == payload["meta"]
+    # Merging is by the text's content, not its path; another text is refused before anything runs.
+    moved, other = tmp_path / "moved.txt", tmp_path / "other.txt"
+    moved.write_text(text.read_text())
+    other.write_text("Another text entirely. " * 20)
+    for path, code in ((moved, 0), (other, 2)):
+        capsys.readouterr()
+        assert main(["eval", "perplexity", "--model", str(tiny_folder), "--text", str(path), "--prefix", "16",
+                     "--tokens", "8", "--kv", "--policy", "h2o", "--budget", "0.75", "--policy-kv", "none",
+                     "--quanto-bits", "--no-eager", "--merge", "--out", str(tmp_path / "out")]) == code
+    err = capsys.readouterr().err
+    assert "text_sha256 differ" in err and "loading" not in err.lower()
 
 
 def test_export_onnx_writes_a_model_onnxruntime_loads(tiny_folder, tmp_path):
