@@ -129,11 +129,15 @@ def merge(earlier: Mapping[str, Any], payload: dict) -> dict:
     """`payload` (this run) with the rows of `earlier` (a result of the same task and settings) for the
     methods this run did not measure: a sweep can be run, and committed, a few methods at a time.
     This run's rows replace an earlier method's rows; the earlier runs' meta and settings are kept
-    under "merged"; "skipped" stays this run's (an earlier skip may no longer hold for this kvfx)."""
+    under "merged"; "skipped" is this run's (an earlier skip may no longer hold for this kvfx), less
+    the methods an earlier run measured: a method this run could not run (an optional package
+    missing here) keeps its earlier rows rather than losing them."""
     check_mergeable(earlier, payload["task"], payload["settings"])
-    now = {r["method"] for r in payload["rows"]} | {s["method"] for s in payload["skipped"]}
-    return {**payload,
-            "rows": [r for r in earlier["rows"] if r["method"] not in now] + payload["rows"],
+    now = {r["method"] for r in payload["rows"]}
+    kept = [r for r in earlier["rows"] if r["method"] not in now]
+    measured = {r["method"] for r in kept}
+    return {**payload, "rows": kept + payload["rows"],
+            "skipped": [s for s in payload["skipped"] if s["method"] not in measured],
             "merged": [*earlier.get("merged", []), {"meta": earlier["meta"], "settings": earlier["settings"]}]}
 
 
