@@ -135,6 +135,7 @@ def test_export_onnx_writes_a_model_onnxruntime_loads(tiny_folder, tmp_path):
     assert any("codes" in i.name or "k_" in i.name for i in session.get_inputs())
 
 
+@pytest.mark.heavy  # ~1 min cold (a subprocess that compiles): make test-all, run it before a GPU session
 def test_bench_e2e_runs_its_tiny_smoke_config(tmp_path):
     """`kvfx bench e2e` on the CPU (2-layer toy model): the script the GPU runs works end to end, its
     row carries the fields the README quotes, and kvfx holds fewer KV bytes than the fp cache."""
