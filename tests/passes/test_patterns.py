@@ -22,6 +22,16 @@ def rewritten(fn, args, kv):
     return plan, [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
 
 
+def unchanged_reason(fn, args, **config):
+    """fn's one graph through the rewrite with KVConfig(**config): it must come out exactly as it went
+    in, its site not rewritten. Returns the site's reason."""
+    (gm,) = dynamo_graphs(fn, *args)
+    before = gm.code
+    plan = rewrite_graph(gm, KVConfig(**config), graph_index=0)
+    assert gm.code == before and not plan.sites[0].rewritten
+    return plan.sites[0].reason
+
+
 def compiled_matches_eager(fn, args, kv, **tolerance):
     want = fn(*[a.clone() for a in args])
     got = torch.compile(fn, backend="kvfx", options={"kv": kv})(*[a.clone() for a in args])
@@ -109,10 +119,7 @@ def test_write_with_a_mask_index_is_left_unchanged():
     q, k_cache, v_cache, _, k, v, _ = static_inputs(t=1)
     where = torch.zeros(6, dtype=torch.bool)
     where[3] = True
-    (gm,) = dynamo_graphs(bool_index_write, q, k_cache, v_cache, k, v, where)
-    before = gm.code
-    plan = rewrite_graph(gm, KVConfig(kv="int8"), graph_index=0)
-    assert gm.code == before and not plan.sites[0].rewritten
+    unchanged_reason(bool_index_write, (q, k_cache, v_cache, k, v, where), kv="int8")
 
 
 # ---- caches that grow by concatenation -------------------------------------------------------------
@@ -167,11 +174,7 @@ def test_grown_cache_comes_back_as_a_placeholder_and_keeps_growing():
 @pytest.mark.parametrize("kv, reason", [("int8", "not returned whole"), ("int4", "cannot yet hold a cache that grows")])
 def test_concatenated_cache_kvfx_cannot_hold_is_left_unchanged(kv, reason):
     step = sliding_cat_step if kv == "int8" else cat_step
-    (gm,) = dynamo_graphs(step, *cat_inputs())
-    before = gm.code
-    plan = rewrite_graph(gm, KVConfig(kv=kv, group_size=16, residual=16), graph_index=0)
-    assert gm.code == before
-    assert not plan.sites[0].rewritten and reason in plan.sites[0].reason
+    assert reason in unchanged_reason(step, cat_inputs(), kv=kv, group_size=16, residual=16)
 
 
 def test_sliding_window_concatenation_is_rewritten_losslessly_for_kv_none():
@@ -232,11 +235,8 @@ def test_fill_that_is_not_a_mask_is_left_unchanged():
         att = (q @ k.transpose(-2, -1)).masked_fill(bias[:, :, 5:7, :7] == 0, 0.0)
         return F.softmax(att, dim=-1) @ v, k, v
 
-    (gm,) = dynamo_graphs(zero_filled, *mha_inputs(), torch.ones(1, 1, 16, 16).tril())
-    before = gm.code
-    plan = rewrite_graph(gm, KVConfig(kv="none"), graph_index=0)
-    assert gm.code == before
-    assert plan.sites[0].reason == "the scores are masked_fill-ed with 0.0, not -inf (kvfx models masking only)"
+    assert unchanged_reason(zero_filled, (*mha_inputs(), torch.ones(1, 1, 16, 16).tril()), kv="none") == \
+        "the scores are masked_fill-ed with 0.0, not -inf (kvfx models masking only)"
 
 
 @pytest.mark.parametrize("kv", ["none", "int8"])
@@ -304,22 +304,15 @@ def test_bmm_scores_split_into_other_factors_are_left_unchanged():
     """[B*H, T, S] viewed as [H, B, T, S] (B = 2, H = 4) pairs rows with the wrong heads' masks."""
     args = bmm_inputs() + [(4, 2)]
     args[5] = args[5].expand(2, 4, 2, 7).transpose(0, 1).contiguous()  # a per-head mask, shaped [H, B, T, S]
-    (gm,) = dynamo_graphs(bart_attention, *args)
-    before = gm.code
-    plan = rewrite_graph(gm, KVConfig(kv="none"), graph_index=0)
-    assert gm.code == before
-    assert "splits B * H into other factors" in plan.sites[0].reason
+    assert "splits B * H into other factors" in unchanged_reason(bart_attention, args, kv="none")
 
 
 def test_bmm_of_tensors_that_are_not_merged_heads_is_left_unchanged():
     def flat(q3, k3, v3):
         return torch.bmm(F.softmax(torch.bmm(q3, k3.transpose(1, 2)), dim=-1), v3)
 
-    (gm,) = dynamo_graphs(flat, *(torch.randn(8, 3, 4) for _ in range(3)))
-    before = gm.code
-    plan = rewrite_graph(gm, KVConfig(kv="none"), graph_index=0)
-    assert gm.code == before
-    assert "not a 4-D tensor [B, H, S, D] viewed as [B * H, S, D]" in plan.sites[0].reason
+    reason = unchanged_reason(flat, [torch.randn(8, 3, 4) for _ in range(3)], kv="none")
+    assert "not a 4-D tensor [B, H, S, D] viewed as [B * H, S, D]" in reason
 
 
 # ---- softcapping (Gemma-2) and one KV head broadcast by SDPA (Falcon) -------------------------------
@@ -354,11 +347,8 @@ def test_softcap_kvfx_cannot_prove_is_left_unchanged(kv, caps, reason):
         att = torch.tanh(torch.matmul(q, k_cache.transpose(2, 3)) / caps[1]) * caps[0]
         return torch.matmul(F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1), v_cache)
 
-    (gm,) = dynamo_graphs(static_softcapped, *static_inputs(heads=2, d=32))
-    before = gm.code
-    plan = rewrite_graph(gm, KVConfig(kv=kv, group_size=16, residual=16), graph_index=0)
-    assert gm.code == before
-    assert reason in plan.sites[0].reason
+    assert reason in unchanged_reason(static_softcapped, static_inputs(heads=2, d=32), kv=kv, group_size=16,
+                                      residual=16)
 
 
 @pytest.mark.parametrize("kv", ["none", "int8"])
@@ -380,11 +370,7 @@ def test_one_kv_head_broadcast_over_the_batch_too_is_left_unchanged():
         return F.scaled_dot_product_attention(q, k_cache, v_cache)
 
     q, k_cache, v_cache = torch.randn(2, 4, 1, 8), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8)
-    (gm,) = dynamo_graphs(shared_cache, q, k_cache, v_cache)
-    before = gm.code
-    plan = rewrite_graph(gm, KVConfig(kv="none"), graph_index=0)
-    assert gm.code == before
-    assert "broadcast over the batch too" in plan.sites[0].reason
+    assert "broadcast over the batch too" in unchanged_reason(shared_cache, (q, k_cache, v_cache), kv="none")
 
 
 # ---- the row max subtracted before softmax (MiMo-V2); keys and values of different head dims -------
@@ -409,11 +395,7 @@ def test_int8_leaves_keys_and_values_of_different_head_dims_unchanged():
     q, past_k, past_v, k, v, mask = bmm_inputs(batch=1)
     args = [q, past_k, past_v[..., :4].contiguous(), k, v[..., :4].contiguous(), mask]
     assert rewritten(max_shifted_attention, args, "none")[0].sites[0].rewritten  # attend handles Dv != Dk
-    (gm,) = dynamo_graphs(max_shifted_attention, *args)
-    before = gm.code
-    plan = rewrite_graph(gm, KVConfig(kv="int8"), graph_index=0)
-    assert gm.code == before
-    assert "different head dims (8 and 4)" in plan.sites[0].reason
+    assert "different head dims (8 and 4)" in unchanged_reason(max_shifted_attention, args, kv="int8")
 
 
 def test_written_placeholders_follow_views_and_skip_read_only_inputs():
