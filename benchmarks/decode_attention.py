@@ -37,7 +37,7 @@ from common import RESULTS, cuda_time_us, environment, plot_speedups, time_or_er
 from kvfx.kernels.decode_attention import decode_attention_triton, default_num_splits
 from kvfx.kernels.int8 import quantize_int8_reference
 from kvfx.kernels.kivi import KiviStore, quantized_length, store_write
-from kvfx.kernels.slot_attention import attend_positions, default_positional_splits
+from kvfx.kernels.slot_attention import attend_positions, default_slot_splits
 
 HQ, HKV, D, GROUP, RESIDUAL = 32, 8, 128, 32, 128
 DTYPE = torch.bfloat16
@@ -173,7 +173,7 @@ def bench_positional(q, k, v, want, base: dict, quick: bool, reps: int) -> list[
         best = None
         for c in sweep:
             kw = dict(block_n=c["block_n"], num_warps=c["num_warps"],
-                      num_splits=c["split_factor"] * default_positional_splits(q, k.shape[1], k.shape[2], c["block_n"]))
+                      num_splits=c["split_factor"] * default_slot_splits(q, k.shape[1], k.shape[2], c["block_n"]))
             result = time_or_error(lambda: run(**kw), reps)
             if "median_us" in result and (best is None or result["median_us"] < best["median_us"]):
                 best = dict(result, config=dict(c, num_splits=kw["num_splits"]),

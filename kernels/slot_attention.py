@@ -277,7 +277,7 @@ class Partials:
     bias: torch.Tensor | None
 
 
-def default_positional_splits(q: torch.Tensor, hkv: int, n: int, block_n: int) -> int:
+def default_slot_splits(q: torch.Tensor, hkv: int, n: int, block_n: int) -> int:
     """Splits of a pass over n slots: enough to fill the GPU (about 4 programs per SM), at least 2
     tiles each."""
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
@@ -287,9 +287,9 @@ def default_positional_splits(q: torch.Tensor, hkv: int, n: int, block_n: int) -
 def _split_buffers(q: torch.Tensor, hkv: int, n: int, num_splits: int | None, block_n: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partials (m, l [B * Hkv, NS, BLOCK_M], acc [.., D]) of a split-K pass over n slots in
-    `num_splits` splits (None: `default_positional_splits`)."""
+    `num_splits` splits (None: `default_slot_splits`)."""
     b, hq, _, d = q.shape
-    ns = num_splits or default_positional_splits(q, hkv, n, block_n)
+    ns = num_splits or default_slot_splits(q, hkv, n, block_n)
     block_m = max(16, triton.next_power_of_2(hq // hkv))
     part_m = torch.empty(b * hkv, ns, block_m, device=q.device, dtype=torch.float32)
     return part_m, torch.empty_like(part_m), torch.empty(b * hkv, ns, block_m, d, device=q.device, dtype=torch.float32)
