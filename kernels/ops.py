@@ -155,14 +155,13 @@ def kivi_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
     """
     store = _kivi((k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring), bits, fp8, group_size,
                   residual)
-    n = width if kv_len < 0 else kv_len
     b, t, d = q.shape[0], q.shape[2], q.shape[3]
+    attn_mask, kv_len = visible_prompt_keys(attn_mask, kv_len, t, is_causal, width)  # (a decode step: as is)
+    n = width if kv_len < 0 else kv_len
     # A decode step: the new token is in the ring already (residual > 0 keeps it at full precision).
     if t == 1 and _decode_kernels(q) and residual > 0 and d in HEAD_DIMS and not is_causal and row_mask(attn_mask):
         lengths = (pos[:1] + 1).to(torch.int32).expand(b)  # on the device: no host sync
         return decode_attention_triton(q, store, lengths, scale, bias=row_bias(attn_mask, b, n, q.device))
-    attn_mask, kv_len = visible_prompt_keys(attn_mask, kv_len, t, is_causal, width)
-    n = width if kv_len < 0 else kv_len
     start = int(pos[0])
     keys, values = dequantize_reference(store, start + t, q.dtype)
     full = []
