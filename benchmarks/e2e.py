@@ -4,7 +4,8 @@ The model is transformers' LlamaForCausalLM at the Llama-3-8B shape (32 layers, 
 heads, head dim 128, vocab 128256) with random weights built on the device, decoding through a
 StaticCache with `model.forward` compiled by `torch.compile` (backend "inductor", or "kvfx" with
 the config's options). For each config and batch: prefill a random prompt of `--context` tokens
-in chunks of `--prefill-chunk` (the last position's logits only), then time `--steps` one-token decode
+in chunks of `--prefill-chunk` (the last position's logits only; `--fill random`: the first chunk, then
+random K/V written into the cache up to the context, for decode sweeps), then time `--steps` one-token decode
 steps (CUDA-synchronized wall time per step, median), the first calls' times (compilation included),
 peak GPU memory, and the KV bytes held (`kvfx.report(...).kv_bytes`; the fp cache for inductor).
 Batches are swept in the order given; a config that runs out of memory skips its larger batches, so
@@ -13,6 +14,7 @@ the largest batch that ran is its max batch. `--profile` adds the GPU kernels of
 
 example: python benchmarks/e2e.py --context 8192 --batch 1 4 --configs inductor kvfx-none kvfx-int4
          python benchmarks/e2e.py --context 32768 --batch 1 8 16 32 --configs inductor kvfx-int4 --out /tmp/r
+         python benchmarks/e2e.py --context 32768 --batch 16 32 48 --configs kvfx-int4+cg --fill random
          python benchmarks/e2e.py --tiny --device cpu        (a smoke run of the script itself)
 """
 from __future__ import annotations
@@ -31,6 +33,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from common import RESULTS, environment, plot_speedups, write_json
 import kvfx
+from kvfx.kernels.kivi import KiviStore, store_write
+from kvfx.runtime import store_of
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072)
@@ -84,13 +88,34 @@ def kernel_profile(step, steps: int = 3, top: int = 12) -> dict:
                         for n, us, c in kernels[:top]]}
 
 
+def fill_random(cache, start: int, stop: int, chunk: int, generator: torch.Generator) -> None:
+    """Positions start .. stop - 1 of every layer get random K and V (standard normal, the model dtype)
+    through the cache's own write path: the fp buffers (inductor, kv="none") or kvfx's KIVI store
+    (quantize-and-store kernel), as a prefill of those positions would leave them, minus the prefill's
+    compute. A decode step reads and computes the same whatever the values are."""
+    for layer in cache.layers:
+        store = store_of(layer.keys)
+        if store is not None and not isinstance(store, KiviStore):
+            raise SystemExit(f"e2e: --fill random writes fp buffers and KIVI stores, not {type(store).__name__}")
+        b, h, _, d = (store.k_ring if store is not None else layer.keys).shape
+        dtype = store.dtype if store is not None else layer.keys.dtype
+        for at in range(start, stop, chunk):
+            k, v = (torch.randn(b, h, min(chunk, stop - at), d, generator=generator, device=generator.device,
+                                dtype=dtype) for _ in range(2))
+            if store is None:
+                layer.keys[:, :, at:at + k.shape[2]] = k
+                layer.values[:, :, at:at + k.shape[2]] = v
+            else:
+                store_write(store, k, v, at)
+
+
 @torch.no_grad()
 def run_config(model, eager_forward, name: str, batch: int, context: int, steps: int, device: str,
-               chunk: int = 2048, profile: bool = False) -> dict:
+               chunk: int = 2048, profile: bool = False, fill: str = "prefill") -> dict:
     torch._dynamo.reset()
     counters.clear()
     model.forward = torch.compile(eager_forward, **CONFIGS[name])
-    row = dict(config=name, batch=batch, context=context)
+    row = dict(config=name, batch=batch, context=context, fill=fill)
     gen = torch.Generator(device=device).manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (batch, context), device=device, generator=gen)
     if device == "cuda":
@@ -99,7 +124,11 @@ def run_config(model, eager_forward, name: str, batch: int, context: int, steps:
     try:
         cache = StaticCache(config=model.config, max_cache_len=context + steps + 8)  # + the profiled steps
         start = time.perf_counter()
-        logits = prefill(model, prompt, cache, chunk)
+        if fill == "random":  # the first chunk through the model (compiles, allocates), the rest written
+            logits = prefill(model, prompt[:, :min(chunk, context)], cache, chunk)
+            fill_random(cache, min(chunk, context), context, chunk, gen)
+        else:
+            logits = prefill(model, prompt, cache, chunk)
         sync(device)
         row["prefill_first_s"] = time.perf_counter() - start  # compilation included
         times = []
@@ -150,6 +179,11 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps (median reported)")
     parser.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill call (2048)")
     parser.add_argument("--profile", action="store_true", help="record the GPU kernels of a decode step")
+    parser.add_argument("--fill", choices=("prefill", "random"), default="prefill",
+                        help="prefill: the whole prompt through the model (default); random: its first chunk, "
+                             "then random K/V written into the cache (its fp buffers, or kvfx's KIVI stores, "
+                             "through the store kernel) up to the context: a decode-only sweep at a fraction "
+                             "of the prefill's cost (inductor, kvfx none and the KIVI formats)")
     parser.add_argument("--layers", type=int, default=None, help="override the layer count (32)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer toy model (smoke test of the script)")
     parser.add_argument("--device", default="cuda")
@@ -222,7 +256,8 @@ def main(argv=None) -> int:
     model = build_model(LlamaConfig(**shape), args.device, dtype)
     eager_forward = model.forward
     sweep(args, lambda config, batch, context: run_config(model, eager_forward, config, batch, context, args.steps,
-                                                          args.device, args.prefill_chunk, args.profile),
+                                                          args.device, args.prefill_chunk, args.profile,
+                                                          args.fill),
           "e2e", shape, dtype, "Llama-3-8B shape")
     return 0
 

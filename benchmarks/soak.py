@@ -2,13 +2,17 @@
 
 For each config, eight chat prompts (left-padded batch) generate `--new-tokens` greedy tokens through
 `torch.compile(..., backend="kvfx")` and a static cache. Every `--every` steps the script records the
-KV bytes kvfx holds (`kvfx.report`, measured from tensor storages) and the process's resident memory,
+KV bytes kvfx holds (`kvfx.report`, measured from tensor storages) and the memory in use (below),
 and it checks every step's logits for NaN / inf. At the end, per row: the share of distinct 4-grams
 among the last 1024 tokens and the shortest period the last 256 tokens repeat with (0 = no loop), so a
 repetition loop that the full-precision cache does not show stands out. Writes soak.json with the
 first 200 tokens of each row as text.
 
+On the GPU (`--device cuda`) the model runs in bf16 and the memory sampled is the GPU memory torch
+holds; `--cudagraphs` replays the decode steps as CUDA graphs.
+
 example: python benchmarks/soak.py --new-tokens 4096 --configs fp int4 int4+h2o
+         python benchmarks/soak.py --device cuda --cudagraphs --new-tokens 4096
          python benchmarks/soak.py --new-tokens 64 --batch 2 --out /tmp/soak      (a smoke run)
 """
 from __future__ import annotations
@@ -58,16 +62,19 @@ class Watch(LogitsProcessor):
         self.nonfinite += int(bool(scores.isnan().any() or scores.isposinf().any() or (~scores.isfinite()).all(-1).any()))
         if self.steps % self.every == 0 or self.steps == 1:
             self.samples.append({"step": self.steps, "kv_bytes": kvfx.report(self.model).kv_bytes,
-                                 "rss_mib": resident_mib()})
+                                 **memory_mib(scores.device)})
         self.bar.update(1)
         return scores
 
 
-def resident_mib() -> float:
+def memory_mib(device: torch.device) -> dict:
+    """The GPU memory torch holds (allocated tensors) on CUDA, else the process's resident memory."""
+    if device.type == "cuda":
+        return {"cuda_allocated_mib": torch.cuda.memory_allocated(device) / 2**20}
     for line in pathlib.Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            return {"rss_mib": int(line.split()[1]) / 1024}
+    return {"rss_mib": float("nan")}
 
 
 def loop_period(tokens: list[int], tail: int = 256, longest: int = 64) -> int:
@@ -86,13 +93,15 @@ def distinct_4grams(tokens: list[int], tail: int = 1024) -> float:
 
 
 @torch.no_grad()
-def soak(model, eager_forward, tokenizer, name: str, batch: int, new_tokens: int, every: int) -> dict:
+def soak(model, eager_forward, tokenizer, name: str, batch: int, new_tokens: int, every: int,
+         cudagraphs: bool = False) -> dict:
     torch._dynamo.reset()
-    model.forward = torch.compile(eager_forward, backend="kvfx", options=CONFIGS[name])
+    options = {**CONFIGS[name], **({"cudagraphs": True} if cudagraphs else {})}
+    model.forward = torch.compile(eager_forward, backend="kvfx", options=options)
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                            add_generation_prompt=True) for q in QUESTIONS[:batch]]
     tokenizer.padding_side = "left"
-    enc = tokenizer(chats, return_tensors="pt", padding=True)
+    enc = tokenizer(chats, return_tensors="pt", padding=True).to(model.device)
     cache = StaticCache(config=model.config, max_cache_len=enc.input_ids.shape[1] + new_tokens)
     with tqdm(total=new_tokens, desc=name, unit="tok") as bar:
         watch = Watch(model, every, bar)
@@ -103,10 +112,12 @@ def soak(model, eager_forward, tokenizer, name: str, batch: int, new_tokens: int
     model.forward = eager_forward
     rows = out[:, enc.input_ids.shape[1]:].tolist()
     late = [s for s in watch.samples if s["step"] >= new_tokens // 4]
-    return {"config": name, "options": CONFIGS[name], "batch": batch, "new_tokens": new_tokens,
+    memory = "cuda_allocated_mib" if model.device.type == "cuda" else "rss_mib"
+    return {"config": name, "options": options, "batch": batch, "new_tokens": new_tokens,
             "seconds": seconds, "tokens_per_s": batch * (len(watch.times) - 1) / (watch.times[-1] - watch.times[0]),
             "steps_with_nan_or_inf": watch.nonfinite, "memory": watch.samples,
             "kv_bytes_flat_after_warmup": len({s["kv_bytes"] for s in late}) <= 1,
+            "memory_growth_after_warmup_mib": late[-1][memory] - late[0][memory] if late else None,
             "rows": [{"distinct_4grams_last_1024": distinct_4grams(r), "loop_period_last_256": loop_period(r),
                       "first_200_tokens": tokenizer.decode(r[:200])} for r in rows]}
 
@@ -119,18 +130,24 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=8, choices=range(1, len(QUESTIONS) + 1), metavar="1..8")
     parser.add_argument("--every", type=int, default=256, help="steps between memory samples (256)")
+    parser.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
+    parser.add_argument("--cudagraphs", action="store_true", help="decode steps as CUDA graphs (cuda)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for soak.json")
     args = parser.parse_args(argv)
-    model, tokenizer = load_smollm2()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model, tokenizer = load_smollm2(dtype)
+    model.to(args.device)
     eager_forward = model.forward
     results = []
     for name in args.configs:
-        results.append(soak(model, eager_forward, tokenizer, name, args.batch, args.new_tokens, args.every))
+        results.append(soak(model, eager_forward, tokenizer, name, args.batch, args.new_tokens, args.every,
+                            args.cudagraphs))
         r = results[-1]
         tqdm.write(f"{name}: {r['tokens_per_s']:.1f} tok/s, NaN/inf steps {r['steps_with_nan_or_inf']}, KV flat "
                    f"{r['kv_bytes_flat_after_warmup']}, loops {[x['loop_period_last_256'] for x in r['rows']]}")
         write_json(args.out / "soak.json", {"benchmark": "soak", "environment": environment(),
-                                            "model": "SmolLM2-135M-Instruct (fp32)", "results": results})
+                                            "model": f"SmolLM2-135M-Instruct ({str(dtype).split('.')[1]})",
+                                            "results": results})
     return 0
 
 

@@ -19,6 +19,8 @@ and calls the kernels do not take (per-head masks, is_causal, other head dims) t
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from kvfx.errors import KVFXError
@@ -114,6 +116,13 @@ def _(codes, qparams, pos, x):
 # k_ring, v_ring), with the format as constants (bits, fp8, group_size, residual).
 
 
+# A prompt's attention over a KIVI store dequantizes the cache, in fp32, for this many bytes' worth of
+# batch rows at a time (the transient peak is a few times it): without blocks, a 32K prompt at batch 40
+# would need as much transient memory as the bf16 cache the quantized one replaces.
+PROMPT_BLOCK_BYTES = 1 << 28
+KIVI_TENSORS = ("k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "k_ring", "v_ring")
+
+
 def _kivi(tensors, bits, fp8, group_size, residual) -> KiviStore:
     return KiviStore(*tensors, bits, group_size, residual, fp8)
 
@@ -162,13 +171,21 @@ def kivi_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
     if t == 1 and _decode_kernels(q) and residual > 0 and d in HEAD_DIMS and not is_causal and row_mask(attn_mask):
         lengths = (pos[:1] + 1).to(torch.int32).expand(b)  # on the device: no host sync
         return decode_attention_triton(q, store, lengths, scale, bias=row_bias(attn_mask, b, n, q.device))
-    start = int(pos[0])
-    keys, values = dequantize_reference(store, start + t, q.dtype)
-    full = []
-    for cached, new in ((keys, k_new), (values, v_new)):
-        cached = torch.nn.functional.pad(cached, (0, 0, 0, max(n - cached.shape[2], 0)))[:, :, :n]
-        full.append(cached.index_copy(2, pos[pos < n], new[:, :, : int((pos < n).sum())].to(q.dtype)))
-    return attend_reference(q, full[0], full[1], attn_mask, -1, is_causal, scale).contiguous()
+    written = int(pos[0]) + t
+    out = torch.empty(*q.shape[:-1], v_new.shape[-1], dtype=q.dtype, device=q.device)
+    rows = max(1, PROMPT_BLOCK_BYTES // (4 * store.k_ring.shape[1] * written * d))
+    for r in range(0, b, rows):  # blocks of batch rows: the dequantized cache is transient memory
+        block = slice(r, r + rows)
+        part = dataclasses.replace(store, **{f: getattr(store, f)[block] for f in KIVI_TENSORS})
+        keys, values = dequantize_reference(part, written, q.dtype)
+        full = []
+        for cached, new in ((keys, k_new[block]), (values, v_new[block])):
+            cached = torch.nn.functional.pad(cached, (0, 0, 0, max(n - cached.shape[2], 0)))[:, :, :n]
+            full.append(cached.index_copy(2, pos[pos < n], new[:, :, : int((pos < n).sum())].to(q.dtype)))
+        mask = attn_mask[block] if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[0] == b \
+            else attn_mask
+        out[block] = attend_reference(q[block], full[0], full[1], mask, -1, is_causal, scale)
+    return out
 
 
 @kivi_attend.register_fake

@@ -87,6 +87,12 @@ def dequantized(buffer: torch.Tensor, length: int | None = None) -> torch.Tensor
     return keys if is_key else values
 
 
+def store_of(buffer: torch.Tensor) -> Any:
+    """The store that holds a cache buffer's tokens (None: kvfx holds none for it, as with kv="none",
+    where the model's buffer is the cache)."""
+    return _STORES.get(buffer, (None, None))[0]
+
+
 def held_bytes(buffers) -> int:
     """Bytes really held for the model's cache `buffers` (keys and values): their own storages plus,
     for buffers kvfx freed, the stores that hold their tokens (each counted once)."""
@@ -94,7 +100,7 @@ def held_bytes(buffers) -> int:
     total = 0
     for buffer in buffers:
         total += buffer.untyped_storage().nbytes()
-        store, _ = _STORES.get(buffer, (None, None))
+        store = store_of(buffer)
         if store is not None:
             stores[id(store)] = store
     return total + sum(s.nbytes() for s in stores.values())
@@ -159,7 +165,7 @@ def _read_back(buffer: torch.Tensor, index: int, also_rewritten: bool, session: 
     """A graph reads a buffer kvfx froze outside any rewritten site (HF's full static sliding-window
     layer rolls its buffer: roll + copy_, a write kvfx does not model): the buffer gets its fp memory
     back, filled with its store's tokens, and the cache goes on unquantized (the report names the site)."""
-    store, _ = _STORES.get(buffer, (None, None))
+    store = store_of(buffer)
     if also_rewritten or not isinstance(store, KVStore) or not buffer.is_contiguous():
         raise KVFXError(
             f"graph input {index} is a KV-cache buffer that kvfx freed, and this graph reads it "

@@ -159,6 +159,30 @@ def test_kivi_ops_opcheck_and_match_the_store_reference(kv):
                                                                options, 0, 1))
 
 
+def test_kivi_prompt_attention_in_row_blocks_is_the_whole_batch_at_once(monkeypatch):
+    """A prompt chunk over a KIVI store dequantizes the cache one block of batch rows at a time (bounded
+    transient memory): one row per block gives what the whole batch at once gives, per-row masks
+    (left padding) included."""
+    import kvfx.kernels.ops as ops
+    from kvfx.kernels.formats import format_for
+
+    fmt = format_for("int4", group_size=16, residual=16)
+    store = fmt.allocate((3, 2, 64, 32), torch.float32, torch.device("cpu"))
+    constants = (fmt.bits, fmt.fp8, fmt.group_size, fmt.residual)
+    torch.ops.kvfx.kivi_write(*store.tensors(), torch.arange(40), torch.randn(3, 2, 40, 32), torch.randn(3, 2, 40, 32),
+                              64, *constants)
+    q, k, v, pos = torch.randn(3, 4, 8, 32), torch.randn(3, 2, 8, 32), torch.randn(3, 2, 8, 32), torch.arange(40, 48)
+    mask = torch.ones(8, 64, dtype=torch.bool).tril(40)[None, None].repeat(3, 1, 1, 1)
+    mask[1, ..., :5] = mask[2, ..., :11] = False  # rows 1 and 2 left-padded
+    torch.ops.kvfx.kivi_write(*store.tensors(), pos, k, v, 64, *constants)
+    args = (q, k, v, pos, *store.tensors(), mask, -1, 64, False, 0.2, *constants)
+    whole = torch.ops.kvfx.kivi_attend(*args)
+    monkeypatch.setattr(ops, "PROMPT_BLOCK_BYTES", 1)
+    torch.testing.assert_close(torch.ops.kvfx.kivi_attend(*args), whole, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(whole[1], torch.ops.kvfx.kivi_attend(q, k, v, pos, *store.tensors(), mask[[0, 0, 0]], -1, 64,
+                                                                  False, 0.2, *constants)[1])  # row 1's own mask counted
+
+
 def test_kivi_write_past_the_cache_is_a_clear_error():
     from kvfx.kernels.formats import format_for
 
