@@ -92,7 +92,8 @@ def fill_random(cache, start: int, stop: int, chunk: int, generator: torch.Gener
     """Positions start .. stop - 1 of every layer get random K and V (standard normal, the model dtype)
     through the cache's own write path: the fp buffers (inductor, kv="none") or kvfx's KIVI store
     (quantize-and-store kernel), as a prefill of those positions would leave them, minus the prefill's
-    compute. A decode step reads and computes the same whatever the values are."""
+    compute. A decode step reads and computes the same whatever the values are. The layer's count of
+    written tokens (HF's `cumulative_length`, where its next write goes) moves to `stop`."""
     for layer in cache.layers:
         store = store_of(layer.keys)
         if store is not None and not isinstance(store, KiviStore):
@@ -107,6 +108,8 @@ def fill_random(cache, start: int, stop: int, chunk: int, generator: torch.Gener
                 layer.values[:, :, at:at + k.shape[2]] = v
             else:
                 store_write(store, k, v, at)
+        if hasattr(layer, "cumulative_length"):  # HF writes the next token there, and kvfx reads that far
+            layer.cumulative_length.fill_(stop)
 
 
 @torch.no_grad()

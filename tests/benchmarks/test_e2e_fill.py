@@ -1,0 +1,34 @@
+"""benchmarks/e2e.py --fill random: the decode that follows reads every position the fill wrote.
+
+A fill that leaves HF's count of written tokens (`cumulative_length`) behind makes the model write its
+next token, and kvfx read its cache, only that far: decode steps that look many times faster than the
+memory allows. Here a decode step must change when the filled positions it should read change."""
+import pathlib
+
+import torch
+from transformers import LlamaConfig, StaticCache
+
+BENCHMARKS = pathlib.Path(__file__).parents[2] / "benchmarks"
+
+
+def test_decode_after_a_random_fill_reads_the_filled_positions(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import e2e
+
+    model = e2e.build_model(LlamaConfig(**e2e.TINY), "cpu", torch.float32)
+    model.forward = torch.compile(model.forward, **e2e.CONFIGS["kvfx-int4"])
+    batch, context, chunk = 2, 600, 256
+    prompt = torch.randint(0, 1024, (batch, chunk), generator=torch.Generator().manual_seed(0))
+    cache = StaticCache(config=model.config, max_cache_len=context + 8)
+    at = torch.tensor([context])
+
+    def decode():
+        return model(token, past_key_values=cache, cache_position=at, position_ids=at.expand(batch, 1)).logits
+
+    with torch.no_grad():
+        token = e2e.prefill(model, prompt, cache, chunk).argmax(-1)
+        e2e.fill_random(cache, chunk, context, chunk, torch.Generator().manual_seed(1))
+        assert all(int(layer.cumulative_length) == context for layer in cache.layers)
+        first = decode()
+        e2e.fill_random(cache, 400, context, chunk, torch.Generator().manual_seed(2))  # only positions 400..599
+        assert (decode() - first).abs().max() > 1e-3
