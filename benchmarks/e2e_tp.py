@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 
     def run(name: str, batch: int, context: int) -> dict:
         row = run_config(model, eager_forward, name, batch, context, args.steps, args.device, args.prefill_chunk,
-                         args.profile)
+                         args.profile, args.fill)
         rows = [None] * tp
         dist.all_gather_object(rows, row)  # every rank merges: all take the same out-of-memory skips
         return merge(rows)

@@ -23,6 +23,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
 
     folder = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    if tokenizer.pad_token is None:  # (transformers < 5.2x reads none from the GGUF) batches need one
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
     return model.eval(), tokenizer
 
