@@ -34,6 +34,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 from common import RESULTS, environment, plot_speedups, write_json
 import kvfx
 from kvfx.kernels.kivi import KiviStore, store_write
+from kvfx.kernels.policies import policy_attend_reference
+from kvfx.kernels.token_store import TokenFormat, TokenStore
 from kvfx.runtime import store_of
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -88,26 +90,35 @@ def kernel_profile(step, steps: int = 3, top: int = 12) -> dict:
                         for n, us, c in kernels[:top]]}
 
 
-def fill_random(cache, start: int, stop: int, chunk: int, generator: torch.Generator) -> None:
+def fill_random(cache, start: int, stop: int, chunk: int, generator: torch.Generator, options: str | None = None
+                ) -> None:
     """Positions start .. stop - 1 of every layer get random K and V (standard normal, the model dtype)
-    through the cache's own write path: the fp buffers (inductor, kv="none") or kvfx's KIVI store
-    (quantize-and-store kernel), as a prefill of those positions would leave them, minus the prefill's
-    compute. A decode step reads and computes the same whatever the values are. The layer's count of
-    written tokens (HF's `cumulative_length`, where its next write goes) moves to `stop`."""
-    for layer in cache.layers:
+    through the cache's own write path, as a prefill of those positions would leave it, minus the model's
+    compute: the fp buffers (inductor, kv="none"), kvfx's KIVI store (the quantize-and-store kernel), or a
+    policy's store (its own prompt path: attention of random queries over the kept tokens, the policy's
+    selection and write; `options` is the config's JSON). A decode step reads and computes the same
+    whatever the values are. The layer's count of written tokens (HF's `cumulative_length`, where its
+    next write goes) moves to `stop`."""
+    layers = len(cache.layers)
+    for index, layer in enumerate(cache.layers):
         store = store_of(layer.keys)
-        if store is not None and not isinstance(store, KiviStore):
-            raise SystemExit(f"e2e: --fill random writes fp buffers and KIVI stores, not {type(store).__name__}")
-        b, h, _, d = (store.k_ring if store is not None else layer.keys).shape
+        b, h, _, d = (store.k_ring if isinstance(store, KiviStore) else layer.keys).shape
         dtype = store.dtype if store is not None else layer.keys.dtype
         for at in range(start, stop, chunk):
-            k, v = (torch.randn(b, h, min(chunk, stop - at), d, generator=generator, device=generator.device,
-                                dtype=dtype) for _ in range(2))
+            k, v, q = (torch.randn(b, h, min(chunk, stop - at), d, generator=generator, device=generator.device,
+                                   dtype=dtype) for _ in range(3))
             if store is None:
                 layer.keys[:, :, at:at + k.shape[2]] = k
                 layer.values[:, :, at:at + k.shape[2]] = v
-            else:
+            elif isinstance(store, KiviStore):
                 store_write(store, k, v, at)
+            elif isinstance(store, TokenStore):
+                pos = torch.arange(at, at + k.shape[2], device=k.device)
+                policy_attend_reference(q, k, v, pos, store, None, True, d ** -0.5, TokenFormat(options).spec,
+                                        index, layers)
+            else:
+                raise SystemExit(f"e2e: --fill random writes fp buffers, KIVI and policy stores, not "
+                                 f"{type(store).__name__}")
         if hasattr(layer, "cumulative_length"):  # HF writes the next token there, and kvfx reads that far
             layer.cumulative_length.fill_(stop)
 
@@ -129,7 +140,8 @@ def run_config(model, eager_forward, name: str, batch: int, context: int, steps:
         start = time.perf_counter()
         if fill == "random":  # the first chunk through the model (compiles, allocates), the rest written
             logits = prefill(model, prompt[:, :min(chunk, context)], cache, chunk)
-            fill_random(cache, min(chunk, context), context, chunk, gen)
+            options = kvfx.KVConfig(**CONFIGS[name]["options"]).to_json() if "options" in CONFIGS[name] else None
+            fill_random(cache, min(chunk, context), context, chunk, gen, options)
         else:
             logits = prefill(model, prompt, cache, chunk)
         sync(device)
@@ -185,8 +197,8 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--fill", choices=("prefill", "random"), default="prefill",
                         help="prefill: the whole prompt through the model (default); random: its first chunk, "
                              "then random K/V written into the cache (its fp buffers, or kvfx's KIVI stores, "
-                             "through the store kernel) up to the context: a decode-only sweep at a fraction "
-                             "of the prefill's cost (inductor, kvfx none and the KIVI formats)")
+                             "through the store kernel, or a policy's store through its prompt path) up to the "
+                             "context: a decode-only sweep at a fraction of the prefill's cost")
     parser.add_argument("--layers", type=int, default=None, help="override the layer count (32)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer toy model (smoke test of the script)")
     parser.add_argument("--device", default="cuda")

@@ -5,18 +5,23 @@ next token, and kvfx read its cache, only that far: decode steps that look many 
 memory allows. Here a decode step must change when the filled positions it should read change."""
 import pathlib
 
+import pytest
 import torch
 from transformers import LlamaConfig, StaticCache
 
 BENCHMARKS = pathlib.Path(__file__).parents[2] / "benchmarks"
 
 
-def test_decode_after_a_random_fill_reads_the_filled_positions(monkeypatch):
+@pytest.mark.parametrize("config", ["kvfx-int4", "kvfx-int4-snapkv-20%"])  # a KIVI store, a policy's store
+def test_decode_after_a_random_fill_reads_the_filled_positions(monkeypatch, config):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import e2e
 
+    import kvfx
+
     model = e2e.build_model(LlamaConfig(**e2e.TINY), "cpu", torch.float32)
-    model.forward = torch.compile(model.forward, **e2e.CONFIGS["kvfx-int4"])
+    model.forward = torch.compile(model.forward, **e2e.CONFIGS[config])
+    options = kvfx.KVConfig(**e2e.CONFIGS[config]["options"]).to_json()
     batch, context, chunk = 2, 600, 256
     prompt = torch.randint(0, 1024, (batch, chunk), generator=torch.Generator().manual_seed(0))
     cache = StaticCache(config=model.config, max_cache_len=context + 8)
@@ -27,8 +32,8 @@ def test_decode_after_a_random_fill_reads_the_filled_positions(monkeypatch):
 
     with torch.no_grad():
         token = e2e.prefill(model, prompt, cache, chunk).argmax(-1)
-        e2e.fill_random(cache, chunk, context, chunk, torch.Generator().manual_seed(1))
+        e2e.fill_random(cache, chunk, context, chunk, torch.Generator().manual_seed(1), options)
         assert all(int(layer.cumulative_length) == context for layer in cache.layers)
         first = decode()
-        e2e.fill_random(cache, 400, context, chunk, torch.Generator().manual_seed(2))  # only positions 400..599
+        e2e.fill_random(cache, 400, context, chunk, torch.Generator().manual_seed(2), options)  # only positions 400..599
         assert (decode() - first).abs().max() > 1e-3
