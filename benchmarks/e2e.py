@@ -7,7 +7,9 @@ the config's options). For each config and batch: prefill a random prompt of `--
 in chunks of `--prefill-chunk` (the last position's logits only; `--fill random`: the first chunk, then
 random K/V written into the cache up to the context, for decode sweeps), then time `--steps` one-token decode
 steps (CUDA-synchronized wall time per step, median), the first calls' times (compilation included),
-peak GPU memory, and the KV bytes held (`kvfx.report(...).kv_bytes`; the fp cache for inductor).
+peak GPU memory, and the KV bytes held (`kvfx.report(...).kv_bytes`; the fp cache for inductor; the
+cache's own tensors for "transformers-quanto-int4/2": transformers' QuantizedCache with the
+optimum-quanto backend at kvfx's group size and residual, run eagerly as transformers runs it).
 Batches are swept in the order given; a config that runs out of memory skips its larger batches, so
 the largest batch that ran is its max batch. `--profile` adds the GPU kernels of one decode step
 (torch.profiler, device time per kernel family). Writes e2e.json and e2e.png (tokens/s vs batch).
@@ -56,6 +58,30 @@ CONFIGS = {
 # "+cg": decode steps replayed as CUDA graphs (inductor: mode="reduce-overhead"; kvfx: cudagraphs=True).
 CONFIGS.update({f"{name}+cg": dict(backend="inductor", mode="reduce-overhead") if name == "inductor" else
                 dict(backend="kvfx", options={**c["options"], "cudagraphs": True}) for name, c in list(CONFIGS.items())})
+# transformers' QuantizedCache (optimum-quanto backend) with kvfx's default grouping (32) and residual (128),
+# run eagerly as transformers runs it: it grows like a DynamicCache, so a compiled step would recompile.
+CONFIGS.update({f"transformers-quanto-int{bits}": dict(quanto_bits=bits) for bits in (4, 2)})
+
+
+def make_cache(name: str, config: LlamaConfig, max_cache_len: int):
+    spec = CONFIGS[name]
+    if "quanto_bits" in spec:
+        from transformers import QuantizedCache
+
+        return QuantizedCache(backend="quanto", config=config, nbits=spec["quanto_bits"], q_group_size=32,
+                              residual_length=128)
+    return StaticCache(config=config, max_cache_len=max_cache_len)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes the cache object holds itself: the storages of every tensor its layers keep, looking into
+    tensor subclasses (quanto's packed tensors) through their inner tensors."""
+    def held(t) -> int:
+        if hasattr(t, "__tensor_flatten__"):
+            return sum(held(getattr(t, inner)) for inner in t.__tensor_flatten__()[0])
+        return t.untyped_storage().nbytes()
+
+    return sum(held(v) for layer in cache.layers for v in vars(layer).values() if isinstance(v, torch.Tensor))
 
 
 def sync(device: str) -> None:
@@ -128,15 +154,18 @@ def run_config(model, eager_forward, name: str, batch: int, context: int, steps:
                chunk: int = 2048, profile: bool = False, fill: str = "prefill") -> dict:
     torch._dynamo.reset()
     counters.clear()
-    model.forward = torch.compile(eager_forward, **CONFIGS[name])
+    quanto = "quanto_bits" in CONFIGS[name]
+    model.forward = eager_forward if quanto else torch.compile(eager_forward, **CONFIGS[name])
     row = dict(config=name, batch=batch, context=context, fill=fill)
+    if quanto and fill == "random":
+        return dict(row, error="--fill random: transformers' QuantizedCache has no write path to fill; use --fill prefill")
     gen = torch.Generator(device=device).manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (batch, context), device=device, generator=gen)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
-        cache = StaticCache(config=model.config, max_cache_len=context + steps + 8)  # + the profiled steps
+        cache = make_cache(name, model.config, context + steps + 8)  # + the profiled steps
         start = time.perf_counter()
         if fill == "random":  # the first chunk through the model (compiles, allocates), the rest written
             logits = prefill(model, prompt[:, :min(chunk, context)], cache, chunk)
@@ -167,9 +196,10 @@ def run_config(model, eager_forward, name: str, batch: int, context: int, steps:
         if name.startswith("kvfx"):
             rep = kvfx.report(model.forward)
             row["kv_bytes"], row["fp_kv_bytes"] = rep.kv_bytes, rep.fp_kv_bytes
-        else:
-            row["kv_bytes"] = row["fp_kv_bytes"] = sum(t.numel() * t.element_size() for l in cache.layers
-                                                       for t in (l.keys, l.values))
+        else:  # the fp cache (inductor), or QuantizedCache's packed tensors + full-precision residual
+            row["kv_bytes"] = cache_bytes(cache)
+            row["fp_kv_bytes"] = (2 * model.config.num_hidden_layers * batch * model.config.num_key_value_heads
+                                  * (context + steps + 8) * model.config.head_dim * torch.finfo(model.dtype).bits // 8)
         if device == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         del cache, logits

@@ -1,8 +1,10 @@
-"""benchmarks/e2e.py --fill random: the decode that follows reads every position the fill wrote.
+"""benchmarks/e2e.py, the parts that decide what its numbers mean.
 
-A fill that leaves HF's count of written tokens (`cumulative_length`) behind makes the model write its
-next token, and kvfx read its cache, only that far: decode steps that look many times faster than the
-memory allows. Here a decode step must change when the filled positions it should read change."""
+--fill random: the decode that follows reads every position the fill wrote. A fill that leaves HF's
+count of written tokens (`cumulative_length`) behind makes the model write its next token, and kvfx
+read its cache, only that far: decode steps that look many times faster than the memory allows. Here
+a decode step must change when the filled positions it should read change. And the QuantizedCache
+baseline's bytes are counted inside quanto's packed tensors."""
 import pathlib
 
 import pytest
@@ -37,3 +39,18 @@ def test_decode_after_a_random_fill_reads_the_filled_positions(monkeypatch, conf
         first = decode()
         e2e.fill_random(cache, 400, context, chunk, torch.Generator().manual_seed(2), options)  # only positions 400..599
         assert (decode() - first).abs().max() > 1e-3
+
+
+def test_quantized_cache_row_counts_quantos_packed_tensors(monkeypatch):
+    """The transformers QuantizedCache baseline: its KV bytes are the storages inside quanto's packed
+    tensors plus its full-precision residual, and a random fill (which it has no write path for) is a
+    clear row error, not a silent prefill."""
+    pytest.importorskip("optimum.quanto")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import e2e
+
+    model = e2e.build_model(LlamaConfig(**e2e.TINY), "cpu", torch.float32)
+    row = e2e.run_config(model, model.forward, "transformers-quanto-int4", 2, 600, 2, "cpu", chunk=256)
+    assert "error" not in row and 0 < row["kv_bytes"] < row["fp_kv_bytes"] / 2
+    filled = e2e.run_config(model, model.forward, "transformers-quanto-int4", 2, 600, 2, "cpu", fill="random")
+    assert "no write path" in filled["error"]
