@@ -5,7 +5,8 @@ One query token per row, Hq=32, Hkv=8, D=128, bf16, every row holding S tokens. 
 runs is "best SDPA"; a backend that errors is recorded and skipped) and HF's eager path (repeat_kv
 expand + reshape, then SDPA). kvfx formats use KIVI's defaults for int (G=32, R=128) and G=32, R=0
 for fp8 and none; each is timed over a small sweep of launch configs (tile, warps, splits; for int:
-warps, splits, value-parameter expansion) and the best is reported with its config. The int formats
+warps, tokens per step, splits, value-parameter expansion, pipelining depth: `INT_SWEEP`) and the best
+is reported with its config. The int formats
 also get a "kvfx-<format>-generic" row: the generic tile kernel (the one none and fp8 use), the int
 formats' previous kernel, at one config, for a before/after within the same run. "kvfx-attend-none-positional"
 and "kvfx-attend-int8-positional" time what the compile path runs for kv="none" / "int8" (`kvfx::attend`:
@@ -85,20 +86,33 @@ INT_FORMATS = ("int8", "int4", "int2")
 GENERIC_INT_CONFIG = dict(block_n=64, num_warps=4, split_factor=2, int_kernel=False)
 
 
+# The int kernel's launch sweep: (warps, tokens per step, value-param mode), with Triton's default
+# pipelining and, for the first two, num_stages 2 and 4. Chosen from sm_90 SASS compiled on CPU (loop
+# instructions per token, no local-memory spills); split factors do not recompile.
+INT_SWEEP = {
+    "int8": [(1, 32, 1), (2, 32, 1), (2, 64, 1), (4, 128, 1), (1, 64, 1)],
+    "int4": [(1, 32, 1), (2, 64, 1), (1, 32, 2), (2, 32, 1), (4, 64, 1), (4, 128, 1), (2, 128, 1)],
+    "int2": [(1, 32, 1), (2, 64, 1), (1, 64, 1), (2, 128, 2), (4, 128, 1)],
+}
+
+
 def launch_configs(name: str, quick: bool) -> list[dict]:
     """decode_attention_triton keyword sweeps (split_factor multiplies default_num_splits)."""
-    if name in INT_FORMATS:  # one group per step: no block_n; vmode = how value params are expanded
+    if name in INT_FORMATS:  # block_n = tokens per step (a multiple of G); vmode = value-param expansion
         if quick:
-            return [dict(num_warps=1, split_factor=4, vmode=0)]
-        return [dict(num_warps=w, split_factor=f, vmode=vm) for vm in (0, 1)
-                for w, factors in ((1, (2, 4, 8)), (2, (1, 2, 4)), (4, (1, 2))) for f in factors]
+            return [dict(num_warps=1, block_n=GROUP, split_factor=4, vmode=1)]
+        sweep = INT_SWEEP[name]
+        return [dict(num_warps=w, block_n=bn, split_factor=f, vmode=vm, **({"num_stages": st} if st else {}))
+                for i, (w, bn, vm) in enumerate(sweep) for st in ((None, 2, 4) if i < 2 else (None,))
+                for f in (1, 2, 4, 8)]
     if quick:
         return [dict(block_n=64, num_warps=4, split_factor=1)]
-    return [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (1, 2)]
+    return [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (1, 2, 4)]
 
 
-def bench_shape(b: int, s: int, configs, reps: int, quick: bool = False) -> list[dict]:
-    """configs: format name -> list of launch configs (`launch_configs`)."""
+def bench_shape(b: int, s: int, configs, reps: int, quick: bool = False, formats=FORMATS) -> list[dict]:
+    """configs: format name -> list of launch configs (`launch_configs`); formats: the KIVI-store
+    formats to time (FORMATS)."""
     rows = []
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     q = torch.randn(b, HQ, 1, D, device=DEVICE, dtype=DTYPE, generator=gen)
@@ -118,7 +132,7 @@ def bench_shape(b: int, s: int, configs, reps: int, quick: bool = False) -> list
         want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
     rows += bench_positional(q, k, v, want, base, quick, reps)
     lengths = torch.full((b,), s, dtype=torch.int32, device=DEVICE)
-    for name, cfg in FORMATS.items():
+    for name, cfg in formats.items():
         try:
             store = KiviStore.allocate(b, HKV, s, D, DTYPE, DEVICE, group_size=GROUP, **cfg)
             store_write(store, k, v, 0, lengths)
@@ -161,7 +175,7 @@ def bench_positional(q, k, v, want, base: dict, quick: bool, reps: int) -> list[
     rows = []
     scale = D ** -0.5
     sweep = [dict(block_n=64, num_warps=4, split_factor=1)] if quick else \
-        [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (1, 2)]
+        [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (0.5, 1, 2)]
     codes_k, params_k = quantize_int8_reference(k)
     codes_v, params_v = quantize_int8_reference(v)
     for name, args, nbytes in (("none", (k, v, None, None), sdpa_bytes(base["batch"], base["seq"])),
@@ -173,7 +187,8 @@ def bench_positional(q, k, v, want, base: dict, quick: bool, reps: int) -> list[
         best = None
         for c in sweep:
             kw = dict(block_n=c["block_n"], num_warps=c["num_warps"],
-                      num_splits=c["split_factor"] * default_slot_splits(q, k.shape[1], k.shape[2], c["block_n"]))
+                      num_splits=max(1, round(c["split_factor"] * default_slot_splits(q, k.shape[1], k.shape[2],
+                                                                                      c["block_n"]))))
             result = time_or_error(lambda: run(**kw), reps)
             if "median_us" in result and (best is None or result["median_us"] < best["median_us"]):
                 best = dict(result, config=dict(c, num_splits=kw["num_splits"]),
@@ -219,6 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--quick", action="store_true", help="B in {1, 8}, S in {4K, 16K}, one launch config")
+    parser.add_argument("--positional-only", action="store_true",
+                        help="time SDPA and the positional rows only (no KIVI stores, no writes)")
     parser.add_argument("--reps", type=int, default=50, help="timed runs per measurement (median reported)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for decode_attention.json/.png")
     parser.add_argument("--plot-only", type=pathlib.Path, help="redraw the PNG from an existing JSON and exit")
@@ -242,7 +259,7 @@ def main(argv=None) -> int:
     for b in args.batch:
         for s in args.seq:
             try:
-                rows = bench_shape(b, s, configs, args.reps, args.quick)
+                rows = bench_shape(b, s, configs, args.reps, args.quick, {} if args.positional_only else FORMATS)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 payload["skipped"].append(dict(batch=b, seq=s, reason="out of memory"))
@@ -254,7 +271,7 @@ def main(argv=None) -> int:
                 print(f"B={b:<3} S={s:<6} {r['impl']:<20} {shown}", flush=True)
             torch.cuda.empty_cache()
             write_json(args.out / "decode_attention.json", payload)  # partial results survive a timeout
-        for w in bench_writes(b, min(args.seq), args.reps):
+        for w in [] if args.positional_only else bench_writes(b, min(args.seq), args.reps):
             attn = [r for r in payload["attention"] if r["impl"] == w["impl"] and r["batch"] == b and "median_us" in r]
             w["attention_32_layers_us"] = {str(r["seq"]): 32 * r["median_us"] for r in attn}
             payload["writes"].append(w)

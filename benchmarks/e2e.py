@@ -164,18 +164,21 @@ def run_config(model, eager_forward, name: str, batch: int, context: int, steps:
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    phase = "prefill"  # where an out-of-memory happened: prefill, fill or decode
     try:
         cache = make_cache(name, model.config, context + steps + 8)  # + the profiled steps
         start = time.perf_counter()
         if fill == "random":  # the first chunk through the model (compiles, allocates), the rest written
             logits = prefill(model, prompt[:, :min(chunk, context)], cache, chunk)
             options = kvfx.KVConfig(**CONFIGS[name]["options"]).to_json() if "options" in CONFIGS[name] else None
+            phase = "fill"
             fill_random(cache, min(chunk, context), context, chunk, gen, options)
         else:
             logits = prefill(model, prompt, cache, chunk)
         sync(device)
         row["prefill_first_s"] = time.perf_counter() - start  # compilation included
         times = []
+        phase = "decode"
         for i in range(steps + 1):
             token = logits.argmax(-1)
             at = torch.tensor([context + i], device=device)
@@ -204,7 +207,7 @@ def run_config(model, eager_forward, name: str, batch: int, context: int, steps:
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         del cache, logits
     except torch.OutOfMemoryError:
-        row["error"] = "out of memory"
+        row["error"] = f"out of memory ({phase})"
     except Exception as exc:  # noqa: BLE001  (recorded, the sweep goes on)
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         traceback.print_exc()

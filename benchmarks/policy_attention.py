@@ -8,7 +8,10 @@ slots (Quest: over the chosen pages), H2O/SnapKV score accumulation, and the wri
 (eviction included), on a store already holding its budget. "sdpa-over-kept" is SDPA over a dense
 copy of the kept slots: the floor an attention-only kernel over the same bytes would reach. The
 h2o row against the "streaming" row (same slots, no score accumulation) prices H2O's scores.
-Every time is a CUDA-graph replay with a cold L2 (see `common.cuda_time_us`). The decode step is the
+Every time is a CUDA-graph replay with a cold L2 (see `common.cuda_time_us`). "kvfx-<config>-attention"
+rows time the slot-attention kernel alone (`slot_partials`, every slot; not Quest) over a sweep of its
+launch (slots per tile, warps, splits): the best config, and `default_us` at the default launch, so the
+step's time splits into attention and the rest (the combine + eviction kernel). The decode step is the
 Triton path of `decode_step` (kvfx.kernels.slot_decode: Quest's page kernels, the slot-attention
 kernel, the fused eviction kernel) for every format; each kvfx row also reports `max_err`, the largest
 difference of its output from `decode_step_reference` (torch) on a copy of the same store, and
@@ -35,6 +38,8 @@ from common import RESULTS, environment, plot_speedups, time_or_error, write_jso
 import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 from kvfx.kernels.policies import decode_step_reference
+from kvfx.kernels.slot_decode import SCORED
+from kvfx.kernels.slot_attention import default_slot_splits, slot_partials
 
 HQ, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -82,6 +87,28 @@ def full_store(options: dict, k: torch.Tensor, v: torch.Tensor):
     return fmt, store
 
 
+SLOT_SWEEP = [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (0.5, 1, 2)]
+
+
+def sweep_slot_attention(fmt, store, q, pos, reps: int) -> dict:
+    """The slot-attention kernel alone over every slot of the store (logits kept for scored policies),
+    at its default launch and over `SLOT_SWEEP`: the best time with its config, and `default_us`."""
+    hkv, c = store.slot_pos.shape[1:]
+    logits = fmt.spec.policy in SCORED
+
+    def run(**kw):
+        return slot_partials(q, pos, store, None, False, D ** -0.5, want_logits=logits, **kw)
+    default = time_or_error(run, reps, DEVICE)
+    best = None
+    for cfg in SLOT_SWEEP:
+        kw = dict(block_n=cfg["block_n"], num_warps=cfg["num_warps"],
+                  num_splits=max(1, round(cfg["split_factor"] * default_slot_splits(q, hkv, c, cfg["block_n"]))))
+        result = time_or_error(lambda: run(**kw), reps, DEVICE)
+        if "median_us" in result and (best is None or result["median_us"] < best["median_us"]):
+            best = dict(result, config=dict(cfg, num_splits=kw["num_splits"]))
+    return dict(best or {"error": "no config ran"}, default_us=default.get("median_us"))
+
+
 def bench_shape(b: int, s: int, reps: int) -> list[dict]:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION} if DEVICE == "cuda" \
@@ -120,6 +147,9 @@ def bench_shape(b: int, s: int, reps: int) -> list[dict]:
         kept = store.slot_pos.shape[-1]
         rows.append(dict(base, impl=f"kvfx-{name}", slots=kept, bytes_held=store.nbytes(), **check,
                          **time_or_error(step, reps, DEVICE)))
+        if fmt.spec.policy != "quest" and DEVICE == "cuda":
+            rows.append(dict(base, impl=f"kvfx-{name}-attention", slots=kept,
+                             **sweep_slot_attention(fmt, store, q, pos, reps)))
         if name in ("h2o-20%", "quest-1/8"):
             read = kept if name != "quest-1/8" else s // 8 + fmt.spec.page_size  # Quest: its pages + the newest
             dense_k, dense_v = k[:, :, :read], v[:, :, :read]
@@ -172,7 +202,8 @@ def main(argv=None) -> int:
     payload = {"benchmark": "policy_attention", "environment": environment(),
                "shape": dict(hq=HQ, hkv=HKV, head_dim=D, dtype=str(DTYPE)), "rows": rows}
     write_json(args.out / "policy_attention.json", payload)
-    plot_speedups(args.out / "policy_attention.png", [r for r in rows if r["impl"].startswith("kvfx")], "batch", "seq",
+    plot_speedups(args.out / "policy_attention.png", [r for r in rows if r["impl"].startswith("kvfx")
+                                                       and not r["impl"].endswith("-attention")], "batch", "seq",
                   "impl", "speedup_vs_best_sdpa", "kvfx policy decode step vs best SDPA over the full cache",
                   "speedup (x)", baseline=1.0)
     return 0

@@ -38,6 +38,8 @@ HEAD_DIMS = (64, 128)
 # One warp per program for the int kernel: no cross-warp reductions in the softmax, and each thread
 # holds several tokens of a channel in the dot operand, so it converts a key parameter once for them.
 INT_NUM_WARPS = 1
+# Groups of G tokens the int kernel folds per step (block_n = this * G).
+INT_GROUPS_PER_STEP = 1
 LOG2E = 1.4426950408889634
 
 
@@ -258,58 +260,71 @@ def _param_slot(w, I: tl.constexpr, PW: tl.constexpr):
 
 
 @triton.jit
-def _key_slot_dot(s, q_i, kb, k_scale, k_zero, kp, kw_s, kw_z, I: tl.constexpr, PB: tl.constexpr,
-                  BITS: tl.constexpr, DOT: tl.constexpr, PW: tl.constexpr):
-    """s [M, G] += q_i . k_i^T over the channels I + PB * j of one group of G keys (j < D / PB).
+def _group_rows(x, G: tl.constexpr):
+    """x [TG, C] (one row per group of G tokens) as [TG * G, C]; TG 1: as is (it broadcasts)."""
+    TG: tl.constexpr = x.shape[0]
+    if TG > 1:
+        x = tl.reshape(tl.broadcast_to(x[:, None, :], (TG, G, x.shape[1])), (TG * G, x.shape[1]))
+    return x
 
-    PW = 0: the params of those channels are loaded strided from kp; else kw_s, kw_z hold them as
-    words of PB 16-bit values (channels PB * j .. PB * j + PB - 1), loaded once for all slots.
+
+@triton.jit
+def _key_slot_dot(s, q_i, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, I: tl.constexpr, PB: tl.constexpr,
+                  BITS: tl.constexpr, DOT: tl.constexpr, PW: tl.constexpr, G: tl.constexpr):
+    """s [M, N] += q_i . k_i^T over the channels I + PB * j of N = TG * G keys (j < D / PB).
+
+    The key params are per group of G tokens, [TG, D / PB] (pmask: the groups that exist). PW = 0:
+    loaded strided from kp; else kw_s, kw_z hold them as words of PB 16-bit values (channels PB * j ..
+    PB * j + PB - 1), loaded once for all slots.
     """
     if PW == 0:
-        scale = tl.load(k_scale + kp + I).to(tl.float32)
-        zero = tl.load(k_zero + kp + I).to(tl.float32)
+        scale = tl.load(k_scale + kp + I, mask=pmask, other=0.0).to(tl.float32)
+        zero = tl.load(k_zero + kp + I, mask=pmask, other=0.0).to(tl.float32)
     else:
         scale = _param_slot(kw_s, I, PW)
         zero = _param_slot(kw_z, I, PW)
-    k = _code_slot(kb, I, BITS) * scale[None, :] + zero[None, :]
+    k = _code_slot(kb, I, BITS) * _group_rows(scale, G) + _group_rows(zero, G)
     return tl.dot(q_i, tl.trans(k.to(DOT)), s)
 
 
 @triton.jit
 def _value_slot_dot(acc, p, vb, vs, vz, I: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr,
-                    G: tl.constexpr, VMODE: tl.constexpr):
+                    VMODE: tl.constexpr):
     """acc [M, D / PB] (channels I + PB * j) += p . v_i, v_i = codes * vs + vz (`_value_params`)."""
     c = _code_slot(vb, I, BITS)
-    if VMODE == 2:  # vs, vz [G, D / G]: column j of the slot is channel group j // (G / PB)
+    if VMODE == 2:  # vs, vz [N, D / G]: column j of the slot is channel group j // (G / PB)
         NGD: tl.constexpr = vs.shape[1]
-        v = tl.reshape(tl.reshape(c, (G, NGD, c.shape[1] // NGD)) * vs[:, :, None] + vz[:, :, None], c.shape)
+        v = tl.reshape(tl.reshape(c, (c.shape[0], NGD, c.shape[1] // NGD)) * vs[:, :, None] + vz[:, :, None],
+                       c.shape)
     else:
         v = c * vs + vz
     return tl.dot(p, v.to(DOT), acc)
 
 
 @triton.jit
-def _value_params(v_scale, v_zero, slot, jb, G: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
+def _value_params(v_scale, v_zero, slot, live, jb, G: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
                   VMODE: tl.constexpr):
-    """Per-token value (scale, zero) of the G tokens `slot` expanded to [G, D / PB]: column j (channel
-    I + PB * j of any slot I < PB) belongs to channel group j // (G / PB)."""
+    """Per-token value (scale, zero) of the N tokens `slot` expanded to [N, D / PB]: column j (channel
+    I + PB * j of any slot I < PB) belongs to channel group j // (G / PB). Tokens not `live`: 0, 0."""
     GP: tl.constexpr = G // PB
     NGD: tl.constexpr = D // G
-    if VMODE == 2:  # [G, D / G] as stored, broadcast over the columns of each group by a reshape
+    N: tl.constexpr = slot.shape[0]
+    lm = live[:, None]
+    if VMODE == 2:  # [N, D / G] as stored, broadcast over the columns of each group by a reshape
         idx = slot[:, None] * NGD + tl.arange(0, NGD)[None, :]
-        vs = tl.load(v_scale + idx).to(tl.float32)
-        vz = tl.load(v_zero + idx).to(tl.float32)
+        vs = tl.load(v_scale + idx, mask=lm, other=0.0).to(tl.float32)
+        vz = tl.load(v_zero + idx, mask=lm, other=0.0).to(tl.float32)
     elif VMODE == 0:  # gather: the duplicates are L1 hits
         idx = slot[:, None] * NGD + (jb // GP)[None, :]
-        vs = tl.load(v_scale + idx).to(tl.float32)
-        vz = tl.load(v_zero + idx).to(tl.float32)
-    else:  # one [G] vector per channel group, selected per column
+        vs = tl.load(v_scale + idx, mask=lm, other=0.0).to(tl.float32)
+        vz = tl.load(v_zero + idx, mask=lm, other=0.0).to(tl.float32)
+    else:  # one [N] vector per channel group, selected per column
         jg = (jb // GP)[None, :]
-        vs = tl.broadcast_to(tl.load(v_scale + slot * NGD).to(tl.float32)[:, None], (G, D // PB))
-        vz = tl.broadcast_to(tl.load(v_zero + slot * NGD).to(tl.float32)[:, None], (G, D // PB))
+        vs = tl.broadcast_to(tl.load(v_scale + slot * NGD, mask=live, other=0.0).to(tl.float32)[:, None], (N, D // PB))
+        vz = tl.broadcast_to(tl.load(v_zero + slot * NGD, mask=live, other=0.0).to(tl.float32)[:, None], (N, D // PB))
         for gd in tl.static_range(1, NGD):
-            vs = tl.where(jg == gd, tl.load(v_scale + slot * NGD + gd).to(tl.float32)[:, None], vs)
-            vz = tl.where(jg == gd, tl.load(v_zero + slot * NGD + gd).to(tl.float32)[:, None], vz)
+            vs = tl.where(jg == gd, tl.load(v_scale + slot * NGD + gd, mask=live, other=0.0).to(tl.float32)[:, None], vs)
+            vz = tl.where(jg == gd, tl.load(v_zero + slot * NGD + gd, mask=live, other=0.0).to(tl.float32)[:, None], vz)
     return vs, vz
 
 
@@ -322,15 +337,18 @@ def _load_q_slot(qrow, rmask, jb, qk_scale, I: tl.constexpr, PB: tl.constexpr, D
 def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring,
                        len_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr, qk_scale, H, NG, NS, BIAS_COLS,
                        GQ: tl.constexpr, R: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                       BITS: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                       VMODE: tl.constexpr, PW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr):
-    """`_decode_attention_kernel` for the int formats, one group of G tokens per step, without reshapes.
+                       BITS: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_R: tl.constexpr, VMODE: tl.constexpr, PW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+    """`_decode_attention_kernel` for the int formats, TG = BLOCK_N / G groups of G tokens per step,
+    without reshapes of the code tiles.
 
     The dot over channels is order-free, so code slot I of every byte (channels I + PB * j, j < D / PB)
-    is a [G, D / PB] tile in the layout of the loaded bytes: keys take PB dots against the matching
-    channels of q, values PB dots into PB accumulators that the end stores at their channels. A group
-    tile is whole (qlen is a multiple of G), so the quantized loop needs no masks but the model's
-    (HAS_BIAS, as in `_decode_attention_kernel`).
+    is a [BLOCK_N, D / PB] tile in the layout of the loaded bytes: keys take PB dots against the
+    matching channels of q, values PB dots into PB accumulators that the end stores at their channels.
+    Groups are whole (qlen is a multiple of G) and a split's share is a multiple of TG groups, so only
+    a split's last step can hold groups past its share (masked); with TG 1 the loop needs no masks but
+    the model's (HAS_BIAS, as in `_decode_attention_kernel`).
     """
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -346,8 +364,10 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
     if split < NS:
         PB: tl.constexpr = 8 // BITS
         DB: tl.constexpr = D // PB
+        TG: tl.constexpr = BLOCK_N // G
         jb = tl.arange(0, DB)
-        n = tl.arange(0, G)
+        n = tl.arange(0, BLOCK_N)
+        tg = tl.arange(0, TG)
         q0 = _load_q_slot(qrow, rmask, jb, qk_scale, 0, PB, DOT)
         q1 = q0
         q2 = q0
@@ -362,36 +382,46 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
         acc2 = tl.zeros([BLOCK_M, DB], tl.float32)
         acc3 = tl.zeros([BLOCK_M, DB], tl.float32)
         groups = qlen // G
-        per_split = tl.cdiv(groups, NS)
-        for grp in range(split * per_split, tl.minimum(split * per_split + per_split, groups)):
-            slot = (bh * NG + grp) * G + n  # [G] token slots of the packed store
-            kb = _load_bytes(k_codes + slot[:, None] * DB + jb[None, :], BITS)
-            vb = _load_bytes(v_codes + slot[:, None] * DB + jb[None, :], BITS)
-            kp = (bh * NG + grp) * D + jb * PB  # key params of channel PB * j of this group
+        per_split = tl.cdiv(tl.cdiv(groups, NS), TG) * TG
+        last = tl.minimum(split * per_split + per_split, groups)
+        for grp in range(split * per_split, last, TG):
+            live = grp * G + n < last * G  # [BLOCK_N] tokens of this split's share
+            pmask = (grp + tg < last)[:, None]  # [TG, 1] groups of this split's share
+            slot = (bh * NG + grp) * G + n  # [BLOCK_N] token slots of the packed store
+            if TG == 1:  # whole groups: no masks
+                kb = _load_bytes(k_codes + slot[:, None] * DB + jb[None, :], BITS)
+                vb = _load_bytes(v_codes + slot[:, None] * DB + jb[None, :], BITS)
+            else:
+                kb = _load_bytes(k_codes + slot[:, None] * DB + jb[None, :], BITS, live[:, None])
+                vb = _load_bytes(v_codes + slot[:, None] * DB + jb[None, :], BITS, live[:, None])
+            kp = (bh * NG + grp + tg[:, None]) * D + jb[None, :] * PB  # [TG, DB] key params of channel PB * j
             if PW == 0:
                 kw_s = kp
                 kw_z = kp
             else:  # k_scale, k_zero come as words of PB params: word j = channels PB * j ..
-                kw_s = tl.load(k_scale + (bh * NG + grp) * DB + jb)
-                kw_z = tl.load(k_zero + (bh * NG + grp) * DB + jb)
-            s = tl.zeros([BLOCK_M, G], tl.float32)
-            s = _key_slot_dot(s, q0, kb, k_scale, k_zero, kp, kw_s, kw_z, 0, PB, BITS, DOT, PW)
+                kw = (bh * NG + grp + tg[:, None]) * DB + jb[None, :]
+                kw_s = tl.load(k_scale + kw, mask=pmask, other=0)
+                kw_z = tl.load(k_zero + kw, mask=pmask, other=0)
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            s = _key_slot_dot(s, q0, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, 0, PB, BITS, DOT, PW, G)
             if PB > 1:
-                s = _key_slot_dot(s, q1, kb, k_scale, k_zero, kp, kw_s, kw_z, 1, PB, BITS, DOT, PW)
+                s = _key_slot_dot(s, q1, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, 1, PB, BITS, DOT, PW, G)
             if PB > 2:
-                s = _key_slot_dot(s, q2, kb, k_scale, k_zero, kp, kw_s, kw_z, 2, PB, BITS, DOT, PW)
-                s = _key_slot_dot(s, q3, kb, k_scale, k_zero, kp, kw_s, kw_z, 3, PB, BITS, DOT, PW)
+                s = _key_slot_dot(s, q2, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, 2, PB, BITS, DOT, PW, G)
+                s = _key_slot_dot(s, q3, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, 3, PB, BITS, DOT, PW, G)
             if HAS_BIAS:
                 s += _mask_bias(bias_ptr, row, grp * G + n, BIAS_COLS, BIAS_COLS)[None, :]
+            if TG > 1:
+                s = tl.where(live[None, :], s, float("-inf"))
             m_i, l_i, p, alpha = _softmax_weights(s, m_i, l_i)
             p = p.to(DOT)
-            vs, vz = _value_params(v_scale, v_zero, slot, jb, G, D, PB, VMODE)
-            acc0 = _value_slot_dot(acc0 * alpha[:, None], p, vb, vs, vz, 0, BITS, DOT, G, VMODE)
+            vs, vz = _value_params(v_scale, v_zero, slot, live, jb, G, D, PB, VMODE)
+            acc0 = _value_slot_dot(acc0 * alpha[:, None], p, vb, vs, vz, 0, BITS, DOT, VMODE)
             if PB > 1:
-                acc1 = _value_slot_dot(acc1 * alpha[:, None], p, vb, vs, vz, 1, BITS, DOT, G, VMODE)
+                acc1 = _value_slot_dot(acc1 * alpha[:, None], p, vb, vs, vz, 1, BITS, DOT, VMODE)
             if PB > 2:
-                acc2 = _value_slot_dot(acc2 * alpha[:, None], p, vb, vs, vz, 2, BITS, DOT, G, VMODE)
-                acc3 = _value_slot_dot(acc3 * alpha[:, None], p, vb, vs, vz, 3, BITS, DOT, G, VMODE)
+                acc2 = _value_slot_dot(acc2 * alpha[:, None], p, vb, vs, vz, 2, BITS, DOT, VMODE)
+                acc3 = _value_slot_dot(acc3 * alpha[:, None], p, vb, vs, vz, 3, BITS, DOT, VMODE)
         if HAS_BIAS:
             lo, hi = _unwritten_share(length, BIAS_COLS, split, NS)
             m_i, l_i, alpha = _fold_unwritten(bias_ptr, row, lo, hi, BIAS_COLS, m_i, l_i, BLOCK_T)
@@ -485,9 +515,9 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
     num_splits: programs per (row, KV head) over the packed store (default `default_num_splits`,
     `int_num_splits` for the int kernel);
     num_warps: default 4, `INT_NUM_WARPS` for the int kernel;
-    block_n: tokens per tile, a multiple of the group size (default max(G, 64)); the int formats step
-    one group at a time (`_decode_int_kernel`) and ignore it unless int_kernel=False (the generic
-    kernel, kept for comparison). vmode: how the int kernel expands the value parameters (0 gather,
+    block_n: tokens per step, a power of two and a multiple of the group size (default max(G, 64);
+    the int kernel `_decode_int_kernel`: INT_GROUPS_PER_STEP * G). int_kernel=False runs the int
+    formats through the generic tile kernel instead (kept for comparison). vmode: how the int kernel expands the value parameters (0 gather,
     1 select, 2 reshape); key_words: load int4 / int2 key params of bf16 / fp16 stores as words
     of 8 // bits values. num_stages: Triton's software pipelining depth (None: Triton's default).
     Raises ValueError for a head dim other than 64 or 128 (callers fall back to the reference).
@@ -500,11 +530,11 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
         raise ValueError(f"q {tuple(q.shape)} does not fit a store of rings {tuple(store.k_ring.shape)} "
                          "(need one query token, Hq a multiple of Hkv, same B and D)")
     g = store.group_size
-    block_n = block_n or max(g, 64)
-    if block_n % g:
-        raise ValueError(f"block_n={block_n} must be a multiple of group_size={g}")
-    gq = hq // hkv
     int_path = int_kernel and store.bits < 16 and not store.fp8
+    block_n = block_n or (INT_GROUPS_PER_STEP * g if int_path else max(g, 64))
+    if block_n % g or block_n & (block_n - 1):
+        raise ValueError(f"block_n={block_n} must be a power of two and a multiple of group_size={g}")
+    gq = hq // hkv
     ns = num_splits or (int_num_splits if int_path else default_num_splits)(b * hkv, store, q.device)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
@@ -531,7 +561,7 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
         if pw:
             word = torch.int32 if pb == 2 else torch.int64
             args = args[:3] + (store.k_scale.view(word), store.k_zero.view(word)) + args[5:]
-        _decode_int_kernel[(b * hkv, ns + 1)](*args, VMODE=vmode, PW=pw, **launch)
+        _decode_int_kernel[(b * hkv, ns + 1)](*args, BLOCK_N=block_n, VMODE=vmode, PW=pw, **launch)
     else:
         _decode_attention_kernel[(b * hkv, ns + 1)](*args, FP8=store.fp8, BLOCK_N=block_n, **launch)
     return combine_partials(part_m, part_l, part_acc, b, hq, q.dtype)

@@ -39,6 +39,13 @@ from kvfx.kernels.decode_attention import (HEAD_DIMS, LOG2E, _code_slot, _load_b
 from kvfx.kernels.kivi import TL_DTYPES, _unpack
 
 CODECS = ("none", "int8", "int4", "int2", "fp8")
+# Default launch, from the H100 sweeps (benchmarks/results/decode_attention.json, rows
+# "kvfx-attend-*-positional"; policy_attention.json, rows "*-attention"): tiles of 128 slots, 4 warps,
+# and splits of about 512 slots (`default_slot_splits`). At B8 S64K the positional kernel took 731 us
+# at 36 splits of 1820 slots against 1105 us at the previous default (64 slots a tile, 9 splits).
+SLOT_BLOCK_N = 128
+SLOT_NUM_WARPS = 4
+SPLIT_SLOTS = 512
 
 
 @triton.jit
@@ -135,12 +142,12 @@ def _fold_values(acc0, acc1, acc2, acc3, alpha, p, codes_ptr, params_ptr, slot, 
         PB: tl.constexpr = 8 // BITS
         vb = _load_bytes(codes_ptr + slot[:, None] * (D // PB) + jb[None, :], BITS, live[:, None])
         scale, zero = _token_params(params_ptr, slot, live, D, BITS, G, PW)
-        acc0 = _value_slot_dot(acc0 * alpha[:, None], p, vb, scale, zero, 0, BITS, DOT, G, 0)
+        acc0 = _value_slot_dot(acc0 * alpha[:, None], p, vb, scale, zero, 0, BITS, DOT, 0)
         if PB > 1:
-            acc1 = _value_slot_dot(acc1 * alpha[:, None], p, vb, scale, zero, 1, BITS, DOT, G, 0)
+            acc1 = _value_slot_dot(acc1 * alpha[:, None], p, vb, scale, zero, 1, BITS, DOT, 0)
         if PB > 2:
-            acc2 = _value_slot_dot(acc2 * alpha[:, None], p, vb, scale, zero, 2, BITS, DOT, G, 0)
-            acc3 = _value_slot_dot(acc3 * alpha[:, None], p, vb, scale, zero, 3, BITS, DOT, G, 0)
+            acc2 = _value_slot_dot(acc2 * alpha[:, None], p, vb, scale, zero, 2, BITS, DOT, 0)
+            acc3 = _value_slot_dot(acc3 * alpha[:, None], p, vb, scale, zero, 3, BITS, DOT, 0)
     return acc0, acc1, acc2, acc3
 
 
@@ -278,10 +285,12 @@ class Partials:
 
 
 def default_slot_splits(q: torch.Tensor, hkv: int, n: int, block_n: int) -> int:
-    """Splits of a pass over n slots: enough to fill the GPU (about 4 programs per SM), at least 2
-    tiles each."""
+    """Splits of a pass over n slots: at least 4 programs per SM, or splits of about SPLIT_SLOTS slots
+    where that gives more; at most 16 programs per SM and one tile per split."""
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
-    return max(1, min(triton.cdiv(4 * sms, q.shape[0] * hkv), triton.cdiv(n, 2 * block_n)))
+    rows = q.shape[0] * hkv
+    want = max(triton.cdiv(4 * sms, rows), triton.cdiv(n, SPLIT_SLOTS))
+    return max(1, min(want, triton.cdiv(16 * sms, rows), triton.cdiv(n, block_n)))
 
 
 def _split_buffers(q: torch.Tensor, hkv: int, n: int, num_splits: int | None, block_n: int
@@ -297,10 +306,12 @@ def _split_buffers(q: torch.Tensor, hkv: int, n: int, num_splits: int | None, bl
 
 def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Tensor | None, is_causal: bool,
                   scale: float, index: torch.Tensor | None = None, page: int = 0, want_logits: bool = False,
-                  num_splits: int | None = None, block_n: int = 64) -> Partials:
+                  num_splits: int | None = None, block_n: int = SLOT_BLOCK_N, num_warps: int = SLOT_NUM_WARPS
+                  ) -> Partials:
     """Launch `_slot_attention_kernel` for queries q [B, Hq, 1, D] at position pos [1] over the store's
     slots: all of them, the slot list `index` [B, Hkv, N] (page 0), or the pages `index` [B, Hkv, n]
-    of `page` slots each."""
+    of `page` slots each. num_splits (default `default_slot_splits`), block_n (slots per tile) and
+    num_warps set the launch."""
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     gq = hq // hkv
@@ -325,7 +336,7 @@ def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Te
         scale * LOG2E, GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n, CODEC=codec.kv, BITS=codec.bits,
         G=codec.group_size if codec.kv in ("int4", "int2") else 1,
         INDEX="none" if index is None else ("pages" if page else "slots"), PAGE=max(page, 1),
-        HAS_BIAS=bias is not None, CAUSAL=is_causal, LOGITS=want_logits, DOT=dot, PW=pw, num_warps=4)
+        HAS_BIAS=bias is not None, CAUSAL=is_causal, LOGITS=want_logits, DOT=dot, PW=pw, num_warps=num_warps)
     return Partials(part_m, part_l, part_acc, logits, bias)
 
 
@@ -361,7 +372,8 @@ def combine_reference(parts: Partials, q: torch.Tensor, k_new: torch.Tensor, v_n
 
 def slot_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
                    attn_mask: torch.Tensor | None, is_causal: bool, scale: float, index: torch.Tensor | None = None,
-                   page: int = 0, want_logits: bool = False, num_splits: int | None = None, block_n: int = 64
+                   page: int = 0, want_logits: bool = False, num_splits: int | None = None,
+                   block_n: int = SLOT_BLOCK_N
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Attention of one query token q [B, Hq, 1, D] over the store's slots (or `index`, see
     `slot_partials`) and the new token k_new, v_new [B, Hkv, 1, D] at position pos [1]: the kernel's
@@ -391,7 +403,8 @@ def attend_positions_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparams: torch.Tensor | None,
                      v_qparams: torch.Tensor | None, attn_mask: torch.Tensor | None, kv_len: int, scale: float,
-                     num_splits: int | None = None, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+                     num_splits: int | None = None, block_n: int = SLOT_BLOCK_N,
+                     num_warps: int = SLOT_NUM_WARPS, num_stages: int | None = None) -> torch.Tensor:
     """`kvfx::attend` for one query token q [B, Hq, 1, D] over a cache addressed by position: k, v
     [B, Hkv, S, D] in the model dtype, or uint8 codes with per-token (scale, zero) qparams [B, Hkv, S, 2].
     Attends the first kv_len positions (-1: all S) under the row mask; tiles the mask hides entirely
@@ -412,5 +425,6 @@ def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparam
         part_m, part_m, part_l, part_acc, part_m, k.stride(1) // d, n, ns, hkv,
         bias.shape[-1] if bias is not None else 0, scale * LOG2E, GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
         CODEC="none" if k_qparams is None else "int8", BITS=8, G=1, INDEX="none", PAGE=1,
-        HAS_BIAS=bias is not None, CAUSAL=False, LOGITS=False, DOT=dot, POSITIONAL=True, num_warps=num_warps)
+        HAS_BIAS=bias is not None, CAUSAL=False, LOGITS=False, DOT=dot, POSITIONAL=True, num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}))
     return combine_partials(part_m, part_l, part_acc, b, hq, q.dtype)
