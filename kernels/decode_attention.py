@@ -40,6 +40,9 @@ HEAD_DIMS = (64, 128)
 INT_NUM_WARPS = 1
 # Groups of G tokens the int kernel folds per step (block_n = this * G).
 INT_GROUPS_PER_STEP = 1
+# How the int kernel expands the per-token value params (0 gather, 1 select, 2 reshape): 1 was the
+# fastest in every int row of the H100 sweep (decode_attention.json, session 6: 3 formats x 4 shapes).
+INT_VMODE = 1
 LOG2E = 1.4426950408889634
 
 
@@ -502,7 +505,7 @@ def int_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> 
 
 def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor, scale: float | None = None,
                             num_splits: int | None = None, block_n: int | None = None,
-                            num_warps: int | None = None, num_stages: int | None = None, vmode: int = 0,
+                            num_warps: int | None = None, num_stages: int | None = None, vmode: int = INT_VMODE,
                             key_words: bool = True, int_kernel: bool = True, bias: torch.Tensor | None = None
                             ) -> torch.Tensor:
     """Triton version of `decode_attention_reference` (same arguments and result).
@@ -517,8 +520,8 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
     num_warps: default 4, `INT_NUM_WARPS` for the int kernel;
     block_n: tokens per step, a power of two and a multiple of the group size (default max(G, 64);
     the int kernel `_decode_int_kernel`: INT_GROUPS_PER_STEP * G). int_kernel=False runs the int
-    formats through the generic tile kernel instead (kept for comparison). vmode: how the int kernel expands the value parameters (0 gather,
-    1 select, 2 reshape); key_words: load int4 / int2 key params of bf16 / fp16 stores as words
+    formats through the generic tile kernel instead (kept for comparison). vmode: how the int kernel
+    expands the value parameters (0 gather, 1 select, 2 reshape; default INT_VMODE); key_words: load int4 / int2 key params of bf16 / fp16 stores as words
     of 8 // bits values. num_stages: Triton's software pipelining depth (None: Triton's default).
     Raises ValueError for a head dim other than 64 or 128 (callers fall back to the reference).
     """

@@ -51,17 +51,18 @@ def decode_case(draw):
     store_write(store, k.to(dtype).to(DEVICE), v.to(dtype).to(DEVICE), 0, lengths)
     splits = draw(st.sampled_from([None, 1, 3]))
     block_n = draw(st.sampled_from([None, g, 2 * g, 4 * g]))  # int kernel: 1, 2 or 4 groups per step
-    return q.to(dtype).to(DEVICE), store, lengths, splits, block_n
+    vmode = draw(st.sampled_from([0, 1, 2]))  # int kernel: value params gathered, selected, reshaped
+    return q.to(dtype).to(DEVICE), store, lengths, splits, block_n, vmode
 
 
 @given(decode_case())
 def test_triton_equals_reference(case):
-    q, store, lengths, splits, block_n = case
+    q, store, lengths, splits, block_n, vmode = case
     want = decode_attention_reference(q, store, lengths)
     assert want.shape == q.shape and want.dtype == q.dtype and torch.isfinite(want).all()
     if not kernel_runs(q.dtype):
         return
-    got = decode_attention_triton(q, store, lengths, num_splits=splits, block_n=block_n)
+    got = decode_attention_triton(q, store, lengths, num_splits=splits, block_n=block_n, vmode=vmode)
     assert got.shape == q.shape and got.dtype == q.dtype
     scale = want.float().abs().amax().clamp(min=1.0)  # outlier values make outputs ~30
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[q.dtype] * scale.item(), rtol=0)
