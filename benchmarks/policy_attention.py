@@ -90,17 +90,17 @@ def full_store(options: dict, k: torch.Tensor, v: torch.Tensor):
 SLOT_SWEEP = [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (0.5, 1, 2)]
 
 
-def sweep_slot_attention(fmt, store, q, pos, reps: int) -> dict:
+def sweep_slot_attention(fmt, store, q, pos, reps: int, sweep: bool = True) -> dict:
     """The slot-attention kernel alone over every slot of the store (logits kept for scored policies),
-    at its default launch and over `SLOT_SWEEP`: the best time with its config, and `default_us`."""
+    at its default launch and (sweep) over `SLOT_SWEEP`: the best time with its config, and `default_us`."""
     hkv, c = store.slot_pos.shape[1:]
     logits = fmt.spec.policy in SCORED
 
     def run(**kw):
         return slot_partials(q, pos, store, None, False, D ** -0.5, want_logits=logits, **kw)
     default = time_or_error(run, reps, DEVICE)
-    best = None
-    for cfg in SLOT_SWEEP:
+    best = None if sweep else dict(default, config="default")
+    for cfg in SLOT_SWEEP if sweep else ():
         kw = dict(block_n=cfg["block_n"], num_warps=cfg["num_warps"],
                   num_splits=max(1, round(cfg["split_factor"] * default_slot_splits(q, hkv, c, cfg["block_n"]))))
         result = time_or_error(lambda: run(**kw), reps, DEVICE)
@@ -109,7 +109,7 @@ def sweep_slot_attention(fmt, store, q, pos, reps: int) -> dict:
     return dict(best or {"error": "no config ran"}, default_us=default.get("median_us"))
 
 
-def bench_shape(b: int, s: int, reps: int) -> list[dict]:
+def bench_shape(b: int, s: int, reps: int, sweep: bool = True) -> list[dict]:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION} if DEVICE == "cuda" \
         else {"math": SDPBackend.MATH}
@@ -149,7 +149,7 @@ def bench_shape(b: int, s: int, reps: int) -> list[dict]:
                          **time_or_error(step, reps, DEVICE)))
         if fmt.spec.policy != "quest" and DEVICE == "cuda":
             rows.append(dict(base, impl=f"kvfx-{name}-attention", slots=kept,
-                             **sweep_slot_attention(fmt, store, q, pos, reps)))
+                             **sweep_slot_attention(fmt, store, q, pos, reps, sweep)))
         if name in ("h2o-20%", "quest-1/8"):
             read = kept if name != "quest-1/8" else s // 8 + fmt.spec.page_size  # Quest: its pages + the newest
             dense_k, dense_v = k[:, :, :read], v[:, :, :read]
@@ -179,6 +179,7 @@ def main(argv=None) -> int:
                         help="cpu: the Triton interpreter (TRITON_INTERPRET=1) on tiny shapes, no timing claim")
     parser.add_argument("--reps", type=int, default=30, help="timed runs per measurement (median reported)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for policy_attention.json/.png")
+    parser.add_argument("--no-sweep", action="store_true", help="time the slot-attention kernel at its default launch only")
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = args.device
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
     shapes = [quick] if args.quick else [(b, s) for b in args.batch for s in args.seq]
     rows = []
     for b, s in shapes:
-        shape_rows = bench_shape(b, s, args.reps)
+        shape_rows = bench_shape(b, s, args.reps, not args.no_sweep)
         rows += shape_rows
         for r in shape_rows:
             status = f"{r['median_us']:9.1f} us  {r.get('speedup_vs_best_sdpa', 0):5.2f}x" if "median_us" in r else r["error"]

@@ -1,21 +1,28 @@
-"""The fused eviction step of a policy decode step (T = 1): Triton kernel beside its reference.
+"""The eviction step of a policy decode step (T = 1): Triton kernels beside their reference.
 
 After `kvfx.kernels.slot_attention` has left its split partials (and, for scored policies, every
-slot's logit), `_slot_decode_kernel` does the rest of `decode_step` in one program per (row, KV head),
-with no host synchronisation and a fixed launch count (CUDA-graph friendly):
+slot's logit), three launches do the rest of `decode_step`, with no host synchronisation and a fixed
+launch count (CUDA-graph friendly). The first two run one program per (row, KV head, block of
+BLOCK_S slots), so a pass over a 13K-slot budget is spread over the GPU instead of walked by one
+program per (row, KV head) (the single fused kernel this replaces took 49 us of a 237 us H2O step at
+B8 S64K on the H100, most of it in that serial walk):
 
-1. combine the splits with the new token (the attention output);
-2. H2O / SnapKV / PyramidKV: add each slot's attention probability (summed over the g query heads,
-   from the kernel's logits) to its score; the new token's score is its own probability;
-3. the eviction key of every candidate (C slots + the new token) exactly as `eviction_key` defines it
-   for a decode step (limit = C): StreamingLLM protects its `sink` oldest valid positions (kept as a
-   small sorted list in registers over one pass) and ranks by position, H2O protects its `recent`
-   newest and SnapKV/PyramidKV their `window` newest and rank by score (pinned prompt tokens have score
-   +inf), Quest protects nothing and ranks by position;
-4. the victim: when all C + 1 candidates are valid, the last of the lowest keys; slots the query can
-   no longer see (mask) are emptied, as the reference does;
-5. the write of the new token into the free slot (the victim's, else the first empty one), quantized
-   per token with the store's `TokenCodec`, with its position and score; Quest's min/max of that page.
+1. `_slot_scan_kernel`: per block, how many slots are valid, the newest valid position and
+   StreamingLLM's `sink` oldest valid positions (the block's partial statistics); H2O / SnapKV /
+   PyramidKV add each slot's attention probability (summed over the g query heads, from the kernel's
+   logits and the softmax normalizer recomputed from the split partials) to its score; slots the
+   query can no longer see (mask) are emptied, as the reference does;
+2. `_slot_select_kernel`: per block, the eviction key of every slot exactly as `eviction_key` defines
+   it for a decode step (limit = C), from the reduced statistics: StreamingLLM protects its `sink`
+   oldest valid positions and ranks by position, H2O protects its `recent` newest and SnapKV /
+   PyramidKV their `window` newest and rank by score (pinned prompt tokens have score +inf), Quest
+   protects nothing and ranks by position; the block's lowest key (the last of equals) and its first
+   free slot;
+3. `_slot_finish_kernel`, one program per (row, KV head): the attention output (the splits' partials
+   and the new token, one softmax); the victim (when all C + 1 candidates are valid, the last of the
+   lowest keys, the new token included); the write of the new token into the free slot (the
+   victim's, else the first empty one), quantized per token with the store's `TokenCodec`, with its
+   position and score; Quest's min/max of that page.
 
 The reference is the torch body of `decode_step` (`kvfx.kernels.policies.decode_step_reference`);
 tests/kernels/test_slot_decode.py checks the two agree step by step.
@@ -33,6 +40,7 @@ from kvfx.kernels.slot_attention import _load_tokens, _visible
 
 SCORED = ("h2o", "snapkv", "pyramidkv")
 BIG = tl.constexpr(2**31 - 1)  # int32 "no position"
+MIN_BLOCK_S, MAX_BLOCKS = 512, 256  # `default_block_s`
 
 
 @triton.jit
@@ -81,119 +89,190 @@ def _eviction_key(pos, valid, priority, kth, newest, RECENT, PROTECT: tl.constex
 
 
 @triton.jit
-def _slot_decode_kernel(m_ptr, l_ptr, acc_ptr, logit_ptr, q_ptr, k_new_ptr, v_new_ptr, new_pos_ptr, bias_ptr,
+def _new_token(new_pos_ptr, bias_ptr, row, BIAS_COLS, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+    """The new token's position, whether the query sees it, and the mask's bias there (scalars)."""
+    at = tl.load(new_pos_ptr + tl.arange(0, 1)).to(tl.int32)
+    seen, bias = _visible(at, at, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
+    return tl.max(at, axis=0), tl.max(seen.to(tl.int32), axis=0) > 0, tl.max(bias, axis=0)
+
+
+@triton.jit
+def _new_logits(q_ptr, k_new_ptr, bh, rows, rmask, new_bias, qk_scale, GQ: tl.constexpr, D: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    """The g query heads' base-2 logits of the new token [BLOCK_G]."""
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (bh * GQ + rows[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    new = tl.sum(q * tl.load(k_new_ptr + bh * D + d).to(tl.float32)[None, :], axis=1) * qk_scale
+    if HAS_BIAS:
+        new += new_bias * 1.4426950408889634
+    return new
+
+
+@triton.jit
+def _softmax_norm(m_ptr, l_ptr, bh, rows, rmask, new, NS, PART_M: tl.constexpr):
+    """(the running max, the sum of exp2) of each query head over the splits' partials and the new token."""
+    top = new
+    for s in range(NS):
+        top = tl.maximum(top, tl.load(m_ptr + (bh * NS + s) * PART_M + rows, mask=rmask, other=float("-inf")))
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.exp2(new - top)
+    for s in range(NS):
+        part = (bh * NS + s) * PART_M + rows
+        total += tl.load(l_ptr + part, mask=rmask, other=0.0) * tl.exp2(tl.load(m_ptr + part, mask=rmask,
+                                                                                other=float("-inf")) - top)
+    return top, total
+
+
+@triton.jit
+def _reduce_stats(stats_ptr, bh, NB, new_pos, new_valid, NB_P: tl.constexpr, SINK: tl.constexpr,
+                  SINK_BLOCK: tl.constexpr, PROTECT: tl.constexpr):
+    """The candidates' statistics from the blocks' partials and the new token: how many are valid, the
+    newest valid position, and (StreamingLLM) the SINK-th oldest valid position counted with
+    multiplicity (BIG: fewer are valid; -1: SINK is 0)."""
+    W: tl.constexpr = 2 + SINK
+    blocks = tl.arange(0, NB_P)
+    inside = blocks < NB
+    at = stats_ptr + (bh * NB + blocks) * W
+    n_valid = tl.sum(tl.load(at, mask=inside, other=0), axis=0) + new_valid.to(tl.int32)
+    newest = tl.maximum(tl.max(tl.load(at + 1, mask=inside, other=-1), axis=0), tl.where(new_valid, new_pos, -1))
+    kth = tl.full((), -1, tl.int32)
+    if PROTECT == "sink" and SINK > 0:
+        s = tl.arange(0, SINK_BLOCK)
+        old = tl.load(at[:, None] + 2 + s[None, :], mask=inside[:, None] & (s < SINK)[None, :], other=BIG)
+        new = tl.where(new_valid, new_pos, BIG)
+        kth = tl.full((), BIG, tl.int32)
+        taken = tl.zeros((), tl.int32)
+        prev = tl.full((), -1, tl.int32)
+        for _ in tl.static_range(SINK):  # the distinct values in ascending order, with their counts
+            cur = tl.minimum(tl.min(tl.min(tl.where(old > prev, old, BIG), axis=1), axis=0),
+                             tl.where(new > prev, new, BIG))
+            count = tl.sum(tl.sum((old == cur).to(tl.int32), axis=1), axis=0) + (new == cur).to(tl.int32)
+            kth = tl.where((taken < SINK) & (taken + count >= SINK), cur, kth)
+            taken += count
+            prev = cur
+    return n_valid, newest, kth
+
+
+@triton.jit
+def _slot_scan_kernel(m_ptr, l_ptr, logit_ptr, q_ptr, k_new_ptr, new_pos_ptr, bias_ptr, slot_pos_ptr, score_ptr,
+                      stats_ptr, C, NS, NB, HKV, BIAS_COLS, qk_scale, GQ: tl.constexpr, BLOCK_G: tl.constexpr,
+                      PART_M: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, PROTECT: tl.constexpr,
+                      SINK: tl.constexpr, SCORED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+    """Program (bh = (row, KV head), block): the block's statistics, its scores, its emptied slots."""
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    row = bh // HKV
+    new_pos, new_valid, new_bias = _new_token(new_pos_ptr, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
+    c = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    inside = c < C
+    base = bh * C
+    pos = tl.load(slot_pos_ptr + base + c, mask=inside, other=-1)
+    valid, _ = _visible(pos, new_pos, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
+    stat = stats_ptr + (bh * NB + blk) * (2 + SINK)
+    one = tl.arange(0, 1)
+    tl.store(stat + one, tl.zeros((1,), tl.int32) + tl.sum(valid.to(tl.int32), axis=0))
+    tl.store(stat + 1 + one, tl.zeros((1,), tl.int32) + tl.max(tl.where(valid, pos, -1), axis=0))
+    if PROTECT == "sink":
+        x = tl.where(valid, pos, BIG)
+        for i in tl.static_range(SINK):  # the block's SINK oldest, ascending (one of equals at a time)
+            a = tl.min(x, axis=0)
+            tl.store(stat + 2 + i + one, tl.zeros((1,), tl.int32) + a)
+            x = tl.where(c == tl.min(tl.where(x == a, c, C), axis=0), BIG, x)
+    if SCORED:
+        rows = tl.arange(0, BLOCK_G)
+        rmask = rows < GQ
+        new = _new_logits(q_ptr, k_new_ptr, bh, rows, rmask, new_bias, qk_scale, GQ, D, HAS_BIAS)
+        top, total = _softmax_norm(m_ptr, l_ptr, bh, rows, rmask, new, NS, PART_M)
+        norm = tl.where(total > 0, total, 1.0)
+        logits = tl.load(logit_ptr + (bh * GQ + rows[:, None]) * C + c[None, :],
+                         mask=rmask[:, None] & inside[None, :], other=float("-inf"))
+        probs = tl.sum(tl.exp2(logits - top[:, None]) / norm[:, None], axis=0)
+        score = tl.load(score_ptr + base + c, mask=inside, other=0.0) + probs
+        tl.store(score_ptr + base + c, tl.where(valid, score, 0.0), mask=inside)
+    else:
+        tl.store(score_ptr + base + c, tl.zeros((BLOCK_S,), tl.float32), mask=inside & ~valid)
+    tl.store(slot_pos_ptr + base + c, tl.full((BLOCK_S,), -1, tl.int32), mask=inside & ~valid & (pos >= 0))
+
+
+@triton.jit
+def _slot_select_kernel(new_pos_ptr, bias_ptr, slot_pos_ptr, score_ptr, stats_ptr, low_ptr, at_ptr, C, NB, HKV,
+                        BIAS_COLS, RECENT, NB_P: tl.constexpr, BLOCK_S: tl.constexpr, PROTECT: tl.constexpr,
+                        SINK: tl.constexpr, SINK_BLOCK: tl.constexpr, SCORED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        CAUSAL: tl.constexpr):
+    """Program (bh, block), after the scan: the block's lowest eviction key, the last slot holding it and
+    the block's first free slot."""
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    row = bh // HKV
+    new_pos, new_valid, _ = _new_token(new_pos_ptr, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
+    _, newest, kth = _reduce_stats(stats_ptr, bh, NB, new_pos, new_valid, NB_P, SINK, SINK_BLOCK, PROTECT)
+    c = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    inside = c < C
+    pos = tl.load(slot_pos_ptr + bh * C + c, mask=inside, other=-1)
+    valid, _ = _visible(pos, new_pos, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
+    if SCORED:
+        priority = tl.load(score_ptr + bh * C + c, mask=inside, other=0.0)
+    else:
+        priority = pos.to(tl.float32)
+    key = tl.where(inside, _eviction_key(pos, valid, priority, kth, newest, RECENT, PROTECT), float("inf"))
+    low = tl.min(key, axis=0)
+    one = tl.arange(0, 1)
+    tl.store(low_ptr + bh * NB + blk + one, tl.zeros((1,), tl.float32) + low)
+    tl.store(at_ptr + (bh * NB + blk) * 2 + one, tl.zeros((1,), tl.int32) + tl.max(tl.where(inside & (key == low), c, -1), axis=0))
+    tl.store(at_ptr + (bh * NB + blk) * 2 + 1 + one,
+             tl.zeros((1,), tl.int32) + tl.min(tl.where(inside & ~valid, c, C), axis=0))
+
+
+@triton.jit
+def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_pos_ptr, bias_ptr,
                         k_codes, k_params, v_codes, v_params, slot_pos_ptr, score_ptr, page_min_ptr, page_max_ptr,
-                        out_ptr, C, NS, HKV, BIAS_COLS, qk_scale, RECENT,
+                        stats_ptr, low_ptr, at_ptr, out_ptr, C, NS, NB, HKV, BIAS_COLS, qk_scale, RECENT,
                         GQ: tl.constexpr, BLOCK_G: tl.constexpr, PART_M: tl.constexpr, D: tl.constexpr,
-                        BLOCK_C: tl.constexpr, PROTECT: tl.constexpr, SINK: tl.constexpr, SINK_BLOCK: tl.constexpr,
+                        NB_P: tl.constexpr, PROTECT: tl.constexpr, SINK: tl.constexpr, SINK_BLOCK: tl.constexpr,
                         SCORED: tl.constexpr, CODEC: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
                         DTYPE: tl.constexpr, PAGE: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr,
                         CAUSAL: tl.constexpr):
-    """Program bh = (row, KV head): combine, score, choose the victim, write the new token."""
+    """Program bh = (row, KV head): the output, the victim, the write of the new token."""
     bh = tl.program_id(0)
     row = bh // HKV
     rows = tl.arange(0, BLOCK_G)
     rmask = rows < GQ
     d = tl.arange(0, D)
-    # ---- 1. the output: the splits' partials and the new token, one softmax
-    q = tl.load(q_ptr + (bh * GQ + rows[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    # ---- the output: the splits' partials and the new token, one softmax
+    new_pos, new_valid, new_bias = _new_token(new_pos_ptr, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
+    new = _new_logits(q_ptr, k_new_ptr, bh, rows, rmask, new_bias, qk_scale, GQ, D, HAS_BIAS)
+    top, total = _softmax_norm(m_ptr, l_ptr, bh, rows, rmask, new, NS, PART_M)
+    norm = tl.where(total > 0, total, 1.0)
+    w_new = tl.exp2(new - top)
     k_new = tl.load(k_new_ptr + bh * D + d).to(tl.float32)
     v_new = tl.load(v_new_ptr + bh * D + d).to(tl.float32)
-    new_pos = tl.load(new_pos_ptr + rows * 0).to(tl.int32)  # [BLOCK_G], all the same
-    new_seen, new_bias = _visible(new_pos, new_pos, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
-    new = tl.sum(q * k_new[None, :], axis=1) * qk_scale
-    if HAS_BIAS:
-        new += new_bias * 1.4426950408889634
-    top = new
-    for s in range(NS):
-        top = tl.maximum(top, tl.load(m_ptr + (bh * NS + s) * PART_M + rows, mask=rmask, other=float("-inf")))
-    top = tl.where(top == float("-inf"), 0.0, top)
-    w_new = tl.exp2(new - top)
-    total = w_new
     acc = w_new[:, None] * v_new[None, :]
     for s in range(NS):
         part = (bh * NS + s) * PART_M + rows
         w = tl.exp2(tl.load(m_ptr + part, mask=rmask, other=float("-inf")) - top)
-        total += tl.load(l_ptr + part, mask=rmask, other=0.0) * w
         acc += tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0) * w[:, None]
-    norm = tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + (bh * GQ + rows[:, None]) * D + d[None, :], (acc / norm[:, None]).to(out_ptr.dtype.element_ty),
              mask=rmask[:, None])
-    p_new = tl.sum(tl.where(rmask, w_new / norm, 0.0), axis=0)
-    new_pos = tl.max(new_pos, axis=0)
-    new_valid = tl.max(new_seen.to(tl.int32), axis=0) > 0
-    base = bh * C
-    # ---- 2. one pass: how many candidates are valid, the newest one, StreamingLLM's oldest SINK
-    n_valid = new_valid.to(tl.int32)
-    newest = tl.where(new_valid, new_pos, -1)
-    kk = tl.arange(0, SINK_BLOCK)
-    oldest = tl.full((SINK_BLOCK,), BIG, tl.int32)  # ascending; BIG: none yet
-    if PROTECT == "sink":
-        oldest = tl.where((kk == 0) & new_valid, new_pos, oldest)
-    if PROTECT != "none":
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            pos = tl.load(slot_pos_ptr + base + c, mask=c < C, other=-1)
-            valid, _ = _visible(pos, new_pos, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
-            n_valid += tl.sum(valid.to(tl.int32), axis=0)
-            newest = tl.maximum(newest, tl.max(tl.where(valid, pos, -1), axis=0))
-            if PROTECT == "sink":
-                x = tl.where(valid, pos, BIG)
-                if tl.min(x, axis=0) < tl.max(tl.where(kk < SINK, oldest, -1), axis=0):
-                    merged = tl.full((SINK_BLOCK,), BIG, tl.int32)
-                    for i in tl.static_range(SINK):  # the SINK smallest of the list and the block, in order
-                        a = tl.min(x, axis=0)
-                        r = tl.min(oldest, axis=0)
-                        merged = tl.where(kk == i, tl.minimum(a, r), merged)
-                        from_x = a <= r
-                        xi = tl.min(tl.where(x == a, c, C), axis=0)
-                        x = tl.where(from_x & (c == xi), BIG, x)
-                        ri = tl.min(tl.where(oldest == r, kk, SINK_BLOCK), axis=0)
-                        oldest = tl.where(~from_x & (kk == ri), BIG, oldest)
-                    oldest = merged
-    kth = tl.max(tl.where(kk < SINK, oldest, -1), axis=0)  # the SINK-th oldest (BIG: fewer valid; -1: SINK 0)
-    # ---- 3. scores, keys, the lowest key (the last of equals), emptied slots
-    best_key = tl.full((), float("inf"), tl.float32)
-    best = C
-    first_free = C
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        inside = c < C
-        pos = tl.load(slot_pos_ptr + base + c, mask=inside, other=-1)
-        valid, _ = _visible(pos, new_pos, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
-        if PROTECT == "none":
-            n_valid += tl.sum(valid.to(tl.int32), axis=0)
-        if SCORED:
-            logits = tl.load(logit_ptr + (bh * GQ + rows[:, None]) * C + c[None, :],
-                             mask=rmask[:, None] & inside[None, :], other=float("-inf"))
-            probs = tl.sum(tl.exp2(logits - top[:, None]) / norm[:, None], axis=0)
-            priority = tl.load(score_ptr + base + c, mask=inside, other=0.0) + probs
-            tl.store(score_ptr + base + c, tl.where(valid, priority, 0.0), mask=inside)
-        else:
-            priority = pos.to(tl.float32)
-            tl.store(score_ptr + base + c, tl.zeros((BLOCK_C,), tl.float32), mask=inside & ~valid)
-        tl.store(slot_pos_ptr + base + c, tl.full((BLOCK_C,), -1, tl.int32), mask=inside & ~valid & (pos >= 0))
-        key = tl.where(inside, _eviction_key(pos, valid, priority, kth, newest, RECENT, PROTECT), float("inf"))
-        low = tl.min(key, axis=0)
-        at = tl.max(tl.where(inside & (key == low), c, -1), axis=0)
-        better = low <= best_key
-        best = tl.where(better, at, best)
-        best_key = tl.where(better, low, best_key)
-        first_free = tl.minimum(first_free, tl.min(tl.where(inside & ~valid, c, C), axis=0))
-    # the new token, candidate C
+    # ---- the victim: the last of the lowest keys over the blocks and the new token (candidate C)
+    n_valid, newest, kth = _reduce_stats(stats_ptr, bh, NB, new_pos, new_valid, NB_P, SINK, SINK_BLOCK, PROTECT)
+    blocks = tl.arange(0, NB_P)
+    inside = blocks < NB
+    lows = tl.load(low_ptr + bh * NB + blocks, mask=inside, other=float("inf"))
+    low = tl.min(lows, axis=0)
+    best = tl.max(tl.where(inside & (lows == low), tl.load(at_ptr + (bh * NB + blocks) * 2, mask=inside, other=-1), -1),
+                  axis=0)
+    first_free = tl.min(tl.load(at_ptr + (bh * NB + blocks) * 2 + 1, mask=inside, other=C), axis=0)
     if SCORED:
-        new_score = p_new
-        new_priority = p_new
+        new_score = tl.sum(tl.where(rmask, w_new / norm, 0.0), axis=0)
+        new_priority = new_score
     else:
         new_score = tl.zeros((), tl.float32)
         new_priority = new_pos.to(tl.float32)
     new_key = _eviction_key(new_pos, new_valid, new_priority, kth, newest, RECENT, PROTECT)
-    best = tl.where(new_key <= best_key, C, best)
+    best = tl.where(new_key <= low, C, best)
     full = n_valid > C
     free = tl.where(full & (best < C), best, tl.where(first_free < C, first_free, 0))
     keep_new = new_valid & ~(full & (best == C))
-    tl.debug_barrier()  # the scans' stores land before the free slot is written and its page is read
-    # ---- 4. the new token into the free slot
+    base = bh * C
+    # ---- the new token into the free slot
     if keep_new:
         one = tl.arange(0, 1)
         k1 = _round_to(tl.reshape(k_new, (1, D)), DTYPE)
@@ -202,26 +281,27 @@ def _slot_decode_kernel(m_ptr, l_ptr, acc_ptr, logit_ptr, q_ptr, k_new_ptr, v_ne
         _store_token(v1, v_codes, v_params, base + free, D, CODEC, BITS, G, DTYPE)
         tl.store(slot_pos_ptr + base + free + one, tl.full((1,), 0, tl.int32) + new_pos)
         tl.store(score_ptr + base + free + one, tl.full((1,), 0.0, tl.float32) + new_score)
-    # ---- 5. Quest: min / max of the live keys of the free slot's page (as `TokenStore.put`)
+    # ---- Quest: min / max of the live keys of the free slot's page (as `TokenStore.put`)
     if PAGE > 0:
-        tl.debug_barrier()
+        tl.debug_barrier()  # the new token's stores land before its page is read
         page = free // PAGE
         j = tl.arange(0, BLOCK_P)
         slots = page * PAGE + j
         live = (j < PAGE) & (tl.load(slot_pos_ptr + base + slots, mask=j < PAGE, other=-1) >= 0)
         keys = _load_tokens(k_codes, k_params, base + slots, live, BLOCK_P, D, CODEC, BITS, G)
-        low = tl.min(tl.where(live[:, None], keys, float("inf")), axis=0)
-        high = tl.max(tl.where(live[:, None], keys, float("-inf")), axis=0)
+        page_low = tl.min(tl.where(live[:, None], keys, float("inf")), axis=0)
+        page_high = tl.max(tl.where(live[:, None], keys, float("-inf")), axis=0)
         bound = (bh * tl.cdiv(C, PAGE) + page) * D + d
-        tl.store(page_min_ptr + bound, tl.where(low == float("inf"), 0.0, low).to(DTYPE))
-        tl.store(page_max_ptr + bound, tl.where(high == float("-inf"), 0.0, high).to(DTYPE))
+        tl.store(page_min_ptr + bound, tl.where(page_low == float("inf"), 0.0, page_low).to(DTYPE))
+        tl.store(page_max_ptr + bound, tl.where(page_high == float("-inf"), 0.0, page_high).to(DTYPE))
 
 
 def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
                        attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec, layer: int,
-                       block_c: int = 2048) -> torch.Tensor:
-    """`decode_step` in Triton launches (Quest's page choice, the slot attention, this kernel): the
-    output [B, Hq, 1, D] in q's dtype; the store is updated in place."""
+                       block_s: int | None = None) -> torch.Tensor:
+    """`decode_step` in Triton launches (Quest's page choice, the slot attention, the scan, select and
+    finish kernels): the output [B, Hq, 1, D] in q's dtype; the store is updated in place. block_s:
+    slots per program of the scan and select passes (default `default_block_s`)."""
     from kvfx.kernels.policies import QUEST_DENSE_LAYERS
     from kvfx.kernels.quest import quest_pages_triton
     from kvfx.kernels.slot_attention import slot_partials
@@ -237,17 +317,40 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                        "snapkv": ("recent", min(c, spec.window)), "pyramidkv": ("recent", min(c, spec.window))
                        }.get(spec.policy, ("none", 0))
     sink = spec.sink if protect == "sink" else 0
+    block_s = block_s or default_block_s(c)
+    nb = triton.cdiv(c, block_s)
+    stats = torch.empty(b * hkv, nb, 2 + sink, device=q.device, dtype=torch.int32)
+    lows = torch.empty(b * hkv, nb, device=q.device, dtype=torch.float32)
+    ats = torch.empty(b * hkv, nb, 2, device=q.device, dtype=torch.int32)
     out = torch.empty(b, hq, 1, d, device=q.device, dtype=q.dtype)
+    q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
+    bias = parts.bias if parts.bias is not None else parts.m
+    bias_cols = parts.bias.shape[-1] if parts.bias is not None else 0
+    ns, part_m = parts.m.shape[1], parts.m.shape[2]
+    mask = dict(HAS_BIAS=parts.bias is not None, CAUSAL=is_causal)
+    sinks = dict(PROTECT=protect, SINK=sink)
+    _slot_scan_kernel[(b * hkv, nb)](
+        parts.m, parts.l, parts.logits if parts.logits is not None else parts.m, q, k_new, pos, bias, store.slot_pos,
+        store.score, stats, c, ns, nb, hkv, bias_cols, scale * LOG2E, GQ=gq, BLOCK_G=triton.next_power_of_2(gq),
+        PART_M=part_m, D=d, BLOCK_S=block_s, SCORED=scored, **sinks, **mask, num_warps=4)
+    nb_p = triton.next_power_of_2(nb)
+    sink_block = triton.next_power_of_2(max(sink, 1))
+    _slot_select_kernel[(b * hkv, nb)](
+        pos, bias, store.slot_pos, store.score, stats, lows, ats, c, nb, hkv, bias_cols, recent, NB_P=nb_p,
+        BLOCK_S=block_s, SINK_BLOCK=sink_block, SCORED=scored, **sinks, **mask, num_warps=4)
     codec = store.codec
     page = spec.page_size if store.page_min.numel() else 0
-    _slot_decode_kernel[(b * hkv,)](
-        parts.m, parts.l, parts.acc, parts.logits if parts.logits is not None else parts.m, q.contiguous(),
-        k_new.contiguous(), v_new.contiguous(), pos, parts.bias if parts.bias is not None else parts.m,
-        store.k_codes, store.k_params, store.v_codes, store.v_params, store.slot_pos, store.score,
-        store.page_min, store.page_max, out, c, parts.m.shape[1], hkv,
-        parts.bias.shape[-1] if parts.bias is not None else 0, scale * LOG2E, recent,
-        GQ=gq, BLOCK_G=triton.next_power_of_2(gq), PART_M=parts.m.shape[2], D=d, BLOCK_C=block_c, PROTECT=protect,
-        SINK=sink, SINK_BLOCK=triton.next_power_of_2(max(sink, 1)), SCORED=scored, CODEC=codec.kv, BITS=codec.bits,
+    _slot_finish_kernel[(b * hkv,)](
+        parts.m, parts.l, parts.acc, q, k_new, v_new, pos, bias, store.k_codes, store.k_params, store.v_codes,
+        store.v_params, store.slot_pos, store.score, store.page_min, store.page_max, stats, lows, ats, out, c, ns, nb,
+        hkv, bias_cols, scale * LOG2E, recent, GQ=gq, BLOCK_G=triton.next_power_of_2(gq), PART_M=part_m, D=d,
+        NB_P=nb_p, SINK_BLOCK=sink_block, SCORED=scored, CODEC=codec.kv, BITS=codec.bits,
         G=codec.group_size if codec.kv in ("int4", "int2") else 1, DTYPE=TL_DTYPES[store.dtype], PAGE=page,
-        BLOCK_P=triton.next_power_of_2(max(page, 1)), HAS_BIAS=parts.bias is not None, CAUSAL=is_causal, num_warps=8)
+        BLOCK_P=triton.next_power_of_2(max(page, 1)), **sinks, **mask, num_warps=4)
     return out
+
+
+def default_block_s(c: int) -> int:
+    """Slots per program of the scan and select passes: 512 (a 13K-slot budget at B8, Hkv 8 is 1,664
+    programs), more past 128K slots so the finish kernel reduces at most 256 blocks."""
+    return max(MIN_BLOCK_S, triton.next_power_of_2(triton.cdiv(c, MAX_BLOCKS)))

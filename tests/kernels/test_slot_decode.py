@@ -73,7 +73,7 @@ def test_fused_step_equals_the_reference(policy, kv, b, hkv, g, budget, empty, o
             attn_mask[..., t] = True
         args = (q, k_new, v_new, pos)
         want = decode_step_reference(*args, slow, attn_mask, mask == "causal", 0.3, fmt.spec, 3)
-        got = decode_step_triton(*args, fast, attn_mask, mask == "causal", 0.3, fmt.spec, 3, block_c=16)
+        got = decode_step_triton(*args, fast, attn_mask, mask == "causal", 0.3, fmt.spec, 3, block_s=16)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         assert_same_store(fast, slow)
 

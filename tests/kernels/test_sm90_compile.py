@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kvfx.kernels.quest import _quest_score_kernel, _quest_select_kernel
 from kvfx.kernels.slot_attention import _slot_attention_kernel
-from kvfx.kernels.slot_decode import _slot_decode_kernel
+from kvfx.kernels.slot_decode import _slot_finish_kernel, _slot_scan_kernel, _slot_select_kernel
 from kvfx.kernels.decode_attention import _decode_attention_kernel, _decode_combine_kernel, _decode_int_kernel
 from kvfx.kernels.int8 import _store_write_int8_kernel
 from kvfx.kernels.kivi import _fp8_scale_kernel
@@ -43,13 +43,20 @@ for codec, codes, bits, d, g, index, protect in (("int4", "*u8", 4, 128, 32, "no
                                        acc_ptr=f32, logit_ptr=f32, qk_scale="fp32"),
           dict(GQ=4, D=d, BLOCK_M=16, BLOCK_N=64, CODEC=codec, BITS=bits, G=g, INDEX=index, PAGE=16,
                HAS_BIAS=protect == "sink", CAUSAL=True, LOGITS=protect == "recent", DOT=tl.bfloat16, PW=pw))
-    build(_slot_decode_kernel, dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, logit_ptr=f32, q_ptr=bf, k_new_ptr=bf, v_new_ptr=bf,
+    policy = dict(PROTECT=protect, SINK=4 if protect == "sink" else 0, SCORED=protect == "recent",
+                  HAS_BIAS=protect == "sink", CAUSAL=True)
+    build(_slot_scan_kernel, dict(m_ptr=f32, l_ptr=f32, logit_ptr=f32, q_ptr=bf, k_new_ptr=bf, new_pos_ptr="*i64",
+                                  bias_ptr=f32, slot_pos_ptr=i32, score_ptr=f32, stats_ptr=i32, qk_scale="fp32"),
+          dict(GQ=4, BLOCK_G=4, PART_M=16, D=d, BLOCK_S=512, **policy))
+    build(_slot_select_kernel, dict(new_pos_ptr="*i64", bias_ptr=f32, slot_pos_ptr=i32, score_ptr=f32, stats_ptr=i32,
+                                    low_ptr=f32, at_ptr=i32),
+          dict(NB_P=32, BLOCK_S=512, SINK_BLOCK=4, **policy))
+    build(_slot_finish_kernel, dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, q_ptr=bf, k_new_ptr=bf, v_new_ptr=bf,
                                     new_pos_ptr="*i64", bias_ptr=f32, k_codes=codes, k_params=bf, v_codes=codes,
                                     v_params=bf, slot_pos_ptr=i32, score_ptr=f32, page_min_ptr=bf, page_max_ptr=bf,
-                                    out_ptr=bf, qk_scale="fp32"),
-          dict(GQ=4, BLOCK_G=4, PART_M=16, D=d, BLOCK_C=2048, PROTECT=protect, SINK=4, SINK_BLOCK=4,
-               SCORED=protect == "recent", CODEC=codec, BITS=bits, G=g, DTYPE=tl.bfloat16,
-               PAGE=16 if protect == "none" else 0, BLOCK_P=16, HAS_BIAS=protect == "sink", CAUSAL=True))
+                                    stats_ptr=i32, low_ptr=f32, at_ptr=i32, out_ptr=bf, qk_scale="fp32"),
+          dict(GQ=4, BLOCK_G=4, PART_M=16, D=d, NB_P=32, SINK_BLOCK=4, CODEC=codec, BITS=bits, G=g,
+               DTYPE=tl.bfloat16, PAGE=16 if protect == "none" else 0, BLOCK_P=16, **policy))
 build(_quest_score_kernel, dict(q_ptr=bf, min_ptr=bf, max_ptr=bf, slot_pos_ptr=i32, score_ptr=f32, newest_ptr=i32),
       dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=32))
 build(_quest_select_kernel, dict(score_ptr=f32, newest_ptr=i32, pages_ptr=i32), dict(NP_BLOCK=4096, CHUNK=1024))
