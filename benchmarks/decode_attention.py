@@ -23,6 +23,7 @@ Also times quantize-and-store of one decode token for 32 layers (32 `store_write
 
 example: python benchmarks/decode_attention.py --quick
          python benchmarks/decode_attention.py --batch 8 --seq 65536 --out /tmp/results
+         python benchmarks/decode_attention.py --batch 8 --seq 65536 --formats int4 int2
 """
 from __future__ import annotations
 
@@ -110,9 +111,10 @@ def launch_configs(name: str, quick: bool) -> list[dict]:
     return [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (1, 2, 4)]
 
 
-def bench_shape(b: int, s: int, configs, reps: int, quick: bool = False, formats=FORMATS) -> list[dict]:
+def bench_shape(b: int, s: int, configs, reps: int, quick: bool = False, formats=FORMATS,
+                positional: bool = True) -> list[dict]:
     """configs: format name -> list of launch configs (`launch_configs`); formats: the KIVI-store
-    formats to time (FORMATS)."""
+    formats to time (FORMATS); positional: also the `bench_positional` rows."""
     rows = []
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     q = torch.randn(b, HQ, 1, D, device=DEVICE, dtype=DTYPE, generator=gen)
@@ -130,7 +132,8 @@ def bench_shape(b: int, s: int, configs, reps: int, quick: bool = False, formats
     best_sdpa = min(timed) if timed else None
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
-    rows += bench_positional(q, k, v, want, base, quick, reps)
+    if positional:
+        rows += bench_positional(q, k, v, want, base, quick, reps)
     lengths = torch.full((b,), s, dtype=torch.int32, device=DEVICE)
     for name, cfg in formats.items():
         try:
@@ -198,7 +201,7 @@ def bench_positional(q, k, v, want, base: dict, quick: bool, reps: int) -> list[
     return rows
 
 
-def bench_writes(b: int, s: int, reps: int) -> list[dict]:
+def bench_writes(b: int, s: int, reps: int, formats=FORMATS) -> list[dict]:
     """32 layers' worth of one-token quantize-and-store at position s - 1 (the write that also
     quantizes a completed group, the most expensive decode write)."""
     rows = []
@@ -206,7 +209,7 @@ def bench_writes(b: int, s: int, reps: int) -> list[dict]:
     k1 = torch.randn(b, HKV, 1, D, device=DEVICE, dtype=DTYPE, generator=gen)
     v1 = torch.randn(b, HKV, 1, D, device=DEVICE, dtype=DTYPE, generator=gen)
     start = torch.full((b,), s - 1, dtype=torch.int32, device=DEVICE)
-    for name, cfg in FORMATS.items():
+    for name, cfg in formats.items():
         store = KiviStore.allocate(b, HKV, s, D, DTYPE, DEVICE, group_size=GROUP, **cfg)
 
         def write_32_layers(store=store):
@@ -236,6 +239,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="B in {1, 8}, S in {4K, 16K}, one launch config")
     parser.add_argument("--positional-only", action="store_true",
                         help="time SDPA and the positional rows only (no KIVI stores, no writes)")
+    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS),
+                        help="KIVI-store formats to time (the positional rows run with none or int8)")
     parser.add_argument("--reps", type=int, default=50, help="timed runs per measurement (median reported)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for decode_attention.json/.png")
     parser.add_argument("--plot-only", type=pathlib.Path, help="redraw the PNG from an existing JSON and exit")
@@ -250,6 +255,8 @@ def main(argv=None) -> int:
         return 1
     if args.quick:
         args.batch, args.seq = [1, 8], [4096, 16384]
+    formats = {name: FORMATS[name] for name in args.formats}
+
     def configs(name: str) -> list[dict]:
         return launch_configs(name, args.quick)
     payload = {"environment": environment(), "shape": dict(hq=HQ, hkv=HKV, head_dim=D, dtype=str(DTYPE),
@@ -259,7 +266,8 @@ def main(argv=None) -> int:
     for b in args.batch:
         for s in args.seq:
             try:
-                rows = bench_shape(b, s, configs, args.reps, args.quick, {} if args.positional_only else FORMATS)
+                rows = bench_shape(b, s, configs, args.reps, args.quick, {} if args.positional_only else formats,
+                                  args.positional_only or bool({"none", "int8"} & set(args.formats)))
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 payload["skipped"].append(dict(batch=b, seq=s, reason="out of memory"))
@@ -271,7 +279,7 @@ def main(argv=None) -> int:
                 print(f"B={b:<3} S={s:<6} {r['impl']:<20} {shown}", flush=True)
             torch.cuda.empty_cache()
             write_json(args.out / "decode_attention.json", payload)  # partial results survive a timeout
-        for w in [] if args.positional_only else bench_writes(b, min(args.seq), args.reps):
+        for w in [] if args.positional_only else bench_writes(b, min(args.seq), args.reps, formats):
             attn = [r for r in payload["attention"] if r["impl"] == w["impl"] and r["batch"] == b and "median_us" in r]
             w["attention_32_layers_us"] = {str(r["seq"]): 32 * r["median_us"] for r in attn}
             payload["writes"].append(w)

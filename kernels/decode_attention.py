@@ -244,22 +244,83 @@ def _code_slot(xb, I: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _load_bytes(ptr, BITS: tl.constexpr, mask=None):
-    """Packed code bytes for `_code_slot`: byte | 0x4B000000 (int32); where `mask` is false, codes 0."""
+def _load_bytes(ptr, BITS: tl.constexpr, DOT: tl.constexpr, mask=None):
+    """Packed code bytes for `_dequantize_codes`: as loaded (uint8) where it takes the PTX path, else
+    byte | 0x4B000000 (int32, for `_code_slot`); where `mask` is false, codes 0."""
     if mask is None:
         x = tl.load(ptr)
     else:
         x = tl.load(ptr, mask=mask, other=0)
-    return x.to(tl.int32) | 0x4B000000
+    if not _uses_ptx(BITS, DOT):
+        x = x.to(tl.int32) | 0x4B000000
+    return x
+
+
+@triton.constexpr_function
+def _uses_ptx(bits, dot):
+    """Whether `_dequantize_codes` runs its PTX (int4 / int2 codes into bf16 / fp16 on the GPU); the
+    interpreter (DOT fp32) and int8 take exact fp32 arithmetic."""
+    return bits < 8 and dot in (tl.bfloat16, tl.float16)
+
+
+@triton.constexpr_function
+def _dequantize_ptx(slot, bits, dot):
+    """PTX for code slot `slot` of 4 bytes ($2) times scales ($3, $4) plus zeros ($5, $6), two 16-bit
+    floats per register, into $0, $1 (see `_dequantize_codes`)."""
+    kind = "bf16x2" if dot == tl.bfloat16 else "f16x2"
+    magic, one = (0x4300, 0x3F80) if dot == tl.bfloat16 else (0x6400, 0x3C00)  # 128.0 / 1024.0, 1.0
+    mask = (1 << bits) - 1
+    shift = f"shr.b32 t0, t0, {slot * bits}; shr.b32 t1, t1, {slot * bits}; " if slot else ""
+    return ("{ .reg .b32 t0, t1, z, one, m, negm; mov.b32 z, 0; "
+            f"mov.b32 one, {one * 0x10001}; mov.b32 m, {magic * 0x10001}; mov.b32 negm, {(magic | 0x8000) * 0x10001}; "
+            "prmt.b32 t0, $2, z, 0x4140; prmt.b32 t1, $2, z, 0x4342; " + shift +
+            f"lop3.b32 t0, t0, {mask * 0x10001}, m, 0xEA; lop3.b32 t1, t1, {mask * 0x10001}, m, 0xEA; "
+            f"fma.rn.{kind} t0, t0, one, negm; fma.rn.{kind} t1, t1, one, negm; "
+            f"fma.rn.{kind} $0, t0, $3, $5; fma.rn.{kind} $1, t1, $4, $6; }}")
+
+
+@triton.constexpr_function
+def _param_dtype(bits, dot):
+    """The dtype `_dequantize_codes` takes its scale and zero in: DOT on the PTX path, else fp32."""
+    return dot if _uses_ptx(bits, dot) else tl.float32
 
 
 @triton.jit
-def _param_slot(w, I: tl.constexpr, PW: tl.constexpr):
-    """Half-word I of the integer words w holding packed 16-bit params, as fp32 (PW 1: bf16, 2: fp16)."""
+def _dequantize_codes(xb, scale, zero, I: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr):
+    """Code slot I of the bytes xb (`_load_bytes`) times scale plus zero, in DOT, in the bytes' layout.
+
+    The interpreter (DOT fp32) and int8: `_code_slot` in exact fp32 arithmetic, rounded once to DOT.
+    int4 / int2 into bf16 / fp16 on the GPU: PTX on 4 code bytes at a time, two values an instruction:
+    PRMT spreads two bytes into the halves of a word, a shift brings slot I down, one LOP3 masks the
+    codes into the mantissas of the magic M (128.0 in bf16, 1024.0 in fp16: M + code exactly), one FMA
+    takes M away (exact) and one computes code * scale + zero, rounded once to DOT as the fp32 path
+    is. About 2.5 instructions a code where the fp32 path issues about 7 (PRMT, LOP3, FADD/FFMA, FFMA,
+    F2FP and moves). scale, zero: in `_param_dtype`, broadcastable to xb's shape.
+    """
+    if not _uses_ptx(BITS, DOT):
+        x = (_code_slot(xb, I, BITS) * scale + zero).to(DOT)
+    elif DOT == tl.bfloat16:  # (inline_asm_elementwise does not unwrap a constexpr dtype)
+        x = tl.inline_asm_elementwise(_dequantize_ptx(I, BITS, DOT), "=r,=r,r,r,r,r,r",
+                                      [xb, tl.broadcast_to(scale, xb.shape), tl.broadcast_to(zero, xb.shape)],
+                                      dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        x = tl.inline_asm_elementwise(_dequantize_ptx(I, BITS, DOT), "=r,=r,r,r,r,r,r",
+                                      [xb, tl.broadcast_to(scale, xb.shape), tl.broadcast_to(zero, xb.shape)],
+                                      dtype=tl.float16, is_pure=True, pack=4)
+    return x
+
+
+@triton.jit
+def _param_slot(w, I: tl.constexpr, PW: tl.constexpr, OUT: tl.constexpr = tl.float32):
+    """Half-word I of the integer words w holding packed 16-bit params (PW 1: bf16, 2: fp16), as OUT."""
     h = ((w >> (16 * I)) & 0xFFFF).to(tl.int32)
-    if PW == 1:
-        return (h << 16).to(tl.float32, bitcast=True)
-    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    if PW == 2:
+        x = h.to(tl.int16).to(tl.float16, bitcast=True).to(OUT)
+    elif OUT == tl.float32:
+        x = (h << 16).to(tl.float32, bitcast=True)
+    else:
+        x = h.to(tl.int16).to(tl.bfloat16, bitcast=True).to(OUT)
+    return x
 
 
 @triton.jit
@@ -280,54 +341,67 @@ def _key_slot_dot(s, q_i, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, I: tl.cons
     loaded strided from kp; else kw_s, kw_z hold them as words of PB 16-bit values (channels PB * j ..
     PB * j + PB - 1), loaded once for all slots.
     """
+    OUT: tl.constexpr = _param_dtype(BITS, DOT)
     if PW == 0:
-        scale = tl.load(k_scale + kp + I, mask=pmask, other=0.0).to(tl.float32)
-        zero = tl.load(k_zero + kp + I, mask=pmask, other=0.0).to(tl.float32)
+        scale = tl.load(k_scale + kp + I, mask=pmask, other=0.0).to(OUT)
+        zero = tl.load(k_zero + kp + I, mask=pmask, other=0.0).to(OUT)
     else:
-        scale = _param_slot(kw_s, I, PW)
-        zero = _param_slot(kw_z, I, PW)
-    k = _code_slot(kb, I, BITS) * _group_rows(scale, G) + _group_rows(zero, G)
-    return tl.dot(q_i, tl.trans(k.to(DOT)), s)
+        scale = _param_slot(kw_s, I, PW, OUT)
+        zero = _param_slot(kw_z, I, PW, OUT)
+    k = _dequantize_codes(kb, _group_rows(scale, G), _group_rows(zero, G), I, BITS, DOT)
+    return tl.dot(q_i, tl.trans(k), s)
 
 
 @triton.jit
 def _value_slot_dot(acc, p, vb, vs, vz, I: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr,
                     VMODE: tl.constexpr):
     """acc [M, D / PB] (channels I + PB * j) += p . v_i, v_i = codes * vs + vz (`_value_params`)."""
-    c = _code_slot(vb, I, BITS)
-    if VMODE == 2:  # vs, vz [N, D / G]: column j of the slot is channel group j // (G / PB)
+    if VMODE == 2 and not _uses_ptx(BITS, DOT):  # vs, vz [N, D / G]: column j is channel group j // (G / PB)
+        c = _code_slot(vb, I, BITS)
         NGD: tl.constexpr = vs.shape[1]
         v = tl.reshape(tl.reshape(c, (c.shape[0], NGD, c.shape[1] // NGD)) * vs[:, :, None] + vz[:, :, None],
-                       c.shape)
+                       c.shape).to(DOT)
     else:
-        v = c * vs + vz
-    return tl.dot(p, v.to(DOT), acc)
+        if VMODE == 2:
+            vs = _spread_groups(vs, vb.shape[1])
+            vz = _spread_groups(vz, vb.shape[1])
+        v = _dequantize_codes(vb, vs, vz, I, BITS, DOT)
+    return tl.dot(p, v, acc)
+
+
+@triton.jit
+def _spread_groups(x, DB: tl.constexpr):
+    """x [N, D / G] (one value per channel group) as [N, DB]: column j takes group j // (DB / (D / G))."""
+    N: tl.constexpr = x.shape[0]
+    NGD: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.broadcast_to(x[:, :, None], (N, NGD, DB // NGD)), (N, DB))
 
 
 @triton.jit
 def _value_params(v_scale, v_zero, slot, live, jb, G: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
-                  VMODE: tl.constexpr):
+                  VMODE: tl.constexpr, OUT: tl.constexpr = tl.float32):
     """Per-token value (scale, zero) of the N tokens `slot` expanded to [N, D / PB]: column j (channel
-    I + PB * j of any slot I < PB) belongs to channel group j // (G / PB). Tokens not `live`: 0, 0."""
+    I + PB * j of any slot I < PB) belongs to channel group j // (G / PB). Tokens not `live`: 0, 0.
+    In OUT (`_param_dtype`)."""
     GP: tl.constexpr = G // PB
     NGD: tl.constexpr = D // G
     N: tl.constexpr = slot.shape[0]
     lm = live[:, None]
     if VMODE == 2:  # [N, D / G] as stored, broadcast over the columns of each group by a reshape
         idx = slot[:, None] * NGD + tl.arange(0, NGD)[None, :]
-        vs = tl.load(v_scale + idx, mask=lm, other=0.0).to(tl.float32)
-        vz = tl.load(v_zero + idx, mask=lm, other=0.0).to(tl.float32)
+        vs = tl.load(v_scale + idx, mask=lm, other=0.0).to(OUT)
+        vz = tl.load(v_zero + idx, mask=lm, other=0.0).to(OUT)
     elif VMODE == 0:  # gather: the duplicates are L1 hits
         idx = slot[:, None] * NGD + (jb // GP)[None, :]
-        vs = tl.load(v_scale + idx, mask=lm, other=0.0).to(tl.float32)
-        vz = tl.load(v_zero + idx, mask=lm, other=0.0).to(tl.float32)
+        vs = tl.load(v_scale + idx, mask=lm, other=0.0).to(OUT)
+        vz = tl.load(v_zero + idx, mask=lm, other=0.0).to(OUT)
     else:  # one [N] vector per channel group, selected per column
         jg = (jb // GP)[None, :]
-        vs = tl.broadcast_to(tl.load(v_scale + slot * NGD, mask=live, other=0.0).to(tl.float32)[:, None], (N, D // PB))
-        vz = tl.broadcast_to(tl.load(v_zero + slot * NGD, mask=live, other=0.0).to(tl.float32)[:, None], (N, D // PB))
+        vs = tl.broadcast_to(tl.load(v_scale + slot * NGD, mask=live, other=0.0).to(OUT)[:, None], (N, D // PB))
+        vz = tl.broadcast_to(tl.load(v_zero + slot * NGD, mask=live, other=0.0).to(OUT)[:, None], (N, D // PB))
         for gd in tl.static_range(1, NGD):
-            vs = tl.where(jg == gd, tl.load(v_scale + slot * NGD + gd, mask=live, other=0.0).to(tl.float32)[:, None], vs)
-            vz = tl.where(jg == gd, tl.load(v_zero + slot * NGD + gd, mask=live, other=0.0).to(tl.float32)[:, None], vz)
+            vs = tl.where(jg == gd, tl.load(v_scale + slot * NGD + gd, mask=live, other=0.0).to(OUT)[:, None], vs)
+            vz = tl.where(jg == gd, tl.load(v_zero + slot * NGD + gd, mask=live, other=0.0).to(OUT)[:, None], vz)
     return vs, vz
 
 
@@ -392,11 +466,11 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
             pmask = (grp + tg < last)[:, None]  # [TG, 1] groups of this split's share
             slot = (bh * NG + grp) * G + n  # [BLOCK_N] token slots of the packed store
             if TG == 1:  # whole groups: no masks
-                kb = _load_bytes(k_codes + slot[:, None] * DB + jb[None, :], BITS)
-                vb = _load_bytes(v_codes + slot[:, None] * DB + jb[None, :], BITS)
+                kb = _load_bytes(k_codes + slot[:, None] * DB + jb[None, :], BITS, DOT)
+                vb = _load_bytes(v_codes + slot[:, None] * DB + jb[None, :], BITS, DOT)
             else:
-                kb = _load_bytes(k_codes + slot[:, None] * DB + jb[None, :], BITS, live[:, None])
-                vb = _load_bytes(v_codes + slot[:, None] * DB + jb[None, :], BITS, live[:, None])
+                kb = _load_bytes(k_codes + slot[:, None] * DB + jb[None, :], BITS, DOT, live[:, None])
+                vb = _load_bytes(v_codes + slot[:, None] * DB + jb[None, :], BITS, DOT, live[:, None])
             kp = (bh * NG + grp + tg[:, None]) * D + jb[None, :] * PB  # [TG, DB] key params of channel PB * j
             if PW == 0:
                 kw_s = kp
@@ -418,7 +492,7 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
                 s = tl.where(live[None, :], s, float("-inf"))
             m_i, l_i, p, alpha = _softmax_weights(s, m_i, l_i)
             p = p.to(DOT)
-            vs, vz = _value_params(v_scale, v_zero, slot, live, jb, G, D, PB, VMODE)
+            vs, vz = _value_params(v_scale, v_zero, slot, live, jb, G, D, PB, VMODE, _param_dtype(BITS, DOT))
             acc0 = _value_slot_dot(acc0 * alpha[:, None], p, vb, vs, vz, 0, BITS, DOT, VMODE)
             if PB > 1:
                 acc1 = _value_slot_dot(acc1 * alpha[:, None], p, vb, vs, vz, 1, BITS, DOT, VMODE)

@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvfx.kernels.decode_attention import (HEAD_DIMS, LOG2E, _code_slot, _load_bytes, _load_q_slot, _param_slot,
+from kvfx.kernels.decode_attention import (HEAD_DIMS, LOG2E, _dequantize_codes, _load_bytes, _load_q_slot,
+                                           _param_dtype, _param_slot, _spread_groups,
                                            _softmax_weights, _value_slot_dot, combine_partials)
 from kvfx.kernels.kivi import TL_DTYPES, _unpack
 
@@ -74,7 +75,8 @@ def _load_tokens(codes_ptr, params_ptr, slot, live, N: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _token_params(params_ptr, slot, live, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, PW: tl.constexpr):
+def _token_params(params_ptr, slot, live, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, PW: tl.constexpr,
+                  DOT: tl.constexpr):
     """int4/int2: the per-token (scale, zero) of the slots `slot` [N] for the columns of their code bytes,
     fp32 [N, D / PB] (PB = 8 // BITS): column j holds channels PB * j .. PB * j + PB - 1, all of group
     j // (G / PB) (G is a multiple of PB), so one expansion serves every code slot of the byte. Loaded
@@ -82,30 +84,18 @@ def _token_params(params_ptr, slot, live, D: tl.constexpr, BITS: tl.constexpr, G
     only, so just the small tile moves to the dot's layout, where a gather of [N, D / PB] would move
     the whole tile through shared memory). The params interleave (scale, zero) per group; with PW 1 / 2
     params_ptr holds each pair as one int32 word of bf16 / fp16 values (one load for both). Slots not
-    `live`: 0, 0."""
+    `live`: 0, 0. In `_param_dtype` (DOT on the PTX path of `_dequantize_codes`, else fp32)."""
     NG: tl.constexpr = D // G
+    OUT: tl.constexpr = _param_dtype(BITS, DOT)
     grp = slot[:, None] * NG + tl.arange(0, NG)[None, :]
     if PW == 0:
-        scale = tl.load(params_ptr + 2 * grp, mask=live[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(params_ptr + 2 * grp + 1, mask=live[:, None], other=0.0).to(tl.float32)
+        scale = tl.load(params_ptr + 2 * grp, mask=live[:, None], other=0.0).to(OUT)
+        zero = tl.load(params_ptr + 2 * grp + 1, mask=live[:, None], other=0.0).to(OUT)
     else:
         word = tl.load(params_ptr + grp, mask=live[:, None], other=0)
-        scale = _param_slot(word, 0, PW)
-        zero = _param_slot(word, 1, PW)
-    return _group_columns(scale, D, G, 8 // BITS), _group_columns(zero, D, G, 8 // BITS)
-
-
-@triton.jit
-def _group_columns(x, D: tl.constexpr, G: tl.constexpr, PB: tl.constexpr):
-    """x [N, D / G] (one value per channel group) as [N, D / PB]: column j takes group j // (G / PB)."""
-    N: tl.constexpr = x.shape[0]
-    return tl.reshape(tl.broadcast_to(x[:, :, None], (N, D // G, G // PB)), (N, D // PB))
-
-
-@triton.jit
-def _dequantize_slot(xb, scale, zero, I: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr):
-    """Code slot I of the bytes xb (`_load_bytes`) times scale plus zero, in DOT, in the bytes' layout."""
-    return (_code_slot(xb, I, BITS) * scale + zero).to(DOT)
+        scale = _param_slot(word, 0, PW, OUT)
+        zero = _param_slot(word, 1, PW, OUT)
+    return _spread_groups(scale, D * BITS // 8), _spread_groups(zero, D * BITS // 8)
 
 
 @triton.jit
@@ -119,14 +109,14 @@ def _key_logits(q0, q1, q2, q3, codes_ptr, params_ptr, slot, live, jb, D: tl.con
         s = tl.dot(q0, tl.trans(k.to(DOT)))
     else:
         PB: tl.constexpr = 8 // BITS
-        kb = _load_bytes(codes_ptr + slot[:, None] * (D // PB) + jb[None, :], BITS, live[:, None])
-        scale, zero = _token_params(params_ptr, slot, live, D, BITS, G, PW)
-        s = tl.dot(q0, tl.trans(_dequantize_slot(kb, scale, zero, 0, BITS, DOT)))
+        kb = _load_bytes(codes_ptr + slot[:, None] * (D // PB) + jb[None, :], BITS, DOT, live[:, None])
+        scale, zero = _token_params(params_ptr, slot, live, D, BITS, G, PW, DOT)
+        s = tl.dot(q0, tl.trans(_dequantize_codes(kb, scale, zero, 0, BITS, DOT)))
         if PB > 1:
-            s = tl.dot(q1, tl.trans(_dequantize_slot(kb, scale, zero, 1, BITS, DOT)), s)
+            s = tl.dot(q1, tl.trans(_dequantize_codes(kb, scale, zero, 1, BITS, DOT)), s)
         if PB > 2:
-            s = tl.dot(q2, tl.trans(_dequantize_slot(kb, scale, zero, 2, BITS, DOT)), s)
-            s = tl.dot(q3, tl.trans(_dequantize_slot(kb, scale, zero, 3, BITS, DOT)), s)
+            s = tl.dot(q2, tl.trans(_dequantize_codes(kb, scale, zero, 2, BITS, DOT)), s)
+            s = tl.dot(q3, tl.trans(_dequantize_codes(kb, scale, zero, 3, BITS, DOT)), s)
     return s
 
 
@@ -140,8 +130,8 @@ def _fold_values(acc0, acc1, acc2, acc3, alpha, p, codes_ptr, params_ptr, slot, 
         acc0 = tl.dot(p, v.to(DOT), acc0 * alpha[:, None])
     else:
         PB: tl.constexpr = 8 // BITS
-        vb = _load_bytes(codes_ptr + slot[:, None] * (D // PB) + jb[None, :], BITS, live[:, None])
-        scale, zero = _token_params(params_ptr, slot, live, D, BITS, G, PW)
+        vb = _load_bytes(codes_ptr + slot[:, None] * (D // PB) + jb[None, :], BITS, DOT, live[:, None])
+        scale, zero = _token_params(params_ptr, slot, live, D, BITS, G, PW, DOT)
         acc0 = _value_slot_dot(acc0 * alpha[:, None], p, vb, scale, zero, 0, BITS, DOT, 0)
         if PB > 1:
             acc1 = _value_slot_dot(acc1 * alpha[:, None], p, vb, scale, zero, 1, BITS, DOT, 0)
