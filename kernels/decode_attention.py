@@ -17,12 +17,13 @@ The int formats (int8 / int4 / int2) take `_decode_int_kernel`, same grid and pa
 one group of G tokens at a time and never reshapes a tile: a dot over channels does not care about
 their order, so code slot I of every packed byte (channels I + PB * j) is used as it lies in the
 loaded [G, D / PB] byte tile, against the matching channels of q for the keys and into a separate
-accumulator (stored at those channels at the end) for the values. Codes become floats through the
-exponent bits (`_code_slot`), int4 / int2 key params of bf16 / fp16 stores are loaded as words of
-8 // bits values, and one warp per program keeps the softmax free of cross-warp reductions. On the
-H100 this is 1.2x / 1.3x / 1.6x faster than SDPA at B=8, S=64K for int8 / int4 / int2 (the generic
-tile kernel: 0.9x); what limits it is the dequantize arithmetic (about 7 instructions per code), not
-memory: int2 reads a quarter of int8's bytes and takes 0.75x its time.
+accumulator (stored at those channels at the end) for the values. int4 / int2 codes of bf16 / fp16
+stores become 16-bit floats by PTX, two per instruction (`_dequantize_codes`); int8 and the
+interpreter take the exponent bits in fp32 (`_code_slot`). int4 / int2 key params of bf16 / fp16
+stores are loaded as words of 8 // bits values, and one warp per program keeps the softmax free of
+cross-warp reductions. On the H100 at B=8, S=64K this is 2.1x / 1.8x faster than SDPA for int4 / int2
+(session 7; the fp32 path was 1.3x / 1.6x) and 1.25x for int8 (the generic tile kernel: 0.9x); what
+limits it is instructions per code (the dequantize, addresses, operand moves), not memory.
 """
 from __future__ import annotations
 
@@ -40,9 +41,11 @@ HEAD_DIMS = (64, 128)
 INT_NUM_WARPS = 1
 # Groups of G tokens the int kernel folds per step (block_n = this * G).
 INT_GROUPS_PER_STEP = 1
-# How the int kernel expands the per-token value params (0 gather, 1 select, 2 reshape): 1 was the
-# fastest in every int row of the H100 sweep (decode_attention.json, session 6: 3 formats x 4 shapes).
-INT_VMODE = 1
+# How the int kernel expands the per-token value params (0 gather, 1 select, 2 reshape): 2 since the
+# PTX dequantization (session 7, H100, int4, one warp, default splits: B8 S64K 324 us vs 504 (1) and
+# 496 (0); B44 S32K with a mask bias, as the compile path runs it, 904 us vs 1607 (1) and 1303 (0)).
+# Mode 1 was the fastest of the fp32 path (session 6).
+INT_VMODE = 2
 LOG2E = 1.4426950408889634
 
 
