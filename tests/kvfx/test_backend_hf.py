@@ -72,6 +72,7 @@ def test_decode_compiles_once():
     assert len(kvfx.report(compiled).sites) // 2 == 2
 
 
+@pytest.mark.heavy  # ~60 s cold: make test-all (CI time)
 def test_two_caches_in_flight_do_not_mix():
     model = tiny_model()
     compiled = compiled_copy(model, kv="int8")
@@ -162,6 +163,7 @@ def test_graph_without_attention_is_unchanged_and_reported():
     assert rep.found == 0 and "no attention site" in str(rep)
 
 
+@pytest.mark.heavy  # ~60 s cold: make test-all (CI time)
 def test_longer_cache_recompiles_dynamic_and_stays_rewritten():
     """A second generate with a longer cache makes dynamo trace the cache length symbolically;
     kvfx must still rewrite every site (the store is sized from the symbolic length) and match eager."""

@@ -88,6 +88,7 @@ def test_generate_streams_then_reports_speed_bytes_and_sites(tiny_folder):
     assert 0 < ratio <= 0.55  # per-token int8 of an fp32 cache
 
 
+@pytest.mark.heavy  # ~60 s cold: make test-all (CI time); kvfx.quality is tested in test_quality.py
 def test_eval_perplexity_writes_json_and_png(tiny_folder, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("The grass is green. The sky is blue. " * 20)

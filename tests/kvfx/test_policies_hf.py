@@ -36,7 +36,7 @@ def test_left_padded_batch_with_a_policy_matches_eager_per_row():
     assert torch.equal(greedy(compiled, ids, 12, **kw), greedy(model, ids, 12, **kw))
 
 
-@pytest.mark.parametrize("kv", ["none", "int8", "int4"])
+@pytest.mark.parametrize("kv", [pytest.param("none", marks=pytest.mark.heavy), "int8", "int4"])  # none: 54 s cold
 def test_bytes_held_follow_the_budget_not_the_cache_length(kv):
     """An 8-token H2O budget holds the same bytes whatever the cache length; the fp cache grows."""
     model = tiny_model("llama")

@@ -76,6 +76,7 @@ def test_kvfx_none_perplexity_equals_eager_and_bad_methods_are_skipped():
     assert "kvfx none" in table(result.rows) and "+0.00%" in table(result.rows)
 
 
+@pytest.mark.heavy  # ~50 s cold: make test-all (CI time)
 def test_passkey_through_kvfx_none_answers_as_eager(tokenizer, tmp_path):
     model = tiny_model("llama", vocab_size=VOCAB)
     prompts = passkey_prompts(tokenizer, lengths=[200], depths=[0.3, 0.7])

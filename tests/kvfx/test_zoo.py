@@ -88,7 +88,9 @@ LOSSLESS = [("llama", "dynamic"), ("mistral", "static"), ("mistral", "dynamic"),
 OWN = [("gptfast:index_put:enable_gqa", "own"), ("gptfast:slice:repeat_interleave", "own"), ("nanogpt", "own")]
 
 
-@pytest.mark.parametrize("case", LOSSLESS + OWN, ids=lambda c: f"{c[0]}-{c[1]}")
+# gemma2-static (43 s cold) runs in make test-all; gemma2 stays covered by its softcap / dynamic cases
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.heavy) if c == ("gemma2", "static") else c
+                                  for c in LOSSLESS + OWN], ids=lambda c: f"{c[0]}-{c[1]}")
 def test_kv_none_gives_eager_tokens(case):
     (eager, _), (ours, _), report = run(case, "none")
     assert torch.equal(ours, eager)
