@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# From inside .venv, not the repo root: `python -m` puts the working directory on sys.path, and the
+# repo's kernels/ folder would then shadow HuggingFace's `kernels` package, which transformers >= 5.25
+# imports.
 demo: $(STAMP)
-	$(VPY) -m kvfx.demo
+	cd $(VENV) && bin/python -m kvfx.demo
 
 # Two workers (pytest-xdist): the 2-core CI machine spends most of the suite compiling, one core each.
 test: $(STAMP)
