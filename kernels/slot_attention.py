@@ -14,13 +14,15 @@ known (no second pass over the KV bytes). Every `TokenCodec` is dequantized in r
 order, so code slot I of every byte (channels I + PB * j, PB = 8 // bits) is used in the layout of
 the loaded [N, D / PB] bytes, against the query's channels I + PB * j for the keys (PB dots summed)
 and into an accumulator of its own for the values (stored at those channels, so the partials are
-laid out as for the other codecs). Codes become floats through the exponent bits (`_code_slot`), the
+laid out as for the other codecs). Codes become floats by PTX on the GPU (`_dequantize_codes`: two
+per instruction, params in the store's 16-bit dtype; in the interpreter through fp32 exponent bits), the
 per-token params are loaded as [N, D / G] and broadcast over each group's G / PB byte columns (the
 same for every code slot, since G is a multiple of PB), and bf16/fp16 params are read as one int32
 word per (scale, zero) pair. Compiled for sm_90 (per tile of 64 slots, D 128, int4): no unpack or
 reshape of the code tile, 40% of the shared-memory round trips of the unpack-and-reshape version
 and 30% fewer instructions (int2: 45%). On the H100 (B8 S64K, Hq 32, Hkv 8, one decode step of
-int4 + H2O at 20%): 265 us, was 418 us; bf16 H2O takes 259 us.
+int4 + H2O at 20%): 265 us, was 418 us; bf16 H2O takes 259 us. With the PTX (session 7) the slot
+attention alone takes 166 us for int4 + H2O, 179 us for bf16 H2O.
 
 The partials and the new token are combined by `combine_reference` here (torch, the spec) or, on the
 decode path, inside the fused eviction kernel of `kvfx.kernels.slot_decode`. The reference of the
