@@ -41,11 +41,13 @@ HEAD_DIMS = (64, 128)
 INT_NUM_WARPS = 1
 # Groups of G tokens the int kernel folds per step (block_n = this * G).
 INT_GROUPS_PER_STEP = 1
-# How the int kernel expands the per-token value params (0 gather, 1 select, 2 reshape): 2 since the
-# PTX dequantization (session 7, H100, int4, one warp, default splits: B8 S64K 324 us vs 504 (1) and
-# 496 (0); B44 S32K with a mask bias, as the compile path runs it, 904 us vs 1607 (1) and 1303 (0)).
-# Mode 1 was the fastest of the fp32 path (session 6).
-INT_VMODE = 2
+# How the int kernel expands the per-token value params (0 gather, 1 select, 2 reshape), by how its
+# codes are dequantized. PTX (int4 / int2 into bf16 / fp16): 2 (session 7, H100, int4, one warp,
+# default splits: B8 S64K 324 us vs 504 (1) and 496 (0); B44 S32K with a mask bias, as the compile
+# path runs it, 904 us vs 1607 (1) and 1303 (0)). fp32 arithmetic (int8, the interpreter): 1, the
+# fastest in every row of session 6's sweep (decode_attention.json: 3 formats x 4 shapes).
+INT_VMODE_PTX = 2
+INT_VMODE_FP32 = 1
 LOG2E = 1.4426950408889634
 
 
@@ -582,7 +584,7 @@ def int_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> 
 
 def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor, scale: float | None = None,
                             num_splits: int | None = None, block_n: int | None = None,
-                            num_warps: int | None = None, num_stages: int | None = None, vmode: int = INT_VMODE,
+                            num_warps: int | None = None, num_stages: int | None = None, vmode: int | None = None,
                             key_words: bool = True, int_kernel: bool = True, bias: torch.Tensor | None = None
                             ) -> torch.Tensor:
     """Triton version of `decode_attention_reference` (same arguments and result).
@@ -598,7 +600,7 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
     block_n: tokens per step, a power of two and a multiple of the group size (default max(G, 64);
     the int kernel `_decode_int_kernel`: INT_GROUPS_PER_STEP * G). int_kernel=False runs the int
     formats through the generic tile kernel instead (kept for comparison). vmode: how the int kernel
-    expands the value parameters (0 gather, 1 select, 2 reshape; default INT_VMODE); key_words: load int4 / int2 key params of bf16 / fp16 stores as words
+    expands the value parameters (0 gather, 1 select, 2 reshape; default INT_VMODE_PTX or INT_VMODE_FP32 by the path); key_words: load int4 / int2 key params of bf16 / fp16 stores as words
     of 8 // bits values. num_stages: Triton's software pipelining depth (None: Triton's default).
     Raises ValueError for a head dim other than 64 or 128 (callers fall back to the reference).
     """
@@ -641,6 +643,8 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
         if pw:
             word = torch.int32 if pb == 2 else torch.int64
             args = args[:3] + (store.k_scale.view(word), store.k_zero.view(word)) + args[5:]
+        if vmode is None:
+            vmode = INT_VMODE_PTX if _uses_ptx(store.bits, dot) else INT_VMODE_FP32
         _decode_int_kernel[(b * hkv, ns + 1)](*args, BLOCK_N=block_n, VMODE=vmode, PW=pw, **launch)
     else:
         _decode_attention_kernel[(b * hkv, ns + 1)](*args, FP8=store.fp8, BLOCK_N=block_n, **launch)
