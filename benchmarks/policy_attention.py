@@ -11,9 +11,9 @@ h2o row against the "streaming" row (same slots, no score accumulation) prices H
 Every time is a CUDA-graph replay with a cold L2 (see `common.cuda_time_us`). "kvfx-<config>-attention"
 rows time the slot-attention kernel alone (`slot_partials`, every slot; not Quest) over a sweep of its
 launch (slots per tile, warps, splits): the best config, and `default_us` at the default launch, so the
-step's time splits into attention and the rest (the combine + eviction kernel). The decode step is the
+step's time splits into attention and the rest (the eviction kernels: scan, select, finish). The decode step is the
 Triton path of `decode_step` (kvfx.kernels.slot_decode: Quest's page kernels, the slot-attention
-kernel, the fused eviction kernel) for every format; each kvfx row also reports `max_err`, the largest
+kernel, the scan / select / finish eviction kernels) for every format; each kvfx row also reports `max_err`, the largest
 difference of its output from `decode_step_reference` (torch) on a copy of the same store, and
 `same_kept`, whether both keep the same positions afterwards.
 

@@ -304,14 +304,13 @@ def _dequantize_codes(xb, scale, zero, I: tl.constexpr, BITS: tl.constexpr, DOT:
     """
     if not _uses_ptx(BITS, DOT):
         x = (_code_slot(xb, I, BITS) * scale + zero).to(DOT)
-    elif DOT == tl.bfloat16:  # (inline_asm_elementwise does not unwrap a constexpr dtype)
-        x = tl.inline_asm_elementwise(_dequantize_ptx(I, BITS, DOT), "=r,=r,r,r,r,r,r",
-                                      [xb, tl.broadcast_to(scale, xb.shape), tl.broadcast_to(zero, xb.shape)],
-                                      dtype=tl.bfloat16, is_pure=True, pack=4)
     else:
-        x = tl.inline_asm_elementwise(_dequantize_ptx(I, BITS, DOT), "=r,=r,r,r,r,r,r",
-                                      [xb, tl.broadcast_to(scale, xb.shape), tl.broadcast_to(zero, xb.shape)],
-                                      dtype=tl.float16, is_pure=True, pack=4)
+        ASM: tl.constexpr = _dequantize_ptx(I, BITS, DOT)
+        args = [xb, tl.broadcast_to(scale, xb.shape), tl.broadcast_to(zero, xb.shape)]
+        if DOT == tl.bfloat16:  # (inline_asm_elementwise does not unwrap a constexpr dtype)
+            x = tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r", args, dtype=tl.bfloat16, is_pure=True, pack=4)
+        else:
+            x = tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r", args, dtype=tl.float16, is_pure=True, pack=4)
     return x
 
 

@@ -25,7 +25,7 @@ int4 + H2O at 20%): 265 us, was 418 us; bf16 H2O takes 259 us. With the PTX (ses
 attention alone takes 166 us for int4 + H2O, 179 us for bf16 H2O.
 
 The partials and the new token are combined by `combine_reference` here (torch, the spec) or, on the
-decode path, inside the fused eviction kernel of `kvfx.kernels.slot_decode`. The reference of the
+decode path, inside the finish kernel of `kvfx.kernels.slot_decode`. The reference of the
 whole attention is `kvfx.kernels.policies._decode_attention_torch`.
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _load_tokens(codes_ptr, params_ptr, slot, live, N: tl.constexpr, D: tl.const
 def _token_params(params_ptr, slot, live, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, PW: tl.constexpr,
                   DOT: tl.constexpr):
     """int4/int2: the per-token (scale, zero) of the slots `slot` [N] for the columns of their code bytes,
-    fp32 [N, D / PB] (PB = 8 // BITS): column j holds channels PB * j .. PB * j + PB - 1, all of group
+    [N, D / PB] (PB = 8 // BITS): column j holds channels PB * j .. PB * j + PB - 1, all of group
     j // (G / PB) (G is a multiple of PB), so one expansion serves every code slot of the byte. Loaded
     as [N, D / G] and broadcast over each group's G / PB columns (a broadcast and a reshape: registers
     only, so just the small tile moves to the dot's layout, where a gather of [N, D / PB] would move
