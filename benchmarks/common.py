@@ -78,6 +78,24 @@ def time_or_error(fn, reps: int, device: str = "cuda") -> dict:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
 
 
+def kernel_profile(step, steps: int = 3, top: int = 12) -> dict:
+    """GPU time per call of step() by kernel name (the top kernels by time), from torch.profiler over
+    `steps` eager calls: where the time of a step goes (e.g. attention vs the eviction kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    kernels = sorted(((e.key, e.self_device_time_total / steps, e.count // steps) for e in events
+                      if e.self_device_time_total > 0), key=lambda x: -x[1])
+    total = sum(k[1] for k in kernels)
+    return {"device_us_per_step": total,
+            "kernels": [{"name": n[:90], "us_per_step": round(us, 1), "calls_per_step": c, "share": round(us / total, 3)}
+                        for n, us, c in kernels[:top]]}
+
+
 def environment() -> dict:
     """Device, versions and commit, for the header of every result file."""
     import triton

@@ -6,7 +6,8 @@ runs is "best SDPA"; a backend that errors is recorded and skipped) and HF's eag
 expand + reshape, then SDPA). kvfx formats use KIVI's defaults for int (G=32, R=128) and G=32, R=0
 for fp8 and none; each is timed over a small sweep of launch configs (tile, warps, splits; for int:
 warps, tokens per step, splits, value-parameter expansion, pipelining depth: `INT_SWEEP`) and the best
-is reported with its config. The int formats
+is reported with its config, beside `default_us` (the default launch, what the compile path runs) and
+`sweep` (every config's time). The int formats
 also get a "kvfx-<format>-generic" row: the generic tile kernel (the one none and fp8 use), the int
 formats' previous kernel, at one config, for a before/after within the same run. "kvfx-attend-none-positional"
 and "kvfx-attend-int8-positional" time what the compile path runs for kv="none" / "int8" (`kvfx::attend`:
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import RESULTS, cuda_time_us, environment, plot_speedups, time_or_error, write_json
+from common import RESULTS, cuda_time_us, environment, kernel_profile, plot_speedups, time_or_error, write_json
 from kvfx.kernels.decode_attention import decode_attention_triton, default_num_splits
 from kvfx.kernels.int8 import quantize_int8_reference
 from kvfx.kernels.kivi import KiviStore, quantized_length, store_write
@@ -93,7 +94,7 @@ GENERIC_INT_CONFIG = dict(block_n=64, num_warps=4, split_factor=2, int_kernel=Fa
 INT_SWEEP = {
     "int8": [(1, 32, 1), (2, 32, 1), (2, 64, 1), (4, 128, 1), (1, 64, 1)],
     "int4": [(1, 32, 1), (2, 64, 1), (1, 32, 2), (2, 32, 1), (4, 64, 1), (4, 128, 1), (2, 128, 1)],
-    "int2": [(1, 32, 1), (2, 64, 1), (1, 64, 1), (2, 128, 2), (4, 128, 1)],
+    "int2": [(1, 32, 1), (2, 64, 1), (1, 32, 2), (1, 64, 1), (2, 128, 2), (4, 128, 1)],
 }
 
 
@@ -112,9 +113,10 @@ def launch_configs(name: str, quick: bool) -> list[dict]:
 
 
 def bench_shape(b: int, s: int, configs, reps: int, quick: bool = False, formats=FORMATS,
-                positional: bool = True) -> list[dict]:
+                positional: bool = True, profile: bool = False) -> list[dict]:
     """configs: format name -> list of launch configs (`launch_configs`); formats: the KIVI-store
-    formats to time (FORMATS); positional: also the `bench_positional` rows."""
+    formats to time (FORMATS); positional: also the `bench_positional` rows; profile: each format's row
+    also gets the GPU time by kernel of its default launch (`kernel_profile`)."""
     rows = []
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     q = torch.randn(b, HQ, 1, D, device=DEVICE, dtype=DTYPE, generator=gen)
@@ -148,19 +150,25 @@ def bench_shape(b: int, s: int, configs, reps: int, quick: bool = False, formats
         if name in INT_FORMATS:
             variants.append((f"kvfx-{name}-generic", [GENERIC_INT_CONFIG]))
         for impl, sweep in variants:
-            best, best_kwargs = None, None
+            best, best_kwargs, tried = None, None, []
             for c in sweep:
                 splits = c["split_factor"] * default_num_splits(b * HKV, store, q.device)
                 kwargs = {k: v for k, v in c.items() if k != "split_factor"}
                 kwargs["num_splits"] = splits
                 result = time_or_error(lambda: decode_attention_triton(q, store, lengths, **kwargs), reps)
+                tried.append(dict(kwargs, us=result.get("median_us")))
                 if "median_us" in result and (best is None or result["median_us"] < best["median_us"]):
                     best, best_kwargs = dict(result, config=dict(c, num_splits=splits)), kwargs
+            if best is not None and impl == f"kvfx-{name}":  # what the compile path runs: the default launch
+                default = time_or_error(lambda: decode_attention_triton(q, store, lengths), reps)
+                best = dict(best, default_us=default.get("median_us"), sweep=tried)
             err = (decode_attention_triton(q, store, lengths, **best_kwargs).float() - want).abs().max().item() \
                 if best else None
             rows.append(dict(base, impl=impl, bytes=kvfx_bytes(name, b, s), max_abs_err_vs_sdpa=err,
                              max_abs_err_default_config=(got - want).abs().max().item(),
                              **(best or {"error": "no config ran"})))
+            if profile and impl == f"kvfx-{name}":
+                rows[-1]["profile"] = kernel_profile(lambda: decode_attention_triton(q, store, lengths))
         del store
         torch.cuda.empty_cache()
     for r in rows:
@@ -242,6 +250,7 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS),
                         help="KIVI-store formats to time (the positional rows run with none or int8)")
     parser.add_argument("--reps", type=int, default=50, help="timed runs per measurement (median reported)")
+    parser.add_argument("--profile", action="store_true", help="record each format's GPU time by kernel (default launch)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for decode_attention.json/.png")
     parser.add_argument("--plot-only", type=pathlib.Path, help="redraw the PNG from an existing JSON and exit")
     args = parser.parse_args(argv)
@@ -267,7 +276,7 @@ def main(argv=None) -> int:
         for s in args.seq:
             try:
                 rows = bench_shape(b, s, configs, args.reps, args.quick, {} if args.positional_only else formats,
-                                  args.positional_only or bool({"none", "int8"} & set(args.formats)))
+                                  args.positional_only or bool({"none", "int8"} & set(args.formats)), args.profile)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 payload["skipped"].append(dict(batch=b, seq=s, reason="out of memory"))

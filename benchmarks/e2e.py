@@ -33,7 +33,7 @@ from torch._dynamo.utils import counters
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from common import RESULTS, environment, plot_speedups, write_json
+from common import RESULTS, environment, kernel_profile, plot_speedups, write_json
 import kvfx
 from kvfx.kernels.kivi import KiviStore, store_write
 from kvfx.kernels.policies import policy_attend_reference
@@ -97,23 +97,6 @@ def prefill(model, prompt: torch.Tensor, cache, chunk: int) -> torch.Tensor:
         logits = model(ids, past_key_values=cache, use_cache=True, cache_position=pos,
                        position_ids=pos[None].expand(prompt.shape[0], -1), logits_to_keep=1).logits
     return logits
-
-
-def kernel_profile(step, steps: int = 3, top: int = 12) -> dict:
-    """Device time per decode step by kernel name (top kernels), and the step's CPU wall time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
-    kernels = sorted(((e.key, e.self_device_time_total / steps, e.count // steps) for e in events
-                      if e.self_device_time_total > 0), key=lambda x: -x[1])
-    total = sum(k[1] for k in kernels)
-    return {"device_us_per_step": total,
-            "kernels": [{"name": n[:90], "us_per_step": round(us, 1), "calls_per_step": c, "share": round(us / total, 3)}
-                        for n, us, c in kernels[:top]]}
 
 
 def fill_random(cache, start: int, stop: int, chunk: int, generator: torch.Generator, options: str | None = None

@@ -19,6 +19,7 @@ difference of its output from `decode_step_reference` (torch) on a copy of the s
 
 example: python benchmarks/policy_attention.py --batch 8 --seq 65536
          python benchmarks/policy_attention.py --quick --out /tmp/results
+         python benchmarks/policy_attention.py --batch 8 --seq 65536 --no-sweep --profile
          TRITON_INTERPRET=1 python benchmarks/policy_attention.py --device cpu --quick --out /tmp/results
          (CPU: the Triton interpreter on tiny shapes, a check that the script and the paths run; no timing claim)
 """
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import RESULTS, environment, plot_speedups, time_or_error, write_json
+from common import RESULTS, environment, kernel_profile, plot_speedups, time_or_error, write_json
 import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 from kvfx.kernels.policies import decode_step_reference
@@ -109,7 +110,8 @@ def sweep_slot_attention(fmt, store, q, pos, reps: int, sweep: bool = True) -> d
     return dict(best or {"error": "no config ran"}, default_us=default.get("median_us"))
 
 
-def bench_shape(b: int, s: int, reps: int, sweep: bool = True) -> list[dict]:
+def bench_shape(b: int, s: int, reps: int, sweep: bool = True, profile: bool = False) -> list[dict]:
+    """The shape's rows; profile: each kvfx step row also gets its GPU time by kernel (`kernel_profile`)."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION} if DEVICE == "cuda" \
         else {"math": SDPBackend.MATH}
@@ -147,6 +149,8 @@ def bench_shape(b: int, s: int, reps: int, sweep: bool = True) -> list[dict]:
         kept = store.slot_pos.shape[-1]
         rows.append(dict(base, impl=f"kvfx-{name}", slots=kept, bytes_held=store.nbytes(), **check,
                          **time_or_error(step, reps, DEVICE)))
+        if profile and DEVICE == "cuda":
+            rows[-1]["profile"] = kernel_profile(step)
         if fmt.spec.policy != "quest" and DEVICE == "cuda":
             rows.append(dict(base, impl=f"kvfx-{name}-attention", slots=kept,
                              **sweep_slot_attention(fmt, store, q, pos, reps, sweep)))
@@ -180,6 +184,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=30, help="timed runs per measurement (median reported)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for policy_attention.json/.png")
     parser.add_argument("--no-sweep", action="store_true", help="time the slot-attention kernel at its default launch only")
+    parser.add_argument("--profile", action="store_true", help="record each kvfx step's GPU time by kernel")
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = args.device
@@ -195,7 +200,7 @@ def main(argv=None) -> int:
     shapes = [quick] if args.quick else [(b, s) for b in args.batch for s in args.seq]
     rows = []
     for b, s in shapes:
-        shape_rows = bench_shape(b, s, args.reps, not args.no_sweep)
+        shape_rows = bench_shape(b, s, args.reps, not args.no_sweep, args.profile)
         rows += shape_rows
         for r in shape_rows:
             status = f"{r['median_us']:9.1f} us  {r.get('speedup_vs_best_sdpa', 0):5.2f}x" if "median_us" in r else r["error"]
@@ -203,11 +208,55 @@ def main(argv=None) -> int:
     payload = {"benchmark": "policy_attention", "environment": environment(),
                "shape": dict(hq=HQ, hkv=HKV, head_dim=D, dtype=str(DTYPE)), "rows": rows}
     write_json(args.out / "policy_attention.json", payload)
-    plot_speedups(args.out / "policy_attention.png", [r for r in rows if r["impl"].startswith("kvfx")
-                                                       and not r["impl"].endswith("-attention")], "batch", "seq",
-                  "impl", "speedup_vs_best_sdpa", "kvfx policy decode step vs best SDPA over the full cache",
-                  "speedup (x)", baseline=1.0)
+    steps = [r for r in rows if r["impl"].startswith("kvfx") and not r["impl"].endswith("-attention")]
+    if not (args.profile and plot_step_kernels(args.out / "policy_attention.png", rows, environment()["device"])):
+        plot_speedups(args.out / "policy_attention.png", steps, "batch", "seq", "impl", "speedup_vs_best_sdpa",
+                      "kvfx policy decode step vs best SDPA over the full cache", "speedup (x)", baseline=1.0)
     return 0
+
+
+KERNEL_PARTS = {"attention": ("_slot_attention_kernel",), "eviction": ("_slot_scan", "_slot_select", "_slot_finish"),
+                "Quest's pages": ("_quest_",)}
+
+
+def plot_step_kernels(path: pathlib.Path, rows: list[dict], device: str) -> bool:
+    """A bar per profiled step (one panel per shape): its GPU time split into the slot-attention kernel,
+    the eviction kernels and Quest's page kernels, against the best SDPA over the full cache (a line).
+    False (nothing written) without matplotlib or profiles."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shapes = list(dict.fromkeys((r["batch"], r["seq"]) for r in rows if "profile" in r))
+    if not shapes:
+        return False
+    fig, axes = plt.subplots(1, len(shapes), figsize=(10 * len(shapes), 5), squeeze=False)
+    for ax, (b, s) in zip(axes[0], shapes):
+        mine = [r for r in rows if (r["batch"], r["seq"]) == (b, s) and "profile" in r]
+        left = [0.0] * len(mine)
+        for part, prefixes in KERNEL_PARTS.items():
+            us = [sum(k["us_per_step"] for k in r["profile"]["kernels"] if k["name"].startswith(prefixes)) for r in mine]
+            ax.barh([r["impl"].removeprefix("kvfx-") for r in mine], us, left=left, label=part)
+            left = [a + u for a, u in zip(left, us)]
+        sdpa = [r["median_us"] for r in rows if (r["batch"], r["seq"]) == (b, s) and r["impl"] in ("sdpa-flash", "sdpa-cudnn")
+                and "median_us" in r]
+        if sdpa:
+            ax.axvline(min(sdpa) / 4, color="gray", linestyle="--", linewidth=1, label="best SDPA / 4")
+        for y, r in enumerate(mine):
+            ax.text(left[y], y, f" {r.get('speedup_vs_best_sdpa', 0):.2f}x", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("GPU time per step by kernel (us, profiler)")
+        ax.set_title(f"B={b}, S={s}: step vs best SDPA over the full cache")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    fig.suptitle(f"kvfx policy decode step ({device})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

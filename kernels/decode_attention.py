@@ -574,11 +574,14 @@ def default_num_splits(batch_heads: int, store: KiviStore, device: torch.device)
 
 
 def int_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> int:
-    """Splits for the int kernel (one warp per program): up to 8x `default_num_splits`, but at least 16
-    groups of G tokens per split. On the H100 sweep (benchmarks/results/decode_attention.json) the
-    fastest int configs used 8x at S=64K and 2-4x at S<=16K."""
+    """Splits for the int kernel (one warp per program): about 16 groups of G tokens per split, but at
+    least 4 programs per SM where that leaves 4 groups a split, at most 8x `default_num_splits`.
+    H100 (benchmarks/results/decode_attention.json, `sweep`): B8 S64K 72 splits; B8 S16K 32; B1 S16K 66
+    (28.3 us vs 33.5 at the 32 that 16 groups a split gave); B1 S4K 32 (19.2 us vs 29.7 at 8)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     groups = store.k_codes.shape[2] // store.group_size
-    return max(1, min(8 * default_num_splits(batch_heads, store, device), triton.cdiv(groups, 16)))
+    want = max(triton.cdiv(4 * sms, batch_heads), triton.cdiv(groups, 16))
+    return max(1, min(want, triton.cdiv(groups, 4), 8 * default_num_splits(batch_heads, store, device)))
 
 
 def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor, scale: float | None = None,

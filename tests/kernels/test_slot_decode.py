@@ -52,9 +52,11 @@ def assert_same_store(got, want):
 @given(policy=st.sampled_from(POLICIES), kv=st.sampled_from(KV_FORMATS), b=st.integers(1, 2), hkv=st.integers(1, 2),
        g=st.integers(1, 4), budget=st.integers(3, 40), empty=st.sampled_from([0, 1, 2, 0.6]), ordered=st.booleans(),
        mask=st.sampled_from(["none", "causal", "row"]), steps=st.integers(1, 3), sink=st.integers(0, 2),
-       group=st.sampled_from([32, 64]), seed=st.integers(0, 99))
-def test_fused_step_equals_the_reference(policy, kv, b, hkv, g, budget, empty, ordered, mask, steps, sink, group, seed):
-    """Output, kept positions, scores, codes and params, Quest's bounds: the same after every step."""
+       group=st.sampled_from([32, 64]), splits=st.sampled_from([None, 3, 11]), seed=st.integers(0, 99))
+def test_fused_step_equals_the_reference(policy, kv, b, hkv, g, budget, empty, ordered, mask, steps, sink, group,
+                                         splits, seed):
+    """Output, kept positions, scores, codes and params, Quest's bounds: the same after every step, also
+    with more split-K partials than the finish kernel combines at a time (11) and with empty splits."""
     gen = torch.Generator().manual_seed(seed)
     d, cache_len = 64, 48
     options = dict(kv=kv, group_size=group, policy=policy)
@@ -73,7 +75,8 @@ def test_fused_step_equals_the_reference(policy, kv, b, hkv, g, budget, empty, o
             attn_mask[..., t] = True
         args = (q, k_new, v_new, pos)
         want = decode_step_reference(*args, slow, attn_mask, mask == "causal", 0.3, fmt.spec, 3)
-        got = decode_step_triton(*args, fast, attn_mask, mask == "causal", 0.3, fmt.spec, 3, block_s=16)
+        got = decode_step_triton(*args, fast, attn_mask, mask == "causal", 0.3, fmt.spec, 3, block_s=16,
+                                 num_splits=splits)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         assert_same_store(fast, slow)
 
