@@ -28,6 +28,7 @@ from transformers import LogitsProcessor, StaticCache
 
 from common import RESULTS, environment, write_json
 import kvfx
+from kvfx.decode import CACHE_KWARG
 from kvfx.models import load_smollm2
 
 CONFIGS = {
@@ -106,7 +107,7 @@ def soak(model, eager_forward, tokenizer, name: str, batch: int, new_tokens: int
     with tqdm(total=new_tokens, desc=name, unit="tok") as bar:
         watch = Watch(model, every, bar)
         start = time.perf_counter()
-        out = model.generate(**enc, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        out = model.generate(**enc, **{CACHE_KWARG: cache}, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, logits_processor=[watch], pad_token_id=tokenizer.pad_token_id)
         seconds = time.perf_counter() - start
     model.forward = eager_forward

@@ -294,7 +294,7 @@ def cmd_generate(args) -> int:
     from transformers import StaticCache, TextStreamer
 
     import kvfx
-    from kvfx.decode import StepClock
+    from kvfx.decode import CACHE_KWARG, StepClock
 
     options = _config_options(args)
     model, tokenizer = _load(args)
@@ -306,7 +306,7 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                             do_sample=False, past_key_values=cache, stopping_criteria=[clock],
+                             do_sample=False, **{CACHE_KWARG: cache}, stopping_criteria=[clock],
                              streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
                              pad_token_id=tokenizer.eos_token_id)
     total = time.perf_counter() - start

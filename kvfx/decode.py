@@ -5,7 +5,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import StaticCache, StoppingCriteria
+
+# generate()'s keyword for a cache: transformers 5.24 renamed `past_key_values` to `cache` (the old name
+# warns from then on); earlier 5.x know only the old one.
+CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from transformers import StaticCache
 
 import kvfx
-from kvfx.decode import StepClock
+from kvfx.decode import CACHE_KWARG, StepClock
 from kvfx.models import load_smollm2
 from kvfx.runtime import held_bytes
 
@@ -34,7 +34,7 @@ def answer(model, tokenizer, prompt, cache_len: int, max_new_tokens: int, label:
     with tqdm(total=max_new_tokens, desc=label, unit="tok", leave=False) as bar:
         clock = StepClock(progress=bar)
         with torch.no_grad():
-            out = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, past_key_values=cache,
+            out = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, **{CACHE_KWARG: cache},
                                  stopping_criteria=[clock])
     text = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip()
     return text, clock.decode_tokens_per_s(), cache

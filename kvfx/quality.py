@@ -31,7 +31,7 @@ from transformers import StaticCache
 
 import kvfx
 from kvfx.config import KVConfig, KVConfigError
-from kvfx.decode import teacher_forced_logits
+from kvfx.decode import CACHE_KWARG, teacher_forced_logits
 
 # The prompt of Landmark Attention's passkey task, split into the pieces the generator assembles.
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -209,7 +209,7 @@ def answer_passkey(model, tokenizer, prompt: PasskeyPrompt, method: Method,
     cache = method.new_cache(model.config, ids.shape[1] + max_new_tokens)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, past_key_values=cache, pad_token_id=tokenizer.eos_token_id)
+                             do_sample=False, **{CACHE_KWARG: cache}, pad_token_id=tokenizer.eos_token_id)
     facts = _kvfx_facts(model, method)  # the cache is alive here: its bytes are counted
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), facts
 
