@@ -47,7 +47,7 @@ for codec, codes, bits, d, g, index, protect in (("int4", "*u8", 4, 128, 32, "no
                   HAS_BIAS=protect == "sink", CAUSAL=True)
     build(_slot_scan_kernel, dict(m_ptr=f32, l_ptr=f32, logit_ptr=f32, q_ptr=bf, k_new_ptr=bf, new_pos_ptr="*i64",
                                   bias_ptr=f32, slot_pos_ptr=i32, score_ptr=f32, stats_ptr=i32, qk_scale="fp32"),
-          dict(GQ=4, BLOCK_G=4, PART_M=16, D=d, BLOCK_S=512, **policy))
+          dict(GQ=4, BLOCK_G=4, PART_M=16, NS_P=32, D=d, BLOCK_S=512, **policy))
     build(_slot_select_kernel, dict(new_pos_ptr="*i64", bias_ptr=f32, slot_pos_ptr=i32, score_ptr=f32, stats_ptr=i32,
                                     low_ptr=f32, at_ptr=i32),
           dict(NB_P=32, BLOCK_S=512, SINK_BLOCK=4, **policy))
@@ -55,7 +55,7 @@ for codec, codes, bits, d, g, index, protect in (("int4", "*u8", 4, 128, 32, "no
                                     new_pos_ptr="*i64", bias_ptr=f32, k_codes=codes, k_params=bf, v_codes=codes,
                                     v_params=bf, slot_pos_ptr=i32, score_ptr=f32, page_min_ptr=bf, page_max_ptr=bf,
                                     stats_ptr=i32, low_ptr=f32, at_ptr=i32, out_ptr=bf, qk_scale="fp32"),
-          dict(GQ=4, BLOCK_G=4, PART_M=16, D=d, NB_P=32, SINK_BLOCK=4, CODEC=codec, BITS=bits, G=g,
+          dict(GQ=4, BLOCK_G=4, PART_M=16, NS_P=32, D=d, NB_P=32, SINK_BLOCK=4, CODEC=codec, BITS=bits, G=g,
                DTYPE=tl.bfloat16, PAGE=16 if protect == "none" else 0, BLOCK_P=16, **policy))
 build(_quest_score_kernel, dict(q_ptr=bf, min_ptr=bf, max_ptr=bf, slot_pos_ptr=i32, score_ptr=f32, newest_ptr=i32),
       dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=32))
