@@ -209,7 +209,7 @@ def main(argv=None) -> int:
                "shape": dict(hq=HQ, hkv=HKV, head_dim=D, dtype=str(DTYPE)), "rows": rows}
     write_json(args.out / "policy_attention.json", payload)
     steps = [r for r in rows if r["impl"].startswith("kvfx") and not r["impl"].endswith("-attention")]
-    if not (args.profile and plot_step_kernels(args.out / "policy_attention.png", rows, environment()["device"])):
+    if not (args.profile and plot_step_kernels(args.out / "policy_attention.png", rows, payload["environment"]["device"])):
         plot_speedups(args.out / "policy_attention.png", steps, "batch", "seq", "impl", "speedup_vs_best_sdpa",
                       "kvfx policy decode step vs best SDPA over the full cache", "speedup (x)", baseline=1.0)
     return 0

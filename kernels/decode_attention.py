@@ -567,10 +567,14 @@ def combine_partials(part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch
     return out
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, for launch sizing; 2 elsewhere (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def default_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> int:
     """Enough programs to fill the GPU (about 4 per SM), at least 2 tiles of 64 tokens per split."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(store.k_codes.shape[2], 128)))
+    return max(1, min(triton.cdiv(4 * sm_count(device), batch_heads), triton.cdiv(store.k_codes.shape[2], 128)))
 
 
 def int_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> int:
@@ -578,9 +582,8 @@ def int_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> 
     least 4 programs per SM where that leaves 4 groups a split, at most 8x `default_num_splits`.
     H100 (benchmarks/results/decode_attention.json, `sweep`): B8 S64K 72 splits; B8 S16K 32; B1 S16K 66
     (28.3 us vs 33.5 at the 32 that 16 groups a split gave); B1 S4K 32 (19.2 us vs 29.7 at 8)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     groups = store.k_codes.shape[2] // store.group_size
-    want = max(triton.cdiv(4 * sms, batch_heads), triton.cdiv(groups, 16))
+    want = max(triton.cdiv(4 * sm_count(device), batch_heads), triton.cdiv(groups, 16))
     return max(1, min(want, triton.cdiv(groups, 4), 8 * default_num_splits(batch_heads, store, device)))
 
 

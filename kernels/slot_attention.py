@@ -38,7 +38,7 @@ import triton.language as tl
 
 from kvfx.kernels.decode_attention import (HEAD_DIMS, LOG2E, _dequantize_codes, _load_bytes, _load_q_slot,
                                            _param_dtype, _param_slot, _spread_groups,
-                                           _softmax_weights, _value_slot_dot, combine_partials)
+                                           _softmax_weights, _value_slot_dot, combine_partials, sm_count)
 from kvfx.kernels.kivi import TL_DTYPES, _unpack
 
 CODECS = ("none", "int8", "int4", "int2", "fp8")
@@ -279,7 +279,7 @@ class Partials:
 def default_slot_splits(q: torch.Tensor, hkv: int, n: int, block_n: int) -> int:
     """Splits of a pass over n slots: at least 4 programs per SM, or splits of about SPLIT_SLOTS slots
     where that gives more; at most 16 programs per SM and one tile per split."""
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+    sms = sm_count(q.device)
     rows = q.shape[0] * hkv
     want = max(triton.cdiv(4 * sms, rows), triton.cdiv(n, SPLIT_SLOTS))
     return max(1, min(want, triton.cdiv(16 * sms, rows), triton.cdiv(n, block_n)))

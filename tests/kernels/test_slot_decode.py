@@ -56,7 +56,8 @@ def assert_same_store(got, want):
 def test_fused_step_equals_the_reference(policy, kv, b, hkv, g, budget, empty, ordered, mask, steps, sink, group,
                                          splits, seed):
     """Output, kept positions, scores, codes and params, Quest's bounds: the same after every step, also
-    with more split-K partials than the finish kernel combines at a time (11) and with empty splits."""
+    with many split-K partials (11: the scan and finish kernels read them as one padded tile) and with
+    splits that hold no slot."""
     gen = torch.Generator().manual_seed(seed)
     d, cache_len = 64, 48
     options = dict(kv=kv, group_size=group, policy=policy)
