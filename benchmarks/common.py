@@ -50,6 +50,21 @@ def cuda_time_us(fn: Callable[[], object], reps: int = 50, warmup: int = 5, grap
             "p80_us": times[(4 * len(times)) // 5], "reps": reps, "mode": mode}
 
 
+def copy_bandwidth_gb_s(nbytes: int = 1 << 30) -> dict:
+    """Device-to-device copy bandwidth, the reference a memory-bound kernel's GB/s is read against:
+    `dst.copy_(src)` of `nbytes` uint8, timed like the kernels (`cuda_time_us`, CUDA-graph replay).
+
+    A copy counts its read and its write (2 * nbytes), as STREAM and nvbandwidth count one, so the figure
+    compares with published copy numbers. It is not a ceiling for a kernel that only reads: HBM loses
+    time turning between reads and writes, and on an H100 a 1 GiB copy gave 2430 GB/s where SDPA's
+    decode read 3040 GB/s. At 1 GiB the cold-L2 flush between runs is irrelevant (256 MiB gave 2950).
+    """
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    timing = cuda_time_us(lambda: dst.copy_(src))
+    return dict(timing, bytes=2 * nbytes, gb_per_s=2 * nbytes / timing["median_us"] / 1e3)
+
+
 def wall_time_us(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> dict:
     """Wall-clock median of fn() in microseconds, for CPU smoke runs (the Triton interpreter): a check
     that a script runs, never a performance figure."""

@@ -17,7 +17,17 @@ median over the reps (p20/p80 beside it), see `common.cuda_time_us`.
 
 GB/s = bytes read / time, bytes from explicit formulas (`sdpa_bytes`, `kvfx_bytes`): K and V as
 stored (codes, scales and zeros, residual ring) plus q and the output; the split-K partials
-(a few KB) are not counted.
+(a few KB) are not counted. Each run first measures the GPU's device-to-device copy bandwidth
+(`common.copy_bandwidth_gb_s`, read + write bytes, in the payload's "copy_bandwidth"), and every timed
+row's `copy_fraction` is its GB/s over that (the issue's target: >= 75% on the quantized formats at
+B8 S64K). A read-only kernel can pass 1: on an H100 SDPA reads at about 1.25x the copy rate.
+
+Every kvfx row also gets `bytes_ratio_vs_sdpa` = sdpa_bytes / its bytes: the speedup over best SDPA the
+format would reach if it read its bytes at the GB/s of the best SDPA row of the same shape (the ceiling
+that equal bandwidth gives; above it, a format reads faster than SDPA does). At G=32 with bf16 scales and
+zeros a format reads bits/8 + 4/32 bytes per K/V element against bf16's 2: int8 1.125 B (~1.78x), int4
+0.625 B (3.2x), int2 0.375 B (~5.3x), fp8 ~1 B (~2x), less the residual ring's bf16 tokens, which weigh
+most at short S.
 
 Also times quantize-and-store of one decode token for 32 layers (32 `store_write` calls of
 [B, 8, 1, 128], CUDA graph and eager) against 32 decode-attention calls.
@@ -36,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import RESULTS, cuda_time_us, environment, kernel_profile, plot_speedups, time_or_error, write_json
+from common import (RESULTS, copy_bandwidth_gb_s, cuda_time_us, environment, kernel_profile, plot_speedups,
+                    time_or_error, write_json)
 from kvfx.kernels.decode_attention import decode_attention_triton, default_num_splits
 from kvfx.kernels.int8 import quantize_int8_reference
 from kvfx.kernels.kivi import KiviStore, quantized_length, store_write
@@ -112,11 +123,12 @@ def launch_configs(name: str, quick: bool) -> list[dict]:
     return [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (1, 2, 4)]
 
 
-def bench_shape(b: int, s: int, configs, reps: int, quick: bool = False, formats=FORMATS,
+def bench_shape(b: int, s: int, configs, reps: int, copy_gb_s: float, quick: bool = False, formats=FORMATS,
                 positional: bool = True, profile: bool = False) -> list[dict]:
-    """configs: format name -> list of launch configs (`launch_configs`); formats: the KIVI-store
-    formats to time (FORMATS); positional: also the `bench_positional` rows; profile: each format's row
-    also gets the GPU time by kernel of its default launch (`kernel_profile`)."""
+    """configs: format name -> list of launch configs (`launch_configs`); copy_gb_s: the measured copy
+    bandwidth (`derived_fields`); formats: the KIVI-store formats to time (FORMATS); positional: also the
+    `bench_positional` rows; profile: each format's row also gets the GPU time by kernel of its default
+    launch (`kernel_profile`)."""
     rows = []
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     q = torch.randn(b, HQ, 1, D, device=DEVICE, dtype=DTYPE, generator=gen)
@@ -130,8 +142,6 @@ def bench_shape(b: int, s: int, configs, reps: int, quick: bool = False, formats
         rows.append(dict(base, impl=f"sdpa-{name}", bytes=sdpa_bytes(b, s), **time_or_error(sdpa, reps)))
     rows.append(dict(base, impl="hf-repeat_kv-sdpa", bytes=sdpa_bytes(b, s), **time_or_error(
         lambda: F.scaled_dot_product_attention(q, repeat_kv(k, HQ // HKV), repeat_kv(v, HQ // HKV)), reps)))
-    timed = [r["median_us"] for r in rows if r["impl"].startswith("sdpa-") and "median_us" in r]
-    best_sdpa = min(timed) if timed else None
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
     if positional:
@@ -171,9 +181,21 @@ def bench_shape(b: int, s: int, configs, reps: int, quick: bool = False, formats
                 rows[-1]["profile"] = kernel_profile(lambda: decode_attention_triton(q, store, lengths))
         del store
         torch.cuda.empty_cache()
+    return derived_fields(rows, copy_gb_s)
+
+
+def derived_fields(rows: list[dict], copy_gb_s: float) -> list[dict]:
+    """Adds to one shape's rows what follows from bytes and times: gb_per_s, speedup_vs_best_sdpa,
+    copy_fraction (gb_per_s / copy_gb_s) on timed rows, and bytes_ratio_vs_sdpa on kvfx rows (the
+    speedup at SDPA's bandwidth, see the module docstring), which needs no time."""
+    timed = [r["median_us"] for r in rows if r["impl"].startswith("sdpa-") and "median_us" in r]
+    best_sdpa = min(timed) if timed else None
     for r in rows:
+        if r["impl"].startswith("kvfx-") and "bytes" in r:
+            r["bytes_ratio_vs_sdpa"] = sdpa_bytes(r["batch"], r["seq"]) / r["bytes"]
         if "median_us" in r:
             r["gb_per_s"] = r["bytes"] / r["median_us"] / 1e3
+            r["copy_fraction"] = r["gb_per_s"] / copy_gb_s
             r["speedup_vs_best_sdpa"] = best_sdpa / r["median_us"] if best_sdpa else None
     return rows
 
@@ -230,6 +252,16 @@ def bench_writes(b: int, s: int, reps: int, formats=FORMATS) -> list[dict]:
     return rows
 
 
+def row_summary(r: dict) -> str:
+    """One printed line's figures: time, GB/s and its share of the copy bandwidth, speedup over best
+    SDPA and, for kvfx rows, the speedup equal bandwidth would give (`bytes_ratio_vs_sdpa`)."""
+    if "median_us" not in r:
+        return r["error"]
+    ceiling = f"  (x{r['bytes_ratio_vs_sdpa']:.2f} at SDPA's GB/s)" if "bytes_ratio_vs_sdpa" in r else ""
+    return (f"{r['median_us']:9.1f} us  {r['gb_per_s']:7.0f} GB/s {r['copy_fraction']:4.0%} of copy  "
+            f"x{r['speedup_vs_best_sdpa'] or 0:.2f}{ceiling}")
+
+
 def plot(payload: dict, path: pathlib.Path) -> bool:
     rows = [dict(r, format=r["impl"].removeprefix("kvfx-")) for r in payload["attention"]
             if r["impl"].startswith("kvfx-") and r.get("speedup_vs_best_sdpa")]
@@ -270,22 +302,23 @@ def main(argv=None) -> int:
         return launch_configs(name, args.quick)
     payload = {"environment": environment(), "shape": dict(hq=HQ, hkv=HKV, head_dim=D, dtype=str(DTYPE),
                                                             group_size=GROUP, residual_int=RESIDUAL),
-               "timing": "CUDA graph replay, cold L2, median of --reps", "attention": [], "writes": [],
-               "skipped": []}
+               "timing": "CUDA graph replay, cold L2, median of --reps", "copy_bandwidth": copy_bandwidth_gb_s(),
+               "attention": [], "writes": [], "skipped": []}
+    copy_gb_s = payload["copy_bandwidth"]["gb_per_s"]
+    print(f"copy bandwidth (read + write) {copy_gb_s:.0f} GB/s", flush=True)
     for b in args.batch:
         for s in args.seq:
             try:
-                rows = bench_shape(b, s, configs, args.reps, args.quick, {} if args.positional_only else formats,
-                                  args.positional_only or bool({"none", "int8"} & set(args.formats)), args.profile)
+                rows = bench_shape(b, s, configs, args.reps, copy_gb_s, args.quick,
+                                   {} if args.positional_only else formats,
+                                   args.positional_only or bool({"none", "int8"} & set(args.formats)), args.profile)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 payload["skipped"].append(dict(batch=b, seq=s, reason="out of memory"))
                 continue
             payload["attention"] += rows
             for r in rows:
-                shown = f"{r['median_us']:9.1f} us  {r['gb_per_s']:7.0f} GB/s  x{r['speedup_vs_best_sdpa'] or 0:.2f}" \
-                    if "median_us" in r else r["error"]
-                print(f"B={b:<3} S={s:<6} {r['impl']:<20} {shown}", flush=True)
+                print(f"B={b:<3} S={s:<6} {r['impl']:<20} {row_summary(r)}", flush=True)
             torch.cuda.empty_cache()
             write_json(args.out / "decode_attention.json", payload)  # partial results survive a timeout
         for w in [] if args.positional_only else bench_writes(b, min(args.seq), args.reps, formats):

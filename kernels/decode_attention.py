@@ -49,6 +49,9 @@ INT_GROUPS_PER_STEP = 1
 INT_VMODE_PTX = 2
 INT_VMODE_FP32 = 1
 LOG2E = 1.4426950408889634
+# Most split partials the combine kernel merges per load (one tile of [COMBINE_SPLITS, D] fp32, 64
+# registers a thread at 8 warps).
+COMBINE_SPLITS = 128
 
 
 def decode_attention_reference(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor,
@@ -562,8 +565,11 @@ def combine_partials(part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch
     the g = Hq / Hkv query heads of a KV head are ignored) into the attention output [B, Hq, 1, D]."""
     bh, n_part, rows, d = part_acc.shape
     out = torch.empty(b, hq, 1, d, device=part_acc.device, dtype=dtype)
+    # All partials of a query head in one tile where they fit: the merge is a chain of dependent loads,
+    # so at small grids (B1 S4K: 33 partials) its latency, not its bytes, is what the step waits for.
+    block_s = min(COMBINE_SPLITS, triton.next_power_of_2(n_part))
     _decode_combine_kernel[(b * hq,)](part_m, part_l, part_acc, out, n_part, GQ=hq * b // bh, ROWS=rows, D=d,
-                                      BLOCK_S=min(32, triton.next_power_of_2(n_part)))
+                                      BLOCK_S=block_s, num_warps=max(4, block_s // 16))
     return out
 
 

@@ -75,7 +75,7 @@ build(_decode_attention_kernel, dict(kivi, k_codes="*fp8e4nv", v_codes="*fp8e4nv
                                      v_zero=f32),
       dict(GQ=4, R=128, G=32, D=128, BITS=8, FP8=True, DOT=tl.bfloat16, BLOCK_M=16, BLOCK_N=64, BLOCK_R=32,
            HAS_BIAS=True, BLOCK_T=256))
-build(_decode_combine_kernel, dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, out_ptr=bf), dict(GQ=4, ROWS=16, D=128, BLOCK_S=32))
+build(_decode_combine_kernel, dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, out_ptr=bf), dict(GQ=4, ROWS=16, D=128, BLOCK_S=128))
 build(_store_write_int8_kernel, dict(x_ptr=bf, pos_ptr="*i64", codes_ptr="*u8", qparams_ptr=bf), dict(D=128))
 build(_fp8_scale_kernel, dict(new_ptr=bf, scale_ptr=f32, start_ptr=i32, len_ptr=i32), dict(D=128, BLOCK_T=32))
 print("compiled")
