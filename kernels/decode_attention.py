@@ -49,6 +49,8 @@ INT_GROUPS_PER_STEP = 1
 INT_VMODE_PTX = 2
 INT_VMODE_FP32 = 1
 LOG2E = 1.4426950408889634
+# Most splits of the generic kernel's default launch (`default_num_splits`).
+MAX_SPLITS = 64
 # Most split partials the combine kernel merges per load (one tile of [COMBINE_SPLITS, D] fp32, 64
 # registers a thread at 8 warps).
 COMBINE_SPLITS = 128
@@ -579,18 +581,23 @@ def sm_count(device: torch.device) -> int:
 
 
 def default_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> int:
-    """Enough programs to fill the GPU (about 4 per SM), at least 2 tiles of 64 tokens per split."""
-    return max(1, min(triton.cdiv(4 * sm_count(device), batch_heads), triton.cdiv(store.k_codes.shape[2], 128)))
+    """Splits of the generic kernel (4 warps a program): about 16 programs per SM, at least 2 tiles of 64
+    tokens per split, at most MAX_SPLITS. H100 (decode_attention.json, session 9): B8 S64K fp8 393.6 us
+    at 36 splits vs 481.5 at the 9 that 4 programs per SM gave, none 718 vs 731; B1 S64K fp8 70.7 us at 66
+    splits vs 79.3 at 264; B1 S4K keeps its 32 (the tile cap)."""
+    programs = triton.cdiv(16 * sm_count(device), batch_heads)
+    return max(1, min(programs, triton.cdiv(store.k_codes.shape[2], 128), MAX_SPLITS))
 
 
 def int_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> int:
     """Splits for the int kernel (one warp per program): about 16 groups of G tokens per split, but at
-    least 4 programs per SM where that leaves 4 groups a split, at most 8x `default_num_splits`.
+    least 4 programs per SM where that leaves 4 groups a split, and at most 8x min(4 per SM, S / 128).
     H100 (benchmarks/results/decode_attention.json, `sweep`): B8 S64K 72 splits; B8 S16K 32; B1 S16K 66
     (28.3 us vs 33.5 at the 32 that 16 groups a split gave); B1 S4K 32 (19.2 us vs 29.7 at 8)."""
     groups = store.k_codes.shape[2] // store.group_size
-    want = max(triton.cdiv(4 * sm_count(device), batch_heads), triton.cdiv(groups, 16))
-    return max(1, min(want, triton.cdiv(groups, 4), 8 * default_num_splits(batch_heads, store, device)))
+    programs = triton.cdiv(4 * sm_count(device), batch_heads)  # 4 per SM
+    want = max(programs, triton.cdiv(groups, 16))
+    return max(1, min(want, triton.cdiv(groups, 4), 8 * min(programs, triton.cdiv(store.k_codes.shape[2], 128))))
 
 
 def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor, scale: float | None = None,
