@@ -52,7 +52,7 @@ from common import (RESULTS, copy_bandwidth_gb_s, cuda_time_us, environment, ker
 from kvfx.kernels.decode_attention import decode_attention_triton, sm_count
 from kvfx.kernels.int8 import quantize_int8_reference
 from kvfx.kernels.kivi import KiviStore, quantized_length, store_write
-from kvfx.kernels.slot_attention import POSITIONAL_SPLIT_SLOTS, attend_positions, default_slot_splits
+from kvfx.kernels.slot_attention import attend_positions, default_slot_splits
 
 HQ, HKV, D, GROUP, RESIDUAL = 32, 8, 128, 32, 128
 DTYPE = torch.bfloat16
@@ -226,7 +226,7 @@ def bench_positional(q, k, v, want, base: dict, quick: bool, reps: int) -> list[
             return attend_positions(q, *args, None, -1, scale, **kw)
         best, tried = None, []
         for c in sweep:
-            unit = default_slot_splits(q, k.shape[1], k.shape[2], c["block_n"], POSITIONAL_SPLIT_SLOTS)
+            unit = default_slot_splits(q, k.shape[1], k.shape[2], c["block_n"], positional=True)
             kw = dict(block_n=c["block_n"], num_warps=c["num_warps"], num_splits=max(1, round(c["split_factor"] * unit)))
             result = time_or_error(lambda: run(**kw), reps)
             tried.append(dict(kw, us=result.get("median_us")))

@@ -35,6 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from common import RESULTS, environment, kernel_profile, plot_speedups, write_json
 import kvfx
+from kvfx.kernels.formats import KVStore
 from kvfx.kernels.kivi import KiviStore, store_write
 from kvfx.kernels.policies import policy_attend_reference
 from kvfx.kernels.token_store import TokenFormat, TokenStore
@@ -103,7 +104,7 @@ def fill_random(cache, start: int, stop: int, chunk: int, generator: torch.Gener
                 ) -> None:
     """Positions start .. stop - 1 of every layer get random K and V (standard normal, the model dtype)
     through the cache's own write path, as a prefill of those positions would leave it, minus the model's
-    compute: the fp buffers (inductor, kv="none"), kvfx's KIVI store (the quantize-and-store kernel), or a
+    compute: the fp buffers (inductor, kv="none"), kvfx's int8 or KIVI store (its quantize-and-store), or a
     policy's store (its own prompt path: attention of random queries over the kept tokens, the policy's
     selection and write; `options` is the config's JSON). A decode step reads and computes the same
     whatever the values are. The layer's count of written tokens (HF's `cumulative_length`, where its
@@ -121,6 +122,10 @@ def fill_random(cache, start: int, stop: int, chunk: int, generator: torch.Gener
                 layer.values[:, :, at:at + k.shape[2]] = v
             elif isinstance(store, KiviStore):
                 store_write(store, k, v, at)
+            elif isinstance(store, KVStore):  # int8: quantize and write per token, as a prefill does
+                pos = torch.arange(at, at + k.shape[2], device=k.device)
+                torch.ops.kvfx.store_write(store.k_codes, store.k_qparams, pos, k)
+                torch.ops.kvfx.store_write(store.v_codes, store.v_qparams, pos, v)
             elif isinstance(store, TokenStore):
                 pos = torch.arange(at, at + k.shape[2], device=k.device)
                 policy_attend_reference(q, k, v, pos, store, None, True, d ** -0.5, TokenFormat(options).spec,

@@ -30,6 +30,11 @@ class KVStore:
     v_codes: torch.Tensor
     v_qparams: torch.Tensor
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model dtype the store dequantizes to (its qparams')."""
+        return self.k_qparams.dtype
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.k_codes, self.k_qparams, self.v_codes, self.v_qparams)
 

@@ -46,13 +46,15 @@ CODECS = ("none", "int8", "int4", "int2", "fp8")
 # "kvfx-attend-*-positional"; policy_attention.json, rows "*-attention"): tiles of 128 slots, 4 warps,
 # and splits of about SPLIT_SLOTS slots (`default_slot_splits`). At B8 S64K the positional kernel took
 # 731 us at 36 splits of 1820 slots against 1105 us at the previous default (64 slots a tile, 9 splits).
-# Over a store's slots (policies) 512-slot splits stay best (H2O at B8, 13K slots: 36 splits 181 us vs 9
-# splits 210, session 6); over a positional cache longer ones are (session 9, B8 S16K none: 8 splits 194.8
-# us vs 32 205.2; int8 188.8 vs 197.2; B32 S4K, B1 S64K and B8 S64K alike, 1-5%).
+# Over a store's slots (policies) 512-slot splits and 4 programs per SM stay best (H2O at B8, 13K slots:
+# 36 splits 181 us vs 9 splits 210, session 6); over a positional cache fewer, longer splits are: 4096
+# slots and 2 programs per SM (session 9, none / int8 at the default tile: B8 S16K 4 splits 192.6 / 185.2
+# us vs 32 splits 205.2 / 197.2; B8 S64K 16 vs 33 709.6 / 669.1 vs 725.9 / 675.7; B1 S64K 33 vs 128
+# 107.7 / 105.6 vs 112.1 / 109.9; B32 S4K 2 vs 8 194.4 / 188.8 vs 205.0 / 197.4).
 SLOT_BLOCK_N = 128
 SLOT_NUM_WARPS = 4
-SPLIT_SLOTS = 512
-POSITIONAL_SPLIT_SLOTS = 2048
+SPLIT_SLOTS, MIN_PROGRAMS_PER_SM = 512, 4
+POSITIONAL_SPLIT_SLOTS, POSITIONAL_PROGRAMS_PER_SM = 4096, 2
 
 
 @triton.jit
@@ -280,21 +282,24 @@ class Partials:
     bias: torch.Tensor | None
 
 
-def default_slot_splits(q: torch.Tensor, hkv: int, n: int, block_n: int, split_slots: int = SPLIT_SLOTS) -> int:
-    """Splits of a pass over n slots: at least 4 programs per SM, or splits of about `split_slots` slots
-    where that gives more; at most 16 programs per SM and one tile per split."""
+def default_slot_splits(q: torch.Tensor, hkv: int, n: int, block_n: int, positional: bool = False) -> int:
+    """Splits of a pass over n slots: at least MIN_PROGRAMS_PER_SM programs per SM, or splits of about
+    SPLIT_SLOTS slots where that gives more (positional: the POSITIONAL_ pair); at most 16 programs per SM
+    and one tile per split."""
+    per_sm, split_slots = ((POSITIONAL_PROGRAMS_PER_SM, POSITIONAL_SPLIT_SLOTS) if positional
+                           else (MIN_PROGRAMS_PER_SM, SPLIT_SLOTS))
     sms = sm_count(q.device)
     rows = q.shape[0] * hkv
-    want = max(triton.cdiv(4 * sms, rows), triton.cdiv(n, split_slots))
+    want = max(triton.cdiv(per_sm * sms, rows), triton.cdiv(n, split_slots))
     return max(1, min(want, triton.cdiv(16 * sms, rows), triton.cdiv(n, block_n)))
 
 
 def _split_buffers(q: torch.Tensor, hkv: int, n: int, num_splits: int | None, block_n: int,
-                   split_slots: int = SPLIT_SLOTS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   positional: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partials (m, l [B * Hkv, NS, BLOCK_M], acc [.., D]) of a split-K pass over n slots in
-    `num_splits` splits (None: `default_slot_splits` with `split_slots`)."""
+    `num_splits` splits (None: `default_slot_splits`)."""
     b, hq, _, d = q.shape
-    ns = num_splits or default_slot_splits(q, hkv, n, block_n, split_slots)
+    ns = num_splits or default_slot_splits(q, hkv, n, block_n, positional)
     block_m = max(16, triton.next_power_of_2(hq // hkv))
     part_m = torch.empty(b * hkv, ns, block_m, device=q.device, dtype=torch.float32)
     return part_m, torch.empty_like(part_m), torch.empty(b * hkv, ns, block_m, d, device=q.device, dtype=torch.float32)
@@ -411,7 +416,7 @@ def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparam
     hkv = k.shape[1]
     n = k.shape[2] if kv_len < 0 else min(kv_len, k.shape[2])
     gq = hq // hkv
-    part_m, part_l, part_acc = _split_buffers(q, hkv, n, num_splits, block_n, POSITIONAL_SPLIT_SLOTS)
+    part_m, part_l, part_acc = _split_buffers(q, hkv, n, num_splits, block_n, positional=True)
     ns, block_m = part_m.shape[1:]
     bias = row_bias(attn_mask, b, n) if attn_mask is not None else None
     dot = tl.float32 if not q.is_cuda else TL_DTYPES[q.dtype]  # the interpreter's bf16 tl.dot is wrong

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, StaticCache
 BENCHMARKS = pathlib.Path(__file__).parents[2] / "benchmarks"
 
 
-@pytest.mark.parametrize("config", ["kvfx-int4", "kvfx-int4-snapkv-20%"])  # a KIVI store, a policy's store
+@pytest.mark.parametrize("config", ["kvfx-int8", "kvfx-int4", "kvfx-int4-snapkv-20%"])  # int8, KIVI, a policy's store
 def test_decode_after_a_random_fill_reads_the_filled_positions(monkeypatch, config):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import e2e

@@ -1,14 +1,17 @@
 """The fused Triton decode step (TRITON_INTERPRET=1 on CPU) against `decode_step_reference`, step by step."""
 import copy
 import math
+import types
 
 import hypothesis.strategies as st
+import pytest
 import torch
+import triton
 from hypothesis import given, settings
 
 import kvfx
 from kvfx.kernels.policies import decode_step_reference, quest_pages
-from kvfx.kernels.quest import quest_pages_triton
+from kvfx.kernels.quest import _quest_select_kernel, quest_pages_triton
 from kvfx.kernels.slot_decode import decode_step_triton
 
 KV_FORMATS = ["none", "int8", "int4", "int2", "fp8"]
@@ -99,3 +102,48 @@ def test_quest_kernels_choose_the_reference_pages(b, hkv, g, page, pages, cache_
             mine = got[i, j].tolist()
             assert len(set(mine)) == len(mine)
             assert {p for p in mine if (store.slot_pos[i, j, p * page:(p + 1) * page] >= 0).any()} == live
+
+
+def _order_keys(scores):
+    """The kernel's fp32 -> int32 order (-0.0 below +0.0)."""
+    bits = scores.view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@settings(max_examples=40, deadline=None)
+@given(heads=st.integers(1, 3), n_pages=st.integers(1, 300), share=st.floats(0.0, 1.0),
+       kind=st.sampled_from(["distinct", "ties", "few_live", "dead"]), seed=st.integers(0, 99))
+def test_quest_select_keeps_the_best_pages_and_the_lowest_ties(heads, n_pages, share, kind, seed):
+    """The selection kernel alone, to the exact rule: the K pages of highest key, ties going to the lowest
+    page numbers, ascending, then the newest page (the first of the highest position). Distinct scores
+    stop the bisection early; ties (few values, -0.0 and +0.0 among them) and pages without tokens
+    (DEAD, ranked below every live page, also when fewer than K pages are live) run all 32 steps; K runs
+    from 0 to NP - 1, NP past one power of two (padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(int(share * n_pages), n_pages - 1)
+    if kind == "distinct":
+        scores = torch.randn(heads, n_pages, generator=gen)
+    else:
+        pool = torch.tensor([-2.5, -0.0, 0.0, 0.5, 0.5, 3.0])
+        scores = pool[torch.randint(0, len(pool), (heads, n_pages), generator=gen)]
+    live = torch.rand(heads, n_pages, generator=gen) < {"distinct": 0.9, "ties": 0.8, "few_live": 0.1, "dead": 0.0}[kind]
+    held = torch.randperm(4 * heads * n_pages, generator=gen)[:heads * n_pages].view(heads, n_pages).int()
+    scores, held = scores.masked_fill(~live, -3.0e38), held.masked_fill(~live, -1)
+    pages = torch.full((heads, k + 1), -7, dtype=torch.int32)
+    _quest_select_kernel[(heads,)](scores, held, pages, n_pages, k, NP_BLOCK=triton.next_power_of_2(n_pages))
+    newest = held.argmax(-1)  # the first of the maxima (all -1: page 0)
+    key = _order_keys(scores).long()
+    key[torch.arange(heads), newest] = -(1 << 40)
+    order = torch.sort(-key, dim=-1, stable=True).indices[:, :k]  # stable: lower page numbers first
+    want = torch.cat([order.sort(-1).values, newest[:, None]], -1).int()
+    assert torch.equal(pages, want)
+
+
+def test_quest_select_refuses_page_counts_past_16_bits():
+    spec = kvfx.KVConfig(policy="quest", page_size=1, pages=8).format.spec
+    n = 1 << 16
+    store = types.SimpleNamespace(slot_pos=torch.zeros(1, 1, n, dtype=torch.int32),
+                                  page_min=torch.zeros(1, 1, 1, 64).expand(1, 1, n, 64),
+                                  page_max=torch.zeros(1, 1, 1, 64).expand(1, 1, n, 64))
+    with pytest.raises(ValueError, match="16 bits"):
+        quest_pages_triton(torch.zeros(1, 1, 1, 64), store, spec)
