@@ -20,6 +20,7 @@ difference of its output from `decode_step_reference` (torch) on a copy of the s
 example: python benchmarks/policy_attention.py --batch 8 --seq 65536
          python benchmarks/policy_attention.py --quick --out /tmp/results
          python benchmarks/policy_attention.py --batch 8 --seq 65536 --no-sweep --profile
+         python benchmarks/policy_attention.py --batch 8 --seq 65536 --configs quest-1/8 h2o-20% --no-sweep
          TRITON_INTERPRET=1 python benchmarks/policy_attention.py --device cpu --quick --out /tmp/results
          (CPU: the Triton interpreter on tiny shapes, a check that the script and the paths run; no timing claim)
 """
@@ -110,8 +111,10 @@ def sweep_slot_attention(fmt, store, q, pos, reps: int, sweep: bool = True) -> d
     return dict(best or {"error": "no config ran"}, default_us=default.get("median_us"))
 
 
-def bench_shape(b: int, s: int, reps: int, sweep: bool = True, profile: bool = False) -> list[dict]:
-    """The shape's rows; profile: each kvfx step row also gets its GPU time by kernel (`kernel_profile`)."""
+def bench_shape(b: int, s: int, reps: int, sweep: bool = True, profile: bool = False, configs=tuple(CONFIGS)
+                ) -> list[dict]:
+    """The shape's rows for the kvfx `configs` (names of CONFIGS); profile: each kvfx step row also gets
+    its GPU time by kernel (`kernel_profile`)."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION} if DEVICE == "cuda" \
         else {"math": SDPBackend.MATH}
@@ -129,7 +132,7 @@ def bench_shape(b: int, s: int, reps: int, sweep: bool = True, profile: bool = F
     timed = [r["median_us"] for r in rows if "median_us" in r]
     best_sdpa = min(timed) if timed else None
     pos = torch.tensor([s], device=DEVICE)
-    for name, options in CONFIGS.items():
+    for name, options in ((n, CONFIGS[n]) for n in configs):
         try:
             fmt, store = full_store(options, k, v)
         except torch.OutOfMemoryError:
@@ -185,6 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for policy_attention.json/.png")
     parser.add_argument("--no-sweep", action="store_true", help="time the slot-attention kernel at its default launch only")
     parser.add_argument("--profile", action="store_true", help="record each kvfx step's GPU time by kernel")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="kvfx rows to run")
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = args.device
@@ -200,7 +204,7 @@ def main(argv=None) -> int:
     shapes = [quick] if args.quick else [(b, s) for b in args.batch for s in args.seq]
     rows = []
     for b, s in shapes:
-        shape_rows = bench_shape(b, s, args.reps, not args.no_sweep, args.profile)
+        shape_rows = bench_shape(b, s, args.reps, not args.no_sweep, args.profile, args.configs)
         rows += shape_rows
         for r in shape_rows:
             status = f"{r['median_us']:9.1f} us  {r.get('speedup_vs_best_sdpa', 0):5.2f}x" if "median_us" in r else r["error"]

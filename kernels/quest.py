@@ -21,6 +21,7 @@ import triton.language as tl
 
 DEAD = tl.constexpr(-3.0e38)  # the score of a page without tokens (as the reference)
 SCORE_PAGES = 32  # pages per program of the scoring kernel
+QUEST_MAX_PAGES = 1 << 16  # pages per head the selection counts (16-bit packed counts); the store refuses more
 SELECT_PAGES_PER_THREAD = 32  # the selection holds a head's pages in registers: 8 warps up to 8192 pages, then more
 
 
@@ -127,7 +128,7 @@ def quest_pages_triton(q: torch.Tensor, store, spec) -> torch.Tensor:
     gq = hq // hkv
     n_pages = store.page_min.shape[2]
     k = spec.pages_read(c)
-    if n_pages >= 1 << 16:
+    if n_pages >= QUEST_MAX_PAGES:  # (`TokenFormat.allocate` refuses such a store up front)
         raise ValueError(f"Quest's page selection counts pages in 16 bits: {n_pages} pages per head")
     scores = torch.empty(b * hkv, n_pages, device=q.device, dtype=torch.float32)
     newest = torch.empty(b * hkv, n_pages, device=q.device, dtype=torch.int32)

@@ -25,6 +25,7 @@ import torch
 from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
 from kvfx.kernels.kivi import FP8_MAX, quantize_asym_reference, pack_codes, unpack_codes
 from kvfx.kernels.policies import PolicySpec
+from kvfx.kernels.quest import QUEST_MAX_PAGES
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,11 @@ class TokenFormat:
         spec, codec = self.spec, self.codec
         c = spec.capacity(s, layer, layers)
         pages = (c + spec.page_size - 1) // spec.page_size if spec.policy == "quest" else 0
+        if isinstance(pages, int) and pages >= QUEST_MAX_PAGES:
+            from kvfx.errors import KVFXError
+            raise KVFXError(f"kvfx policy 'quest': page_size={spec.page_size} splits a {c}-token cache into {pages} "
+                            f"pages per head; the page selection takes at most {QUEST_MAX_PAGES - 1}: "
+                            f"use page_size >= {-(-c // (QUEST_MAX_PAGES - 1))}")
 
         def codes():
             return torch.zeros((b, h, c, codec.code_width(d)), dtype=codec.code_dtype(dtype), device=device)

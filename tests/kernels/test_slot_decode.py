@@ -147,3 +147,12 @@ def test_quest_select_refuses_page_counts_past_16_bits():
                                   page_max=torch.zeros(1, 1, 1, 64).expand(1, 1, n, 64))
     with pytest.raises(ValueError, match="16 bits"):
         quest_pages_triton(torch.zeros(1, 1, 1, 64), store, spec)
+
+
+def test_a_quest_store_past_the_selection_s_page_count_is_refused_up_front():
+    """The store refuses a cache the page selection could not count, naming page_size and the fix,
+    before any memory is touched (meta device: no allocation)."""
+    fmt = kvfx.KVConfig(policy="quest", page_size=16, pages=8).format
+    fmt.allocate((1, 1, 16 * 65535, 64), torch.float32, torch.device("meta"))  # the largest it takes
+    with pytest.raises(kvfx.KVFXError, match=r"page_size=16 .* 65536 pages per head.*page_size >= 17"):
+        fmt.allocate((1, 1, 16 * 65536, 64), torch.float32, torch.device("meta"))
