@@ -226,7 +226,7 @@ def bench_positional(q, k, v, want, base: dict, quick: bool, reps: int) -> list[
             return attend_positions(q, *args, None, -1, scale, **kw)
         best, tried = None, []
         for c in sweep:
-            unit = default_slot_splits(q, k.shape[1], k.shape[2], c["block_n"], positional=True)
+            unit = default_slot_splits(q, k.shape[1], k.shape[2], c["block_n"], positional=name)
             kw = dict(block_n=c["block_n"], num_warps=c["num_warps"], num_splits=max(1, round(c["split_factor"] * unit)))
             result = time_or_error(lambda: run(**kw), reps)
             tried.append(dict(kw, us=result.get("median_us")))

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     for s in args.seq:
         q = torch.randn(args.batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
         k, v = torch.randn(2, args.batch, HKV, s, D, device="cuda", dtype=torch.bfloat16)
-        rows.append(dict(seq=s, config="default", num_splits=default_slot_splits(q, HKV, s, 128, positional=True), us=[
+        rows.append(dict(seq=s, config="default", num_splits=default_slot_splits(q, HKV, s, 128, positional="none"), us=[
             cuda_time_us(lambda: attend_positions(q, k, v, None, None, None, -1, D ** -0.5), reps=args.reps)["median_us"]
             for _ in range(3)]))
         for block_n in (64, 128):

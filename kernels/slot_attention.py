@@ -47,14 +47,15 @@ CODECS = ("none", "int8", "int4", "int2", "fp8")
 # and splits of about SPLIT_SLOTS slots (`default_slot_splits`). At B8 S64K the positional kernel took
 # 731 us at 36 splits of 1820 slots against 1105 us at the previous default (64 slots a tile, 9 splits).
 # Over a store's slots (policies) 512-slot splits and 4 programs per SM stay best (H2O at B8, 13K slots:
-# 36 splits 181 us vs 9 splits 210, session 6); over a positional cache fewer, longer splits are: 4096
-# slots and 2 programs per SM (session 9, none / int8 at the default tile: B8 S16K 4 splits 192.6 / 185.2
-# us vs 32 splits 205.2 / 197.2; B8 S64K 16 vs 33 709.6 / 669.1 vs 725.9 / 675.7; B1 S64K 33 vs 128
-# 107.7 / 105.6 vs 112.1 / 109.9; B32 S4K 2 vs 8 194.4 / 188.8 vs 205.0 / 197.4).
+# 36 splits 181 us vs 9 splits 210, session 6). Over a positional bf16 cache fewer, longer splits are:
+# 4096 slots, 2 programs per SM (session 9, B8 S16K: 192.9 us at that default's 5 splits vs 205.2 at 32;
+# B8 S64K 16 vs 33 splits 709.6 vs 725.9; B32 S4K 2 vs 8 194.4 vs 205.0). int8 codes cost more
+# instructions a slot and want the programs: 2 per SM read 261 us at B8 S16K against 185-201 at 4-9
+# splits, so int8 keeps 4 per SM with splits of ~2048 slots (201.4 us there, 674.8 at B8 S64K).
 SLOT_BLOCK_N = 128
 SLOT_NUM_WARPS = 4
 SPLIT_SLOTS, MIN_PROGRAMS_PER_SM = 512, 4
-POSITIONAL_SPLIT_SLOTS, POSITIONAL_PROGRAMS_PER_SM = 4096, 2
+POSITIONAL_SPLITS = {"none": (4096, 2), "int8": (2048, 4)}  # codec -> (slots a split, least programs per SM)
 
 
 @triton.jit
@@ -282,12 +283,11 @@ class Partials:
     bias: torch.Tensor | None
 
 
-def default_slot_splits(q: torch.Tensor, hkv: int, n: int, block_n: int, positional: bool = False) -> int:
+def default_slot_splits(q: torch.Tensor, hkv: int, n: int, block_n: int, positional: str | None = None) -> int:
     """Splits of a pass over n slots: at least MIN_PROGRAMS_PER_SM programs per SM, or splits of about
-    SPLIT_SLOTS slots where that gives more (positional: the POSITIONAL_ pair); at most 16 programs per SM
-    and one tile per split."""
-    per_sm, split_slots = ((POSITIONAL_PROGRAMS_PER_SM, POSITIONAL_SPLIT_SLOTS) if positional
-                           else (MIN_PROGRAMS_PER_SM, SPLIT_SLOTS))
+    SPLIT_SLOTS slots where that gives more (positional: the codec's POSITIONAL_SPLITS); at most 16
+    programs per SM and one tile per split."""
+    split_slots, per_sm = POSITIONAL_SPLITS[positional] if positional else (SPLIT_SLOTS, MIN_PROGRAMS_PER_SM)
     sms = sm_count(q.device)
     rows = q.shape[0] * hkv
     want = max(triton.cdiv(per_sm * sms, rows), triton.cdiv(n, split_slots))
@@ -295,7 +295,7 @@ def default_slot_splits(q: torch.Tensor, hkv: int, n: int, block_n: int, positio
 
 
 def _split_buffers(q: torch.Tensor, hkv: int, n: int, num_splits: int | None, block_n: int,
-                   positional: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   positional: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partials (m, l [B * Hkv, NS, BLOCK_M], acc [.., D]) of a split-K pass over n slots in
     `num_splits` splits (None: `default_slot_splits`)."""
     b, hq, _, d = q.shape
@@ -416,7 +416,8 @@ def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparam
     hkv = k.shape[1]
     n = k.shape[2] if kv_len < 0 else min(kv_len, k.shape[2])
     gq = hq // hkv
-    part_m, part_l, part_acc = _split_buffers(q, hkv, n, num_splits, block_n, positional=True)
+    codec = "none" if k_qparams is None else "int8"
+    part_m, part_l, part_acc = _split_buffers(q, hkv, n, num_splits, block_n, positional=codec)
     ns, block_m = part_m.shape[1:]
     bias = row_bias(attn_mask, b, n) if attn_mask is not None else None
     dot = tl.float32 if not q.is_cuda else TL_DTYPES[q.dtype]  # the interpreter's bf16 tl.dot is wrong
@@ -425,7 +426,7 @@ def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_qparam
         q.reshape(b * hq, d).contiguous(), k, v, *params, part_m, part_m, bias if bias is not None else part_m,
         part_m, part_m, part_l, part_acc, part_m, k.stride(1) // d, n, ns, hkv,
         bias.shape[-1] if bias is not None else 0, scale * LOG2E, GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        CODEC="none" if k_qparams is None else "int8", BITS=8, G=1, INDEX="none", PAGE=1,
+        CODEC=codec, BITS=8, G=1, INDEX="none", PAGE=1,
         HAS_BIAS=bias is not None, CAUSAL=False, LOGITS=False, DOT=dot, POSITIONAL=True, num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}))
     return combine_partials(part_m, part_l, part_acc, b, hq, q.dtype)
