@@ -145,6 +145,16 @@ def _unwritten_share(length, BIAS_COLS, split, NS):
 
 
 @triton.jit
+def _program_row(len_ptr, H, R: tl.constexpr, G: tl.constexpr):
+    """A decode program's (row b * H + KV head, split, batch row b, the row's length, its quantized length
+    qlen = G * floor(max(length - R, 0) / G)): grid (B * H, NS + 1)."""
+    bh = tl.program_id(0).to(tl.int64)
+    row = bh // H
+    length = tl.load(len_ptr + row)
+    return bh, tl.program_id(1), row, length, tl.maximum(length - R, 0) // G * G
+
+
+@triton.jit
 def _load_quantized_tile(codes_ptr, scale_ptr, zero_ptr, bh, start, qlen, NG,
                          KEYS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                          FP8: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -189,11 +199,7 @@ def _decode_attention_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, 
     With a mask (HAS_BIAS: bias [B, BIAS_COLS], additive, by position) every position < BIAS_COLS is
     attended under it: the written ones from the store, the unwritten ones past the row's length as
     zero keys and values (split i < NS takes a share of those, `_fold_unwritten`)."""
-    bh = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    row = bh // H
-    length = tl.load(len_ptr + row)
-    qlen = tl.maximum(length - R, 0) // G * G
+    bh, split, row, length, qlen = _program_row(len_ptr, H, R, G)
     rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)[None, :]
     # q [B, Hq, D]: query head h * GQ + m of row b is row (b * H + h) * GQ + m; qk_scale has log2(e) in.
@@ -436,11 +442,7 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
     a split's last step can hold groups past its share (masked); with TG 1 the loop needs no masks but
     the model's (HAS_BIAS, as in `_decode_attention_kernel`).
     """
-    bh = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    row = bh // H
-    length = tl.load(len_ptr + row)
-    qlen = tl.maximum(length - R, 0) // G * G
+    bh, split, row, length, qlen = _program_row(len_ptr, H, R, G)
     rows = tl.arange(0, BLOCK_M)
     rmask = rows[:, None] < GQ
     qrow = q_ptr + (bh * GQ + rows[:, None]) * D  # q [B, Hq, D]; qk_scale has log2(e) in
