@@ -44,12 +44,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import (RESULTS, copy_bandwidth_gb_s, cuda_time_us, environment, kernel_profile, plot_speedups,
                     time_or_error, write_json)
-from kvfx.kernels.decode_attention import decode_attention_triton, sm_count
+from kvfx.kernels.decode_attention import base_splits, decode_attention_triton
 from kvfx.kernels.int8 import quantize_int8_reference
 from kvfx.kernels.kivi import KiviStore, quantized_length, store_write
 from kvfx.kernels.slot_attention import attend_positions, default_slot_splits
@@ -110,15 +109,9 @@ INT_SWEEP = {
 }
 
 
-def split_unit(batch_heads: int, store: KiviStore) -> int:
-    """What a config's split_factor multiplies: about 4 programs per SM, at least 2 tiles of 64 tokens a
-    split (the generic kernel's default before session 9), so the sweeps stay comparable across runs."""
-    programs = triton.cdiv(4 * sm_count(store.k_codes.device), batch_heads)
-    return max(1, min(programs, triton.cdiv(store.k_codes.shape[2], 128)))
-
-
 def launch_configs(name: str, quick: bool) -> list[dict]:
-    """decode_attention_triton keyword sweeps (split_factor multiplies `split_unit`)."""
+    """decode_attention_triton keyword sweeps (split_factor multiplies `base_splits`, so the sweeps stay
+    comparable across runs whatever the default launch)."""
     if name in INT_FORMATS:  # block_n = tokens per step (a multiple of G); vmode = value-param expansion
         if quick:
             return [dict(num_warps=1, block_n=GROUP, split_factor=4, vmode=1)]
@@ -170,7 +163,7 @@ def bench_shape(b: int, s: int, configs, reps: int, copy_gb_s: float, quick: boo
         for impl, sweep in variants:
             best, best_kwargs, tried = None, None, []
             for c in sweep:
-                splits = c["split_factor"] * split_unit(b * HKV, store)
+                splits = c["split_factor"] * base_splits(b * HKV, store, q.device)
                 kwargs = {k: v for k, v in c.items() if k != "split_factor"}
                 kwargs["num_splits"] = splits
                 result = time_or_error(lambda: decode_attention_triton(q, store, lengths, **kwargs), reps)

@@ -591,15 +591,20 @@ def default_num_splits(batch_heads: int, store: KiviStore, device: torch.device)
     return max(1, min(programs, triton.cdiv(store.k_codes.shape[2], 128), MAX_SPLITS))
 
 
+def base_splits(batch_heads: int, store: KiviStore, device: torch.device) -> int:
+    """About 4 programs per SM, at least 2 tiles of 64 tokens a split: the generic kernel's default before
+    session 9, kept as the unit the int kernel's cap and the benchmark sweeps' split factors multiply."""
+    return max(1, min(triton.cdiv(4 * sm_count(device), batch_heads), triton.cdiv(store.k_codes.shape[2], 128)))
+
+
 def int_num_splits(batch_heads: int, store: KiviStore, device: torch.device) -> int:
     """Splits for the int kernel (one warp per program): about 16 groups of G tokens per split, but at
-    least 4 programs per SM where that leaves 4 groups a split, and at most 8x min(4 per SM, S / 128).
+    least 4 programs per SM where that leaves 4 groups a split, and at most 8x `base_splits`.
     H100 (benchmarks/results/decode_attention.json, `sweep`): B8 S64K 72 splits; B8 S16K 32; B1 S16K 66
     (28.3 us vs 33.5 at the 32 that 16 groups a split gave); B1 S4K 32 (19.2 us vs 29.7 at 8)."""
     groups = store.k_codes.shape[2] // store.group_size
-    programs = triton.cdiv(4 * sm_count(device), batch_heads)  # 4 per SM
-    want = max(programs, triton.cdiv(groups, 16))
-    return max(1, min(want, triton.cdiv(groups, 4), 8 * min(programs, triton.cdiv(store.k_codes.shape[2], 128))))
+    want = max(triton.cdiv(4 * sm_count(device), batch_heads), triton.cdiv(groups, 16))  # 4 programs per SM
+    return max(1, min(want, triton.cdiv(groups, 4), 8 * base_splits(batch_heads, store, device)))
 
 
 def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Tensor, scale: float | None = None,
