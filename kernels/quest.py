@@ -78,12 +78,13 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.c
     break), and the remaining steps are skipped (`if` on a block-uniform value: no reduction). With
     distinct scores that happens once 2^bit drops below the gap between the K-th and (K+1)-th keys.
 
-    Measured on an H100 (64 heads, NP 4096, K 512): 8.9 us with normal scores, 11.2 us when the K-th key
-    has ties (all 32 steps: e.g. fewer live pages than K), against 13.6 us for the former kernel (32
-    steps always, newest page by two reductions, scores loaded after them, output in chunks of 1024 with
-    two scans and two sums each). A radix select (r bits a step: 2^r - 1 independent counts, 32 / r
-    steps) was slower: r = 2 13.8 us, r = 4 22.7 us; with 16 keys a thread the compares, not the
-    reductions, then dominate. 4 or 16 warps were slower than 8.
+    Timed alone on an H100 in session 9 (64 heads, NP 4096, K 512; not kept as JSON, and the step's
+    profile in policy_attention.json gave 19.7 us against the former 20.9): 8.9 us with normal scores,
+    11.2 us when the K-th key has ties (all 32 steps: e.g. fewer live pages than K), against 13.6 us for
+    the former kernel (32 steps always, newest page by two reductions, scores loaded after them, output
+    in chunks of 1024 with two scans and two sums each). A radix select (r bits a step: 2^r - 1
+    independent counts, 32 / r steps) was slower: r = 2 13.8 us, r = 4 22.7 us; with 16 keys a thread the
+    compares, not the reductions, then dominate. 4 or 16 warps were slower than 8.
 
     The output is one scan over the register tile: running counts of the pages above kth and of its ties
     (16 bits each in one int32: NP < 2^16) place each chosen page; ties past the wanted number are
