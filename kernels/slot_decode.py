@@ -1,8 +1,8 @@
 """The eviction step of a policy decode step (T = 1): Triton kernels beside their reference.
 
 After `kvfx.kernels.slot_attention` has left its split partials (and, for scored policies, every
-slot's logit), three launches do the rest of `decode_step`, with no host synchronisation and a fixed
-launch count (CUDA-graph friendly). The first two run one program per (row, KV head, block of
+slot's logit), three launches (Quest: two) do the rest of `decode_step`, with no host synchronisation
+and a fixed launch count (CUDA-graph friendly). The first two run one program per (row, KV head, block of
 BLOCK_S slots), so a pass over a 13K-slot budget is spread over the GPU instead of walked by one
 program per (row, KV head) (the single fused kernel this replaces took 49 us of a 237 us H2O step at
 B8 S64K on the H100, most of it in that serial walk):
@@ -11,13 +11,16 @@ B8 S64K on the H100, most of it in that serial walk):
    StreamingLLM's `sink` oldest valid positions (the block's partial statistics); H2O / SnapKV /
    PyramidKV add each slot's attention probability (summed over the g query heads, from the kernel's
    logits and the softmax normalizer recomputed from the split partials) to its score; slots the
-   query can no longer see (mask) are emptied, as the reference does;
+   query can no longer see (mask) are emptied, as the reference does; Quest's blocks also get what
+   the select pass writes (below), since a key that protects nothing needs no reduced statistics;
+   Quest keeps this pass: the emptied slots leave holes (the next free slot is not the fill count)
+   and a full store (all C + 1 candidates valid) still gives up its oldest token, as the reference;
 2. `_slot_select_kernel`: per block, the eviction key of every slot exactly as `eviction_key` defines
    it for a decode step (limit = C), from the reduced statistics: StreamingLLM protects its `sink`
    oldest valid positions and ranks by position, H2O protects its `recent` newest and SnapKV /
-   PyramidKV their `window` newest and rank by score (pinned prompt tokens have score +inf), Quest
-   protects nothing and ranks by position; the block's lowest key (the last of equals) and its first
-   free slot;
+   PyramidKV their `window` newest and rank by score (pinned prompt tokens have score +inf); the
+   block's lowest key (the last of equals) and its first free slot (not launched for Quest, which
+   protects nothing and ranks by position: the scan wrote these);
 3. `_slot_finish_kernel`, one program per (row, KV head): the attention output (the splits' partials
    and the new token, one softmax); the victim (when all C + 1 candidates are valid, the last of the
    lowest keys, the new token included); the write of the new token into the free slot (the
@@ -155,12 +158,26 @@ def _reduce_stats(stats_ptr, bh, NB, new_pos, new_valid, NB_P: tl.constexpr, SIN
 
 
 @triton.jit
+def _store_block_candidates(key, valid, c, inside, low_ptr, at_ptr, block, C):
+    """Block `block` (of slots c) for the finish kernel: its lowest eviction key, the last slot holding it
+    and its first free slot (C: none)."""
+    key = tl.where(inside, key, float("inf"))
+    low = tl.min(key, axis=0)
+    one = tl.arange(0, 1)
+    tl.store(low_ptr + block + one, tl.zeros((1,), tl.float32) + low)
+    last = tl.max(tl.where(inside & (key == low), c, -1), axis=0)
+    tl.store(at_ptr + block * 2 + one, tl.zeros((1,), tl.int32) + last)
+    tl.store(at_ptr + block * 2 + 1 + one, tl.zeros((1,), tl.int32) + tl.min(tl.where(inside & ~valid, c, C), axis=0))
+
+
+@triton.jit
 def _slot_scan_kernel(m_ptr, l_ptr, logit_ptr, q_ptr, k_new_ptr, new_pos_ptr, bias_ptr, slot_pos_ptr, score_ptr,
-                      stats_ptr, C, NS, NB, HKV, BIAS_COLS, qk_scale, GQ: tl.constexpr, BLOCK_G: tl.constexpr,
-                      PART_M: tl.constexpr, NS_P: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                      PROTECT: tl.constexpr, SINK: tl.constexpr, SCORED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      CAUSAL: tl.constexpr):
-    """Program (bh = (row, KV head), block): the block's statistics, its scores, its emptied slots."""
+                      stats_ptr, low_ptr, at_ptr, C, NS, NB, HKV, BIAS_COLS, qk_scale, GQ: tl.constexpr,
+                      BLOCK_G: tl.constexpr, PART_M: tl.constexpr, NS_P: tl.constexpr, D: tl.constexpr,
+                      BLOCK_S: tl.constexpr, PROTECT: tl.constexpr, SINK: tl.constexpr, SCORED: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+    """Program (bh = (row, KV head), block): the block's statistics, its scores, its emptied slots; with
+    nothing protected (Quest), also what the select pass would write (`_store_block_candidates`)."""
     bh, blk = tl.program_id(0), tl.program_id(1)
     row = bh // HKV
     new_pos, new_valid, new_bias = _new_token(new_pos_ptr, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
@@ -179,6 +196,13 @@ def _slot_scan_kernel(m_ptr, l_ptr, logit_ptr, q_ptr, k_new_ptr, new_pos_ptr, bi
             a = tl.min(x, axis=0)
             tl.store(stat + 2 + i + one, tl.zeros((1,), tl.int32) + a)
             x = tl.where(c == tl.min(tl.where(x == a, c, C), axis=0), BIG, x)
+    if PROTECT == "none":
+        # Without protection the key (the position; Quest is unscored) needs no other block's statistics,
+        # so the victim's candidates are known here and the select pass, a second read of every slot, is
+        # skipped. Emptied slots are already invalid here, as they are when the select reloads them.
+        tl.static_assert(not SCORED)
+        _store_block_candidates(_eviction_key(pos, valid, pos.to(tl.float32), 0, 0, 0, PROTECT), valid, c, inside,
+                                low_ptr, at_ptr, bh * NB + blk, C)
     if SCORED:
         rows = tl.arange(0, BLOCK_G)
         rmask = rows < GQ
@@ -214,13 +238,8 @@ def _slot_select_kernel(new_pos_ptr, bias_ptr, slot_pos_ptr, score_ptr, stats_pt
         priority = tl.load(score_ptr + bh * C + c, mask=inside, other=0.0)
     else:
         priority = pos.to(tl.float32)
-    key = tl.where(inside, _eviction_key(pos, valid, priority, kth, newest, RECENT, PROTECT), float("inf"))
-    low = tl.min(key, axis=0)
-    one = tl.arange(0, 1)
-    tl.store(low_ptr + bh * NB + blk + one, tl.zeros((1,), tl.float32) + low)
-    tl.store(at_ptr + (bh * NB + blk) * 2 + one, tl.zeros((1,), tl.int32) + tl.max(tl.where(inside & (key == low), c, -1), axis=0))
-    tl.store(at_ptr + (bh * NB + blk) * 2 + 1 + one,
-             tl.zeros((1,), tl.int32) + tl.min(tl.where(inside & ~valid, c, C), axis=0))
+    key = _eviction_key(pos, valid, priority, kth, newest, RECENT, PROTECT)
+    _store_block_candidates(key, valid, c, inside, low_ptr, at_ptr, bh * NB + blk, C)
 
 
 @triton.jit
@@ -301,8 +320,8 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
 def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
                        attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec, layer: int,
                        block_s: int | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """`decode_step` in Triton launches (Quest's page choice, the slot attention, the scan, select and
-    finish kernels): the output [B, Hq, 1, D] in q's dtype; the store is updated in place. block_s:
+    """`decode_step` in Triton launches (Quest's page choice, the slot attention, the scan, select (not
+    for Quest) and finish kernels): the output [B, Hq, 1, D] in q's dtype; the store is updated in place. block_s:
     slots per program of the scan and select passes (default `default_block_s`); num_splits: the slot
     attention's split-K programs per (row, KV head) (default `default_slot_splits`)."""
     from kvfx.kernels.policies import QUEST_DENSE_LAYERS
@@ -335,13 +354,15 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     sinks = dict(PROTECT=protect, SINK=sink)
     _slot_scan_kernel[(b * hkv, nb)](
         parts.m, parts.l, parts.logits if parts.logits is not None else parts.m, q, k_new, pos, bias, store.slot_pos,
-        store.score, stats, c, ns, nb, hkv, bias_cols, scale * LOG2E, GQ=gq, BLOCK_G=triton.next_power_of_2(gq),
-        PART_M=part_m, NS_P=ns_p, D=d, BLOCK_S=block_s, SCORED=scored, **sinks, **mask, num_warps=4)
+        store.score, stats, lows, ats, c, ns, nb, hkv, bias_cols, scale * LOG2E, GQ=gq,
+        BLOCK_G=triton.next_power_of_2(gq), PART_M=part_m, NS_P=ns_p, D=d, BLOCK_S=block_s, SCORED=scored, **sinks,
+        **mask, num_warps=4)
     nb_p = triton.next_power_of_2(nb)
     sink_block = triton.next_power_of_2(max(sink, 1))
-    _slot_select_kernel[(b * hkv, nb)](
-        pos, bias, store.slot_pos, store.score, stats, lows, ats, c, nb, hkv, bias_cols, recent, NB_P=nb_p,
-        BLOCK_S=block_s, SINK_BLOCK=sink_block, SCORED=scored, **sinks, **mask, num_warps=4)
+    if protect != "none":  # (Quest: the scan wrote the blocks' candidates)
+        _slot_select_kernel[(b * hkv, nb)](
+            pos, bias, store.slot_pos, store.score, stats, lows, ats, c, nb, hkv, bias_cols, recent, NB_P=nb_p,
+            BLOCK_S=block_s, SINK_BLOCK=sink_block, SCORED=scored, **sinks, **mask, num_warps=4)
     codec = store.codec
     page = spec.page_size if store.page_min.numel() else 0
     _slot_finish_kernel[(b * hkv,)](

@@ -85,6 +85,39 @@ def test_fused_step_equals_the_reference(policy, kv, b, hkv, g, budget, empty, o
         assert_same_store(fast, slow)
 
 
+@pytest.mark.parametrize("layer", [0, 3])  # dense, sparse
+@pytest.mark.parametrize("mask", ["causal", "row"])
+@pytest.mark.parametrize("kv", ["none", "int4"])
+def test_quest_step_fills_in_order_up_to_capacity_and_past_it(kv, mask, layer):
+    """Quest's scan chooses the free slot and the victim itself (no select pass): rows filled in order to
+    different counts (left padding), stepped until every row is full and past it (the reference then drops
+    the oldest token); a row mask that hides old tokens empties their slots, which the next steps refill."""
+    gen = torch.Generator().manual_seed(0)
+    d, cache_len, steps, start = 64, 48, 4, 60
+    fmt = kvfx.KVConfig(kv=kv, policy="quest", page_size=4, pages=3).format
+    fast = fmt.allocate((3, 2, cache_len, d), torch.float32, torch.device("cpu"), layer, 4)
+    cap = fast.slot_pos.shape[-1]
+    for codes, params in ((fast.k_codes, fast.k_params), (fast.v_codes, fast.v_params)):
+        new_codes, new_params = fast.codec.quantize(torch.randn(3, 2, cap, d, generator=gen))
+        codes.copy_(new_codes), params.copy_(new_params)
+    for row, fill in enumerate((cap - 3, cap - 1, cap)):  # slots 0..fill-1 hold positions start-fill..start-1
+        fast.slot_pos[row, :, :fill] = torch.arange(start - fill, start, dtype=torch.int32)
+    fast._update_pages()
+    slow = copy.deepcopy(fast)
+    for t in range(start, start + steps):
+        q = torch.randn(3, 4, 1, d, generator=gen)
+        args = (q, torch.randn(3, 2, 1, d, generator=gen), torch.randn(3, 2, 1, d, generator=gen), torch.tensor([t]))
+        attn_mask = None
+        if mask == "row":  # hides a few old positions (not the new one)
+            attn_mask = torch.rand(3, 1, 1, start + steps, generator=gen) > 0.05
+            attn_mask[..., t] = True
+        want = decode_step_reference(*args, slow, attn_mask, mask == "causal", 0.3, fmt.spec, layer)
+        got = decode_step_triton(*args, fast, attn_mask, mask == "causal", 0.3, fmt.spec, layer, block_s=16)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert_same_store(fast, slow)
+    assert (fast.slot_pos.max(-1).values == start + steps - 1).all()  # every row took the last token
+
+
 @settings(max_examples=15, deadline=None)
 @given(b=st.integers(1, 2), hkv=st.integers(1, 2), g=st.integers(1, 4), page=st.sampled_from([2, 4, 5]),
        pages=st.integers(1, 12), cache_len=st.integers(8, 80), empty=st.floats(0.0, 0.95), seed=st.integers(0, 99))

@@ -46,7 +46,8 @@ for codec, codes, bits, d, g, index, protect in (("int4", "*u8", 4, 128, 32, "no
     policy = dict(PROTECT=protect, SINK=4 if protect == "sink" else 0, SCORED=protect == "recent",
                   HAS_BIAS=protect == "sink", CAUSAL=True)
     build(_slot_scan_kernel, dict(m_ptr=f32, l_ptr=f32, logit_ptr=f32, q_ptr=bf, k_new_ptr=bf, new_pos_ptr="*i64",
-                                  bias_ptr=f32, slot_pos_ptr=i32, score_ptr=f32, stats_ptr=i32, qk_scale="fp32"),
+                                  bias_ptr=f32, slot_pos_ptr=i32, score_ptr=f32, stats_ptr=i32, low_ptr=f32, at_ptr=i32,
+                                  qk_scale="fp32"),
           dict(GQ=4, BLOCK_G=4, PART_M=16, NS_P=32, D=d, BLOCK_S=512, **policy))
     build(_slot_select_kernel, dict(new_pos_ptr="*i64", bias_ptr=f32, slot_pos_ptr=i32, score_ptr=f32, stats_ptr=i32,
                                     low_ptr=f32, at_ptr=i32),
