@@ -35,6 +35,7 @@ Also times quantize-and-store of one decode token for 32 layers (32 `store_write
 example: python benchmarks/decode_attention.py --quick
          python benchmarks/decode_attention.py --batch 8 --seq 65536 --out /tmp/results
          python benchmarks/decode_attention.py --batch 8 --seq 65536 --formats int4 int2
+         python benchmarks/decode_attention.py --batch 1 8 --seq 4096 65536 --formats int4 --no-sweep
 """
 from __future__ import annotations
 
@@ -109,9 +110,11 @@ INT_SWEEP = {
 }
 
 
-def launch_configs(name: str, quick: bool) -> list[dict]:
+def launch_configs(name: str, quick: bool, sweep: bool = True) -> list[dict]:
     """decode_attention_triton keyword sweeps (split_factor multiplies `base_splits`, so the sweeps stay
-    comparable across runs whatever the default launch)."""
+    comparable across runs whatever the default launch); sweep=False: only the default launch ({})."""
+    if not sweep:
+        return [{}]
     if name in INT_FORMATS:  # block_n = tokens per step (a multiple of G); vmode = value-param expansion
         if quick:
             return [dict(num_warps=1, block_n=GROUP, split_factor=4, vmode=1)]
@@ -125,11 +128,12 @@ def launch_configs(name: str, quick: bool) -> list[dict]:
 
 
 def bench_shape(b: int, s: int, configs, reps: int, copy_gb_s: float, quick: bool = False, formats=FORMATS,
-                positional: bool = True, profile: bool = False) -> list[dict]:
+                positional: bool = True, profile: bool = False, sweep: bool = True) -> list[dict]:
     """configs: format name -> list of launch configs (`launch_configs`); copy_gb_s: the measured copy
     bandwidth (`derived_fields`); formats: the KIVI-store formats to time (FORMATS); positional: also the
     `bench_positional` rows; profile: each format's row also gets the GPU time by kernel of its default
-    launch (`kernel_profile`)."""
+    launch (`kernel_profile`); sweep=False: the positional rows at their default launch only (the KIVI
+    formats' launches come from `configs`)."""
     rows = []
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     q = torch.randn(b, HQ, 1, D, device=DEVICE, dtype=DTYPE, generator=gen)
@@ -146,7 +150,7 @@ def bench_shape(b: int, s: int, configs, reps: int, copy_gb_s: float, quick: boo
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
     if positional:
-        rows += bench_positional(q, k, v, want, base, quick, reps)
+        rows += bench_positional(q, k, v, want, base, quick, reps, sweep)
     lengths = torch.full((b,), s, dtype=torch.int32, device=DEVICE)
     for name, cfg in formats.items():
         try:
@@ -158,20 +162,21 @@ def bench_shape(b: int, s: int, configs, reps: int, copy_gb_s: float, quick: boo
             continue
         got = decode_attention_triton(q, store, lengths).float()
         variants = [(f"kvfx-{name}", configs(name))]
-        if name in INT_FORMATS:
+        if name in INT_FORMATS and variants[0][1] != [{}]:
             variants.append((f"kvfx-{name}-generic", [GENERIC_INT_CONFIG]))
-        for impl, sweep in variants:
+        for impl, launches in variants:
             best, best_kwargs, tried = None, None, []
-            for c in sweep:
-                splits = c["split_factor"] * base_splits(b * HKV, store, q.device)
+            for c in launches:
                 kwargs = {k: v for k, v in c.items() if k != "split_factor"}
-                kwargs["num_splits"] = splits
+                if "split_factor" in c:  # else the default launch's split count
+                    kwargs["num_splits"] = c["split_factor"] * base_splits(b * HKV, store, q.device)
                 result = time_or_error(lambda: decode_attention_triton(q, store, lengths, **kwargs), reps)
                 tried.append(dict(kwargs, us=result.get("median_us")))
                 if "median_us" in result and (best is None or result["median_us"] < best["median_us"]):
-                    best, best_kwargs = dict(result, config=dict(c, num_splits=splits)), kwargs
+                    best, best_kwargs = dict(result, config=dict(c, **kwargs) or "default"), kwargs
             if best is not None and impl == f"kvfx-{name}":  # what the compile path runs: the default launch
-                default = time_or_error(lambda: decode_attention_triton(q, store, lengths), reps)
+                default = best if best_kwargs == {} else \
+                    time_or_error(lambda: decode_attention_triton(q, store, lengths), reps)
                 best = dict(best, default_us=default.get("median_us"), sweep=tried)
             err = (decode_attention_triton(q, store, lengths, **best_kwargs).float() - want).abs().max().item() \
                 if best else None
@@ -201,14 +206,14 @@ def derived_fields(rows: list[dict], copy_gb_s: float) -> list[dict]:
     return rows
 
 
-def bench_positional(q, k, v, want, base: dict, quick: bool, reps: int) -> list[dict]:
+def bench_positional(q, k, v, want, base: dict, quick: bool, reps: int, sweep: bool = True) -> list[dict]:
     """What `kvfx::attend` runs for a decode step of kv="none" / "int8" in the compile path: the slot
     kernel in positional mode (`attend_positions`) over the model's own [B, Hkv, S, D] cache (none) or
     int8 codes + per-token (scale, zero), swept over tile, warps and splits; the row's `config` is the
     best, `default_us` the time of the default launch (what the compile path uses today)."""
     rows = []
     scale = D ** -0.5
-    sweep = [dict(block_n=64, num_warps=4, split_factor=1)] if quick else \
+    configs = [] if not sweep else [dict(block_n=64, num_warps=4, split_factor=1)] if quick else \
         [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (0.25, 0.5, 1, 2)]
     codes_k, params_k = quantize_int8_reference(k)
     codes_v, params_v = quantize_int8_reference(v)
@@ -218,7 +223,7 @@ def bench_positional(q, k, v, want, base: dict, quick: bool, reps: int) -> list[
         def run(**kw):
             return attend_positions(q, *args, None, -1, scale, **kw)
         best, tried = None, []
-        for c in sweep:
+        for c in configs:
             unit = default_slot_splits(q, k.shape[1], k.shape[2], c["block_n"], positional=name)
             kw = dict(block_n=c["block_n"], num_warps=c["num_warps"], num_splits=max(1, round(c["split_factor"] * unit)))
             result = time_or_error(lambda: run(**kw), reps)
@@ -229,6 +234,8 @@ def bench_positional(q, k, v, want, base: dict, quick: bool, reps: int) -> list[
         # After the sweep: timed first (right after SDPA), the default read 12-18% slow in session 9, call 2
         # (B8 S64K none 854.5 us where the same launch in the sweep took 725.9)
         default = time_or_error(run, reps)
+        if not configs and "median_us" in default:  # --no-sweep: the default launch is the row
+            best = dict(default, config="default", max_abs_err_vs_sdpa=(run().float() - want).abs().max().item())
         rows.append(dict(base, impl=f"kvfx-attend-{name}-positional", bytes=nbytes, default_us=default.get("median_us"),
                          sweep=tried, **(best or {"error": "no config ran"})))
     return rows
@@ -284,6 +291,8 @@ def main(argv=None) -> int:
                         help="time SDPA and the positional rows only (no KIVI stores, no writes)")
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS),
                         help="KIVI-store formats to time (the positional rows run with none or int8)")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="time each format at its default launch only (what the compile path runs)")
     parser.add_argument("--reps", type=int, default=50, help="timed runs per measurement (median reported)")
     parser.add_argument("--profile", action="store_true", help="record each format's GPU time by kernel (default launch)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for decode_attention.json/.png")
@@ -302,7 +311,7 @@ def main(argv=None) -> int:
     formats = {name: FORMATS[name] for name in args.formats}
 
     def configs(name: str) -> list[dict]:
-        return launch_configs(name, args.quick)
+        return launch_configs(name, args.quick, not args.no_sweep)
     payload = {"environment": environment(), "shape": dict(hq=HQ, hkv=HKV, head_dim=D, dtype=str(DTYPE),
                                                             group_size=GROUP, residual_int=RESIDUAL),
                "timing": "CUDA graph replay, cold L2, median of --reps", "copy_bandwidth": copy_bandwidth_gb_s(),
@@ -314,7 +323,8 @@ def main(argv=None) -> int:
             try:
                 rows = bench_shape(b, s, configs, args.reps, copy_gb_s, args.quick,
                                    {} if args.positional_only else formats,
-                                   args.positional_only or bool({"none", "int8"} & set(args.formats)), args.profile)
+                                   args.positional_only or bool({"none", "int8"} & set(args.formats)), args.profile,
+                                   not args.no_sweep)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 payload["skipped"].append(dict(batch=b, seq=s, reason="out of memory"))
