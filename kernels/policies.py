@@ -36,7 +36,6 @@ import torch.nn.functional as F
 
 POLICIES = ("none", "streaming", "h2o", "snapkv", "pyramidkv", "quest")
 EVICTING = ("streaming", "h2o", "snapkv", "pyramidkv")
-POOL_KERNEL = 7        # SnapKV's pooling width
 QUEST_DENSE_LAYERS = 2  # Quest keeps the first two layers dense
 QUERY_CHUNK = 512      # queries per step of the reference (bounds the score matrix of a long prompt)
 
@@ -53,6 +52,7 @@ class PolicySpec:
     recent: int | None
     window: int
     pooling: str
+    pool_kernel: int
     beta: float
     page_size: int
     pages: int | float
@@ -211,13 +211,15 @@ def _ranks(key: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))
 
 
-def _pool(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, pooling: str) -> torch.Tensor:
-    """SnapKV's smoothing: pool the scores of neighbouring tokens (neighbours by position)."""
+def _pool(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, pooling: str, kernel: int
+          ) -> torch.Tensor:
+    """SnapKV's smoothing: pool the scores of neighbouring tokens (neighbours by position, an odd
+    `kernel` of them centred on each)."""
     order = torch.where(valid, positions, torch.iinfo(positions.dtype).max).argsort(dim=-1)
     ordered = scores.gather(-1, order).masked_fill(~valid.gather(-1, order), 0.0)
     flat = ordered.flatten(0, 1).unsqueeze(1)
     pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
-    pooled = pool(flat, POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2).view_as(ordered)
+    pooled = pool(flat, kernel, stride=1, padding=kernel // 2).view_as(ordered)
     return torch.empty_like(pooled).scatter_(-1, order, pooled)
 
 
@@ -305,9 +307,9 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
         score = score + colsum
     if obs is not None:  # SnapKV on a prompt: the observation window's pooled attention decides
         # Only the tokens before the window are pooled, as in SnapKV's code (the window is kept anyway):
-        # pooled with them, its large attention to itself would also keep the 3 tokens before it.
+        # pooled with them, its large attention to itself would also keep the pool_kernel // 2 tokens before it.
         before = positions <= pos[-1].to(positions.dtype) - obs_window
-        score = _pool(obs, positions, valid & before, spec.pooling)
+        score = _pool(obs, positions, valid & before, spec.pooling, spec.pool_kernel)
     limit = torch.full((b,), c, device=q.device)
     if t > 1 and spec.policy in EVICTING:
         lengths = valid.sum(-1).amax(-1)

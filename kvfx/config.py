@@ -38,7 +38,9 @@ class KVConfig:
         Which tokens are kept and read (`kvfx.kernels.policies`): ``"none"`` (all), ``"streaming"``
         (the first `sink` tokens + the most recent), ``"h2o"`` (the `recent` newest + the highest
         accumulated attention), ``"snapkv"`` / ``"pyramidkv"`` (the prompt tokens the last `window`
-        prompt queries attend to most, pooled over `pooling` neighbours; PyramidKV shrinks the budget
+        prompt queries attend to most, `pooling` ("max"/"avg") over windows of `pool_kernel` position
+        neighbours, so a kept token keeps its neighbours (SnapKV's kernel_size: 7 in the paper; kvfx's
+        9 keeps a 5-digit passkey whole after its anchor word, docs/ARCHITECTURE.md); PyramidKV shrinks the budget
         with depth by `beta`), ``"quest"`` (keeps all, reads the top `pages` pages of `page_size`
         tokens per decode step). `budget`: tokens kept per layer and KV head, a count (int) or a
         fraction of the prompt (float in (0, 1]); eviction policies need one.
@@ -60,6 +62,7 @@ class KVConfig:
     recent: int | None = None
     window: int = 32
     pooling: str = "max"
+    pool_kernel: int = 9
     beta: float = 20.0
     page_size: int = 16
     pages: int | float = 0.125
@@ -113,6 +116,9 @@ class KVConfig:
             raise KVConfigError(f"kvfx option 'recent' got {self.recent!r}; valid: an integer >= 0, or None "
                                 "(half the budget)")
         _check_choice("pooling", self.pooling, ("max", "avg"))
+        if not _is_int(self.pool_kernel) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise KVConfigError(f"kvfx option 'pool_kernel' got {self.pool_kernel!r}; valid: an odd integer >= 1 "
+                                "(SnapKV: 5 or 7; 1: no pooling)")
         if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or self.beta < 1:
             raise KVConfigError(f"kvfx option 'beta' got {self.beta!r}; valid: a number >= 1 (PyramidKV: 20)")
         if not _is_budget(self.pages):

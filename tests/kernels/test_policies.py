@@ -130,31 +130,32 @@ def test_snapkv_keeps_the_observation_window_and_what_it_attends_to():
     assert set(kept) <= set(now) and len(now) == 14 and {44, 45, 46, 47} <= set(now)
 
 
-def snapkv_pooled_scores(q, k, window, pooling, scale=0.3):
+def snapkv_pooled_scores(q, k, window, pooling, kernel, scale=0.3):
     """SnapKV's scores [Hkv, n - window] of the tokens before the window, as its authors' code makes
     them (one row; the g query heads of a KV head summed, as METHODS.md says): the last `window`
-    queries' attention, summed, then pooled (width 7) over those tokens alone."""
+    queries' attention, summed, then pooled (width `kernel`) over those tokens alone."""
     hq, n, _ = q.shape
     hkv = k.shape[0]
     scores = q[:, -window:] @ k.repeat_interleave(hq // hkv, 0).transpose(-1, -2) * scale
     scores = scores.masked_fill(torch.ones(window, n, dtype=torch.bool).triu(n - window + 1), float("-inf"))
     attention = scores.softmax(-1)[..., :n - window].sum(1).view(hkv, hq // hkv, -1).sum(1)
     pool = torch.nn.functional.max_pool1d if pooling == "max" else torch.nn.functional.avg_pool1d
-    return pool(attention.unsqueeze(1), 7, stride=1, padding=3).squeeze(1)
+    return pool(attention.unsqueeze(1), kernel, stride=1, padding=kernel // 2).squeeze(1)
 
 
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(12, 80), window=st.integers(1, 8), extra=st.integers(1, 12), g=st.integers(1, 3),
-       pooling=st.sampled_from(["max", "avg"]), seed=st.integers(0, 999))
-def test_snapkv_prompt_selection_is_the_papers(n, window, extra, g, pooling, seed):
+       pooling=st.sampled_from(["max", "avg"]), kernel=st.sampled_from([1, 5, 7, 9]), seed=st.integers(0, 999))
+def test_snapkv_prompt_selection_is_the_papers(n, window, extra, g, pooling, kernel, seed):
     """A prompt keeps the window and the keep - window tokens with SnapKV's highest pooled scores (as a
     set of scores: max pooling makes plateaus of equal scores, which its code breaks arbitrarily). In
     particular the window's attention to itself does not raise the tokens just before it."""
     keep = min(window + extra, n)
-    fmt, store = make_store(n + 4, 1, 2, 32, policy="snapkv", budget=keep, window=window, pooling=pooling)
+    fmt, store = make_store(n + 4, 1, 2, 32, policy="snapkv", budget=keep, window=window, pooling=pooling,
+                            pool_kernel=kernel)
     q, k, v = sequence(1, 2 * g, 2, n, 32, seed)
     run(fmt, store, q, k, v, 0)
-    pooled = snapkv_pooled_scores(q[0], k[0], window, pooling)
+    pooled = snapkv_pooled_scores(q[0], k[0], window, pooling, kernel)
     for head, kept in enumerate(held(store)[0]):
         chosen = [p for p in kept if p < n - window]
         assert kept[len(chosen):] == list(range(n - window, n))
@@ -238,6 +239,8 @@ def test_policy_attend_opcheck():
     ({"policy": "h2o", "budget": 8, "recent": 9}, ["'recent'=9", "budget=8"]),
     ({"policy": "quest", "pages": 0}, ["'pages'", "0"]),
     ({"policy": "snapkv", "budget": 0.2, "pooling": "median"}, ["'pooling'", "'median'", "'max'", "'avg'"]),
+    ({"policy": "snapkv", "budget": 0.2, "pool_kernel": 8}, ["'pool_kernel'", "8", "odd integer >= 1"]),
+    ({"policy": "snapkv", "budget": 0.2, "pool_kernel": 0}, ["'pool_kernel'", "0", "odd integer >= 1"]),
 ])
 def test_bad_policy_options_name_option_value_and_choices(options, words):
     with pytest.raises(kvfx.KVConfigError) as err:
