@@ -179,7 +179,7 @@ def _load_quantized_tile(codes_ptr, scale_ptr, zero_ptr, bh, start, qlen, NG,
             zero = tl.load(zero_ptr + param, mask=grp * G < qlen, other=0.0).to(tl.float32)
             x = tl.reshape(tl.reshape(codes, (TG, G, D)) * scale[:, None, :] + zero[:, None, :], (BLOCK_N, D))
         else:  # (scale, zero) per token per group of G channels: [BLOCK_N, D // G]
-            param = slot * (D // G) + tl.arange(0, D // G)[None, :]
+            param = _value_param_index(slot, tl.arange(0, D // G)[None, :], G, D // G)
             scale = tl.load(scale_ptr + param, mask=valid, other=0.0).to(tl.float32)
             zero = tl.load(zero_ptr + param, mask=valid, other=0.0).to(tl.float32)
             x = tl.reshape(tl.reshape(codes, (BLOCK_N, D // G, G)) * scale[:, :, None] + zero[:, :, None],
@@ -393,6 +393,13 @@ def _spread_groups(x, DB: tl.constexpr):
 
 
 @triton.jit
+def _value_param_index(slot, group, G: tl.constexpr, NGD: tl.constexpr):
+    """Index of the value param of token `slot` (a flat packed-store slot) and channel group `group` in the
+    store's [.., NG, D / G, G] layout (the G tokens of a token group contiguous)."""
+    return (slot // G * NGD + group) * G + slot % G
+
+
+@triton.jit
 def _value_params(v_scale, v_zero, slot, live, jb, G: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
                   VMODE: tl.constexpr, OUT: tl.constexpr = tl.float32):
     """Per-token value (scale, zero) of the N tokens `slot` expanded to [N, D / PB]: column j (channel
@@ -402,21 +409,22 @@ def _value_params(v_scale, v_zero, slot, live, jb, G: tl.constexpr, D: tl.conste
     NGD: tl.constexpr = D // G
     N: tl.constexpr = slot.shape[0]
     lm = live[:, None]
-    if VMODE == 2:  # [N, D / G] as stored, broadcast over the columns of each group by a reshape
-        idx = slot[:, None] * NGD + tl.arange(0, NGD)[None, :]
+    if VMODE == 2:  # [N, D / G], broadcast over the columns of each group by a reshape
+        idx = _value_param_index(slot[:, None], tl.arange(0, NGD)[None, :], G, NGD)
         vs = tl.load(v_scale + idx, mask=lm, other=0.0).to(OUT)
         vz = tl.load(v_zero + idx, mask=lm, other=0.0).to(OUT)
     elif VMODE == 0:  # gather: the duplicates are L1 hits
-        idx = slot[:, None] * NGD + (jb // GP)[None, :]
+        idx = _value_param_index(slot[:, None], (jb // GP)[None, :], G, NGD)
         vs = tl.load(v_scale + idx, mask=lm, other=0.0).to(OUT)
         vz = tl.load(v_zero + idx, mask=lm, other=0.0).to(OUT)
     else:  # one [N] vector per channel group, selected per column
         jg = (jb // GP)[None, :]
-        vs = tl.broadcast_to(tl.load(v_scale + slot * NGD, mask=live, other=0.0).to(OUT)[:, None], (N, D // PB))
-        vz = tl.broadcast_to(tl.load(v_zero + slot * NGD, mask=live, other=0.0).to(OUT)[:, None], (N, D // PB))
+        first = _value_param_index(slot, 0, G, NGD)  # channel group gd of these tokens: first + gd * G
+        vs = tl.broadcast_to(tl.load(v_scale + first, mask=live, other=0.0).to(OUT)[:, None], (N, D // PB))
+        vz = tl.broadcast_to(tl.load(v_zero + first, mask=live, other=0.0).to(OUT)[:, None], (N, D // PB))
         for gd in tl.static_range(1, NGD):
-            vs = tl.where(jg == gd, tl.load(v_scale + slot * NGD + gd, mask=live, other=0.0).to(OUT)[:, None], vs)
-            vz = tl.where(jg == gd, tl.load(v_zero + slot * NGD + gd, mask=live, other=0.0).to(OUT)[:, None], vz)
+            vs = tl.where(jg == gd, tl.load(v_scale + first + gd * G, mask=live, other=0.0).to(OUT)[:, None], vs)
+            vz = tl.where(jg == gd, tl.load(v_zero + first + gd * G, mask=live, other=0.0).to(OUT)[:, None], vz)
     return vs, vz
 
 

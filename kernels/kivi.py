@@ -36,7 +36,9 @@ byte, NG = S // G quantized groups (qlen never exceeds G * floor(S / G)), all te
                       fp8: [B, H, NG*G, D] float8_e4m3fn; none: [B, H, NG*G, D] model dtype.
     k_scale, k_zero   [B, H, NG, D] model dtype (per channel per group of G tokens);
                       fp8: k_scale [B, H] fp32, k_zero empty; none: both empty.
-    v_scale, v_zero   [B, H, NG*G, D // G] model dtype (per token per group of G channels);
+    v_scale, v_zero   [B, H, NG, D // G, G] model dtype (per token per group of G channels, the G
+                      tokens of a token group contiguous: the decode kernel's value dequantization
+                      takes the params of consecutive tokens in pairs, as loaded);
                       fp8: v_scale [B, H] fp32, v_zero empty; none: both empty.
     k_ring, v_ring    [B, H, R + G, D] model dtype (residual ring buffer).
 
@@ -176,8 +178,10 @@ class KiviStore:
             # (scale 1, zero 0) so unwritten groups read as zeros.
             params = (torch.ones(batch, kv_heads, groups, head_dim, dtype=dtype, device=device),
                       torch.zeros(batch, kv_heads, groups, head_dim, dtype=dtype, device=device),
-                      torch.ones(batch, kv_heads, slots, head_dim // group_size, dtype=dtype, device=device),
-                      torch.zeros(batch, kv_heads, slots, head_dim // group_size, dtype=dtype, device=device))
+                      torch.ones(batch, kv_heads, groups, head_dim // group_size, group_size, dtype=dtype,
+                                 device=device),
+                      torch.zeros(batch, kv_heads, groups, head_dim // group_size, group_size, dtype=dtype,
+                                  device=device))
         return cls(codes(), codes(), *params, ring(), ring(), bits, group_size, residual, fp8)
 
 
@@ -315,8 +319,18 @@ def _flush_reference(store: KiviStore, b: int, which: str, window: torch.Tensor,
     else:
         packed, scale, zero = quantize_values_reference(window, store.bits, g)
         codes[:, q0:q0 + n] = packed
-        store.v_scale[b, :, q0:q0 + n] = scale
-        store.v_zero[b, :, q0:q0 + n] = zero
+        store.v_scale[b, :, q0 // g:(q0 + n) // g] = token_minor(scale, g)
+        store.v_zero[b, :, q0 // g:(q0 + n) // g] = token_minor(zero, g)
+
+
+def token_minor(params: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Value params [..., n*G, D/G] (per token) in the store's layout [..., n, D/G, G]."""
+    return params.unflatten(-2, (-1, group_size)).transpose(-1, -2)
+
+
+def token_major(params: torch.Tensor) -> torch.Tensor:
+    """The store's value params [..., NG, D/G, G] as [..., NG*G, D/G] (one row per token)."""
+    return params.transpose(-1, -2).flatten(-3, -2)
 
 
 @triton.jit
@@ -424,7 +438,9 @@ def _store_flush_kernel(new_ptr, ring_ptr, codes_ptr, scale_ptr, zero_ptr, start
                 codes, scale, zero = _quantize(x3, tl.min(x3, axis=2)[:, :, None], tl.max(x3, axis=2)[:, :, None],
                                                BITS, DTYPE)
                 codes = tl.reshape(codes, (G, D))
-                param = slot_row[:, :, None] * (D // G) + tl.arange(0, D // G)[None, :, None]
+                # [G tokens, D // G channel groups, 1] -> the store's [.., NG, D // G, G] (tokens innermost)
+                param = (((pid_bh * NG + first // G) * (D // G) + tl.arange(0, D // G)[None, :, None]) * G
+                         + tl.arange(0, G)[:, None, None])
             tl.store(scale_ptr + param, scale.to(DTYPE))
             tl.store(zero_ptr + param, zero.to(DTYPE))
             tl.store(codes_ptr + slot_row * DB + tl.arange(0, DB)[None, :], _pack(codes, G, D, BITS).to(tl.uint8))
@@ -546,5 +562,5 @@ def _dequantize_codes(store: KiviStore, which: str, codes: torch.Tensor) -> torc
     if which == "k":
         idx = torch.arange(n, device=codes.device) // g
         return x * store.k_scale[:, :, idx].float() + store.k_zero[:, :, idx].float()
-    scale = store.v_scale[:, :, :n].float().repeat_interleave(g, dim=-1)
-    return x * scale + store.v_zero[:, :, :n].float().repeat_interleave(g, dim=-1)
+    scale = token_major(store.v_scale)[:, :, :n].float().repeat_interleave(g, dim=-1)
+    return x * scale + token_major(store.v_zero)[:, :, :n].float().repeat_interleave(g, dim=-1)

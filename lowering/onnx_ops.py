@@ -162,6 +162,16 @@ def _write_groups(store, index, valid, update):
     return op.ScatterElements(store, _along_seq(index, update), update, axis=2)
 
 
+def _write_token_minor(store, target, valid, update, group_size):
+    """Write per-token value params `update` [B, H, n*G, D/G] (n whole groups) into the groups `target`
+    [n] of a store laid out [B, H, NG, D/G, G] (kivi.token_minor), where `valid` [n]."""
+    grouped = op.Reshape(update, op.Concat(_dims(update, 0, 2), _ints(-1, group_size), _dims(update, 3, 4),
+                                           axis=0))                                  # [B, H, n, G, D/G]
+    rows = op.Reshape(op.Transpose(grouped, perm=[0, 1, 2, 4, 3]), _ints(0, 0, 0, -1))  # [B, H, n, D/G*G]
+    flat = op.Reshape(store, _ints(0, 0, 0, -1))
+    return op.Reshape(_write_groups(flat, target, valid, rows), op.Shape(store))
+
+
 def kivi_update(k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring, pos, k, v, max_len: int,
                 bits: int, fp8: bool, group_size: int, residual: int):
     """kvfx::kivi_update: append k, v [B, H, T, D] at pos = start .. start + T - 1 to a KIVI store.
@@ -208,8 +218,8 @@ def kivi_update(k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ri
         codes, scale, zero = _quantize_asym(values, 4, bits, v_ring)
         packed = _pack(op.Reshape(codes, _ints(0, 0, 0, -1)), bits)
         out[1] = _write_groups(v_codes, slots, valid_tokens, packed)
-        out[4] = _write_groups(v_scale, slots, valid_tokens, op.CastLike(op.Squeeze(scale, _ints(4)), v_scale))
-        out[5] = _write_groups(v_zero, slots, valid_tokens, op.CastLike(op.Squeeze(zero, _ints(4)), v_zero))
+        out[4] = _write_token_minor(v_scale, target, valid, op.CastLike(op.Squeeze(scale, _ints(4)), v_scale), g)
+        out[5] = _write_token_minor(v_zero, target, valid, op.CastLike(op.Squeeze(zero, _ints(4)), v_zero), g)
     # Ring slot r holds the newest position p_r < end with p_r = r (mod W); it is rewritten when that
     # position is one of the new tokens kept in fp (p_r >= max(q1, start)).
     slot = _arange(ring_size)
@@ -228,9 +238,11 @@ def _dequantize_kivi(codes, scale, zero, bits, group_size, keys: bool):
     if keys:  # one (scale, zero) per channel per group of G tokens
         grouped = op.Reshape(x, op.Concat(_dims(x, 0, 2), _ints(-1, group_size), _dims(x, 3, 4), axis=0))
         scale, zero = op.Unsqueeze(scale, _ints(3)), op.Unsqueeze(zero, _ints(3))
-    else:     # one per token per group of G channels
+    else:     # one per token per group of G channels, stored [B, H, NG, D/G, G] (kivi.token_minor)
         grouped = op.Reshape(x, _ints(0, 0, 0, -1, group_size))
-        scale, zero = op.Unsqueeze(scale, _ints(4)), op.Unsqueeze(zero, _ints(4))
+        per_token = op.Concat(_dims(scale, 0, 2), _ints(-1), _dims(scale, 3, 4), axis=0)  # [B, H, NG*G, D/G]
+        scale, zero = (op.Unsqueeze(op.Reshape(op.Transpose(t, perm=[0, 1, 2, 4, 3]), per_token), _ints(4))
+                       for t in (scale, zero))
     return op.Reshape(op.Add(op.Mul(grouped, scale), zero), op.Shape(x))
 
 
