@@ -284,11 +284,17 @@ def _dequantize_ptx(slot, bits, dot):
     """PTX for code slot `slot` of 4 bytes ($2) times scales ($3, $4) plus zeros ($5, $6), two 16-bit
     floats per register, into $0, $1 (see `_dequantize_codes`)."""
     kind = "bf16x2" if dot == tl.bfloat16 else "f16x2"
-    magic, one = (0x4300, 0x3F80) if dot == tl.bfloat16 else (0x6400, 0x3C00)  # 128.0 / 1024.0, 1.0
-    mask = (1 << bits) - 1
-    shift = f"shr.b32 t0, t0, {slot * bits}; shr.b32 t1, t1, {slot * bits}; " if slot else ""
+    # M = 2^mant (128.0 / 1024.0): its mantissa's mant bits take the code. A slot whose bits lie within
+    # them is masked in place (M + code * 2^low) and the first FMA scales by 2^-low (exact, no shift:
+    # int2 slots 0-2 in bf16, every int2 and int4 slot in fp16); a higher slot is shifted down first.
+    mant, bias, ebits = (7, 127, 0x80) if dot == tl.bfloat16 else (10, 15, 0x400)
+    low = slot * bits if slot * bits + bits <= mant else 0
+    one, negm = (bias - low) * ebits, 0x8000 | (bias + mant - low) * ebits  # 2^-low, -M * 2^-low
+    magic = (bias + mant) * ebits
+    mask = ((1 << bits) - 1) << low
+    shift = f"shr.b32 t0, t0, {slot * bits}; shr.b32 t1, t1, {slot * bits}; " if slot and not low else ""
     return ("{ .reg .b32 t0, t1, z, one, m, negm; mov.b32 z, 0; "
-            f"mov.b32 one, {one * 0x10001}; mov.b32 m, {magic * 0x10001}; mov.b32 negm, {(magic | 0x8000) * 0x10001}; "
+            f"mov.b32 one, {one * 0x10001}; mov.b32 m, {magic * 0x10001}; mov.b32 negm, {negm * 0x10001}; "
             "prmt.b32 t0, $2, z, 0x4140; prmt.b32 t1, $2, z, 0x4342; " + shift +
             f"lop3.b32 t0, t0, {mask * 0x10001}, m, 0xEA; lop3.b32 t1, t1, {mask * 0x10001}, m, 0xEA; "
             f"fma.rn.{kind} t0, t0, one, negm; fma.rn.{kind} t1, t1, one, negm; "

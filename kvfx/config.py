@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from kvfx.kernels.formats import FORMAT_NAMES, format_from_json
+from kvfx.kernels.formats import FORMAT_NAMES, STORE_LAYOUT, format_from_json
 from kvfx.kernels.policies import POLICIES
 
 
@@ -146,8 +146,9 @@ class KVConfig:
                                                f" (pages {self.pages})")
 
     def to_json(self) -> str:
-        """The options as a string: how the kvfx ops of a rewritten graph receive them."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """The options as a string: how the kvfx ops of a rewritten graph receive them (with the store
+        layout's version, so a graph cached for another layout is not reused)."""
+        return json.dumps({**dataclasses.asdict(self), "store_layout": STORE_LAYOUT}, sort_keys=True)
 
 
 def _is_int(x: Any) -> bool:
