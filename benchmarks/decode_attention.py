@@ -273,11 +273,14 @@ def row_summary(r: dict) -> str:
 
 
 def plot(payload: dict, path: pathlib.Path) -> bool:
-    rows = [dict(r, format=r["impl"].removeprefix("kvfx-")) for r in payload["attention"]
-            if r["impl"].startswith("kvfx-") and r.get("speedup_vs_best_sdpa")]
-    return plot_speedups(path, rows, "batch", "seq", "format", "speedup_vs_best_sdpa",
+    """Speedup over best SDPA per format and shape: the newest row of each (a results file gathers
+    several sessions' runs in order, each ratio taken within its own run)."""
+    newest = {(r["impl"], r["batch"], r["seq"]): dict(r, format=r["impl"].removeprefix("kvfx-"))
+              for r in payload["attention"] if r["impl"].startswith("kvfx-") and r.get("speedup_vs_best_sdpa")}
+    return plot_speedups(path, list(newest.values()), "batch", "seq", "format", "speedup_vs_best_sdpa",
                          f"kvfx decode attention vs best SDPA (Hq={HQ}, Hkv={HKV}, D={D}, bf16) on "
-                         f"{payload['environment']['device']}", "speedup over best SDPA (x)", baseline=1.0)
+                         f"{payload['environment']['device']}, newest run per point", "speedup over best SDPA (x)",
+                         baseline=1.0)
 
 
 def main(argv=None) -> int:
