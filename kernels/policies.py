@@ -90,8 +90,8 @@ class PolicySpec:
         return torch.sym_min(cache_len, kept + ring) if ring else kept
 
     def pages_read(self, capacity: int) -> int:
-        """Quest: how many top-scoring pages a decode step reads besides the newest one (a fraction
-        applies to the cache's pages)."""
+        """Quest: how many pages a decode step reads besides the newest one, the oldest (sink) page
+        included (a fraction applies to the cache's pages)."""
         total = -(-capacity // self.page_size)
         k = self.pages if isinstance(self.pages, int) else math.ceil(self.pages * total)
         return max(0, min(k, total - 1))  # the newest page is read besides these
@@ -144,9 +144,14 @@ def _softmax(scores: torch.Tensor) -> torch.Tensor:
 
 def quest_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, slot_pos: torch.Tensor,
                 spec: PolicySpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pages [B, Hkv, k + 1] a decode step with queries q [B, Hkv, g, D] reads: the k with the
-    highest bound sum_d max(q_d min_d, q_d max_d) (the g query heads summed), then the newest token's
-    page; and whether each holds tokens [B, Hkv, k + 1]."""
+    """The pages [B, Hkv, k + 1] a decode step with queries q [B, Hkv, g, D] reads: the oldest page (the
+    attention sink's), then the k - 1 others with the highest bound sum_d max(q_d min_d, q_d max_d) (the
+    g query heads summed), then the newest token's page; and whether each holds tokens [B, Hkv, k + 1].
+
+    The sink page is one of the k, not read besides them (the same page count). Published Quest ranks
+    it with the others; on SmolLM2 the bound ranks it near the bottom in some heads that hold most of
+    their attention on it (and read the passkey), whose softmax then spreads over filler and digits
+    are misread (1K/2K passkey at 1/8 of the pages: 2/6 -> 5/6)."""
     b, hkv, c = slot_pos.shape
     # sum_d max(q_d min_d, q_d max_d) = relu(q) . max + min(q, 0) . min: two small matmuls.
     # In the bounds' dtype (no fp32 copy of them): the bound only ranks pages.
@@ -155,10 +160,12 @@ def quest_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
     scores = scores.sum(2)  # [B, Hkv, NP]
     pages = slot_pos.view(b, hkv, -1, spec.page_size)
     live = (pages >= 0).any(-1)
-    newest = pages.amax(-1).argmax(-1, keepdim=True)
+    held = pages.amax(-1)  # each page's newest position (-1: no tokens)
+    newest = held.argmax(-1, keepdim=True)
+    oldest = held.masked_fill(~live, torch.iinfo(held.dtype).max).argmin(-1, keepdim=True)  # the first page of the lowest
     # Pages without tokens rank below every live page but above the newest one, which is added last:
-    # pages_read <= NP - 1 then never picks the newest page twice.
-    ranked = scores.masked_fill(~live, -3.0e38).scatter(-1, newest, float("-inf"))
+    # pages_read <= NP - 1 then never picks the newest page twice. The oldest ranks first (when it is not the newest).
+    ranked = scores.masked_fill(~live, -3.0e38).scatter(-1, oldest, float("inf")).scatter(-1, newest, float("-inf"))
     chosen = torch.cat([ranked.topk(spec.pages_read(c), dim=-1).indices, newest], -1)
     return chosen, live.gather(-1, chosen)
 

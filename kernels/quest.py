@@ -10,8 +10,8 @@ programs (the bounds are 1/8 of the keys' bytes at P = 16) and also writes each 
 scores' order-preserving integer keys in registers, at most 32 counting steps, fewer when a step lands
 between the k-th and the (k+1)-th key), keeps the pages above it and the lowest-numbered ties, and
 appends the newest token's page, as the reference does (pages without tokens rank below every live page;
-the newest page is never among the k). The page list goes to the slot-attention kernel as is
-(`slot_partials(..., page=P)`): no gathered K/V, no slot list.
+the newest page is never among the k; the oldest page, the attention sink's, always is). The page list
+goes to the slot-attention kernel as is (`slot_partials(..., page=P)`): no gathered K/V, no slot list.
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def _count_at_least(key, t):
 
 @triton.jit
 def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.constexpr):
-    """Program bh: pages[bh] = the K best pages (ascending page number), then the newest token's page.
+    """Program bh: pages[bh] = the K best pages (ascending page number; the oldest page counts as the
+    best), then the newest token's page.
 
     The K-th largest key is found by bisection on its bits, from the sign down: `lo` is the largest value
     known to have >= K keys at or above it (n_lo of them); the candidate lo + 2^bit becomes `lo` when it
@@ -96,7 +97,10 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.c
     score = tl.load(score_ptr + bh * NP + i, mask=i < NP, other=float("-inf"))
     held = tl.load(newest_ptr + bh * NP + i, mask=i < NP, other=-2)
     newest = tl.argmax(held, axis=0, tie_break_left=True)  # the first page of the newest position
-    key = _order_key(tl.where(i == newest, float("-inf"), score))  # the newest and padding rank last
+    # The oldest page (the attention sink's: the first of the lowest newest position among live pages)
+    # ranks first, so it is one of the K; the newest and padding rank last.
+    oldest = tl.argmin(tl.where(held >= 0, held, 2147483647), axis=0, tie_break_left=True)
+    key = _order_key(tl.where(i == newest, float("-inf"), tl.where(i == oldest, float("inf"), score)))
     lo = tl.full((), -2147483648, tl.int32)
     n_lo = tl.full((), NP_BLOCK, tl.int32)  # #(key >= lo): every key at first
     n_hi = tl.full((), 0, tl.int32)  # #(key >= the candidate last rejected): none above 2^31 - 1 at first
@@ -122,8 +126,9 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.c
 
 
 def quest_pages_triton(q: torch.Tensor, store, spec) -> torch.Tensor:
-    """The pages [B, Hkv, k + 1] (int32) a decode step with queries q [B, Hq, 1, D] reads: the k best by
-    the bound (ascending), then the newest token's page (`policies.quest_pages` gives the same set)."""
+    """The pages [B, Hkv, k + 1] (int32) a decode step with queries q [B, Hq, 1, D] reads: the oldest page
+    and the k - 1 best by the bound (ascending), then the newest token's page (`policies.quest_pages`
+    gives the same set)."""
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     gq = hq // hkv

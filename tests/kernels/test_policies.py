@@ -7,7 +7,7 @@ from hypothesis import given, settings
 import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 from kvfx.kernels.attention import attend_reference
-from kvfx.kernels.policies import PolicySpec, policy_attend_reference
+from kvfx.kernels.policies import PolicySpec, policy_attend_reference, quest_pages
 from kvfx.kernels.token_store import TokenCodec
 
 EVICTING = ["streaming", "h2o", "snapkv", "pyramidkv"]
@@ -183,8 +183,8 @@ def test_left_padded_rows_select_within_their_own_tokens():
 
 
 def test_quest_reads_only_the_chosen_pages():
-    """At decode Quest attends over its top pages (and the newest page): the output equals attention
-    restricted to those pages' tokens."""
+    """At decode Quest attends over its top pages (the oldest page, the attention sink's, counts as the
+    top one) and the newest page: the output equals attention restricted to those pages' tokens."""
     b, hkv, d, n = 1, 1, 32, 64
     fmt, store = make_store(n, b, hkv, d, layer=5, layers=8, policy="quest", page_size=8, pages=2)
     q, k, v = sequence(b, 2, hkv, n, d, 6)
@@ -193,11 +193,25 @@ def test_quest_reads_only_the_chosen_pages():
     torch.testing.assert_close(store.page_max[0, 0, 1], k[0, 0, 8:16].amax(0))
     qt = q[:, :, 63:64]
     bound = torch.maximum(qt[0, :, 0, None] * store.page_min[0, 0], qt[0, :, 0, None] * store.page_max[0, 0]).sum(-1).sum(0)
-    top = bound[:7].topk(2).indices.tolist()  # page 7 (the newest) is always read
+    top = [0] + (bound[1:7].topk(1).indices + 1).tolist()  # page 0 (the oldest) and page 7 (the newest) are always read
     got = run(fmt, store, qt, k[:, :, 63:64], v[:, :, 63:64], 63, layer=5, layers=8)
     keys = [p for page in sorted(top) for p in range(page * 8, page * 8 + 8)] + list(range(56, 64))
     want = attend_reference(qt, k[:, :, keys], v[:, :, keys], None, -1, False, 0.3)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_quest_always_reads_the_oldest_page():
+    """The oldest page (the attention sink's) is one of the `pages` read even when its bound is the lowest."""
+    b, hkv, d, n = 1, 1, 32, 64
+    fmt, store = make_store(n, b, hkv, d, layer=5, layers=8, policy="quest", page_size=8, pages=2)
+    q, k, v = sequence(b, 2, hkv, n, d, 6)
+    k[:, :, :8] = -4 * q[:, :, 63:64].sum(1, keepdim=True)  # page 0's keys point away from the last query: the lowest bound
+    run(fmt, store, q[:, :, :63], k[:, :, :63], v[:, :, :63], 0, layer=5, layers=8)
+    qt = q[:, :, 63:64]
+    bound = torch.maximum(qt[0, :, 0, None] * store.page_min[0, 0], qt[0, :, 0, None] * store.page_max[0, 0]).sum(-1).sum(0)
+    assert bound[:7].argmin() == 0
+    pages, read = quest_pages(qt[:, :, 0].view(b, hkv, 2, d), store.page_min, store.page_max, store.slot_pos, fmt.spec)
+    assert sorted(pages[0, 0].tolist()) == sorted([0, int(bound[1:7].argmax()) + 1, 7]) and read.all()
 
 
 def test_quest_keeps_first_layers_dense():

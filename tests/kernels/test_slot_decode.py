@@ -147,8 +147,9 @@ def _order_keys(scores):
 @given(heads=st.integers(1, 3), n_pages=st.integers(1, 300), share=st.floats(0.0, 1.0),
        kind=st.sampled_from(["distinct", "ties", "few_live", "dead"]), seed=st.integers(0, 99))
 def test_quest_select_keeps_the_best_pages_and_the_lowest_ties(heads, n_pages, share, kind, seed):
-    """The selection kernel alone, to the exact rule: the K pages of highest key, ties going to the lowest
-    page numbers, ascending, then the newest page (the first of the highest position). Distinct scores
+    """The selection kernel alone, to the exact rule: the K pages of highest key (the oldest page, the first
+    of the lowest position among live pages, counts as the highest), ties going to the lowest page
+    numbers, ascending, then the newest page (the first of the highest position). Distinct scores
     stop the bisection early; ties (few values, -0.0 and +0.0 among them) and pages without tokens
     (DEAD, ranked below every live page, also when fewer than K pages are live) run all 32 steps; K runs
     from 0 to NP - 1, NP past one power of two (padding)."""
@@ -165,7 +166,9 @@ def test_quest_select_keeps_the_best_pages_and_the_lowest_ties(heads, n_pages, s
     pages = torch.full((heads, k + 1), -7, dtype=torch.int32)
     _quest_select_kernel[(heads,)](scores, held, pages, n_pages, k, NP_BLOCK=triton.next_power_of_2(n_pages))
     newest = held.argmax(-1)  # the first of the maxima (all -1: page 0)
+    oldest = held.masked_fill(~live, 1 << 30).argmin(-1)  # the first of the live minima (none live: page 0)
     key = _order_keys(scores).long()
+    key[torch.arange(heads), oldest] = 1 << 40
     key[torch.arange(heads), newest] = -(1 << 40)
     order = torch.sort(-key, dim=-1, stable=True).indices[:, :k]  # stable: lower page numbers first
     want = torch.cat([order.sort(-1).values, newest[:, None]], -1).int()
