@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvfx.kernels.kivi import TL_DTYPES, KiviStore, _unpack, dequantize_reference, use_triton
+from kvfx.kernels.kivi import TL_DTYPES, KiviStore, _unpack, _value_param_index, dequantize_reference, use_triton
 
 HEAD_DIMS = (64, 128)
 # One warp per program for the int kernel: no cross-warp reductions in the softmax, and each thread
@@ -396,13 +396,6 @@ def _spread_groups(x, DB: tl.constexpr):
     N: tl.constexpr = x.shape[0]
     NGD: tl.constexpr = x.shape[1]
     return tl.reshape(tl.broadcast_to(x[:, :, None], (N, NGD, DB // NGD)), (N, DB))
-
-
-@triton.jit
-def _value_param_index(slot, group, G: tl.constexpr, NGD: tl.constexpr):
-    """Index of the value param of token `slot` (a flat packed-store slot) and channel group `group` in the
-    store's [.., NG, D / G, G] layout (the G tokens of a token group contiguous)."""
-    return (slot // G * NGD + group) * G + slot % G
 
 
 @triton.jit

@@ -334,6 +334,13 @@ def token_major(params: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _value_param_index(slot, group, G: tl.constexpr, NGD: tl.constexpr):
+    """Index of the value param of token `slot` (a flat packed-store slot) and channel group `group` in the
+    store's [.., NG, D / G, G] layout (`token_minor`: the G tokens of a token group contiguous)."""
+    return (slot // G * NGD + group) * G + slot % G
+
+
+@triton.jit
 def _load_group(new_ptr, ring_ptr, pos, s0, new_row, ring_row, stride_t, W: tl.constexpr, D: tl.constexpr):
     """The G tokens at positions `pos` [G] as fp32 [G, D]: older than s0 from the ring, else new."""
     d = tl.arange(0, D)[None, :]
@@ -438,9 +445,7 @@ def _store_flush_kernel(new_ptr, ring_ptr, codes_ptr, scale_ptr, zero_ptr, start
                 codes, scale, zero = _quantize(x3, tl.min(x3, axis=2)[:, :, None], tl.max(x3, axis=2)[:, :, None],
                                                BITS, DTYPE)
                 codes = tl.reshape(codes, (G, D))
-                # [G tokens, D // G channel groups, 1] -> the store's [.., NG, D // G, G] (tokens innermost)
-                param = (((pid_bh * NG + first // G) * (D // G) + tl.arange(0, D // G)[None, :, None]) * G
-                         + tl.arange(0, G)[:, None, None])
+                param = _value_param_index(slot_row[:, :, None], tl.arange(0, D // G)[None, :, None], G, D // G)
             tl.store(scale_ptr + param, scale.to(DTYPE))
             tl.store(zero_ptr + param, zero.to(DTYPE))
             tl.store(codes_ptr + slot_row * DB + tl.arange(0, DB)[None, :], _pack(codes, G, D, BITS).to(tl.uint8))
