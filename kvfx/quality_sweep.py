@@ -19,8 +19,9 @@ POLICIES = ("streaming", "h2o", "snapkv", "pyramidkv", "quest")
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)            # fraction of the prompt's tokens kept
 QUEST_PAGES = (1 / 16, 1 / 8, 3 / 16, 1 / 4)    # fraction of the cache's pages quest reads
 POLICY_FORMATS = ("none", "int4")               # each policy at full precision and composed with int4
-# kvfx policy -> the kvpress press that implements the same paper
-KVPRESS_TWINS = {"snapkv": "SnapKV", "streaming": "StreamingLLM", "pyramidkv": "PyramidKV"}
+# kvfx policy -> the kvpress press that implements the same paper (ObservedAttentionPress: H2O's
+# prefill score, the prompt queries' attention, there averaged over the queries that see each token)
+KVPRESS_TWINS = {"snapkv": "SnapKV", "streaming": "StreamingLLM", "pyramidkv": "PyramidKV", "h2o": "ObservedAttention"}
 
 
 def sweep_methods(formats: Sequence[str] = FORMATS, policies: Sequence[str] = POLICIES,
@@ -103,7 +104,7 @@ def comparison_table(comparison: Sequence[dict]) -> str:
     lines = ["kvfx vs kvpress, passkey accuracy on the same prompts"]
     for c in comparison:
         ours = f"{c['kvfx']:.0%}" if c["kvfx"] is not None else "-"
-        lines.append(f"  {c['policy']:<10} vs {c['press'] + 'Press':<18} budget {c['budget']:<5g} "
+        lines.append(f"  {c['policy']:<10} vs {c['press'] + 'Press':<22} budget {c['budget']:<5g} "
                      f"kvfx {ours:>5}  kvpress {c['kvpress']:>5.0%}  {c['note']}".rstrip())
     return "\n".join(lines)
 

@@ -109,6 +109,18 @@ def test_kvpress_results_are_scored_by_kvfx_and_must_come_from_the_same_prompts(
         kvpress_rows(path, passkey_prompts(tokenizer, lengths=[1500], depths=[0.2, 0.8], seed=1))
 
 
+def test_h2o_is_compared_with_kvpress_observed_attention():
+    def rows(series, method, budget, correct):
+        return [{"task": "passkey", "method": method, "series": series, "budget": budget, "length": 1500,
+                 "depth": d, "correct": c} for d, c in zip((0.2, 0.8), correct)]
+
+    theirs = rows("kvpress ObservedAttention", "kvpress ObservedAttention @ 0.1", 0.1, [False, True])
+    ours = rows("kvfx h2o", "kvfx h2o @ 0.1", 0.1, [False, False])
+    [h2o] = kvpress_comparison(theirs + ours, [])
+    assert h2o == {"policy": "h2o", "press": "ObservedAttention", "budget": 0.1, "kvfx": 0.0, "kvpress": 0.5,
+                   "note": ""}
+
+
 def _result(methods, run, **settings):
     rows = [{"task": "passkey", "method": m, "series": m, "budget": None, "correct": run == "new"} for m in methods]
     return {"task": "passkey", "meta": {"commit": run}, "rows": rows, "skipped": [{"method": "kvfx quest", "reason": run}],
