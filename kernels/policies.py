@@ -50,6 +50,7 @@ class PolicySpec:
     budget: int | float | None
     sink: int
     recent: int | None
+    h2o_score: str
     window: int
     pooling: str
     pool_kernel: int
@@ -244,7 +245,8 @@ def eviction_key(spec: PolicySpec, positions: torch.Tensor, valid: torch.Tensor,
         protected, priority = pos <= oldest, pos
     elif spec.policy == "h2o":
         recent = limit // 2 if spec.recent is None else torch.clamp(limit, max=spec.recent)
-        protected, priority = pos > newest - recent, score
+        # "mean": per query that has seen the token (positions pos .. newest), not the raw sum
+        protected, priority = pos > newest - recent, score / (newest - pos + 1) if spec.h2o_score == "mean" else score
     elif spec.policy in ("snapkv", "pyramidkv"):
         protected, priority = pos > newest - torch.clamp(limit, max=spec.window), score
     else:  # quest / none: nothing is evicted (the capacity is the cache length)

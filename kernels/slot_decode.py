@@ -79,9 +79,12 @@ def _store_token(x, codes_ptr, params_ptr, slot, D: tl.constexpr, CODEC: tl.cons
 
 
 @triton.jit
-def _eviction_key(pos, valid, priority, kth, newest, RECENT, PROTECT: tl.constexpr):
+def _eviction_key(pos, valid, priority, kth, newest, RECENT, PROTECT: tl.constexpr, MEAN: tl.constexpr = False):
     """`eviction_key` of a decode step: +inf where protected (StreamingLLM: position <= the sink-th oldest
-    `kth`; H2O / SnapKV: among the RECENT newest), -inf where not valid, else the priority."""
+    `kth`; H2O / SnapKV: among the RECENT newest), -inf where not valid, else the priority (MEAN: H2O's
+    "mean" score, the priority over the queries that have seen the token, positions pos .. newest)."""
+    if MEAN:
+        priority = priority / (newest - pos + 1).to(tl.float32)
     if PROTECT == "sink":
         protected = pos <= kth
     elif PROTECT == "recent":
@@ -222,8 +225,8 @@ def _slot_scan_kernel(m_ptr, l_ptr, logit_ptr, q_ptr, k_new_ptr, new_pos_ptr, bi
 @triton.jit
 def _slot_select_kernel(new_pos_ptr, bias_ptr, slot_pos_ptr, score_ptr, stats_ptr, low_ptr, at_ptr, C, NB, HKV,
                         BIAS_COLS, RECENT, NB_P: tl.constexpr, BLOCK_S: tl.constexpr, PROTECT: tl.constexpr,
-                        SINK: tl.constexpr, SINK_BLOCK: tl.constexpr, SCORED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        CAUSAL: tl.constexpr):
+                        SINK: tl.constexpr, SINK_BLOCK: tl.constexpr, SCORED: tl.constexpr, MEAN: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
     """Program (bh, block), after the scan: the block's lowest eviction key, the last slot holding it and
     the block's first free slot."""
     bh, blk = tl.program_id(0), tl.program_id(1)
@@ -238,7 +241,7 @@ def _slot_select_kernel(new_pos_ptr, bias_ptr, slot_pos_ptr, score_ptr, stats_pt
         priority = tl.load(score_ptr + bh * C + c, mask=inside, other=0.0)
     else:
         priority = pos.to(tl.float32)
-    key = _eviction_key(pos, valid, priority, kth, newest, RECENT, PROTECT)
+    key = _eviction_key(pos, valid, priority, kth, newest, RECENT, PROTECT, MEAN)
     _store_block_candidates(key, valid, c, inside, low_ptr, at_ptr, bh * NB + blk, C)
 
 
@@ -248,8 +251,8 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
                         stats_ptr, low_ptr, at_ptr, out_ptr, C, NS, NB, HKV, BIAS_COLS, qk_scale, RECENT,
                         GQ: tl.constexpr, BLOCK_G: tl.constexpr, PART_M: tl.constexpr, NS_P: tl.constexpr,
                         D: tl.constexpr, NB_P: tl.constexpr, PROTECT: tl.constexpr, SINK: tl.constexpr,
-                        SINK_BLOCK: tl.constexpr, SCORED: tl.constexpr, CODEC: tl.constexpr, BITS: tl.constexpr,
-                        G: tl.constexpr, DTYPE: tl.constexpr, PAGE: tl.constexpr, BLOCK_P: tl.constexpr,
+                        SINK_BLOCK: tl.constexpr, SCORED: tl.constexpr, MEAN: tl.constexpr, CODEC: tl.constexpr,
+                        BITS: tl.constexpr, G: tl.constexpr, DTYPE: tl.constexpr, PAGE: tl.constexpr, BLOCK_P: tl.constexpr,
                         HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
     """Program bh = (row, KV head): the output, the victim, the write of the new token."""
     bh = tl.program_id(0)
@@ -287,7 +290,7 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
     else:
         new_score = tl.zeros((), tl.float32)
         new_priority = new_pos.to(tl.float32)
-    new_key = _eviction_key(new_pos, new_valid, new_priority, kth, newest, RECENT, PROTECT)
+    new_key = _eviction_key(new_pos, new_valid, new_priority, kth, newest, RECENT, PROTECT, MEAN)
     best = tl.where(new_key <= low, C, best)
     full = n_valid > C
     free = tl.where(full & (best < C), best, tl.where(first_free < C, first_free, 0))
@@ -339,6 +342,7 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                        "snapkv": ("recent", min(c, spec.window)), "pyramidkv": ("recent", min(c, spec.window))
                        }.get(spec.policy, ("none", 0))
     sink = spec.sink if protect == "sink" else 0
+    mean = spec.policy == "h2o" and spec.h2o_score == "mean"
     block_s = block_s or default_block_s(c)
     nb = triton.cdiv(c, block_s)
     stats = torch.empty(b * hkv, nb, 2 + sink, device=q.device, dtype=torch.int32)
@@ -362,14 +366,14 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     if protect != "none":  # (Quest: the scan wrote the blocks' candidates)
         _slot_select_kernel[(b * hkv, nb)](
             pos, bias, store.slot_pos, store.score, stats, lows, ats, c, nb, hkv, bias_cols, recent, NB_P=nb_p,
-            BLOCK_S=block_s, SINK_BLOCK=sink_block, SCORED=scored, **sinks, **mask, num_warps=4)
+            BLOCK_S=block_s, SINK_BLOCK=sink_block, SCORED=scored, MEAN=mean, **sinks, **mask, num_warps=4)
     codec = store.codec
     page = spec.page_size if store.page_min.numel() else 0
     _slot_finish_kernel[(b * hkv,)](
         parts.m, parts.l, parts.acc, q, k_new, v_new, pos, bias, store.k_codes, store.k_params, store.v_codes,
         store.v_params, store.slot_pos, store.score, store.page_min, store.page_max, stats, lows, ats, out, c, ns, nb,
         hkv, bias_cols, scale * LOG2E, recent, GQ=gq, BLOCK_G=triton.next_power_of_2(gq), PART_M=part_m, NS_P=ns_p,
-        D=d, NB_P=nb_p, SINK_BLOCK=sink_block, SCORED=scored, CODEC=codec.kv, BITS=codec.bits,
+        D=d, NB_P=nb_p, SINK_BLOCK=sink_block, SCORED=scored, MEAN=mean, CODEC=codec.kv, BITS=codec.bits,
         G=codec.group_size if codec.kv in ("int4", "int2") else 1, DTYPE=TL_DTYPES[store.dtype], PAGE=page,
         BLOCK_P=triton.next_power_of_2(max(page, 1)), **sinks, **mask, num_warps=4)
     return out

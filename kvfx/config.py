@@ -37,11 +37,14 @@ class KVConfig:
     policy, budget:
         Which tokens are kept and read (`kvfx.kernels.policies`): ``"none"`` (all), ``"streaming"``
         (the first `sink` tokens + the most recent), ``"h2o"`` (the `recent` newest + the highest
-        accumulated attention), ``"snapkv"`` / ``"pyramidkv"`` (the prompt tokens the last `window`
-        prompt queries attend to most, `pooling` ("max"/"avg") over windows of `pool_kernel` position
-        neighbours, so a kept token keeps its neighbours (SnapKV's kernel_size: 7 in the paper; kvfx's
-        9 keeps a 5-digit passkey whole after its anchor word, docs/ARCHITECTURE.md); PyramidKV shrinks the budget
-        with depth by `beta`), ``"quest"`` (keeps all, reads the top `pages` pages of `page_size`
+        attention accumulated over the queries so far: `h2o_score` ``"mean"`` per query that has seen
+        the token, as kvpress's ObservedAttentionPress ranks, or ``"sum"``, the H2O paper's, which
+        favours old tokens: token i of a T-token prompt is summed over T - i queries),
+        ``"snapkv"`` / ``"pyramidkv"`` (the prompt tokens the last `window` prompt queries attend to
+        most, `pooling` ("max"/"avg") over windows of `pool_kernel` position neighbours, so a kept token
+        keeps its neighbours (SnapKV's kernel_size: 7 in the paper; kvfx's 9 keeps a 5-digit passkey
+        whole after its anchor word, docs/ARCHITECTURE.md); PyramidKV shrinks the budget with depth by
+        `beta`), ``"quest"`` (keeps all, reads the top `pages` pages of `page_size`
         tokens per decode step). `budget`: tokens kept per layer and KV head, a count (int) or a
         fraction of the prompt (float in (0, 1]); eviction policies need one.
     strict:
@@ -60,6 +63,7 @@ class KVConfig:
     budget: int | float | None = None
     sink: int = 4
     recent: int | None = None
+    h2o_score: str = "mean"
     window: int = 32
     pooling: str = "max"
     pool_kernel: int = 9
@@ -116,6 +120,7 @@ class KVConfig:
             raise KVConfigError(f"kvfx option 'recent' got {self.recent!r}; valid: an integer >= 0, or None "
                                 "(half the budget)")
         _check_choice("pooling", self.pooling, ("max", "avg"))
+        _check_choice("h2o_score", self.h2o_score, ("mean", "sum"))
         if not _is_int(self.pool_kernel) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise KVConfigError(f"kvfx option 'pool_kernel' got {self.pool_kernel!r}; valid: an odd integer >= 1 "
                                 "(SnapKV: 5 or 7; 1: no pooling)")

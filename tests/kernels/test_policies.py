@@ -7,7 +7,7 @@ from hypothesis import given, settings
 import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 from kvfx.kernels.attention import attend_reference
-from kvfx.kernels.policies import PolicySpec, policy_attend_reference, quest_pages
+from kvfx.kernels.policies import PolicySpec, choose_kept, policy_attend_reference, quest_pages
 from kvfx.kernels.token_store import TokenCodec
 
 EVICTING = ["streaming", "h2o", "snapkv", "pyramidkv"]
@@ -112,6 +112,18 @@ def test_h2o_keeps_the_recent_window_and_the_heaviest():
         run(fmt, store, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], t)
     kept = held(store)[0][0]
     assert len(kept) == 8 and {21, 22, 23} <= set(kept) and 5 in kept
+
+
+@pytest.mark.parametrize("h2o_score, kept", [("sum", {0, 7, 9}), ("mean", {7, 8, 9})])
+def test_h2o_score_mean_ranks_per_query_that_has_seen_the_token(h2o_score, kept):
+    """"sum" ranks by the accumulated attention, "mean" by it over the queries that have seen the token
+    (positions pos .. newest): token 0's 2.0 over 10 queries ranks below token 8's 0.6 over 2."""
+    spec = PolicySpec.parse(kvfx.KVConfig(policy="h2o", budget=3, recent=1, h2o_score=h2o_score).to_json())
+    score = torch.full((1, 1, 10), 0.1)
+    score[..., [0, 7, 8]] = torch.tensor([2.0, 1.0, 0.6])
+    chosen = choose_kept(spec, torch.arange(10).view(1, 1, 10), torch.ones(1, 1, 10, dtype=torch.bool), score,
+                         torch.tensor([3]))
+    assert set(chosen[0, 0].nonzero().flatten().tolist()) == kept
 
 
 def test_snapkv_keeps_the_observation_window_and_what_it_attends_to():
@@ -251,6 +263,7 @@ def test_policy_attend_opcheck():
     ({"policy": "snapkv", "budget": 16, "window": 32}, ["'window'=32", "budget=16"]),
     ({"policy": "streaming", "budget": 4, "sink": 4}, ["'sink'=4", "budget=4"]),
     ({"policy": "h2o", "budget": 8, "recent": 9}, ["'recent'=9", "budget=8"]),
+    ({"policy": "h2o", "budget": 8, "h2o_score": "max"}, ["'h2o_score'", "'max'", "'mean'", "'sum'"]),
     ({"policy": "quest", "pages": 0}, ["'pages'", "0"]),
     ({"policy": "snapkv", "budget": 0.2, "pooling": "median"}, ["'pooling'", "'median'", "'max'", "'avg'"]),
     ({"policy": "snapkv", "budget": 0.2, "pool_kernel": 8}, ["'pool_kernel'", "8", "odd integer >= 1"]),

@@ -55,15 +55,16 @@ def assert_same_store(got, want):
 @given(policy=st.sampled_from(POLICIES), kv=st.sampled_from(KV_FORMATS), b=st.integers(1, 2), hkv=st.integers(1, 2),
        g=st.integers(1, 4), budget=st.integers(3, 40), empty=st.sampled_from([0, 1, 2, 0.6]), ordered=st.booleans(),
        mask=st.sampled_from(["none", "causal", "row"]), steps=st.integers(1, 3), sink=st.integers(0, 2),
-       group=st.sampled_from([32, 64]), splits=st.sampled_from([None, 3, 11]), seed=st.integers(0, 99))
+       group=st.sampled_from([32, 64]), splits=st.sampled_from([None, 3, 11]),
+       h2o_score=st.sampled_from(["mean", "sum"]), seed=st.integers(0, 99))
 def test_fused_step_equals_the_reference(policy, kv, b, hkv, g, budget, empty, ordered, mask, steps, sink, group,
-                                         splits, seed):
+                                         splits, h2o_score, seed):
     """Output, kept positions, scores, codes and params, Quest's bounds: the same after every step, also
     with many split-K partials (11: the scan and finish kernels read them as one padded tile) and with
     splits that hold no slot."""
     gen = torch.Generator().manual_seed(seed)
     d, cache_len = 64, 48
-    options = dict(kv=kv, group_size=group, policy=policy)
+    options = dict(kv=kv, group_size=group, policy=policy, h2o_score=h2o_score)
     options.update(page_size=4, pages=3) if policy == "quest" \
         else options.update(budget=min(budget, cache_len - 1), window=min(3, budget - 1), sink=min(sink, budget - 1))
     fmt = kvfx.KVConfig(**options).format
