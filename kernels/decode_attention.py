@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvfx.kernels.kivi import TL_DTYPES, KiviStore, _unpack, _value_param_index, dequantize_reference, use_triton
+from kvfx.kernels.kivi import (TL_DTYPES, KiviStore, _key_param_index, _unpack, _value_param_index,
+                               dequantize_reference, use_triton)
 
 HEAD_DIMS = (64, 128)
 # One warp per program for the int kernel: no cross-warp reductions in the softmax, and each thread
@@ -174,7 +175,7 @@ def _load_quantized_tile(codes_ptr, scale_ptr, zero_ptr, bh, start, qlen, NG,
         if KEYS:  # (scale, zero) per channel per group of G tokens: [TG, D] for the TG groups of the tile
             TG: tl.constexpr = BLOCK_N // G
             grp = start // G + tl.arange(0, TG)[:, None]
-            param = (bh * NG + grp) * D + tl.arange(0, D)[None, :]
+            param = (bh * NG + grp) * D + _key_param_index(tl.arange(0, D)[None, :], D, BITS)
             scale = tl.load(scale_ptr + param, mask=grp * G < qlen, other=0.0).to(tl.float32)
             zero = tl.load(zero_ptr + param, mask=grp * G < qlen, other=0.0).to(tl.float32)
             x = tl.reshape(tl.reshape(codes, (TG, G, D)) * scale[:, None, :] + zero[:, None, :], (BLOCK_N, D))
@@ -355,17 +356,18 @@ def _group_rows(x, G: tl.constexpr):
 
 @triton.jit
 def _key_slot_dot(s, q_i, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, I: tl.constexpr, PB: tl.constexpr,
-                  BITS: tl.constexpr, DOT: tl.constexpr, PW: tl.constexpr, G: tl.constexpr):
+                  BITS: tl.constexpr, DOT: tl.constexpr, PW: tl.constexpr, G: tl.constexpr, STRIDE: tl.constexpr):
     """s [M, N] += q_i . k_i^T over the channels I + PB * j of N = TG * G keys (j < D / PB).
 
     The key params are per group of G tokens, [TG, D / PB] (pmask: the groups that exist). PW = 0:
-    loaded strided from kp; else kw_s, kw_z hold them as words of PB 16-bit values (channels PB * j ..
-    PB * j + PB - 1), loaded once for all slots.
+    loaded from kp + I * STRIDE (int4's slot-major store, `kivi.slot_major`: STRIDE D / PB, a slot's
+    params contiguous; channel order: 1, strided); else kw_s, kw_z hold them as words of PB 16-bit
+    values (channels PB * j .. PB * j + PB - 1), loaded once for all slots.
     """
     OUT: tl.constexpr = _param_dtype(BITS, DOT)
     if PW == 0:
-        scale = tl.load(k_scale + kp + I, mask=pmask, other=0.0).to(OUT)
-        zero = tl.load(k_zero + kp + I, mask=pmask, other=0.0).to(OUT)
+        scale = tl.load(k_scale + kp + I * STRIDE, mask=pmask, other=0.0).to(OUT)
+        zero = tl.load(k_zero + kp + I * STRIDE, mask=pmask, other=0.0).to(OUT)
     else:
         scale = _param_slot(kw_s, I, PW, OUT)
         zero = _param_slot(kw_z, I, PW, OUT)
@@ -489,7 +491,13 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
             else:
                 kb = _load_bytes(k_codes + slot[:, None] * DB + jb[None, :], BITS, DOT, live[:, None])
                 vb = _load_bytes(v_codes + slot[:, None] * DB + jb[None, :], BITS, DOT, live[:, None])
-            kp = (bh * NG + grp + tg[:, None]) * D + jb[None, :] * PB  # [TG, DB] key params of channel PB * j
+            # [TG, DB] key params of code slot 0 (channels PB * j): int4's are stored slot-major (`kivi.slot_major`)
+            if BITS == 4:
+                KS: tl.constexpr = DB
+                kp = (bh * NG + grp + tg[:, None]) * D + jb[None, :]
+            else:
+                KS: tl.constexpr = 1
+                kp = (bh * NG + grp + tg[:, None]) * D + jb[None, :] * PB
             if PW == 0:
                 kw_s = kp
                 kw_z = kp
@@ -498,12 +506,12 @@ def _decode_int_kernel(q_ptr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
                 kw_s = tl.load(k_scale + kw, mask=pmask, other=0)
                 kw_z = tl.load(k_zero + kw, mask=pmask, other=0)
             s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            s = _key_slot_dot(s, q0, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, 0, PB, BITS, DOT, PW, G)
+            s = _key_slot_dot(s, q0, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, 0, PB, BITS, DOT, PW, G, KS)
             if PB > 1:
-                s = _key_slot_dot(s, q1, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, 1, PB, BITS, DOT, PW, G)
+                s = _key_slot_dot(s, q1, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, 1, PB, BITS, DOT, PW, G, KS)
             if PB > 2:
-                s = _key_slot_dot(s, q2, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, 2, PB, BITS, DOT, PW, G)
-                s = _key_slot_dot(s, q3, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, 3, PB, BITS, DOT, PW, G)
+                s = _key_slot_dot(s, q2, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, 2, PB, BITS, DOT, PW, G, KS)
+                s = _key_slot_dot(s, q3, kb, k_scale, k_zero, kp, kw_s, kw_z, pmask, 3, PB, BITS, DOT, PW, G, KS)
             if HAS_BIAS:
                 s += _mask_bias(bias_ptr, row, grp * G + n, BIAS_COLS, BIAS_COLS)[None, :]
             if TG > 1:
@@ -632,8 +640,8 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
     block_n: tokens per step, a power of two and a multiple of the group size (default max(G, 64);
     the int kernel `_decode_int_kernel`: INT_GROUPS_PER_STEP * G). int_kernel=False runs the int
     formats through the generic tile kernel instead (kept for comparison). vmode: how the int kernel
-    expands the value parameters (0 gather, 1 select, 2 reshape; default INT_VMODE_PTX or INT_VMODE_FP32 by the path); key_words: load int4 / int2 key params of bf16 / fp16 stores as words
-    of 8 // bits values. num_stages: Triton's software pipelining depth (None: Triton's default).
+    expands the value parameters (0 gather, 1 select, 2 reshape; default INT_VMODE_PTX or INT_VMODE_FP32 by the path); key_words: load int2 key params of bf16 / fp16 stores as
+    words of 4 values. num_stages: Triton's software pipelining depth (None: Triton's default).
     Raises ValueError for a head dim other than 64 or 128 (callers fall back to the reference).
     """
     b, hq, t, d = q.shape
@@ -669,11 +677,11 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
     if num_stages is not None:
         launch["num_stages"] = num_stages
     if int_path:
-        # Key params as words of PB 16-bit values (one vector load per word for all PB code slots)
-        pb = 8 // store.bits
-        pw = {torch.bfloat16: 1, torch.float16: 2}.get(store.dtype, 0) if pb > 1 and key_words else 0
+        # int2's key params as words of 4 16-bit values (one vector load per word for all 4 code slots);
+        # int4's are stored slot-major and load per slot
+        pw = {torch.bfloat16: 1, torch.float16: 2}.get(store.dtype, 0) if store.bits == 2 and key_words else 0
         if pw:
-            word = torch.int32 if pb == 2 else torch.int64
+            word = torch.int64
             args = args[:3] + (store.k_scale.view(word), store.k_zero.view(word)) + args[5:]
         if vmode is None:
             vmode = INT_VMODE_PTX if _uses_ptx(store.bits, dot) else INT_VMODE_FP32

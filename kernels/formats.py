@@ -115,8 +115,8 @@ FORMAT_NAMES = ("none", "int8", "int4", "int2", "fp8")
 # Version of the store tensors' layout, carried in the options JSON the kvfx ops receive: inductor's FX
 # graph cache hashes the graph (and so that string) but not a custom op's Python, so a graph compiled
 # against an older layout must miss rather than assert the old shapes. Bump it with any layout change.
-# 2: KIVI value params token-minor, [B, H, NG, D / G, G].
-STORE_LAYOUT = 2
+# 2: KIVI value params token-minor, [B, H, NG, D / G, G]; 3: KIVI int4 key params slot-major.
+STORE_LAYOUT = 3
 _KIVI = {"int4": (4, False), "int2": (2, False), "fp8": (8, True)}
 
 

@@ -23,6 +23,7 @@ import onnx
 from onnxscript import opset23 as op
 
 from kvfx.errors import KVFXError
+from kvfx.kernels.kivi import key_param_slots
 
 FLOAT, INT32, INT64, UINT8 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT8
 OPSET = 23  # Attention
@@ -172,6 +173,16 @@ def _write_token_minor(store, target, valid, update, group_size):
     return op.Reshape(_write_groups(flat, target, valid, rows), op.Shape(store))
 
 
+def _key_param_order(params, bits, to_store: bool):
+    """Key params [B, H, N, D] in the store's slot-major order (to_store: kivi.slot_major) or back in
+    channel order (kivi.channel_major); int4 only, the other formats keep channel order."""
+    pb = key_param_slots(bits)
+    if pb == 1:
+        return params
+    split = _ints(0, 0, 0, -1, pb) if to_store else _ints(0, 0, 0, pb, -1)
+    return op.Reshape(op.Transpose(op.Reshape(params, split), perm=[0, 1, 2, 4, 3]), _ints(0, 0, 0, -1))
+
+
 def kivi_update(k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring, pos, k, v, max_len: int,
                 bits: int, fp8: bool, group_size: int, residual: int):
     """kvfx::kivi_update: append k, v [B, H, T, D] at pos = start .. start + T - 1 to a KIVI store.
@@ -211,8 +222,9 @@ def kivi_update(k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ri
         codes, scale, zero = _quantize_asym(keys, 3, bits, k_ring)
         packed = _pack(op.Reshape(codes, op.Concat(_dims(k, 0, 2), _ints(-1), _dims(k, 3, 4), axis=0)), bits)
         out[0] = _write_groups(k_codes, slots, valid_tokens, packed)
-        out[2] = _write_groups(k_scale, target, valid, op.CastLike(op.Squeeze(scale, _ints(3)), k_scale))
-        out[3] = _write_groups(k_zero, target, valid, op.CastLike(op.Squeeze(zero, _ints(3)), k_zero))
+        for i, (store, param) in ((2, (k_scale, scale)), (3, (k_zero, zero))):
+            param = _key_param_order(op.CastLike(op.Squeeze(param, _ints(3)), store), bits, to_store=True)
+            out[i] = _write_groups(store, target, valid, param)
         # Values: per token over each group of G channels.
         values = op.Reshape(windows[1], _ints(0, 0, 0, -1, g))
         codes, scale, zero = _quantize_asym(values, 4, bits, v_ring)
@@ -235,9 +247,9 @@ def _dequantize_kivi(codes, scale, zero, bits, group_size, keys: bool):
     """Packed codes of all quantized slots -> fp32 [B, H, NG*G, D] (kivi._dequantize_codes)."""
     x = _unpack(codes, bits)
     scale, zero = op.Cast(scale, to=FLOAT), op.Cast(zero, to=FLOAT)
-    if keys:  # one (scale, zero) per channel per group of G tokens
+    if keys:  # one (scale, zero) per channel per group of G tokens, stored slot-major (kivi.slot_major)
         grouped = op.Reshape(x, op.Concat(_dims(x, 0, 2), _ints(-1, group_size), _dims(x, 3, 4), axis=0))
-        scale, zero = op.Unsqueeze(scale, _ints(3)), op.Unsqueeze(zero, _ints(3))
+        scale, zero = (op.Unsqueeze(_key_param_order(t, bits, to_store=False), _ints(3)) for t in (scale, zero))
     else:     # one per token per group of G channels, stored [B, H, NG, D/G, G] (kivi.token_minor)
         grouped = op.Reshape(x, _ints(0, 0, 0, -1, group_size))
         per_token = op.Concat(_dims(scale, 0, 2), _ints(-1), _dims(scale, 3, 4), axis=0)  # [B, H, NG*G, D/G]

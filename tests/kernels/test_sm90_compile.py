@@ -68,10 +68,10 @@ for codec, codes in (("none", bf), ("int8", "*u8")):  # kvfx::attend's positiona
           dict(GQ=4, D=128, BLOCK_M=16, BLOCK_N=64, CODEC=codec, BITS=8, G=1, INDEX="none", PAGE=1, HAS_BIAS=True,
                CAUSAL=False, LOGITS=False, DOT=tl.bfloat16, PW=0, POSITIONAL=True))
 kivi = dict(q_ptr=bf, k_ring=bf, v_ring=bf, len_ptr=i32, bias_ptr=f32, m_ptr=f32, l_ptr=f32, acc_ptr=f32, qk_scale="fp32")
-for bits, word, block_n in ((4, i32, 32), (2, "*i64", 128), (8, bf, 64)):  # 1, 4, 2 groups a step
+for bits, word, block_n in ((4, bf, 32), (2, "*i64", 128), (8, bf, 64)):  # 1, 4, 2 groups a step
     build(_decode_int_kernel, dict(kivi, k_codes="*u8", v_codes="*u8", k_scale=word, k_zero=word, v_scale=bf, v_zero=bf),
           dict(GQ=4, R=128, G=32, D=128, BITS=bits, DOT=tl.bfloat16, BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=32, VMODE=0,
-               PW=int(bits < 8), HAS_BIAS=True, BLOCK_T=256))
+               PW=int(bits == 2), HAS_BIAS=True, BLOCK_T=256))
 build(_decode_attention_kernel, dict(kivi, k_codes="*fp8e4nv", v_codes="*fp8e4nv", k_scale=f32, k_zero=f32, v_scale=f32,
                                      v_zero=f32),
       dict(GQ=4, R=128, G=32, D=128, BITS=8, FP8=True, DOT=tl.bfloat16, BLOCK_M=16, BLOCK_N=64, BLOCK_R=32,
