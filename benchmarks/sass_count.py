@@ -40,15 +40,15 @@ BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/.*\bBRA\s+0x([0-9a-f]+)")
 
 
 def compile_int_kernel(bits: int, dtype: str, warps: int, block_n: int, vmode: int, gq: int = 4):
-    """`_decode_int_kernel` as the int4 / int2 / int8 path launches it for a store of `dtype` (key params
-    as words for int4 / int2), head dim 128, G 32, R 128, compiled for sm_90."""
+    """`_decode_int_kernel` as the int4 / int2 / int8 path launches it for a store of `dtype` (int2's key
+    params as words of four), head dim 128, G 32, R 128, compiled for sm_90."""
     dot, ptr = DTYPES[dtype]
-    word = {4: "*i32", 2: "*i64"}.get(bits, ptr)
+    word = "*i64" if bits == 2 else ptr
     types = dict(q_ptr=ptr, k_codes="*u8", v_codes="*u8", k_scale=word, k_zero=word, v_scale=ptr, v_zero=ptr,
                  k_ring=ptr, v_ring=ptr, len_ptr="*i32", bias_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32",
                  acc_ptr="*fp32", qk_scale="fp32")
     consts = dict(GQ=gq, R=128, G=32, D=128, BITS=bits, DOT=dot, BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=32,
-                  VMODE=vmode, PW=int(bits < 8), HAS_BIAS=False, BLOCK_T=256)
+                  VMODE=vmode, PW=int(bits == 2), HAS_BIAS=False, BLOCK_T=256)
     names = list(inspect.signature(_decode_int_kernel.fn).parameters)
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     constexprs = {(i,): consts[n] for i, n in enumerate(names) if n in consts}
