@@ -57,6 +57,7 @@ class PolicySpec:
     beta: float
     page_size: int
     pages: int | float
+    page_pool: int
 
     @staticmethod
     @lru_cache(maxsize=64)
@@ -147,7 +148,8 @@ def quest_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
                 spec: PolicySpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The pages [B, Hkv, k + 1] a decode step with queries q [B, Hkv, g, D] reads: the oldest page (the
     attention sink's), then the k - 1 others with the highest bound sum_d max(q_d min_d, q_d max_d) (the
-    g query heads summed), then the newest token's page; and whether each holds tokens [B, Hkv, k + 1].
+    g query heads summed; a live page's bound max-pooled over `page_pool` neighbouring pages), then the
+    newest token's page; and whether each holds tokens [B, Hkv, k + 1].
 
     The sink page is one of the k, not read besides them (the same page count). Published Quest ranks
     it with the others; on SmolLM2 the bound ranks it near the bottom in some heads that hold most of
@@ -161,13 +163,18 @@ def quest_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
     scores = scores.sum(2)  # [B, Hkv, NP]
     pages = slot_pos.view(b, hkv, -1, spec.page_size)
     live = (pages >= 0).any(-1)
+    if spec.page_pool > 1:  # a page ranks as its best neighbour within page_pool // 2 (live pages only)
+        scores = F.max_pool1d(scores.masked_fill(~live, -3.0e38).flatten(0, 1)[:, None], spec.page_pool, stride=1,
+                              padding=spec.page_pool // 2).view_as(scores)
     held = pages.amax(-1)  # each page's newest position (-1: no tokens)
     newest = held.argmax(-1, keepdim=True)
     oldest = held.masked_fill(~live, torch.iinfo(held.dtype).max).argmin(-1, keepdim=True)  # the first page of the lowest
     # Pages without tokens rank below every live page but above the newest one, which is added last:
     # pages_read <= NP - 1 then never picks the newest page twice. The oldest ranks first (when it is not the newest).
     ranked = scores.masked_fill(~live, -3.0e38).scatter(-1, oldest, float("inf")).scatter(-1, newest, float("-inf"))
-    chosen = torch.cat([ranked.topk(spec.pages_read(c), dim=-1).indices, newest], -1)
+    # Ties (pooled neighbours share a score) go to the lowest page numbers, as in `_quest_select_kernel`.
+    best = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :spec.pages_read(c)]
+    chosen = torch.cat([best, newest], -1)
     return chosen, live.gather(-1, chosen)
 
 

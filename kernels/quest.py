@@ -9,7 +9,8 @@ programs (the bounds are 1/8 of the keys' bytes at P = 16) and also writes each 
 `_quest_select_kernel`, one program per head, finds the k-th largest score exactly (a bisection over the
 scores' order-preserving integer keys in registers, at most 32 counting steps, fewer when a step lands
 between the k-th and the (k+1)-th key), keeps the pages above it and the lowest-numbered ties, and
-appends the newest token's page, as the reference does (pages without tokens rank below every live page;
+appends the newest token's page, as the reference does (scores max-pooled over `page_pool` neighbouring
+pages first; pages without tokens rank below every live page;
 the newest page is never among the k; the oldest page, the attention sink's, always is). The page list
 goes to the slot-attention kernel as is (`slot_partials(..., page=P)`): no gathered K/V, no slot list.
 """
@@ -65,9 +66,10 @@ def _count_at_least(key, t):
 
 
 @triton.jit
-def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.constexpr):
+def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.constexpr, POOL: tl.constexpr):
     """Program bh: pages[bh] = the K best pages (ascending page number; the oldest page counts as the
-    best), then the newest token's page.
+    best), then the newest token's page. A live page ranks as the best score within POOL // 2 pages of it
+    (`page_pool`, the reference's max-pooling; neighbours are loaded again, L1 hits).
 
     The K-th largest key is found by bisection on its bits, from the sign down: `lo` is the largest value
     known to have >= K keys at or above it (n_lo of them); the candidate lo + 2^bit becomes `lo` when it
@@ -96,6 +98,13 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.c
     # Both loads first: the scores arrive while the newest page's reduction runs.
     score = tl.load(score_ptr + bh * NP + i, mask=i < NP, other=float("-inf"))
     held = tl.load(newest_ptr + bh * NP + i, mask=i < NP, other=-2)
+    if POOL > 1:
+        pooled = score
+        for off in tl.static_range(1, POOL // 2 + 1):
+            pooled = tl.maximum(pooled, tl.load(score_ptr + bh * NP + i - off, mask=(i >= off) & (i < NP + off),
+                                                other=float("-inf")))
+            pooled = tl.maximum(pooled, tl.load(score_ptr + bh * NP + i + off, mask=i + off < NP, other=float("-inf")))
+        score = tl.where(held >= 0, pooled, score)
     newest = tl.argmax(held, axis=0, tie_break_left=True)  # the first page of the newest position
     # The oldest page (the attention sink's: the first of the lowest newest position among live pages)
     # ranks first, so it is one of the K; the newest and padding rank last.
@@ -145,5 +154,6 @@ def quest_pages_triton(q: torch.Tensor, store, spec) -> torch.Tensor:
     pages = torch.empty(b, hkv, k + 1, device=q.device, dtype=torch.int32)
     np_block = triton.next_power_of_2(n_pages)
     warps = min(32, max(8, np_block // (32 * SELECT_PAGES_PER_THREAD)))
-    _quest_select_kernel[(b * hkv,)](scores, newest, pages, n_pages, k, NP_BLOCK=np_block, num_warps=warps)
+    _quest_select_kernel[(b * hkv,)](scores, newest, pages, n_pages, k, NP_BLOCK=np_block, POOL=spec.page_pool,
+                                     num_warps=warps)
     return pages

@@ -45,7 +45,8 @@ class KVConfig:
         keeps its neighbours (SnapKV's kernel_size: 7 in the paper; kvfx's 9 keeps a 5-digit passkey
         whole after its anchor word, docs/ARCHITECTURE.md); PyramidKV shrinks the budget with depth by
         `beta`), ``"quest"`` (keeps all, reads the top `pages` pages of `page_size`
-        tokens per decode step). `budget`: tokens kept per layer and KV head, a count (int) or a
+        tokens per decode step, ranked by their bound max-pooled over `page_pool` neighbouring pages, so
+        a key that straddles a page boundary is read whole; 1: the paper's ranking). `budget`: tokens kept per layer and KV head, a count (int) or a
         fraction of the prompt (float in (0, 1]); eviction policies need one.
     strict:
         Raise instead of leaving an attention site that kvfx cannot prove it handles unchanged.
@@ -70,6 +71,7 @@ class KVConfig:
     beta: float = 20.0
     page_size: int = 16
     pages: int | float = 0.125
+    page_pool: int = 3
     strict: bool = False
     cudagraphs: bool = False
 
@@ -126,6 +128,9 @@ class KVConfig:
                                 "(SnapKV: 5 or 7; 1: no pooling)")
         if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or self.beta < 1:
             raise KVConfigError(f"kvfx option 'beta' got {self.beta!r}; valid: a number >= 1 (PyramidKV: 20)")
+        if not _is_int(self.page_pool) or self.page_pool < 1 or self.page_pool % 2 == 0:
+            raise KVConfigError(f"kvfx option 'page_pool' got {self.page_pool!r}; valid: an odd integer >= 1 "
+                                "(1: Quest's own ranking, 3: the default)")
         if not _is_budget(self.pages):
             raise KVConfigError(f"kvfx option 'pages' got {self.pages!r}; valid: a page count >= 1 or a "
                                 "fraction of the cache's pages in (0, 1] (e.g. 0.125)")

@@ -265,6 +265,7 @@ def test_policy_attend_opcheck():
     ({"policy": "h2o", "budget": 8, "recent": 9}, ["'recent'=9", "budget=8"]),
     ({"policy": "h2o", "budget": 8, "h2o_score": "max"}, ["'h2o_score'", "'max'", "'mean'", "'sum'"]),
     ({"policy": "quest", "pages": 0}, ["'pages'", "0"]),
+    ({"policy": "quest", "page_pool": 2}, ["'page_pool'", "2", "odd integer >= 1"]),
     ({"policy": "snapkv", "budget": 0.2, "pooling": "median"}, ["'pooling'", "'median'", "'max'", "'avg'"]),
     ({"policy": "snapkv", "budget": 0.2, "pool_kernel": 8}, ["'pool_kernel'", "8", "odd integer >= 1"]),
     ({"policy": "snapkv", "budget": 0.2, "pool_kernel": 0}, ["'pool_kernel'", "0", "odd integer >= 1"]),

@@ -6,6 +6,7 @@ import types
 import hypothesis.strategies as st
 import pytest
 import torch
+import torch.nn.functional as F
 import triton
 from hypothesis import given, settings
 
@@ -121,10 +122,11 @@ def test_quest_step_fills_in_order_up_to_capacity_and_past_it(kv, mask, layer):
 
 @settings(max_examples=15, deadline=None)
 @given(b=st.integers(1, 2), hkv=st.integers(1, 2), g=st.integers(1, 4), page=st.sampled_from([2, 4, 5]),
-       pages=st.integers(1, 12), cache_len=st.integers(8, 80), empty=st.floats(0.0, 0.95), seed=st.integers(0, 99))
-def test_quest_kernels_choose_the_reference_pages(b, hkv, g, page, pages, cache_len, empty, seed):
+       pages=st.integers(1, 12), cache_len=st.integers(8, 80), empty=st.floats(0.0, 0.95),
+       pool=st.sampled_from([1, 3, 5]), seed=st.integers(0, 99))
+def test_quest_kernels_choose_the_reference_pages(b, hkv, g, page, pages, cache_len, empty, pool, seed):
     gen = torch.Generator().manual_seed(seed)
-    fmt = kvfx.KVConfig(policy="quest", page_size=page, pages=pages).format
+    fmt = kvfx.KVConfig(policy="quest", page_size=page, pages=pages, page_pool=pool).format
     store = random_store(fmt, b, hkv, cache_len + 8, 64, empty, gen)
     q = torch.randn(b, hkv * g, 1, 64, generator=gen)
     got = quest_pages_triton(q, store, fmt.spec).long()
@@ -146,14 +148,16 @@ def _order_keys(scores):
 
 @settings(max_examples=40, deadline=None)
 @given(heads=st.integers(1, 3), n_pages=st.integers(1, 300), share=st.floats(0.0, 1.0),
-       kind=st.sampled_from(["distinct", "ties", "few_live", "dead"]), seed=st.integers(0, 99))
-def test_quest_select_keeps_the_best_pages_and_the_lowest_ties(heads, n_pages, share, kind, seed):
+       kind=st.sampled_from(["distinct", "ties", "few_live", "dead"]), width=st.sampled_from([1, 3, 5]),
+       seed=st.integers(0, 99))
+def test_quest_select_keeps_the_best_pages_and_the_lowest_ties(heads, n_pages, share, kind, width, seed):
     """The selection kernel alone, to the exact rule: the K pages of highest key (the oldest page, the first
     of the lowest position among live pages, counts as the highest), ties going to the lowest page
     numbers, ascending, then the newest page (the first of the highest position). Distinct scores
     stop the bisection early; ties (few values, -0.0 and +0.0 among them) and pages without tokens
     (DEAD, ranked below every live page, also when fewer than K pages are live) run all 32 steps; K runs
-    from 0 to NP - 1, NP past one power of two (padding)."""
+    from 0 to NP - 1, NP past one power of two (padding). POOL = width > 1: a live page's score is the
+    maximum within width // 2 pages of it first (dead neighbours count with their DEAD score)."""
     gen = torch.Generator().manual_seed(seed)
     k = min(int(share * n_pages), n_pages - 1)
     if kind == "distinct":
@@ -164,8 +168,13 @@ def test_quest_select_keeps_the_best_pages_and_the_lowest_ties(heads, n_pages, s
     live = torch.rand(heads, n_pages, generator=gen) < {"distinct": 0.9, "ties": 0.8, "few_live": 0.1, "dead": 0.0}[kind]
     held = torch.randperm(4 * heads * n_pages, generator=gen)[:heads * n_pages].view(heads, n_pages).int()
     scores, held = scores.masked_fill(~live, -3.0e38), held.masked_fill(~live, -1)
+    if width > 1:  # max does not order -0.0 and +0.0: one zero when pooling
+        scores = scores + 0.0
     pages = torch.full((heads, k + 1), -7, dtype=torch.int32)
-    _quest_select_kernel[(heads,)](scores, held, pages, n_pages, k, NP_BLOCK=triton.next_power_of_2(n_pages))
+    _quest_select_kernel[(heads,)](scores, held, pages, n_pages, k, NP_BLOCK=triton.next_power_of_2(n_pages),
+                                   POOL=width)
+    pooled = F.pad(scores, (width // 2, width // 2), value=float("-inf")).unfold(-1, width, 1).amax(-1)
+    scores = torch.where(live, pooled, scores)
     newest = held.argmax(-1)  # the first of the maxima (all -1: page 0)
     oldest = held.masked_fill(~live, 1 << 30).argmin(-1)  # the first of the live minima (none live: page 0)
     key = _order_keys(scores).long()

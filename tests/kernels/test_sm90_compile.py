@@ -60,7 +60,7 @@ for codec, codes, bits, d, g, index, protect in (("int4", "*u8", 4, 128, 32, "no
                DTYPE=tl.bfloat16, PAGE=16 if protect == "none" else 0, BLOCK_P=16, **policy))
 build(_quest_score_kernel, dict(q_ptr=bf, min_ptr=bf, max_ptr=bf, slot_pos_ptr=i32, score_ptr=f32, newest_ptr=i32),
       dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=32))
-build(_quest_select_kernel, dict(score_ptr=f32, newest_ptr=i32, pages_ptr=i32), dict(NP_BLOCK=4096))
+build(_quest_select_kernel, dict(score_ptr=f32, newest_ptr=i32, pages_ptr=i32), dict(NP_BLOCK=4096, POOL=3))
 for codec, codes in (("none", bf), ("int8", "*u8")):  # kvfx::attend's positional mode
     build(_slot_attention_kernel, dict(q_ptr=bf, k_ptr=codes, v_ptr=codes, kp_ptr=bf, vp_ptr=bf, pos_ptr=f32, idx_ptr=f32,
                                        bias_ptr=f32, new_pos_ptr=f32, m_ptr=f32, l_ptr=f32, acc_ptr=f32, logit_ptr=f32,
