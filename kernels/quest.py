@@ -10,9 +10,9 @@ programs (the bounds are 1/8 of the keys' bytes at P = 16) and also writes each 
 scores' order-preserving integer keys in registers, at most 32 counting steps, fewer when a step lands
 between the k-th and the (k+1)-th key), keeps the pages above it and the lowest-numbered ties, and
 appends the newest token's page, as the reference does (scores max-pooled over `page_pool` neighbouring
-pages first; pages without tokens rank below every live page;
-the newest page is never among the k; the oldest page, the attention sink's, always is). The page list
-goes to the slot-attention kernel as is (`slot_partials(..., page=P)`): no gathered K/V, no slot list.
+pages first; pages without tokens rank below every live page; the newest page is never among the k;
+the oldest page, the attention sink's, always is). The page list goes to the slot-attention kernel as
+is (`slot_partials(..., page=P)`): no gathered K/V, no slot list.
 """
 from __future__ import annotations
 

@@ -44,10 +44,11 @@ class KVConfig:
         most, `pooling` ("max"/"avg") over windows of `pool_kernel` position neighbours, so a kept token
         keeps its neighbours (SnapKV's kernel_size: 7 in the paper; kvfx's 9 keeps a 5-digit passkey
         whole after its anchor word, docs/ARCHITECTURE.md); PyramidKV shrinks the budget with depth by
-        `beta`), ``"quest"`` (keeps all, reads the top `pages` pages of `page_size`
-        tokens per decode step, ranked by their bound max-pooled over `page_pool` neighbouring pages, so
-        a key that straddles a page boundary is read whole; 1: the paper's ranking). `budget`: tokens kept per layer and KV head, a count (int) or a
-        fraction of the prompt (float in (0, 1]); eviction policies need one.
+        `beta`), ``"quest"`` (keeps all, reads the top `pages` pages of `page_size` tokens per decode
+        step, ranked by their bound max-pooled over `page_pool` neighbouring pages, so a key that
+        straddles a page boundary is read whole; 1: the paper's ranking). `budget`: tokens kept per
+        layer and KV head, a count (int) or a fraction of the prompt (float in (0, 1]); eviction
+        policies need one.
     strict:
         Raise instead of leaving an attention site that kvfx cannot prove it handles unchanged.
     cudagraphs:
