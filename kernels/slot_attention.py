@@ -22,7 +22,8 @@ word per (scale, zero) pair. Compiled for sm_90 (per tile of 64 slots, D 128, in
 reshape of the code tile, 40% of the shared-memory round trips of the unpack-and-reshape version
 and 30% fewer instructions (int2: 45%). On the H100 (B8 S64K, Hq 32, Hkv 8, one decode step of
 int4 + H2O at 20%): 265 us, was 418 us; bf16 H2O takes 259 us. With the PTX (session 7) the slot
-attention alone takes 166 us for int4 + H2O, 179 us for bf16 H2O.
+attention alone takes 166 us for int4 + H2O, 179 us for bf16 H2O; with the pipelined `STORE_LAUNCH`
+(session 12) 93 us for int4 + H2O, and the whole int4 + H2O step 119 us (5.77x SDPA).
 
 The partials and the new token are combined by `combine_reference` here (torch, the spec) or, on the
 decode path, inside the finish kernel of `kvfx.kernels.slot_decode`. The reference of the
@@ -31,6 +32,7 @@ whole attention is `kvfx.kernels.policies._decode_attention_torch`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -42,20 +44,44 @@ from kvfx.kernels.decode_attention import (HEAD_DIMS, LOG2E, _dequantize_codes, 
 from kvfx.kernels.kivi import TL_DTYPES, _unpack
 
 CODECS = ("none", "int8", "int4", "int2", "fp8")
-# Default launch, from the H100 sweeps (benchmarks/results/decode_attention.json, rows
-# "kvfx-attend-*-positional"; policy_attention.json, rows "*-attention"): tiles of 128 slots, 4 warps,
-# and splits of about SPLIT_SLOTS slots (`default_slot_splits`). At B8 S64K the positional kernel took
-# 731 us at 36 splits of 1820 slots against 1105 us at the previous default (64 slots a tile, 9 splits).
-# Over a store's slots (policies) 512-slot splits and 4 programs per SM stay best (H2O at B8, 13K slots:
-# 36 splits 181 us vs 9 splits 210, session 6). Over a positional bf16 cache fewer, longer splits are:
-# 4096 slots, 2 programs per SM (session 9, B8 S16K: 192.9 us at that default's 5 splits vs 205.2 at 32;
-# B8 S64K 16 vs 33 splits 709.6 vs 725.9; B32 S4K 2 vs 8 194.4 vs 205.0). int8 codes cost more
+# Launch over a cache addressed by position (`attend_positions`), from the H100 sweeps
+# (benchmarks/results/decode_attention.json, rows "kvfx-attend-*-positional"; slot_sweep.json): tiles
+# of 128 slots, 4 warps, and splits of about SPLIT_SLOTS slots (`default_slot_splits`). At B8 S64K the
+# positional kernel took 731 us at 36 splits of 1820 slots against 1105 us at the previous default (64
+# slots a tile, 9 splits). (A store's launch: `STORE_LAUNCH` below.) Over a positional bf16 cache
+# fewer, longer splits are: 4096 slots, 2 programs per SM (session 9, B8 S16K: 192.9 us at that
+# default's 5 splits vs 205.2 at 32; B8 S64K 16 vs 33 splits 709.6 vs 725.9; B32 S4K 2 vs 8 194.4 vs
+# 205.0). int8 codes cost more
 # instructions a slot and want the programs: 2 per SM read 261 us at B8 S16K against 185-201 at 4-9
 # splits, so int8 keeps 4 per SM with splits of ~2048 slots (201.4 us there, 674.8 at B8 S64K).
 SLOT_BLOCK_N = 128
 SLOT_NUM_WARPS = 4
 SPLIT_SLOTS, MIN_PROGRAMS_PER_SM = 512, 4
 POSITIONAL_SPLITS = {"none": (4096, 2), "int8": (2048, 4)}  # codec -> (slots a split, least programs per SM)
+
+
+class StoreLaunch(NamedTuple):
+    """How `slot_partials` launches over a store of one codec (`STORE_LAUNCH`)."""
+
+    block_n: int  # slots a tile
+    num_warps: int
+    num_stages: int | None  # Triton's software pipelining depth (None: Triton's default)
+    skip_dead: bool  # branch around the loads of a tile without live slots (then not pipelined)
+    split_slots: int  # about this many slots a split (`default_slot_splits`)
+
+
+# Over a store's slots, by codec. The 4-warp launch with the dead-tile branch (the positional default)
+# left the compressed codecs latency-bound: on the H100 (benchmarks/results/slot_sweep_store.json,
+# session 12: B8 S64K, an H2O store at 20% = 13,108 slots, logits kept) int4 took 165 us, int2 158 and
+# fp8 168, about the bf16 store's 178 us on 2-3x fewer bytes, because the branch keeps Triton from
+# pipelining the tile loads. Without it, one warp a program, 32-slot tiles, 3 stages and ~1024-slot
+# splits: int4 93 us, int2 82, fp8 124 (B1: int4 24.4 vs 33.8, fp8 30.0 vs 33.3). bf16 gains less (it is
+# at the read rate already): 168.5 vs 178.1 at B8, 32.0 vs 34.8 at B1, at 512-slot splits. int8 is best
+# at 4 warps without the branch: 149.3 vs 181.6 at B8, 34.2 vs 36.5 at B1. A store's slots are live
+# once it holds its budget, so the branch rarely skips anything there (a tile without live slots is
+# still read under its mask, which loads nothing, and gives -inf logits).
+STORE_LAUNCH = {"none": StoreLaunch(32, 1, 3, False, SPLIT_SLOTS), "int8": StoreLaunch(128, 4, 3, False, SPLIT_SLOTS),
+                **{codec: StoreLaunch(32, 1, 3, False, 1024) for codec in ("int4", "int2", "fp8")}}
 
 
 @triton.jit
@@ -151,6 +177,22 @@ def _fold_values(acc0, acc1, acc2, acc3, alpha, p, codes_ptr, params_ptr, slot, 
 
 
 @triton.jit
+def _fold_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, k_ptr, kp_ptr, v_ptr, vp_ptr, slot, live, bias, jb,
+               D: tl.constexpr, CODEC: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, PW: tl.constexpr,
+               DOT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One tile of flat slots `slot` [N] folded into the running (m_i, l_i, acc_I): the tile's base-2
+    logits (-inf where not `live`) and the updated state."""
+    s = _key_logits(q0, q1, q2, q3, k_ptr, kp_ptr, slot, live, jb, D, CODEC, BITS, G, PW, DOT)
+    if HAS_BIAS:  # the row's additive mask at each slot's position (base 2)
+        s += bias[None, :] * 1.4426950408889634
+    s = tl.where(live[None, :], s, float("-inf"))
+    m_i, l_i, p, alpha = _softmax_weights(s, m_i, l_i)
+    acc0, acc1, acc2, acc3 = _fold_values(acc0, acc1, acc2, acc3, alpha, p.to(DOT), v_ptr, vp_ptr, slot, live, jb,
+                                          D, CODEC, BITS, G, PW, DOT)
+    return s, m_i, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _visible(pos, new_pos, bias_ptr, row, BIAS_COLS, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
     """Whether the query at new_pos sees logical positions `pos` (>= 0), and the mask's additive bias
     there (natural log units; 0 without a mask)."""
@@ -172,7 +214,7 @@ def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr
                            CODEC: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, INDEX: tl.constexpr,
                            PAGE: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                            LOGITS: tl.constexpr, DOT: tl.constexpr, PW: tl.constexpr = 0,
-                           POSITIONAL: tl.constexpr = False):
+                           POSITIONAL: tl.constexpr = False, SKIP_DEAD: tl.constexpr = True):
     """Program (bh, split): slots n in its share of [0, N), base-2 logits. INDEX "slots": slot
     idx[bh, n]; "pages": slot idx[bh, n // PAGE] * PAGE + n % PAGE; else slot n. POSITIONAL: the slot
     is the position (a cache addressed by position, `attend_positions`), no slot_pos is read. A tile
@@ -222,14 +264,15 @@ def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr
             pos = tl.load(pos_ptr + bh * C + slot, mask=inside, other=-1)
         live, bias = _visible(pos, new_pos, bias_ptr, bh // HKV, BIAS_COLS, HAS_BIAS, CAUSAL)
         s = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
-        if tl.max(live.to(tl.int32), axis=0) > 0:
-            s = _key_logits(q0, q1, q2, q3, k_ptr, kp_ptr, bh * C + slot, live, jb, D, CODEC, BITS, G, PW, DOT)
-            if HAS_BIAS:  # the row's additive mask at each slot's position (base 2)
-                s += bias[None, :] * 1.4426950408889634
-            s = tl.where(live[None, :], s, float("-inf"))
-            m_i, l_i, p, alpha = _softmax_weights(s, m_i, l_i)
-            acc0, acc1, acc2, acc3 = _fold_values(acc0, acc1, acc2, acc3, alpha, p.to(DOT), v_ptr, vp_ptr,
-                                                  bh * C + slot, live, jb, D, CODEC, BITS, G, PW, DOT)
+        if SKIP_DEAD:
+            if tl.max(live.to(tl.int32), axis=0) > 0:
+                s, m_i, l_i, acc0, acc1, acc2, acc3 = _fold_tile(
+                    q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, k_ptr, kp_ptr, v_ptr, vp_ptr, bh * C + slot,
+                    live, bias, jb, D, CODEC, BITS, G, PW, DOT, HAS_BIAS)
+        else:
+            s, m_i, l_i, acc0, acc1, acc2, acc3 = _fold_tile(
+                q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, k_ptr, kp_ptr, v_ptr, vp_ptr, bh * C + slot,
+                live, bias, jb, D, CODEC, BITS, G, PW, DOT, HAS_BIAS)
         if LOGITS:
             tl.store(logit_ptr + (bh * GQ + rows[:, None]) * C + slot[None, :], s,
                      mask=rmask[:, None] & inside[None, :])
@@ -283,11 +326,12 @@ class Partials:
     bias: torch.Tensor | None
 
 
-def default_slot_splits(q: torch.Tensor, hkv: int, n: int, block_n: int, positional: str | None = None) -> int:
+def default_slot_splits(q: torch.Tensor, hkv: int, n: int, block_n: int, positional: str | None = None,
+                        split_slots: int = SPLIT_SLOTS) -> int:
     """Splits of a pass over n slots: at least MIN_PROGRAMS_PER_SM programs per SM, or splits of about
-    SPLIT_SLOTS slots where that gives more (positional: the codec's POSITIONAL_SPLITS); at most 16
+    `split_slots` slots where that gives more (positional: the codec's POSITIONAL_SPLITS); at most 16
     programs per SM and one tile per split."""
-    split_slots, per_sm = POSITIONAL_SPLITS[positional] if positional else (SPLIT_SLOTS, MIN_PROGRAMS_PER_SM)
+    split_slots, per_sm = POSITIONAL_SPLITS[positional] if positional else (split_slots, MIN_PROGRAMS_PER_SM)
     sms = sm_count(q.device)
     rows = q.shape[0] * hkv
     want = max(triton.cdiv(per_sm * sms, rows), triton.cdiv(n, split_slots))
@@ -295,11 +339,12 @@ def default_slot_splits(q: torch.Tensor, hkv: int, n: int, block_n: int, positio
 
 
 def _split_buffers(q: torch.Tensor, hkv: int, n: int, num_splits: int | None, block_n: int,
-                   positional: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   positional: str | None = None, split_slots: int = SPLIT_SLOTS
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partials (m, l [B * Hkv, NS, BLOCK_M], acc [.., D]) of a split-K pass over n slots in
     `num_splits` splits (None: `default_slot_splits`)."""
     b, hq, _, d = q.shape
-    ns = num_splits or default_slot_splits(q, hkv, n, block_n, positional)
+    ns = num_splits or default_slot_splits(q, hkv, n, block_n, positional, split_slots)
     block_m = max(16, triton.next_power_of_2(hq // hkv))
     part_m = torch.empty(b * hkv, ns, block_m, device=q.device, dtype=torch.float32)
     return part_m, torch.empty_like(part_m), torch.empty(b * hkv, ns, block_m, d, device=q.device, dtype=torch.float32)
@@ -307,17 +352,23 @@ def _split_buffers(q: torch.Tensor, hkv: int, n: int, num_splits: int | None, bl
 
 def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Tensor | None, is_causal: bool,
                   scale: float, index: torch.Tensor | None = None, page: int = 0, want_logits: bool = False,
-                  num_splits: int | None = None, block_n: int = SLOT_BLOCK_N, num_warps: int = SLOT_NUM_WARPS
-                  ) -> Partials:
+                  num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                  num_stages: int | None = None, skip_dead: bool | None = None) -> Partials:
     """Launch `_slot_attention_kernel` for queries q [B, Hq, 1, D] at position pos [1] over the store's
     slots: all of them, the slot list `index` [B, Hkv, N] (page 0), or the pages `index` [B, Hkv, n]
-    of `page` slots each. num_splits (default `default_slot_splits`), block_n (slots per tile) and
-    num_warps set the launch."""
+    of `page` slots each. num_splits (default `default_slot_splits`), block_n (slots per tile),
+    num_warps, num_stages and skip_dead (see `StoreLaunch`) set the launch; None: the codec's
+    `STORE_LAUNCH`."""
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     gq = hq // hkv
     n = c if index is None else index.shape[-1] * max(page, 1)
-    part_m, part_l, part_acc = _split_buffers(q, hkv, n, num_splits, block_n)
+    launch = STORE_LAUNCH[store.codec.kv]
+    block_n = block_n or launch.block_n
+    num_warps = num_warps or launch.num_warps
+    num_stages = launch.num_stages if num_stages is None else num_stages
+    skip_dead = launch.skip_dead if skip_dead is None else skip_dead
+    part_m, part_l, part_acc = _split_buffers(q, hkv, n, num_splits, block_n, split_slots=launch.split_slots)
     ns, block_m = part_m.shape[1:]
     logits = torch.empty(b, hkv, gq, c, device=q.device, dtype=torch.float32) if want_logits else None
     bias = row_bias(attn_mask, b)
@@ -337,7 +388,8 @@ def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Te
         scale * LOG2E, GQ=gq, D=d, BLOCK_M=block_m, BLOCK_N=block_n, CODEC=codec.kv, BITS=codec.bits,
         G=codec.group_size if codec.kv in ("int4", "int2") else 1,
         INDEX="none" if index is None else ("pages" if page else "slots"), PAGE=max(page, 1),
-        HAS_BIAS=bias is not None, CAUSAL=is_causal, LOGITS=want_logits, DOT=dot, PW=pw, num_warps=num_warps)
+        HAS_BIAS=bias is not None, CAUSAL=is_causal, LOGITS=want_logits, DOT=dot, PW=pw, SKIP_DEAD=skip_dead,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     return Partials(part_m, part_l, part_acc, logits, bias)
 
 
@@ -373,13 +425,12 @@ def combine_reference(parts: Partials, q: torch.Tensor, k_new: torch.Tensor, v_n
 
 def slot_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
                    attn_mask: torch.Tensor | None, is_causal: bool, scale: float, index: torch.Tensor | None = None,
-                   page: int = 0, want_logits: bool = False, num_splits: int | None = None,
-                   block_n: int = SLOT_BLOCK_N
+                   page: int = 0, want_logits: bool = False, **launch
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Attention of one query token q [B, Hq, 1, D] over the store's slots (or `index`, see
-    `slot_partials`) and the new token k_new, v_new [B, Hkv, 1, D] at position pos [1]: the kernel's
-    partials merged by `combine_reference` (what `combine_reference` returns)."""
-    parts = slot_partials(q, pos, store, attn_mask, is_causal, scale, index, page, want_logits, num_splits, block_n)
+    `slot_partials`, which takes the `launch` options) and the new token k_new, v_new [B, Hkv, 1, D] at
+    position pos [1]: the kernel's partials merged by `combine_reference` (what it returns)."""
+    parts = slot_partials(q, pos, store, attn_mask, is_causal, scale, index, page, want_logits, **launch)
     return combine_reference(parts, q, k_new, v_new, pos, scale)
 
 

@@ -42,3 +42,13 @@ def test_the_int_kernel_keeps_its_measured_split_counts(batch, seq, want):
 def test_slot_splits_follow_the_cache_kind(codec, batch, seq, want):
     q = torch.empty(batch, HQ, 1, D, device=META)
     assert default_slot_splits(q, HKV, seq, slot_attention.SLOT_BLOCK_N, positional=codec) == want
+
+
+@pytest.mark.parametrize("kv,batch,want", [("int4", 8, 13), ("int2", 8, 13), ("fp8", 8, 13), ("none", 8, 26),
+                                           ("int8", 8, 26), ("int4", 1, 66)])
+def test_store_launch_follows_the_codec(kv, batch, want):
+    """An H2O store at 20% of S64K (13,108 slots): the compressed codecs' pipelined launch (one warp,
+    32-slot tiles, ~1024-slot splits), the others' 4-warp launch (slot_sweep_store.json)."""
+    launch = slot_attention.STORE_LAUNCH[kv]
+    q = torch.empty(batch, HQ, 1, D, device=META)
+    assert default_slot_splits(q, HKV, 13108, launch.block_n, split_slots=launch.split_slots) == want
