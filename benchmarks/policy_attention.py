@@ -41,7 +41,7 @@ import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 from kvfx.kernels.policies import decode_step_reference
 from kvfx.kernels.slot_decode import SCORED
-from kvfx.kernels.slot_attention import default_slot_splits, slot_partials
+from kvfx.kernels.slot_attention import STORE_LAUNCH, default_slot_splits, slot_partials
 
 HQ, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -89,7 +89,10 @@ def full_store(options: dict, k: torch.Tensor, v: torch.Tensor):
     return fmt, store
 
 
-SLOT_SWEEP = [dict(block_n=bn, num_warps=w, split_factor=f) for bn in (64, 128) for w in (4, 8) for f in (0.5, 1, 2)]
+# (slots a tile, warps) x split factor around the codec's `STORE_LAUNCH` (its pipelining and dead-tile
+# branch kept); benchmarks/slot_sweep.py --target store sweeps those too.
+SLOT_SWEEP = [dict(block_n=bn, num_warps=w, split_factor=f) for bn, w in ((32, 1), (64, 2), (128, 4))
+              for f in (0.5, 1, 2)]
 
 
 def sweep_slot_attention(fmt, store, q, pos, reps: int, sweep: bool = True) -> dict:
@@ -97,14 +100,16 @@ def sweep_slot_attention(fmt, store, q, pos, reps: int, sweep: bool = True) -> d
     at its default launch and (sweep) over `SLOT_SWEEP`: the best time with its config, and `default_us`."""
     hkv, c = store.slot_pos.shape[1:]
     logits = fmt.spec.policy in SCORED
+    split_slots = STORE_LAUNCH[store.codec.kv].split_slots
 
     def run(**kw):
         return slot_partials(q, pos, store, None, False, D ** -0.5, want_logits=logits, **kw)
     default = time_or_error(run, reps, DEVICE)
     best = None if sweep else dict(default, config="default")
     for cfg in SLOT_SWEEP if sweep else ():
+        unit = default_slot_splits(q, hkv, c, cfg["block_n"], split_slots=split_slots)
         kw = dict(block_n=cfg["block_n"], num_warps=cfg["num_warps"],
-                  num_splits=max(1, round(cfg["split_factor"] * default_slot_splits(q, hkv, c, cfg["block_n"]))))
+                  num_splits=max(1, round(cfg["split_factor"] * unit)))
         result = time_or_error(lambda: run(**kw), reps, DEVICE)
         if "median_us" in result and (best is None or result["median_us"] < best["median_us"]):
             best = dict(result, config=dict(cfg, num_splits=kw["num_splits"]))

@@ -40,8 +40,9 @@ def sweep_positional(args) -> list[dict]:
     for s, b in ((s, b) for b in args.batch for s in args.seq):
         q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
         k, v = torch.randn(2, b, HKV, s, D, device="cuda", dtype=torch.bfloat16)
-        rows.append(dict(batch=b, seq=s, config="default", num_splits=default_slot_splits(q, HKV, s, 128, positional="none"),
-                         us=timed(lambda: attend_positions(q, k, v, None, None, None, -1, D ** -0.5), args.reps)))
+        splits = default_slot_splits(q, HKV, s, 128, positional="none")
+        us = timed(lambda: attend_positions(q, k, v, None, None, None, -1, D ** -0.5), args.reps)
+        rows.append(dict(batch=b, seq=s, config="default", num_splits=splits, us=us))
         for block_n in (64, 128):
             for stages in (None, 2, 4):
                 for splits in args.splits:
@@ -81,7 +82,8 @@ def sweep_store(args) -> list[dict]:
                         return None
                     splits = kw.get("num_splits") or default_slot_splits(q, HKV, c, kw["block_n"],
                                                                           split_slots=launch.split_slots)
-                    rows.append(dict(base, **dict(kw, num_splits=splits), us=us, **({"config": label} if label else {})))
+                    rows.append(dict(base, **dict(kw, num_splits=splits), us=us,
+                                     **({"config": label} if label else {})))
                     print(b, s, kv, rows[-1]["num_splits"], kw, [round(u, 1) for u in us], flush=True)
                     return min(us)
                 base = dict(batch=b, seq=s, kv=kv, slots=c)

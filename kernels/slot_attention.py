@@ -51,9 +51,9 @@ CODECS = ("none", "int8", "int4", "int2", "fp8")
 # slots a tile, 9 splits). (A store's launch: `STORE_LAUNCH` below.) Over a positional bf16 cache
 # fewer, longer splits are: 4096 slots, 2 programs per SM (session 9, B8 S16K: 192.9 us at that
 # default's 5 splits vs 205.2 at 32; B8 S64K 16 vs 33 splits 709.6 vs 725.9; B32 S4K 2 vs 8 194.4 vs
-# 205.0). int8 codes cost more
-# instructions a slot and want the programs: 2 per SM read 261 us at B8 S16K against 185-201 at 4-9
-# splits, so int8 keeps 4 per SM with splits of ~2048 slots (201.4 us there, 674.8 at B8 S64K).
+# 205.0). int8 codes cost more instructions a slot and want the programs: 2 per SM read 261 us at B8
+# S16K against 185-201 at 4-9 splits, so int8 keeps 4 per SM with splits of ~2048 slots (201.4 us
+# there, 674.8 at B8 S64K).
 SLOT_BLOCK_N = 128
 SLOT_NUM_WARPS = 4
 SPLIT_SLOTS, MIN_PROGRAMS_PER_SM = 512, 4
@@ -80,7 +80,8 @@ class StoreLaunch(NamedTuple):
 # at 4 warps without the branch: 149.3 vs 181.6 at B8, 34.2 vs 36.5 at B1. A store's slots are live
 # once it holds its budget, so the branch rarely skips anything there (a tile without live slots is
 # still read under its mask, which loads nothing, and gives -inf logits).
-STORE_LAUNCH = {"none": StoreLaunch(32, 1, 3, False, SPLIT_SLOTS), "int8": StoreLaunch(128, 4, 3, False, SPLIT_SLOTS),
+STORE_LAUNCH = {"none": StoreLaunch(32, 1, 3, False, SPLIT_SLOTS),
+                "int8": StoreLaunch(128, 4, 3, False, SPLIT_SLOTS),
                 **{codec: StoreLaunch(32, 1, 3, False, 1024) for codec in ("int4", "int2", "fp8")}}
 
 
@@ -217,9 +218,11 @@ def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr
                            POSITIONAL: tl.constexpr = False, SKIP_DEAD: tl.constexpr = True):
     """Program (bh, split): slots n in its share of [0, N), base-2 logits. INDEX "slots": slot
     idx[bh, n]; "pages": slot idx[bh, n // PAGE] * PAGE + n % PAGE; else slot n. POSITIONAL: the slot
-    is the position (a cache addressed by position, `attend_positions`), no slot_pos is read. A tile
-    the mask hides entirely (left padding, past a static cache's written length, outside a sliding
-    window, empty slots) is skipped without reading its K/V. int4/int2 (PB = 8 // BITS codes a byte)
+    is the position (a cache addressed by position, `attend_positions`), no slot_pos is read. With
+    SKIP_DEAD a tile the mask hides entirely (left padding, past a static cache's written length,
+    outside a sliding window, empty slots) is skipped by a branch; without it (a store's launch,
+    `STORE_LAUNCH`) such a tile's loads are all masked off, and the loads outside a branch are what
+    Triton pipelines. int4/int2 (PB = 8 // BITS codes a byte)
     hold the query and the output as PB slices, slice I = channels I + PB * j (j < D / PB): the layout
     of code slot I in the loaded bytes. The other codecs have BITS = 8, so PB = 1: one slice, all
     channels in order."""
