@@ -49,6 +49,7 @@ def test_slot_splits_follow_the_cache_kind(codec, batch, seq, want):
 def test_store_launch_follows_the_codec(kv, batch, want):
     """An H2O store at 20% of S64K (13,108 slots): the compressed codecs' pipelined launch (one warp,
     32-slot tiles, ~1024-slot splits), the others' 4-warp launch (slot_sweep_store.json)."""
+    assert set(slot_attention.STORE_LAUNCH) == set(slot_attention.CODECS)
     launch = slot_attention.STORE_LAUNCH[kv]
     q = torch.empty(batch, HQ, 1, D, device=META)
     assert default_slot_splits(q, HKV, 13108, launch.block_n, split_slots=launch.split_slots) == want
