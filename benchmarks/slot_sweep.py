@@ -88,7 +88,7 @@ def sweep_store(args) -> list[dict]:
                     return min(us)
                 base = dict(batch=b, seq=s, kv=kv, slots=c)
                 default = dict(block_n=launch.block_n, num_warps=launch.num_warps, skip_dead=launch.skip_dead,
-                               num_stages=launch.num_stages or 3)
+                               num_stages=launch.num_stages)
                 tried = [(record(default, "default"), default)]
                 for block_n, warps in tiles:
                     for skip, stages in branches:

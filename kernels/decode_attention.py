@@ -643,7 +643,8 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
     the int kernel `_decode_int_kernel`: INT_GROUPS_PER_STEP * G). int_kernel=False runs the int
     formats through the generic tile kernel instead (kept for comparison). vmode: how the int kernel
     expands the value parameters (0 gather, 1 select, 2 reshape; default INT_VMODE_PTX or INT_VMODE_FP32
-    by the path); key_words: load int2 key params of bf16 / fp16 stores as words of 4 values. num_stages: Triton's software pipelining depth (None: Triton's default).
+    by the path); key_words: load int2 key params of bf16 / fp16 stores as words of 4 values.
+    num_stages: Triton's software pipelining depth (None: Triton's default).
     Raises ValueError for a head dim other than 64 or 128 (callers fall back to the reference).
     """
     b, hq, t, d = q.shape
@@ -683,8 +684,7 @@ def decode_attention_triton(q: torch.Tensor, store: KiviStore, lengths: torch.Te
         # int4's are stored slot-major and load per slot
         pw = {torch.bfloat16: 1, torch.float16: 2}.get(store.dtype, 0) if store.bits == 2 and key_words else 0
         if pw:
-            word = torch.int64
-            args = args[:3] + (store.k_scale.view(word), store.k_zero.view(word)) + args[5:]
+            args = args[:3] + (store.k_scale.view(torch.int64), store.k_zero.view(torch.int64)) + args[5:]
         if vmode is None:
             vmode = INT_VMODE_PTX if _uses_ptx(store.bits, dot) else INT_VMODE_FP32
         _decode_int_kernel[(b * hkv, ns + 1)](*args, BLOCK_N=block_n, VMODE=vmode, PW=pw, **launch)

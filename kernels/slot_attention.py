@@ -65,7 +65,7 @@ class StoreLaunch(NamedTuple):
 
     block_n: int  # slots a tile
     num_warps: int
-    num_stages: int | None  # Triton's software pipelining depth (None: Triton's default)
+    num_stages: int  # Triton's software pipelining depth
     skip_dead: bool  # branch around the loads of a tile without live slots (then not pipelined)
     split_slots: int  # about this many slots a split (`default_slot_splits`)
 
@@ -369,7 +369,7 @@ def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Te
     launch = STORE_LAUNCH[store.codec.kv]
     block_n = block_n or launch.block_n
     num_warps = num_warps or launch.num_warps
-    num_stages = launch.num_stages if num_stages is None else num_stages
+    num_stages = num_stages or launch.num_stages
     skip_dead = launch.skip_dead if skip_dead is None else skip_dead
     part_m, part_l, part_acc = _split_buffers(q, hkv, n, num_splits, block_n, split_slots=launch.split_slots)
     ns, block_m = part_m.shape[1:]
@@ -392,7 +392,7 @@ def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Te
         G=codec.group_size if codec.kv in ("int4", "int2") else 1,
         INDEX="none" if index is None else ("pages" if page else "slots"), PAGE=max(page, 1),
         HAS_BIAS=bias is not None, CAUSAL=is_causal, LOGITS=want_logits, DOT=dot, PW=pw, SKIP_DEAD=skip_dead,
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
+        num_warps=num_warps, num_stages=num_stages)
     return Partials(part_m, part_l, part_acc, logits, bias)
 
 

@@ -17,17 +17,18 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kvfx.kernels.quest import _quest_score_kernel, _quest_select_kernel
-from kvfx.kernels.slot_attention import _slot_attention_kernel
+from kvfx.kernels.slot_attention import STORE_LAUNCH, _slot_attention_kernel
 from kvfx.kernels.slot_decode import _slot_finish_kernel, _slot_scan_kernel, _slot_select_kernel
 from kvfx.kernels.decode_attention import _decode_attention_kernel, _decode_combine_kernel, _decode_int_kernel
 from kvfx.kernels.int8 import _store_write_int8_kernel
 from kvfx.kernels.kivi import _fp8_scale_kernel
 
-def build(fn, types, consts):
+def build(fn, types, consts, **options):
     names = list(inspect.signature(fn.fn).parameters)
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
     cx = {(i,): consts[n] for i, n in enumerate(names) if n in consts}
-    assert "cubin" in triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32)).asm
+    src = ASTSource(fn, sig, constexprs=cx)
+    assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm
 
 bf, f32, i32 = "*bf16", "*fp32", "*i32"
 # int4/int2 params of a bf16 store reach the slot kernel as int32 words of (scale, zero) (PW=1)
@@ -38,11 +39,14 @@ for codec, codes, bits, d, g, index, protect in (("int4", "*u8", 4, 128, 32, "no
                                                  ("fp8", "*fp8e4nv", 8, 128, 32, "pages", "none"),
                                                  ("int8", "*u8", 8, 128, 32, "slots", "sink")):
     pw = int(codec in ("int4", "int2"))
+    launch = STORE_LAUNCH[codec]  # as slot_partials launches it over a store
     build(_slot_attention_kernel, dict(q_ptr=bf, k_ptr=codes, v_ptr=codes, kp_ptr=i32 if pw else bf, vp_ptr=i32 if pw else bf,
                                        pos_ptr=i32, idx_ptr=i32, bias_ptr=f32, new_pos_ptr="*i64", m_ptr=f32, l_ptr=f32,
                                        acc_ptr=f32, logit_ptr=f32, qk_scale="fp32"),
-          dict(GQ=4, D=d, BLOCK_M=16, BLOCK_N=64, CODEC=codec, BITS=bits, G=g, INDEX=index, PAGE=16,
-               HAS_BIAS=protect == "sink", CAUSAL=True, LOGITS=protect == "recent", DOT=tl.bfloat16, PW=pw))
+          dict(GQ=4, D=d, BLOCK_M=16, BLOCK_N=launch.block_n, CODEC=codec, BITS=bits, G=g, INDEX=index, PAGE=16,
+               HAS_BIAS=protect == "sink", CAUSAL=True, LOGITS=protect == "recent", DOT=tl.bfloat16, PW=pw,
+               SKIP_DEAD=launch.skip_dead),
+          num_warps=launch.num_warps, num_stages=launch.num_stages)
     policy = dict(PROTECT=protect, SINK=4 if protect == "sink" else 0, SCORED=protect == "recent",
                   HAS_BIAS=protect == "sink", CAUSAL=True)
     build(_slot_scan_kernel, dict(m_ptr=f32, l_ptr=f32, logit_ptr=f32, q_ptr=bf, k_new_ptr=bf, new_pos_ptr="*i64",
