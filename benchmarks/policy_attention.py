@@ -85,7 +85,7 @@ def full_store(options: dict, k: torch.Tensor, v: torch.Tensor):
     store.slot_pos[:, :, :n] = torch.arange(s - n, s, device=DEVICE, dtype=torch.int32)
     store.score[:, :, :n] = torch.rand(b, h, n, device=DEVICE)
     if store.page_min.numel():
-        store._update_pages()
+        store.bound_pages()
     return fmt, store
 
 

@@ -79,8 +79,11 @@ class StoreLaunch(NamedTuple):
 # at the read rate already): 168.5 vs 178.1 at B8, 32.0 vs 34.8 at B1, at 512-slot splits. int8 is best
 # at 4 warps without the branch: 149.3 vs 181.6 at B8, 34.2 vs 36.5 at B1. A store's slots are live
 # once it holds its budget, so the branch rarely skips anything there (a tile without live slots is
-# still read under its mask, which loads nothing, and gives -inf logits).
-STORE_LAUNCH = {"none": StoreLaunch(32, 1, 3, False, SPLIT_SLOTS),
+# still read under its mask, which loads nothing, and gives -inf logits). bf16 then splits at ~2048
+# slots (session 13, policy_attention.json, B8 S64K: the 4-per-SM floor, 9 splits): the finish kernel
+# merges the splits' partials in a loop (13.5 -> 5.0 us) and the attention gains too (164.3 -> 160.7 us):
+# h2o 20% step 205.0 -> 192 us, streaming 191.3 -> 177.3 us.
+STORE_LAUNCH = {"none": StoreLaunch(32, 1, 3, False, 2048),
                 "int8": StoreLaunch(128, 4, 3, False, SPLIT_SLOTS),
                 **{codec: StoreLaunch(32, 1, 3, False, 1024) for codec in ("int4", "int2", "fp8")}}
 

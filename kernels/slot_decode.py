@@ -39,7 +39,7 @@ import triton.language as tl
 from kvfx.kernels.decode_attention import LOG2E
 from kvfx.kernels.int8 import _quantize_int8_row
 from kvfx.kernels.kivi import TL_DTYPES, _pack, _quantize, _round_e4m3, _round_to
-from kvfx.kernels.slot_attention import _load_tokens, _visible
+from kvfx.kernels.slot_attention import _visible
 
 SCORED = ("h2o", "snapkv", "pyramidkv")
 BIG = tl.constexpr(2**31 - 1)  # int32 "no position"
@@ -305,19 +305,20 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
         _store_token(v1, v_codes, v_params, base + free, D, CODEC, BITS, G, DTYPE)
         tl.store(slot_pos_ptr + base + free + one, tl.full((1,), 0, tl.int32) + new_pos)
         tl.store(score_ptr + base + free + one, tl.full((1,), 0.0, tl.float32) + new_score)
-    # ---- Quest: min / max of the live keys of the free slot's page (as `TokenStore.put`)
+    # ---- Quest: the free slot's page bounds widened to the new key (the key alone when no other slot
+    # of the page holds a token), as `TokenStore.put`: bounds of the keys before quantization
     if PAGE > 0:
-        tl.debug_barrier()  # the new token's stores land before its page is read
-        page = free // PAGE
-        j = tl.arange(0, BLOCK_P)
-        slots = page * PAGE + j
-        live = (j < PAGE) & (tl.load(slot_pos_ptr + base + slots, mask=j < PAGE, other=-1) >= 0)
-        keys = _load_tokens(k_codes, k_params, base + slots, live, BLOCK_P, D, CODEC, BITS, G)
-        page_low = tl.min(tl.where(live[:, None], keys, float("inf")), axis=0)
-        page_high = tl.max(tl.where(live[:, None], keys, float("-inf")), axis=0)
-        bound = (bh * tl.cdiv(C, PAGE) + page) * D + d
-        tl.store(page_min_ptr + bound, tl.where(page_low == float("inf"), 0.0, page_low).to(DTYPE))
-        tl.store(page_max_ptr + bound, tl.where(page_high == float("-inf"), 0.0, page_high).to(DTYPE))
+        if keep_new:
+            page = free // PAGE
+            j = tl.arange(0, BLOCK_P)
+            held = tl.load(slot_pos_ptr + base + page * PAGE + j, mask=(j < PAGE) & (j != free % PAGE), other=-1)
+            others = tl.max(held, axis=0) >= 0
+            key = _round_to(k_new, DTYPE)
+            bound = (bh * tl.cdiv(C, PAGE) + page) * D + d
+            page_low = tl.load(page_min_ptr + bound).to(tl.float32)
+            page_high = tl.load(page_max_ptr + bound).to(tl.float32)
+            tl.store(page_min_ptr + bound, tl.where(others, tl.minimum(page_low, key), key).to(DTYPE))
+            tl.store(page_max_ptr + bound, tl.where(others, tl.maximum(page_high, key), key).to(DTYPE))
 
 
 def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,

@@ -15,6 +15,15 @@ Tensors of a store for B rows, H KV heads, C slots, head dim D (all contiguous):
     slot_pos            [B, H, C] int32: the token's logical position, -1 = empty
     score               [B, H, C] fp32: accumulated attention (H2O) / prompt score (SnapKV)
     page_min, page_max  [B, H, ceil(C / P), D] model dtype: Quest's per-page key bounds ([0] otherwise)
+
+Quest's bounds come from the keys as they arrive, before quantization: a written token widens its
+page's bounds to its key (or sets them, when no other slot of the page holds a token), and a bulk refill
+gives each page the union of its slots' bounds (a new token's key, an old slot's former page bounds).
+So a page is ranked as at full precision whatever the `kv` format, and the bounds stay bounds of the
+page's true keys. Bounds of the dequantized keys misranked pages under int4 (SmolLM2 passkey, Quest at
+1/8 of the pages + int4: 5/6 vs 6/6 for 1K-2K prompts; see docs/ARCHITECTURE.md). A token leaving a page
+that keeps others (a row mask's hole, a full store's oldest) leaves the bounds as they were: still
+bounds, looser until the page empties.
 """
 from __future__ import annotations
 
@@ -118,10 +127,10 @@ class TokenStore:
             index = cand[..., None]
             codes.copy_(all_codes.gather(2, index.expand(*index.shape[:3], codes.shape[-1])))
             params.copy_(all_params.gather(2, index.expand(*index.shape[:3], params.shape[-1])))
+        if self.page_min.numel():  # (before slot_pos changes: the old pages' bounds are read)
+            self._refill_bounds(cand, source, k_new, n_old)
         self.slot_pos.copy_(slot_pos)
         self.score.copy_(new_score)
-        if self.page_min.numel():
-            self._update_pages()
 
     def put(self, slot: torch.Tensor, keep: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             position: torch.Tensor, score: torch.Tensor) -> None:
@@ -141,30 +150,49 @@ class TokenStore:
         scatter(self.slot_pos, position)
         scatter(self.score, score)
         if self.page_min.numel():
-            self._update_pages(slot // self.page_size)
+            self._widen_bounds(slot, keep, k_new)
 
-    def _update_pages(self, pages: torch.Tensor | None = None) -> None:
-        """Quest's per-page min/max of the keys held (pages of `page_size` slots; empty slots ignored),
-        of every page or of `pages` [B, H, n]."""
+    def _widen_bounds(self, slot: torch.Tensor, keep: torch.Tensor, k_new: torch.Tensor) -> None:
+        """Quest's bounds of the page of `slot` [B, H, 1] after k_new [B, H, 1, D] was written there (where
+        `keep`): widened to the key, or the key alone when no other slot of the page holds a token."""
+        b, h, c = self.slot_pos.shape
+        p = self.page_size
+        page = slot // p
+        held = self.slot_pos.view(b, h, c // p, p).gather(2, page[..., None].expand(b, h, 1, p))
+        others = ((held >= 0) & (torch.arange(p, device=slot.device) != slot[..., None] % p)).any(-1, keepdim=True)
+        key = k_new.to(self.page_min.dtype)
+        index = page[..., None].expand(b, h, 1, key.shape[-1])
+        for bound, widen in ((self.page_min, torch.minimum), (self.page_max, torch.maximum)):
+            old = bound.gather(2, index)
+            new = torch.where(others, widen(old, key), key)
+            bound.scatter_(2, index, torch.where(keep[..., None], new, old))
+
+    def _refill_bounds(self, cand: torch.Tensor, source: torch.Tensor, k_new: torch.Tensor, n_old: int) -> None:
+        """Quest's bounds after `write` refills the slots (cand: each slot's index among the candidates,
+        old slots first; source < 0: empty): per page, the min / max over its live slots of a new token's
+        key or an old slot's former page bounds."""
+        b, h, c = self.slot_pos.shape
+        p = self.page_size
+        live = (source >= 0).view(b, h, c // p, p, 1)
+        for bound, fill, reduce in ((self.page_min, float("inf"), torch.amin), (self.page_max, float("-inf"), torch.amax)):
+            per_slot = torch.cat([bound.repeat_interleave(p, 2)[:, :, :n_old], k_new.to(bound.dtype)], 2)
+            per_slot = per_slot.gather(2, cand[..., None].expand(b, h, c, per_slot.shape[-1]))
+            page = reduce(per_slot.view(b, h, c // p, p, -1).masked_fill(~live, fill), 3)
+            bound.copy_(page.masked_fill(~live.any(3), 0.0))
+
+    def bound_pages(self) -> None:
+        """Quest's bounds of every page from the keys held, dequantized (for a store whose slots were set
+        by hand, as the tests do; the store's own writes keep the bounds of the keys before quantization)."""
         b, h, c = self.slot_pos.shape
         p, fp8 = self.page_size, self.k_codes.dtype == torch.float8_e4m3fn
-        codes = self.k_codes.view(torch.uint8) if fp8 else self.k_codes  # no fp8 gather: move the bytes
-        codes, params, slot_pos = (t.view(b, h, c // p, p, -1) for t in (codes, self.k_params, self.slot_pos))
-        if pages is not None:  # only these pages: gather them first
-            codes, params, slot_pos = (t.gather(2, pages[..., None, None].expand(*pages.shape, p, t.shape[-1]))
-                                       for t in (codes, params, slot_pos))
-        codes = codes.view(torch.float8_e4m3fn) if fp8 else codes
-        keys = self.codec.dequantize(codes, params, torch.float32)
-        live = slot_pos >= 0
-        low = keys.masked_fill(~live, float("inf")).amin(3).nan_to_num(0.0, posinf=0.0).to(self.page_min.dtype)
-        high = keys.masked_fill(~live, float("-inf")).amax(3).nan_to_num(0.0, neginf=0.0).to(self.page_max.dtype)
-        if pages is None:
-            self.page_min.copy_(low)
-            self.page_max.copy_(high)
-        else:
-            index = pages[..., None].expand(*pages.shape, low.shape[-1])
-            self.page_min.scatter_(2, index, low)
-            self.page_max.scatter_(2, index, high)
+        codes = self.k_codes.view(torch.uint8) if fp8 else self.k_codes
+        codes, params = (t.view(b, h, c // p, p, -1) for t in (codes, self.k_params))
+        keys = self.codec.dequantize(codes.view(torch.float8_e4m3fn) if fp8 else codes, params, torch.float32)
+        live = (self.slot_pos >= 0).view(b, h, c // p, p, 1)
+        low = keys.masked_fill(~live, float("inf")).amin(3).nan_to_num(0.0, posinf=0.0)
+        high = keys.masked_fill(~live, float("-inf")).amax(3).nan_to_num(0.0, neginf=0.0)
+        self.page_min.copy_(low)
+        self.page_max.copy_(high)
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,27 @@ def test_quest_reads_only_the_chosen_pages():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kv", ["int4", "int2", "int8", "fp8"])
+def test_quest_bounds_are_those_of_the_keys_before_quantization(kv):
+    """Quest's page bounds follow the keys as they arrive, not their codes: after a prompt (bulk write)
+    and after decode steps (one-token writes, a page filled past its prompt tokens), each page holds
+    the min / max of its true keys, which its dequantized keys do not reach."""
+    b, hkv, d, n, prompt = 1, 2, 32, 64, 52
+    fmt, store = make_store(n, b, hkv, d, layer=5, layers=8, kv=kv, group_size=16, policy="quest", page_size=8,
+                            pages=2)
+    q, k, v = sequence(b, 2 * hkv, hkv, n, d, 7)
+    run(fmt, store, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], 0, layer=5, layers=8)
+    for t in range(prompt, prompt + 6):
+        run(fmt, store, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], t, layer=5, layers=8)
+    held_k = k[:, :, :prompt + 6]
+    pages = torch.nn.functional.pad(held_k, (0, 0, 0, n - held_k.shape[2]), value=float("nan")).unflatten(2, (-1, 8))
+    want_max, want_min = pages.nan_to_num(-torch.inf).amax(3)[:, :, :8], pages.nan_to_num(torch.inf).amin(3)[:, :, :8]
+    assert torch.equal(store.page_max, want_max) and torch.equal(store.page_min, want_min)
+    from_codes = store.page_max.clone()
+    store.bound_pages()  # the bounds of the dequantized keys: not the same
+    assert not torch.equal(store.page_max, from_codes)
+
+
 def test_quest_always_reads_the_oldest_page():
     """The oldest page (the attention sink's) is one of the `pages` read even when its bound is the lowest."""
     b, hkv, d, n = 1, 1, 32, 64

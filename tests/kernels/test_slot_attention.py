@@ -26,7 +26,7 @@ def filled_store(fmt, b, hkv, c, d, empty, gen, dtype=torch.float32, live=None):
         held = torch.rand(b, hkv, cap, generator=gen).argsort(-1).argsort(-1) < live
     store.slot_pos.copy_(torch.where(held, torch.randperm(cap, generator=gen).int(), -1))
     if store.page_min.numel():
-        store._update_pages()
+        store.bound_pages()
     return store
 
 

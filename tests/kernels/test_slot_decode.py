@@ -38,7 +38,7 @@ def random_store(fmt, b, hkv, cache_len, d, empty, gen, layer=3, layers=4, order
     if fmt.spec.policy in ("snapkv", "pyramidkv"):
         store.score.masked_fill_((torch.rand(b, hkv, cap, generator=gen) < 0.3) & (store.slot_pos >= 0), math.inf)
     if store.page_min.numel():
-        store._update_pages()
+        store.bound_pages()
     return store
 
 
@@ -104,7 +104,7 @@ def test_quest_step_fills_in_order_up_to_capacity_and_past_it(kv, mask, layer):
         codes.copy_(new_codes), params.copy_(new_params)
     for row, fill in enumerate((cap - 3, cap - 1, cap)):  # slots 0..fill-1 hold positions start-fill..start-1
         fast.slot_pos[row, :, :fill] = torch.arange(start - fill, start, dtype=torch.int32)
-    fast._update_pages()
+    fast.bound_pages()
     slow = copy.deepcopy(fast)
     for t in range(start, start + steps):
         q = torch.randn(3, 4, 1, d, generator=gen)
