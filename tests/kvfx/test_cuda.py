@@ -55,3 +55,37 @@ def test_decode_replays_as_cuda_graphs(kv, policy):
             torch.testing.assert_close(torch.stack(graphed.logits).float(), torch.stack(plain.logits).float(),
                                        atol=1e-2, rtol=1e-2)
     assert counters["inductor"]["cudagraph_skips"] == 0  # the decode graphs did replay as CUDA graphs
+
+
+
+def quest_steps_match(kv: str, device: str, dtype: torch.dtype, prompt: int, steps: int) -> None:
+    """A Quest store holding `prompt` tokens, then `steps` decode steps through `decode_step` (the fused
+    kernels where Triton runs) and `decode_step_reference`: the same slots, bit-equal page bounds."""
+    import copy
+
+    from kvfx.kernels.policies import decode_step, decode_step_reference
+
+    gen = torch.Generator(device).manual_seed(0)
+    b, hkv, hq, d = 2, 8, 32, 128
+    fmt = kvfx.KVConfig(kv=kv, policy="quest", pages=0.125).format
+    fast = fmt.allocate((b, hkv, prompt + steps, d), dtype, torch.device(device), layer=4, layers=8)
+    c = fast.slot_pos.shape[-1]
+    slots = torch.arange(c, device=device).expand(b, hkv, c)
+    k, v = (torch.randn(b, hkv, prompt, d, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    fast.write(torch.where(slots < prompt, slots + c, -1), k, v,  # slot i <- prompt token i (no old slots)
+               torch.arange(prompt, device=device, dtype=torch.int32).expand(b, hkv, prompt),
+               torch.zeros(b, hkv, prompt, device=device))
+    slow = copy.deepcopy(fast)
+    for t in range(prompt, prompt + steps):
+        q, k1, v1 = (torch.randn(b, h, 1, d, device=device, dtype=dtype, generator=gen) for h in (hq, hkv, hkv))
+        args = (q, k1, v1, torch.tensor([t], device=device))
+        decode_step(*args, fast, None, False, d ** -0.5, fmt.spec, 4)
+        decode_step_reference(*args, slow, None, False, d ** -0.5, fmt.spec, 4)
+        assert torch.equal(fast.slot_pos, slow.slot_pos), t
+        assert torch.equal(fast.page_min, slow.page_min) and torch.equal(fast.page_max, slow.page_max), t
+
+
+@pytest.mark.parametrize("kv", ["none", "int4", "fp8"])
+def test_fused_quest_steps_keep_the_reference_bounds_on_cuda(kv):
+    """On the GPU at bf16: the finish kernel widens the page bounds exactly as `TokenStore.put`."""
+    quest_steps_match(kv, "cuda", torch.bfloat16, 4000, 20)
