@@ -12,6 +12,7 @@ On the GPU (`--device cuda`) the model runs in bf16 and the memory sampled is th
 holds; `--cudagraphs` replays the decode steps as CUDA graphs.
 
 example: python benchmarks/soak.py --new-tokens 4096 --configs fp int4 int4+h2o
+         python benchmarks/soak.py --configs int4+h2o --budget 1024     (H2O keeping 1024 tokens)
          python benchmarks/soak.py --device cuda --cudagraphs --new-tokens 4096
          python benchmarks/soak.py --new-tokens 64 --batch 2 --out /tmp/soak      (a smoke run)
 """
@@ -95,9 +96,11 @@ def distinct_4grams(tokens: list[int], tail: int = 1024) -> float:
 
 @torch.no_grad()
 def soak(model, eager_forward, tokenizer, name: str, batch: int, new_tokens: int, every: int,
-         cudagraphs: bool = False) -> dict:
+         cudagraphs: bool = False, budget: int | None = None) -> dict:
     torch._dynamo.reset()
     options = {**CONFIGS[name], **({"cudagraphs": True} if cudagraphs else {})}
+    if budget is not None and "policy" in options:
+        options["budget"] = budget
     model.forward = torch.compile(eager_forward, backend="kvfx", options=options)
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                            add_generation_prompt=True) for q in QUESTIONS[:batch]]
@@ -133,6 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=256, help="steps between memory samples (256)")
     parser.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     parser.add_argument("--cudagraphs", action="store_true", help="decode steps as CUDA graphs (cuda)")
+    parser.add_argument("--budget", type=int, help="tokens the policy config keeps (default 512)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for soak.json")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
     results = []
     for name in args.configs:
         results.append(soak(model, eager_forward, tokenizer, name, args.batch, args.new_tokens, args.every,
-                            args.cudagraphs))
+                            args.cudagraphs, args.budget))
         r = results[-1]
         tqdm.write(f"{name}: {r['tokens_per_s']:.1f} tok/s, NaN/inf steps {r['steps_with_nan_or_inf']}, KV flat "
                    f"{r['kv_bytes_flat_after_warmup']}, loops {[x['loop_period_last_256'] for x in r['rows']]}")

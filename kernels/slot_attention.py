@@ -82,7 +82,7 @@ class StoreLaunch(NamedTuple):
 # still read under its mask, which loads nothing, and gives -inf logits). bf16 then splits at ~2048
 # slots (session 13, policy_attention.json, B8 S64K: the 4-per-SM floor, 9 splits): the finish kernel
 # merges the splits' partials in a loop (13.5 -> 5.0 us) and the attention gains too (164.3 -> 160.7 us):
-# h2o 20% step 205.0 -> 192 us, streaming 191.3 -> 177.3 us.
+# h2o 20% step 205.0 -> 193.2 us, streaming 191.3 -> 177.3 us.
 STORE_LAUNCH = {"none": StoreLaunch(32, 1, 3, False, 2048),
                 "int8": StoreLaunch(128, 4, 3, False, SPLIT_SLOTS),
                 **{codec: StoreLaunch(32, 1, 3, False, 1024) for codec in ("int4", "int2", "fp8")}}

@@ -184,10 +184,9 @@ class TokenStore:
         """Quest's bounds of every page from the keys held, dequantized (for a store whose slots were set
         by hand, as the tests do; the store's own writes keep the bounds of the keys before quantization)."""
         b, h, c = self.slot_pos.shape
-        p, fp8 = self.page_size, self.k_codes.dtype == torch.float8_e4m3fn
-        codes = self.k_codes.view(torch.uint8) if fp8 else self.k_codes
-        codes, params = (t.view(b, h, c // p, p, -1) for t in (codes, self.k_params))
-        keys = self.codec.dequantize(codes.view(torch.float8_e4m3fn) if fp8 else codes, params, torch.float32)
+        p = self.page_size
+        codes, params = (t.view(b, h, c // p, p, -1) for t in (self.k_codes, self.k_params))
+        keys = self.codec.dequantize(codes, params, torch.float32)
         live = (self.slot_pos >= 0).view(b, h, c // p, p, 1)
         low = keys.masked_fill(~live, float("inf")).amin(3).nan_to_num(0.0, posinf=0.0)
         high = keys.masked_fill(~live, float("-inf")).amax(3).nan_to_num(0.0, neginf=0.0)
