@@ -305,15 +305,14 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
         _store_token(v1, v_codes, v_params, base + free, D, CODEC, BITS, G, DTYPE)
         tl.store(slot_pos_ptr + base + free + one, tl.full((1,), 0, tl.int32) + new_pos)
         tl.store(score_ptr + base + free + one, tl.full((1,), 0.0, tl.float32) + new_score)
-    # ---- Quest: the free slot's page bounds widened to the new key (the key alone when no other slot
-    # of the page holds a token), as `TokenStore.put`: bounds of the keys before quantization
-    if PAGE > 0:
-        if keep_new:
+        # ---- Quest: the free slot's page bounds widened to the new key (the key alone when no other
+        # slot of the page holds a token), as `TokenStore.put`: bounds of the keys before quantization
+        if PAGE > 0:
             page = free // PAGE
             j = tl.arange(0, BLOCK_P)
             held = tl.load(slot_pos_ptr + base + page * PAGE + j, mask=(j < PAGE) & (j != free % PAGE), other=-1)
             others = tl.max(held, axis=0) >= 0
-            key = _round_to(k_new, DTYPE)
+            key = tl.reshape(k1, (D,))
             bound = (bh * tl.cdiv(C, PAGE) + page) * D + d
             page_low = tl.load(page_min_ptr + bound).to(tl.float32)
             page_high = tl.load(page_max_ptr + bound).to(tl.float32)
