@@ -139,6 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=int, help="tokens the policy config keeps (default 512)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for soak.json")
     args = parser.parse_args(argv)
+    if args.budget is not None and args.budget <= 0:
+        parser.error(f"--budget {args.budget}: the tokens H2O keeps must be a positive count")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model, tokenizer = load_smollm2(dtype)
     model.to(args.device)
