@@ -111,6 +111,39 @@ def kernel_profile(step, steps: int = 3, top: int = 12) -> dict:
                         for n, us, c in kernels[:top]]}
 
 
+def graph_timeline(fn: Callable[[], object], reps: int = 10) -> dict:
+    """Each kernel of a CUDA-graph replay of fn(), as `cuda_time_us` times it (cold L2 before each
+    replay): its start from the step's first kernel and its duration, medians over `reps` replays, and
+    the step's span (first start to last end). span - sum of the durations is what the launches between
+    kernels cost, which a profile of eager calls (`kernel_profile`, warm L2) does not show."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            flush.zero_()
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    per_rep = len(kernels) // reps
+    if per_rep < 2 or per_rep * reps != len(kernels):
+        return {"error": f"{len(kernels)} kernels traced over {reps} replays: not one flush + the graph each"}
+    steps = [kernels[i * per_rep + 1:(i + 1) * per_rep] for i in range(reps)]  # each replay, its flush dropped
+    spans = [step[-1].time_range.end - step[0].time_range.start for step in steps]
+    timeline = []
+    for j, first in enumerate(steps[0]):
+        start = statistics.median(s[j].time_range.start - s[0].time_range.start for s in steps)
+        us = statistics.median(s[j].time_range.end - s[j].time_range.start for s in steps)
+        timeline.append({"name": first.name[:90], "start_us": round(start, 1), "us": round(us, 1)})
+    span = statistics.median(spans)
+    return {"span_us": round(span, 1), "gaps_us": round(span - sum(k["us"] for k in timeline), 1), "kernels": timeline}
+
+
 def environment() -> dict:
     """Device, versions and commit, for the header of every result file."""
     import triton

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import RESULTS, environment, kernel_profile, plot_speedups, time_or_error, write_json
+from common import RESULTS, environment, graph_timeline, kernel_profile, plot_speedups, time_or_error, write_json
 import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 from kvfx.kernels.policies import decode_step_reference
@@ -119,7 +119,7 @@ def sweep_slot_attention(fmt, store, q, pos, reps: int, sweep: bool = True) -> d
 def bench_shape(b: int, s: int, reps: int, sweep: bool = True, profile: bool = False, configs=tuple(CONFIGS)
                 ) -> list[dict]:
     """The shape's rows for the kvfx `configs` (names of CONFIGS); profile: each kvfx step row also gets
-    its GPU time by kernel (`kernel_profile`)."""
+    its GPU time by kernel (`kernel_profile`) and the kernels of its CUDA-graph replay (`graph_timeline`)."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION} if DEVICE == "cuda" \
         else {"math": SDPBackend.MATH}
@@ -159,6 +159,7 @@ def bench_shape(b: int, s: int, reps: int, sweep: bool = True, profile: bool = F
                          **time_or_error(step, reps, DEVICE)))
         if profile and DEVICE == "cuda":
             rows[-1]["profile"] = kernel_profile(step)
+            rows[-1]["timeline"] = graph_timeline(step)
         if fmt.spec.policy != "quest" and DEVICE == "cuda":
             rows.append(dict(base, impl=f"kvfx-{name}-attention", slots=kept,
                              **sweep_slot_attention(fmt, store, q, pos, reps, sweep)))
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=30, help="timed runs per measurement (median reported)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for policy_attention.json/.png")
     parser.add_argument("--no-sweep", action="store_true", help="time the slot-attention kernel at its default launch only")
-    parser.add_argument("--profile", action="store_true", help="record each kvfx step's GPU time by kernel")
+    parser.add_argument("--profile", action="store_true", help="record each kvfx step's GPU time by kernel, and its graph replay's timeline")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="kvfx rows to run")
     args = parser.parse_args(argv)
     global DEVICE

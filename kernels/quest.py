@@ -16,9 +16,13 @@ is (`slot_partials(..., page=P)`): no gathered K/V, no slot list.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+
+from kvfx.kernels.slot_decode import _new_token, _scan_unprotected_block
 
 DEAD = tl.constexpr(-3.0e38)  # the score of a page without tokens (as the reference)
 SCORE_PAGES = 32  # pages per program of the scoring kernel
@@ -27,29 +31,39 @@ SELECT_PAGES_PER_THREAD = 32  # the selection holds a head's pages in registers:
 
 
 @triton.jit
-def _quest_score_kernel(q_ptr, min_ptr, max_ptr, slot_pos_ptr, score_ptr, newest_ptr, NP, C,
-                        GQ: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                        PAGE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (bh, block of BLOCK_P pages): each page's bound (DEAD without tokens) and newest position."""
-    bh = tl.program_id(0)
+def _quest_score_kernel(q_ptr, min_ptr, max_ptr, slot_pos_ptr, page_score_ptr, newest_ptr, new_pos_ptr, bias_ptr,
+                        score_ptr, stats_ptr, low_ptr, at_ptr, NP, C, NB, HKV, BIAS_COLS, GQ: tl.constexpr,
+                        BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, PAGE_BLOCK: tl.constexpr,
+                        BLOCK_P: tl.constexpr, SCAN: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+    """Program (bh, block of BLOCK_P pages): each page's bound (DEAD without tokens) and newest position;
+    SCAN: also the decode step's scan of the block's slots (`QuestScan`), from the positions loaded here."""
+    bh, blk = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (bh * GQ + rows[:, None]) * D + d[None, :], mask=(rows < GQ)[:, None], other=0.0)
     q = q.to(tl.float32)
     q_pos = tl.sum(tl.maximum(q, 0.0), axis=0)
     q_neg = tl.sum(tl.minimum(q, 0.0), axis=0)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
     inside = p < NP
     bound = (bh * NP + p[:, None]) * D + d[None, :]
     low = tl.load(min_ptr + bound, mask=inside[:, None], other=0.0).to(tl.float32)
     high = tl.load(max_ptr + bound, mask=inside[:, None], other=0.0).to(tl.float32)
     score = tl.sum(high * q_pos[None, :] + low * q_neg[None, :], axis=1)
     j = tl.arange(0, PAGE_BLOCK)
-    held = tl.load(slot_pos_ptr + bh * C + p[:, None] * PAGE + j[None, :], mask=inside[:, None] & (j < PAGE)[None, :],
-                   other=-1)
+    slot = p[:, None] * PAGE + j[None, :]
+    held_mask = inside[:, None] & (j < PAGE)[None, :]
+    held = tl.load(slot_pos_ptr + bh * C + slot, mask=held_mask, other=-1)
     newest = tl.max(held, axis=1)
-    tl.store(score_ptr + bh * NP + p, tl.where(newest >= 0, score, DEAD), mask=inside)
+    tl.store(page_score_ptr + bh * NP + p, tl.where(newest >= 0, score, DEAD), mask=inside)
     tl.store(newest_ptr + bh * NP + p, newest, mask=inside)
+    if SCAN:  # (after the newest positions: the scan empties the slots the query no longer sees)
+        row = bh // HKV
+        new_pos, _, _ = _new_token(new_pos_ptr, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
+        N: tl.constexpr = BLOCK_P * PAGE_BLOCK
+        _scan_unprotected_block(tl.reshape(held, (N,)), tl.reshape(slot, (N,)), tl.reshape(held_mask, (N,)), new_pos,
+                                bias_ptr, row, bh * NB + blk, slot_pos_ptr + bh * C, score_ptr + bh * C, stats_ptr,
+                                low_ptr, at_ptr, C, BIAS_COLS, HAS_BIAS, CAUSAL)
 
 
 @triton.jit
@@ -134,10 +148,24 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.c
     tl.store(out + K + tl.arange(0, 1), tl.zeros((1,), tl.int32) + newest)
 
 
-def quest_pages_triton(q: torch.Tensor, store, spec) -> torch.Tensor:
+class QuestScan(NamedTuple):
+    """The decode step's scan (`slot_decode._scan_unprotected_block`) for `quest_pages_triton` to run in
+    its scoring kernel, which loads every slot's position anyway: blocks of `block_pages` pages (a power
+    of two), the step's new position, mask and buffers for the finish kernel."""
+
+    pos: torch.Tensor  # [1] the new token's position
+    bias: torch.Tensor | None  # the mask by logical position (`slot_attention.row_bias`)
+    causal: bool
+    stats: torch.Tensor  # [B * Hkv, NB, 2] int32
+    lows: torch.Tensor  # [B * Hkv, NB] fp32
+    ats: torch.Tensor  # [B * Hkv, NB, 2] int32
+    block_pages: int
+
+
+def quest_pages_triton(q: torch.Tensor, store, spec, scan: QuestScan | None = None) -> torch.Tensor:
     """The pages [B, Hkv, k + 1] (int32) a decode step with queries q [B, Hq, 1, D] reads: the oldest page
     and the k - 1 best by the bound (ascending), then the newest token's page (`policies.quest_pages`
-    gives the same set)."""
+    gives the same set). With `scan`, the scoring kernel also does the step's scan of the store."""
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     gq = hq // hkv
@@ -147,10 +175,17 @@ def quest_pages_triton(q: torch.Tensor, store, spec) -> torch.Tensor:
         raise ValueError(f"Quest's page selection counts pages in 16 bits: {n_pages} pages per head")
     scores = torch.empty(b * hkv, n_pages, device=q.device, dtype=torch.float32)
     newest = torch.empty(b * hkv, n_pages, device=q.device, dtype=torch.int32)
-    _quest_score_kernel[(b * hkv, triton.cdiv(n_pages, SCORE_PAGES))](
-        q.reshape(b * hq, d).contiguous(), store.page_min, store.page_max, store.slot_pos, scores, newest, n_pages, c,
-        GQ=gq, BLOCK_G=triton.next_power_of_2(gq), D=d, PAGE=spec.page_size,
-        PAGE_BLOCK=triton.next_power_of_2(spec.page_size), BLOCK_P=SCORE_PAGES, num_warps=4)
+    block_p = scan.block_pages if scan else SCORE_PAGES
+    nb = triton.cdiv(n_pages, block_p)
+    bias = scan.bias if scan else None
+    unused = scores  # (a pointer for the scan's arguments when there is none)
+    _quest_score_kernel[(b * hkv, nb)](
+        q.reshape(b * hq, d).contiguous(), store.page_min, store.page_max, store.slot_pos, scores, newest,
+        scan.pos if scan else unused, bias if bias is not None else unused, store.score if scan else unused,
+        *((scan.stats, scan.lows, scan.ats) if scan else (unused,) * 3), n_pages, c, nb, hkv,
+        bias.shape[-1] if bias is not None else 0, GQ=gq, BLOCK_G=triton.next_power_of_2(gq), D=d,
+        PAGE=spec.page_size, PAGE_BLOCK=triton.next_power_of_2(spec.page_size), BLOCK_P=block_p, SCAN=scan is not None,
+        HAS_BIAS=bias is not None, CAUSAL=bool(scan and scan.causal), num_warps=4)
     pages = torch.empty(b, hkv, k + 1, device=q.device, dtype=torch.int32)
     np_block = triton.next_power_of_2(n_pages)
     warps = min(32, max(8, np_block // (32 * SELECT_PAGES_PER_THREAD)))

@@ -359,12 +359,13 @@ def _split_buffers(q: torch.Tensor, hkv: int, n: int, num_splits: int | None, bl
 def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Tensor | None, is_causal: bool,
                   scale: float, index: torch.Tensor | None = None, page: int = 0, want_logits: bool = False,
                   num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, skip_dead: bool | None = None) -> Partials:
+                  num_stages: int | None = None, skip_dead: bool | None = None,
+                  bias: torch.Tensor | None = None) -> Partials:
     """Launch `_slot_attention_kernel` for queries q [B, Hq, 1, D] at position pos [1] over the store's
     slots: all of them, the slot list `index` [B, Hkv, N] (page 0), or the pages `index` [B, Hkv, n]
     of `page` slots each. num_splits (default `default_slot_splits`), block_n (slots per tile),
     num_warps, num_stages and skip_dead (see `StoreLaunch`) set the launch; None: the codec's
-    `STORE_LAUNCH`."""
+    `STORE_LAUNCH`. bias: attn_mask as `row_bias` made it, when the caller has it already."""
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     gq = hq // hkv
@@ -377,7 +378,7 @@ def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Te
     part_m, part_l, part_acc = _split_buffers(q, hkv, n, num_splits, block_n, split_slots=launch.split_slots)
     ns, block_m = part_m.shape[1:]
     logits = torch.empty(b, hkv, gq, c, device=q.device, dtype=torch.float32) if want_logits else None
-    bias = row_bias(attn_mask, b)
+    bias = bias if bias is not None else row_bias(attn_mask, b)
     interpreted = not q.is_cuda
     dot = tl.float32 if interpreted else TL_DTYPES[store.dtype]  # the interpreter's bf16 tl.dot is wrong
     codec = store.codec

@@ -1,7 +1,7 @@
 """The eviction step of a policy decode step (T = 1): Triton kernels beside their reference.
 
 After `kvfx.kernels.slot_attention` has left its split partials (and, for scored policies, every
-slot's logit), three launches (Quest: two) do the rest of `decode_step`, with no host synchronisation
+slot's logit), three launches (Quest: one) do the rest of `decode_step`, with no host synchronisation
 and a fixed launch count (CUDA-graph friendly). The first two run one program per (row, KV head, block of
 BLOCK_S slots), so a pass over a 13K-slot budget is spread over the GPU instead of walked by one
 program per (row, KV head) (the single fused kernel this replaces took 49 us of a 237 us H2O step at
@@ -13,8 +13,10 @@ B8 S64K on the H100, most of it in that serial walk):
    logits and the softmax normalizer recomputed from the split partials) to its score; slots the
    query can no longer see (mask) are emptied, as the reference does; Quest's blocks also get what
    the select pass writes (below), since a key that protects nothing needs no reduced statistics;
-   Quest keeps this pass: the emptied slots leave holes (the next free slot is not the fill count)
-   and a full store (all C + 1 candidates valid) still gives up its oldest token, as the reference;
+   Quest keeps this work (the emptied slots leave holes: the next free slot is not the fill count;
+   and a full store, all C + 1 candidates valid, still gives up its oldest token, as the reference),
+   but its page-scoring kernel, which loads every slot's position anyway, does it (`quest.QuestScan`):
+   one read of the positions and one launch fewer;
 2. `_slot_select_kernel`: per block, the eviction key of every slot exactly as `eviction_key` defines
    it for a decode step (limit = C), from the reduced statistics: StreamingLLM protects its `sink`
    oldest valid positions and ranks by position, H2O protects its `recent` newest and SnapKV /
@@ -174,6 +176,32 @@ def _store_block_candidates(key, valid, c, inside, low_ptr, at_ptr, block, C):
 
 
 @triton.jit
+def _store_block_stats(stat, valid, pos):
+    """A block's first two statistics: how many of its slots are valid, and the newest valid position."""
+    one = tl.arange(0, 1)
+    tl.store(stat + one, tl.zeros((1,), tl.int32) + tl.sum(valid.to(tl.int32), axis=0))
+    tl.store(stat + 1 + one, tl.zeros((1,), tl.int32) + tl.max(tl.where(valid, pos, -1), axis=0))
+
+
+@triton.jit
+def _scan_unprotected_block(pos, c, inside, new_pos, bias_ptr, row, block, slot_pos_ptr, score_ptr, stats_ptr,
+                            low_ptr, at_ptr, C, BIAS_COLS, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+    """The scan of block `block` (slots c, positions pos; slot_pos_ptr, score_ptr: its (row, KV head)'s) of
+    an unscored store whose eviction protects nothing (Quest): its statistics, its slots the query no
+    longer sees emptied, and its victim candidates: the key (the position) needs no other block's
+    statistics, so the select pass, a second read of every slot, is skipped. Emptied slots are invalid
+    here as they are when the select reloads them. Quest's scoring kernel runs this for its pages too
+    (`quest.QuestScan`), so its step has no scan launch."""
+    valid, _ = _visible(pos, new_pos, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
+    _store_block_stats(stats_ptr + block * 2, valid, pos)
+    _store_block_candidates(_eviction_key(pos, valid, pos.to(tl.float32), 0, 0, 0, "none"), valid, c, inside,
+                            low_ptr, at_ptr, block, C)
+    gone = inside & ~valid
+    tl.store(score_ptr + c, tl.zeros(c.shape, tl.float32), mask=gone)
+    tl.store(slot_pos_ptr + c, tl.full(c.shape, -1, tl.int32), mask=gone & (pos >= 0))
+
+
+@triton.jit
 def _slot_scan_kernel(m_ptr, l_ptr, logit_ptr, q_ptr, k_new_ptr, new_pos_ptr, bias_ptr, slot_pos_ptr, score_ptr,
                       stats_ptr, low_ptr, at_ptr, C, NS, NB, HKV, BIAS_COLS, qk_scale, GQ: tl.constexpr,
                       BLOCK_G: tl.constexpr, PART_M: tl.constexpr, NS_P: tl.constexpr, D: tl.constexpr,
@@ -188,38 +216,35 @@ def _slot_scan_kernel(m_ptr, l_ptr, logit_ptr, q_ptr, k_new_ptr, new_pos_ptr, bi
     inside = c < C
     base = bh * C
     pos = tl.load(slot_pos_ptr + base + c, mask=inside, other=-1)
-    valid, _ = _visible(pos, new_pos, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
-    stat = stats_ptr + (bh * NB + blk) * (2 + SINK)
-    one = tl.arange(0, 1)
-    tl.store(stat + one, tl.zeros((1,), tl.int32) + tl.sum(valid.to(tl.int32), axis=0))
-    tl.store(stat + 1 + one, tl.zeros((1,), tl.int32) + tl.max(tl.where(valid, pos, -1), axis=0))
-    if PROTECT == "sink":
-        x = tl.where(valid, pos, BIG)
-        for i in tl.static_range(SINK):  # the block's SINK oldest, ascending (one of equals at a time)
-            a = tl.min(x, axis=0)
-            tl.store(stat + 2 + i + one, tl.zeros((1,), tl.int32) + a)
-            x = tl.where(c == tl.min(tl.where(x == a, c, C), axis=0), BIG, x)
     if PROTECT == "none":
-        # Without protection the key (the position; Quest is unscored) needs no other block's statistics,
-        # so the victim's candidates are known here and the select pass, a second read of every slot, is
-        # skipped. Emptied slots are already invalid here, as they are when the select reloads them.
         tl.static_assert(not SCORED)
-        _store_block_candidates(_eviction_key(pos, valid, pos.to(tl.float32), 0, 0, 0, PROTECT), valid, c, inside,
-                                low_ptr, at_ptr, bh * NB + blk, C)
-    if SCORED:
-        rows = tl.arange(0, BLOCK_G)
-        rmask = rows < GQ
-        new = _new_logits(q_ptr, k_new_ptr, bh, rows, rmask, new_bias, qk_scale, GQ, D, HAS_BIAS)
-        top, total = _softmax_norm(m_ptr, l_ptr, bh, rows, rmask, new, NS, PART_M, NS_P)
-        norm = tl.where(total > 0, total, 1.0)
-        logits = tl.load(logit_ptr + (bh * GQ + rows[:, None]) * C + c[None, :],
-                         mask=rmask[:, None] & inside[None, :], other=float("-inf"))
-        probs = tl.sum(tl.exp2(logits - top[:, None]) / norm[:, None], axis=0)
-        score = tl.load(score_ptr + base + c, mask=inside, other=0.0) + probs
-        tl.store(score_ptr + base + c, tl.where(valid, score, 0.0), mask=inside)
+        _scan_unprotected_block(pos, c, inside, new_pos, bias_ptr, row, bh * NB + blk, slot_pos_ptr + base,
+                                score_ptr + base, stats_ptr, low_ptr, at_ptr, C, BIAS_COLS, HAS_BIAS, CAUSAL)
     else:
-        tl.store(score_ptr + base + c, tl.zeros((BLOCK_S,), tl.float32), mask=inside & ~valid)
-    tl.store(slot_pos_ptr + base + c, tl.full((BLOCK_S,), -1, tl.int32), mask=inside & ~valid & (pos >= 0))
+        valid, _ = _visible(pos, new_pos, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
+        stat = stats_ptr + (bh * NB + blk) * (2 + SINK)
+        _store_block_stats(stat, valid, pos)
+        if PROTECT == "sink":
+            x = tl.where(valid, pos, BIG)
+            one = tl.arange(0, 1)
+            for i in tl.static_range(SINK):  # the block's SINK oldest, ascending (one of equals at a time)
+                a = tl.min(x, axis=0)
+                tl.store(stat + 2 + i + one, tl.zeros((1,), tl.int32) + a)
+                x = tl.where(c == tl.min(tl.where(x == a, c, C), axis=0), BIG, x)
+        if SCORED:
+            rows = tl.arange(0, BLOCK_G)
+            rmask = rows < GQ
+            new = _new_logits(q_ptr, k_new_ptr, bh, rows, rmask, new_bias, qk_scale, GQ, D, HAS_BIAS)
+            top, total = _softmax_norm(m_ptr, l_ptr, bh, rows, rmask, new, NS, PART_M, NS_P)
+            norm = tl.where(total > 0, total, 1.0)
+            logits = tl.load(logit_ptr + (bh * GQ + rows[:, None]) * C + c[None, :],
+                             mask=rmask[:, None] & inside[None, :], other=float("-inf"))
+            probs = tl.sum(tl.exp2(logits - top[:, None]) / norm[:, None], axis=0)
+            score = tl.load(score_ptr + base + c, mask=inside, other=0.0) + probs
+            tl.store(score_ptr + base + c, tl.where(valid, score, 0.0), mask=inside)
+        else:
+            tl.store(score_ptr + base + c, tl.zeros((BLOCK_S,), tl.float32), mask=inside & ~valid)
+        tl.store(slot_pos_ptr + base + c, tl.full((BLOCK_S,), -1, tl.int32), mask=inside & ~valid & (pos >= 0))
 
 
 @triton.jit
@@ -323,26 +348,29 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
 def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
                        attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec, layer: int,
                        block_s: int | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """`decode_step` in Triton launches (Quest's page choice, the slot attention, the scan, select (not
-    for Quest) and finish kernels): the output [B, Hq, 1, D] in q's dtype; the store is updated in place. block_s:
-    slots per program of the scan and select passes (default `default_block_s`); num_splits: the slot
-    attention's split-K programs per (row, KV head) (default `default_slot_splits`)."""
+    """`decode_step` in Triton launches (Quest's page choice, whose scoring kernel also scans; the slot
+    attention; the scan (not Quest's sparse layers), select (not Quest) and finish kernels): the output
+    [B, Hq, 1, D] in q's dtype; the store is updated in place. block_s: slots per program of the scan and
+    select passes (default `default_block_s`; Quest: a power of two of whole pages, at most block_s, default
+    `quest.SCORE_PAGES` pages); num_splits: the slot attention's split-K programs per (row, KV head)
+    (default `default_slot_splits`)."""
     from kvfx.kernels.policies import QUEST_DENSE_LAYERS
-    from kvfx.kernels.quest import quest_pages_triton
-    from kvfx.kernels.slot_attention import slot_partials
+    from kvfx.kernels.quest import SCORE_PAGES, QuestScan, quest_pages_triton
+    from kvfx.kernels.slot_attention import row_bias, slot_partials
 
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     gq = hq // hkv
     scored = spec.policy in SCORED
-    pages = quest_pages_triton(q, store, spec) if spec.policy == "quest" and layer >= QUEST_DENSE_LAYERS else None
-    parts = slot_partials(q, pos, store, attn_mask, is_causal, scale, pages, spec.page_size if pages is not None else 0,
-                          want_logits=scored, num_splits=num_splits)
+    quest = spec.policy == "quest" and layer >= QUEST_DENSE_LAYERS
     protect, recent = {"streaming": ("sink", 0), "h2o": ("recent", c // 2 if spec.recent is None else min(c, spec.recent)),
                        "snapkv": ("recent", min(c, spec.window)), "pyramidkv": ("recent", min(c, spec.window))
                        }.get(spec.policy, ("none", 0))
     sink = spec.sink if protect == "sink" else 0
     mean = spec.policy == "h2o" and spec.h2o_score == "mean"
+    if quest:  # the scoring kernel scans blocks of whole pages (C is a multiple of the page)
+        block_pages = 1 << (max(1, block_s // spec.page_size).bit_length() - 1) if block_s else SCORE_PAGES
+        block_s = block_pages * spec.page_size
     block_s = block_s or default_block_s(c)
     nb = triton.cdiv(c, block_s)
     stats = torch.empty(b * hkv, nb, 2 + sink, device=q.device, dtype=torch.int32)
@@ -350,17 +378,23 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     ats = torch.empty(b * hkv, nb, 2, device=q.device, dtype=torch.int32)
     out = torch.empty(b, hq, 1, d, device=q.device, dtype=q.dtype)
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
-    bias = parts.bias if parts.bias is not None else parts.m
+    bias = row_bias(attn_mask, b)
+    pages = quest_pages_triton(q, store, spec, QuestScan(pos, bias, is_causal, stats, lows, ats, block_pages)) \
+        if quest else None
+    parts = slot_partials(q, pos, store, attn_mask, is_causal, scale, pages, spec.page_size if quest else 0,
+                          want_logits=scored, num_splits=num_splits, bias=bias)
+    bias = bias if bias is not None else parts.m  # (a pointer the kernels do not read)
     bias_cols = parts.bias.shape[-1] if parts.bias is not None else 0
     ns, part_m = parts.m.shape[1], parts.m.shape[2]
     ns_p = triton.next_power_of_2(ns)
     mask = dict(HAS_BIAS=parts.bias is not None, CAUSAL=is_causal)
     sinks = dict(PROTECT=protect, SINK=sink)
-    _slot_scan_kernel[(b * hkv, nb)](
-        parts.m, parts.l, parts.logits if parts.logits is not None else parts.m, q, k_new, pos, bias, store.slot_pos,
-        store.score, stats, lows, ats, c, ns, nb, hkv, bias_cols, scale * LOG2E, GQ=gq,
-        BLOCK_G=triton.next_power_of_2(gq), PART_M=part_m, NS_P=ns_p, D=d, BLOCK_S=block_s, SCORED=scored, **sinks,
-        **mask, num_warps=4)
+    if not quest:  # (Quest's scoring kernel did the scan)
+        _slot_scan_kernel[(b * hkv, nb)](
+            parts.m, parts.l, parts.logits if parts.logits is not None else parts.m, q, k_new, pos, bias,
+            store.slot_pos, store.score, stats, lows, ats, c, ns, nb, hkv, bias_cols, scale * LOG2E, GQ=gq,
+            BLOCK_G=triton.next_power_of_2(gq), PART_M=part_m, NS_P=ns_p, D=d, BLOCK_S=block_s, SCORED=scored,
+            **sinks, **mask, num_warps=4)
     nb_p = triton.next_power_of_2(nb)
     sink_block = triton.next_power_of_2(max(sink, 1))
     if protect != "none":  # (Quest: the scan wrote the blocks' candidates)

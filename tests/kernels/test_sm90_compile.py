@@ -62,8 +62,11 @@ for codec, codes, bits, d, g, index, protect in (("int4", "*u8", 4, 128, 32, "no
                                     stats_ptr=i32, low_ptr=f32, at_ptr=i32, out_ptr=bf, qk_scale="fp32"),
           dict(GQ=4, BLOCK_G=4, PART_M=16, NS_P=32, D=d, NB_P=32, SINK_BLOCK=4, CODEC=codec, BITS=bits, G=g,
                DTYPE=tl.bfloat16, PAGE=16 if protect == "none" else 0, BLOCK_P=16, **policy))
-build(_quest_score_kernel, dict(q_ptr=bf, min_ptr=bf, max_ptr=bf, slot_pos_ptr=i32, score_ptr=f32, newest_ptr=i32),
-      dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=32))
+for scan, has_bias in ((False, False), (True, False), (True, True)):  # alone; with the step's scan
+    build(_quest_score_kernel, dict(q_ptr=bf, min_ptr=bf, max_ptr=bf, slot_pos_ptr=i32, page_score_ptr=f32,
+                                    newest_ptr=i32, new_pos_ptr="*i64", bias_ptr=f32, score_ptr=f32, stats_ptr=i32,
+                                    low_ptr=f32, at_ptr=i32),
+          dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=32, SCAN=scan, HAS_BIAS=has_bias, CAUSAL=True))
 build(_quest_select_kernel, dict(score_ptr=f32, newest_ptr=i32, pages_ptr=i32), dict(NP_BLOCK=4096, POOL=3))
 for codec, codes in (("none", bf), ("int8", "*u8")):  # kvfx::attend's positional mode
     build(_slot_attention_kernel, dict(q_ptr=bf, k_ptr=codes, v_ptr=codes, kp_ptr=bf, vp_ptr=bf, pos_ptr=f32, idx_ptr=f32,
