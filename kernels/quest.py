@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvfx.kernels.slot_attention import _chain, pdl_launch
 from kvfx.kernels.slot_decode import _new_token, _scan_unprotected_block
 
 DEAD = tl.constexpr(-3.0e38)  # the score of a page without tokens (as the reference)
@@ -34,9 +35,12 @@ SELECT_PAGES_PER_THREAD = 32  # the selection holds a head's pages in registers:
 def _quest_score_kernel(q_ptr, min_ptr, max_ptr, slot_pos_ptr, page_score_ptr, newest_ptr, new_pos_ptr, bias_ptr,
                         score_ptr, stats_ptr, low_ptr, at_ptr, NP, C, NB, HKV, BIAS_COLS, GQ: tl.constexpr,
                         BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, PAGE_BLOCK: tl.constexpr,
-                        BLOCK_P: tl.constexpr, SCAN: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+                        BLOCK_P: tl.constexpr, SCAN: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """Program (bh, block of BLOCK_P pages): each page's bound (DEAD without tokens) and newest position;
-    SCAN: also the decode step's scan of the block's slots (`QuestScan`), from the positions loaded here."""
+    SCAN: also the decode step's scan of the block's slots (`QuestScan`), from the positions loaded here.
+    PDL: `slot_attention._chain`."""
+    _chain(PDL)
     bh, blk = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
@@ -80,7 +84,8 @@ def _count_at_least(key, t):
 
 
 @triton.jit
-def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.constexpr, POOL: tl.constexpr):
+def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.constexpr, POOL: tl.constexpr,
+                         PDL: tl.constexpr = False):
     """Program bh: pages[bh] = the K best pages (ascending page number; the oldest page counts as the
     best), then the newest token's page. A live page ranks as the best score within POOL // 2 pages of it
     (`page_pool`, the reference's max-pooling; neighbours are loaded again, L1 hits).
@@ -105,8 +110,9 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.c
 
     The output is one scan over the register tile: running counts of the pages above kth and of its ties
     (16 bits each in one int32: NP < 2^16) place each chosen page; ties past the wanted number are
-    dropped, so pages come out in ascending order.
+    dropped, so pages come out in ascending order. PDL: `slot_attention._chain`.
     """
+    _chain(PDL)
     bh = tl.program_id(0)
     i = tl.arange(0, NP_BLOCK)
     # Both loads first: the scores arrive while the newest page's reduction runs.
@@ -162,10 +168,12 @@ class QuestScan(NamedTuple):
     block_pages: int
 
 
-def quest_pages_triton(q: torch.Tensor, store, spec, scan: QuestScan | None = None) -> torch.Tensor:
+def quest_pages_triton(q: torch.Tensor, store, spec, scan: QuestScan | None = None, chained: bool = False
+                       ) -> torch.Tensor:
     """The pages [B, Hkv, k + 1] (int32) a decode step with queries q [B, Hq, 1, D] reads: the oldest page
     and the k - 1 best by the bound (ascending), then the newest token's page (`policies.quest_pages`
-    gives the same set). With `scan`, the scoring kernel also does the step's scan of the store."""
+    gives the same set). With `scan`, the scoring kernel also does the step's scan of the store. chained:
+    a policy step's launch (`slot_attention.chained_launch`)."""
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     gq = hq // hkv
@@ -185,10 +193,10 @@ def quest_pages_triton(q: torch.Tensor, store, spec, scan: QuestScan | None = No
         *((scan.stats, scan.lows, scan.ats) if scan else (unused,) * 3), n_pages, c, nb, hkv,
         bias.shape[-1] if bias is not None else 0, GQ=gq, BLOCK_G=triton.next_power_of_2(gq), D=d,
         PAGE=spec.page_size, PAGE_BLOCK=triton.next_power_of_2(spec.page_size), BLOCK_P=block_p, SCAN=scan is not None,
-        HAS_BIAS=bias is not None, CAUSAL=bool(scan and scan.causal), num_warps=4)
+        HAS_BIAS=bias is not None, CAUSAL=bool(scan and scan.causal), PDL=chained, num_warps=4)
     pages = torch.empty(b, hkv, k + 1, device=q.device, dtype=torch.int32)
     np_block = triton.next_power_of_2(n_pages)
     warps = min(32, max(8, np_block // (32 * SELECT_PAGES_PER_THREAD)))
     _quest_select_kernel[(b * hkv,)](scores, newest, pages, n_pages, k, NP_BLOCK=np_block, POOL=spec.page_pool,
-                                     num_warps=warps)
+                                     PDL=chained, num_warps=warps, **pdl_launch(chained))
     return pages

@@ -196,6 +196,34 @@ def _fold_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, k_ptr, kp_ptr, 
     return s, m_i, l_i, acc0, acc1, acc2, acc3
 
 
+# Programmatic dependent launch for a policy step's kernels (`chained_launch`); False: plain launches
+# (kept as a switch so the two can be timed against each other in one process).
+CHAINED_LAUNCH = True
+
+
+def chained_launch(device: torch.device) -> bool:
+    """Whether a policy decode step's kernels chain by programmatic dependent launch on `device`
+    (Hopper and later, a triton with `gdc_wait`): each launches while the kernel before it drains and
+    waits in `_chain` for that kernel's results, so the launch gap between them is hidden."""
+    return (CHAINED_LAUNCH and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and hasattr(tl.extra.cuda, "gdc_wait"))
+
+
+def pdl_launch(chained: bool) -> dict:
+    """The launch option that makes a kernel wait on the one before it programmatically (`_chain`)."""
+    return {"launch_pdl": True} if chained else {}
+
+
+@triton.jit
+def _chain(PDL: tl.constexpr):
+    """PDL: wait until the kernel before this one has finished and its writes are visible (a no-op for a
+    kernel launched without launch_pdl), then let the next one launch. A chained kernel calls it before
+    its first load or store, so it reads and writes nothing its predecessors still touch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 @triton.jit
 def _visible(pos, new_pos, bias_ptr, row, BIAS_COLS, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
     """Whether the query at new_pos sees logical positions `pos` (>= 0), and the mask's additive bias
@@ -218,7 +246,8 @@ def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr
                            CODEC: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, INDEX: tl.constexpr,
                            PAGE: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                            LOGITS: tl.constexpr, DOT: tl.constexpr, PW: tl.constexpr = 0,
-                           POSITIONAL: tl.constexpr = False, SKIP_DEAD: tl.constexpr = True):
+                           POSITIONAL: tl.constexpr = False, SKIP_DEAD: tl.constexpr = True,
+                           PDL: tl.constexpr = False):
     """Program (bh, split): slots n in its share of [0, N), base-2 logits. INDEX "slots": slot
     idx[bh, n]; "pages": slot idx[bh, n // PAGE] * PAGE + n % PAGE; else slot n. POSITIONAL: the slot
     is the position (a cache addressed by position, `attend_positions`), no slot_pos is read. With
@@ -228,7 +257,8 @@ def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, pos_ptr, idx_ptr
     Triton pipelines. int4/int2 (PB = 8 // BITS codes a byte)
     hold the query and the output as PB slices, slice I = channels I + PB * j (j < D / PB): the layout
     of code slot I in the loaded bytes. The other codecs have BITS = 8, so PB = 1: one slice, all
-    channels in order."""
+    channels in order. PDL: `_chain`."""
+    _chain(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     PB: tl.constexpr = 8 // BITS
@@ -360,12 +390,14 @@ def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Te
                   scale: float, index: torch.Tensor | None = None, page: int = 0, want_logits: bool = False,
                   num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, skip_dead: bool | None = None,
-                  bias: torch.Tensor | None = None) -> Partials:
+                  bias: torch.Tensor | None = None, chained: bool = False) -> Partials:
     """Launch `_slot_attention_kernel` for queries q [B, Hq, 1, D] at position pos [1] over the store's
     slots: all of them, the slot list `index` [B, Hkv, N] (page 0), or the pages `index` [B, Hkv, n]
     of `page` slots each. num_splits (default `default_slot_splits`), block_n (slots per tile),
     num_warps, num_stages and skip_dead (see `StoreLaunch`) set the launch; None: the codec's
-    `STORE_LAUNCH`. bias: attn_mask as `row_bias` made it, when the caller has it already."""
+    `STORE_LAUNCH`. bias: attn_mask as `row_bias` made it, when the caller has it already. chained: a
+    policy step's launch (`chained_launch`): the next kernel may launch as this one drains, and with
+    pages this one launches as the page selection drains."""
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     gq = hq // hkv
@@ -396,7 +428,7 @@ def slot_partials(q: torch.Tensor, pos: torch.Tensor, store, attn_mask: torch.Te
         G=codec.group_size if codec.kv in ("int4", "int2") else 1,
         INDEX="none" if index is None else ("pages" if page else "slots"), PAGE=max(page, 1),
         HAS_BIAS=bias is not None, CAUSAL=is_causal, LOGITS=want_logits, DOT=dot, PW=pw, SKIP_DEAD=skip_dead,
-        num_warps=num_warps, num_stages=num_stages)
+        PDL=chained, num_warps=num_warps, num_stages=num_stages, **pdl_launch(chained and page > 0))
     return Partials(part_m, part_l, part_acc, logits, bias)
 
 

@@ -41,7 +41,7 @@ import triton.language as tl
 from kvfx.kernels.decode_attention import LOG2E
 from kvfx.kernels.int8 import _quantize_int8_row
 from kvfx.kernels.kivi import TL_DTYPES, _pack, _quantize, _round_e4m3, _round_to
-from kvfx.kernels.slot_attention import _visible
+from kvfx.kernels.slot_attention import _chain, _visible
 
 SCORED = ("h2o", "snapkv", "pyramidkv")
 BIG = tl.constexpr(2**31 - 1)  # int32 "no position"
@@ -206,9 +206,10 @@ def _slot_scan_kernel(m_ptr, l_ptr, logit_ptr, q_ptr, k_new_ptr, new_pos_ptr, bi
                       stats_ptr, low_ptr, at_ptr, C, NS, NB, HKV, BIAS_COLS, qk_scale, GQ: tl.constexpr,
                       BLOCK_G: tl.constexpr, PART_M: tl.constexpr, NS_P: tl.constexpr, D: tl.constexpr,
                       BLOCK_S: tl.constexpr, PROTECT: tl.constexpr, SINK: tl.constexpr, SCORED: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PDL: tl.constexpr):
     """Program (bh = (row, KV head), block): the block's statistics, its scores, its emptied slots; with
     nothing protected (Quest), also what the select pass would write (`_store_block_candidates`)."""
+    _chain(PDL)
     bh, blk = tl.program_id(0), tl.program_id(1)
     row = bh // HKV
     new_pos, new_valid, new_bias = _new_token(new_pos_ptr, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
@@ -251,9 +252,10 @@ def _slot_scan_kernel(m_ptr, l_ptr, logit_ptr, q_ptr, k_new_ptr, new_pos_ptr, bi
 def _slot_select_kernel(new_pos_ptr, bias_ptr, slot_pos_ptr, score_ptr, stats_ptr, low_ptr, at_ptr, C, NB, HKV,
                         BIAS_COLS, RECENT, NB_P: tl.constexpr, BLOCK_S: tl.constexpr, PROTECT: tl.constexpr,
                         SINK: tl.constexpr, SINK_BLOCK: tl.constexpr, SCORED: tl.constexpr, MEAN: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PDL: tl.constexpr):
     """Program (bh, block), after the scan: the block's lowest eviction key, the last slot holding it and
     the block's first free slot."""
+    _chain(PDL)
     bh, blk = tl.program_id(0), tl.program_id(1)
     row = bh // HKV
     new_pos, new_valid, _ = _new_token(new_pos_ptr, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
@@ -278,8 +280,9 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
                         D: tl.constexpr, NB_P: tl.constexpr, PROTECT: tl.constexpr, SINK: tl.constexpr,
                         SINK_BLOCK: tl.constexpr, SCORED: tl.constexpr, MEAN: tl.constexpr, CODEC: tl.constexpr,
                         BITS: tl.constexpr, G: tl.constexpr, DTYPE: tl.constexpr, PAGE: tl.constexpr, BLOCK_P: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PDL: tl.constexpr):
     """Program bh = (row, KV head): the output, the victim, the write of the new token."""
+    _chain(PDL)
     bh = tl.program_id(0)
     row = bh // HKV
     rows = tl.arange(0, BLOCK_G)
@@ -356,7 +359,7 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     (default `default_slot_splits`)."""
     from kvfx.kernels.policies import QUEST_DENSE_LAYERS
     from kvfx.kernels.quest import SCORE_PAGES, QuestScan, quest_pages_triton
-    from kvfx.kernels.slot_attention import row_bias, slot_partials
+    from kvfx.kernels.slot_attention import chained_launch, pdl_launch, row_bias, slot_partials
 
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
@@ -379,10 +382,12 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     out = torch.empty(b, hq, 1, d, device=q.device, dtype=q.dtype)
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     bias = row_bias(attn_mask, b)
-    pages = quest_pages_triton(q, store, spec, QuestScan(pos, bias, is_causal, stats, lows, ats, block_pages)) \
-        if quest else None
+    pdl = chained_launch(q.device)  # every launch after the first waits on the one before it
+    chain = dict(PDL=pdl, **pdl_launch(pdl))
+    pages = quest_pages_triton(q, store, spec, QuestScan(pos, bias, is_causal, stats, lows, ats, block_pages),
+                               chained=pdl) if quest else None
     parts = slot_partials(q, pos, store, attn_mask, is_causal, scale, pages, spec.page_size if quest else 0,
-                          want_logits=scored, num_splits=num_splits, bias=bias)
+                          want_logits=scored, num_splits=num_splits, bias=bias, chained=pdl)
     bias = bias if bias is not None else parts.m  # (a pointer the kernels do not read)
     bias_cols = parts.bias.shape[-1] if parts.bias is not None else 0
     ns, part_m = parts.m.shape[1], parts.m.shape[2]
@@ -394,13 +399,14 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
             parts.m, parts.l, parts.logits if parts.logits is not None else parts.m, q, k_new, pos, bias,
             store.slot_pos, store.score, stats, lows, ats, c, ns, nb, hkv, bias_cols, scale * LOG2E, GQ=gq,
             BLOCK_G=triton.next_power_of_2(gq), PART_M=part_m, NS_P=ns_p, D=d, BLOCK_S=block_s, SCORED=scored,
-            **sinks, **mask, num_warps=4)
+            **sinks, **mask, **chain, num_warps=4)
     nb_p = triton.next_power_of_2(nb)
     sink_block = triton.next_power_of_2(max(sink, 1))
     if protect != "none":  # (Quest: the scan wrote the blocks' candidates)
         _slot_select_kernel[(b * hkv, nb)](
             pos, bias, store.slot_pos, store.score, stats, lows, ats, c, nb, hkv, bias_cols, recent, NB_P=nb_p,
-            BLOCK_S=block_s, SINK_BLOCK=sink_block, SCORED=scored, MEAN=mean, **sinks, **mask, num_warps=4)
+            BLOCK_S=block_s, SINK_BLOCK=sink_block, SCORED=scored, MEAN=mean, **sinks, **mask, **chain,
+            num_warps=4)
     codec = store.codec
     page = spec.page_size if store.page_min.numel() else 0
     _slot_finish_kernel[(b * hkv,)](
@@ -409,7 +415,7 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
         hkv, bias_cols, scale * LOG2E, recent, GQ=gq, BLOCK_G=triton.next_power_of_2(gq), PART_M=part_m, NS_P=ns_p,
         D=d, NB_P=nb_p, SINK_BLOCK=sink_block, SCORED=scored, MEAN=mean, CODEC=codec.kv, BITS=codec.bits,
         G=codec.group_size if codec.kv in ("int4", "int2") else 1, DTYPE=TL_DTYPES[store.dtype], PAGE=page,
-        BLOCK_P=triton.next_power_of_2(max(page, 1)), **sinks, **mask, num_warps=4)
+        BLOCK_P=triton.next_power_of_2(max(page, 1)), **sinks, **mask, **chain, num_warps=4)
     return out
 
 

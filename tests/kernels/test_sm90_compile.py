@@ -45,29 +45,31 @@ for codec, codes, bits, d, g, index, protect in (("int4", "*u8", 4, 128, 32, "no
                                        acc_ptr=f32, logit_ptr=f32, qk_scale="fp32"),
           dict(GQ=4, D=d, BLOCK_M=16, BLOCK_N=launch.block_n, CODEC=codec, BITS=bits, G=g, INDEX=index, PAGE=16,
                HAS_BIAS=protect == "sink", CAUSAL=True, LOGITS=protect == "recent", DOT=tl.bfloat16, PW=pw,
-               SKIP_DEAD=launch.skip_dead),
-          num_warps=launch.num_warps, num_stages=launch.num_stages)
+               SKIP_DEAD=launch.skip_dead, PDL=index == "pages"),
+          num_warps=launch.num_warps, num_stages=launch.num_stages, launch_pdl=index == "pages")
     policy = dict(PROTECT=protect, SINK=4 if protect == "sink" else 0, SCORED=protect == "recent",
-                  HAS_BIAS=protect == "sink", CAUSAL=True)
+                  HAS_BIAS=protect == "sink", CAUSAL=True, PDL=True)  # a policy step's chained launch
     build(_slot_scan_kernel, dict(m_ptr=f32, l_ptr=f32, logit_ptr=f32, q_ptr=bf, k_new_ptr=bf, new_pos_ptr="*i64",
                                   bias_ptr=f32, slot_pos_ptr=i32, score_ptr=f32, stats_ptr=i32, low_ptr=f32, at_ptr=i32,
                                   qk_scale="fp32"),
-          dict(GQ=4, BLOCK_G=4, PART_M=16, NS_P=32, D=d, BLOCK_S=512, **policy))
+          dict(GQ=4, BLOCK_G=4, PART_M=16, NS_P=32, D=d, BLOCK_S=512, **policy), launch_pdl=True)
     build(_slot_select_kernel, dict(new_pos_ptr="*i64", bias_ptr=f32, slot_pos_ptr=i32, score_ptr=f32, stats_ptr=i32,
                                     low_ptr=f32, at_ptr=i32),
-          dict(NB_P=32, BLOCK_S=512, SINK_BLOCK=4, **policy))
+          dict(NB_P=32, BLOCK_S=512, SINK_BLOCK=4, **policy), launch_pdl=True)
     build(_slot_finish_kernel, dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, q_ptr=bf, k_new_ptr=bf, v_new_ptr=bf,
                                     new_pos_ptr="*i64", bias_ptr=f32, k_codes=codes, k_params=bf, v_codes=codes,
                                     v_params=bf, slot_pos_ptr=i32, score_ptr=f32, page_min_ptr=bf, page_max_ptr=bf,
                                     stats_ptr=i32, low_ptr=f32, at_ptr=i32, out_ptr=bf, qk_scale="fp32"),
           dict(GQ=4, BLOCK_G=4, PART_M=16, NS_P=32, D=d, NB_P=32, SINK_BLOCK=4, CODEC=codec, BITS=bits, G=g,
-               DTYPE=tl.bfloat16, PAGE=16 if protect == "none" else 0, BLOCK_P=16, **policy))
+               DTYPE=tl.bfloat16, PAGE=16 if protect == "none" else 0, BLOCK_P=16, **policy), launch_pdl=True)
 for scan, has_bias in ((False, False), (True, False), (True, True)):  # alone; with the step's scan
     build(_quest_score_kernel, dict(q_ptr=bf, min_ptr=bf, max_ptr=bf, slot_pos_ptr=i32, page_score_ptr=f32,
                                     newest_ptr=i32, new_pos_ptr="*i64", bias_ptr=f32, score_ptr=f32, stats_ptr=i32,
                                     low_ptr=f32, at_ptr=i32),
-          dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=32, SCAN=scan, HAS_BIAS=has_bias, CAUSAL=True))
-build(_quest_select_kernel, dict(score_ptr=f32, newest_ptr=i32, pages_ptr=i32), dict(NP_BLOCK=4096, POOL=3))
+          dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=32, SCAN=scan, HAS_BIAS=has_bias, CAUSAL=True,
+               PDL=scan))
+build(_quest_select_kernel, dict(score_ptr=f32, newest_ptr=i32, pages_ptr=i32), dict(NP_BLOCK=4096, POOL=3, PDL=True),
+      launch_pdl=True)
 for codec, codes in (("none", bf), ("int8", "*u8")):  # kvfx::attend's positional mode
     build(_slot_attention_kernel, dict(q_ptr=bf, k_ptr=codes, v_ptr=codes, kp_ptr=bf, vp_ptr=bf, pos_ptr=f32, idx_ptr=f32,
                                        bias_ptr=f32, new_pos_ptr=f32, m_ptr=f32, l_ptr=f32, acc_ptr=f32, logit_ptr=f32,
