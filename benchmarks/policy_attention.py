@@ -20,6 +20,7 @@ difference of its output from `decode_step_reference` (torch) on a copy of the s
 example: python benchmarks/policy_attention.py --batch 8 --seq 65536
          python benchmarks/policy_attention.py --quick --out /tmp/results
          python benchmarks/policy_attention.py --batch 8 --seq 65536 --no-sweep --profile
+         python benchmarks/policy_attention.py --batch 8 --seq 65536 --no-sweep --profile --chained
          python benchmarks/policy_attention.py --batch 8 --seq 65536 --configs quest-1/8 h2o-20% --no-sweep
          TRITON_INTERPRET=1 python benchmarks/policy_attention.py --device cpu --quick --out /tmp/results
          (CPU: the Triton interpreter on tiny shapes, a check that the script and the paths run; no timing claim)
@@ -41,6 +42,7 @@ import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 from kvfx.kernels.policies import decode_step_reference
 from kvfx.kernels.slot_decode import SCORED
+from kvfx.kernels import slot_attention
 from kvfx.kernels.slot_attention import STORE_LAUNCH, default_slot_splits, slot_partials
 
 HQ, HKV, D = 32, 8, 128
@@ -195,7 +197,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sweep", action="store_true", help="time the slot-attention kernel at its default launch only")
     parser.add_argument("--profile", action="store_true", help="record each kvfx step's GPU time by kernel, and its graph replay's timeline")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="kvfx rows to run")
+    parser.add_argument("--chained", action="store_true",
+                        help="chain the step's launches (programmatic dependent launch; off by default until timed)")
     args = parser.parse_args(argv)
+    slot_attention.CHAINED_LAUNCH = args.chained
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -216,7 +221,8 @@ def main(argv=None) -> int:
             status = f"{r['median_us']:9.1f} us  {r.get('speedup_vs_best_sdpa', 0):5.2f}x" if "median_us" in r else r["error"]
             print(f"B{b:<3} S{s:<6} {r['impl']:<28} {status}", flush=True)
     payload = {"benchmark": "policy_attention", "environment": environment(),
-               "shape": dict(hq=HQ, hkv=HKV, head_dim=D, dtype=str(DTYPE)), "rows": rows}
+               "shape": dict(hq=HQ, hkv=HKV, head_dim=D, dtype=str(DTYPE)),
+               "chained_launch": slot_attention.chained_launch(torch.device(DEVICE)), "rows": rows}
     write_json(args.out / "policy_attention.json", payload)
     steps = [r for r in rows if r["impl"].startswith("kvfx") and not r["impl"].endswith("-attention")]
     if not (args.profile and plot_step_kernels(args.out / "policy_attention.png", rows, payload["environment"]["device"])):
