@@ -114,16 +114,22 @@ def kernel_profile(step, steps: int = 3, top: int = 12) -> dict:
 
 def graph_timeline(fn: Callable[[], object], reps: int = 10) -> dict:
     """Each kernel of a CUDA-graph replay of fn(), as `cuda_time_us` times it (cold L2 before each
-    replay): its start from the step's first kernel and its duration, medians over `reps` replays, and
-    the step's span (first start to last end). span - sum of the durations is what the launches between
-    kernels cost, which a profile of eager calls (`kernel_profile`, warm L2) does not show."""
+    replay): its start and end from the step's first start, medians over `reps` replays; the step's span
+    (first start to last end) and its gaps, the span's time with no kernel running (what the launches
+    between kernels cost, which a profile of eager calls, `kernel_profile`, warm L2, does not show).
+    Chained launches (`slot_attention.chained_launch`) start a kernel while the one before it drains,
+    and its wait counts in its duration: read the ends and the gaps then, not the durations' sum."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    try:
         fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as error:  # e.g. an op that syncs: no graph to trace
+        torch.cuda.synchronize()
+        return {"error": f"no CUDA graph: {type(error).__name__}: {error}"[:300]}
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
@@ -136,17 +142,26 @@ def graph_timeline(fn: Callable[[], object], reps: int = 10) -> dict:
         events = json.loads(trace.read_text())["traceEvents"]
     kernels = sorted(((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel"))
     per_rep = len(kernels) // reps
-    if per_rep < 2 or per_rep * reps != len(kernels):
-        return {"error": f"{len(kernels)} kernels traced over {reps} replays: not one flush + the graph each"}
-    steps = [kernels[i * per_rep + 1:(i + 1) * per_rep] for i in range(reps)]  # each replay, its flush dropped
-    spans = [step[-1][1] - step[0][0] for step in steps]
+    replays = [kernels[i * per_rep:(i + 1) * per_rep] for i in range(reps)]
+    if per_rep < 2 or per_rep * reps != len(kernels) or len({tuple(k[2] for k in r) for r in replays}) != 1:
+        return {"error": f"{len(kernels)} kernels traced over {reps} replays: not the same flush + graph each"}
+    steps = [replay[1:] for replay in replays]  # each replay without its L2 flush (the first kernel)
     timeline = []
     for j, first in enumerate(steps[0]):
         start = statistics.median(step[j][0] - step[0][0] for step in steps)
-        us = statistics.median(step[j][1] - step[j][0] for step in steps)
-        timeline.append({"name": first[2][:90], "start_us": round(start, 1), "us": round(us, 1)})
-    span = statistics.median(spans)
-    return {"span_us": round(span, 1), "gaps_us": round(span - sum(k["us"] for k in timeline), 1), "kernels": timeline}
+        end = statistics.median(step[j][1] - step[0][0] for step in steps)
+        timeline.append({"name": first[2][:90], "start_us": round(start, 1), "end_us": round(end, 1),
+                         "us": round(statistics.median(step[j][1] - step[j][0] for step in steps), 1)})
+    spans, gaps = [], []
+    for step in steps:
+        spans.append(max(k[1] for k in step) - step[0][0])
+        busy, reach = 0.0, step[0][0]
+        for begin, finish, _ in step:  # the union of the kernels' intervals (they overlap when chained)
+            busy += max(0.0, finish - max(begin, reach))
+            reach = max(reach, finish)
+        gaps.append(spans[-1] - busy)
+    return {"span_us": round(statistics.median(spans), 1), "gaps_us": round(statistics.median(gaps), 1),
+            "kernels": timeline}
 
 
 def environment() -> dict:

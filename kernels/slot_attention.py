@@ -203,10 +203,10 @@ CHAINED_LAUNCH = False
 
 def chained_launch(device: torch.device) -> bool:
     """Whether a policy decode step's kernels chain by programmatic dependent launch on `device`
-    (Hopper and later, a triton with `gdc_wait`): each launches while the kernel before it drains and
+    (NVIDIA Hopper and later, a triton with `gdc_wait`): each launches while the kernel before it drains and
     waits in `_chain` for that kernel's results, so the launch gap between them is hidden."""
-    return (CHAINED_LAUNCH and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-            and hasattr(tl.extra.cuda, "gdc_wait"))
+    return (CHAINED_LAUNCH and device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait"))
 
 
 def pdl_launch(chained: bool) -> dict:

@@ -1,10 +1,10 @@
 """The eviction step of a policy decode step (T = 1): Triton kernels beside their reference.
 
 After `kvfx.kernels.slot_attention` has left its split partials (and, for scored policies, every
-slot's logit), three launches (Quest: one) do the rest of `decode_step`, with no host synchronisation
-and a fixed launch count (CUDA-graph friendly). The first two run one program per (row, KV head, block of
-BLOCK_S slots), so a pass over a 13K-slot budget is spread over the GPU instead of walked by one
-program per (row, KV head) (the single fused kernel this replaces took 49 us of a 237 us H2O step at
+slot's logit), three launches (Quest: one in its sparse layers, two in its dense ones) do the rest of
+`decode_step`, with no host synchronisation and a fixed launch count (CUDA-graph friendly). The first
+two run one program per (row, KV head, block of BLOCK_S slots), so a pass over a 13K-slot budget is
+spread over the GPU instead of walked by one program per (row, KV head) (the single fused kernel this replaces took 49 us of a 237 us H2O step at
 B8 S64K on the H100, most of it in that serial walk):
 
 1. `_slot_scan_kernel`: per block, how many slots are valid, the newest valid position and
@@ -354,9 +354,9 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     """`decode_step` in Triton launches (Quest's page choice, whose scoring kernel also scans; the slot
     attention; the scan (not Quest's sparse layers), select (not Quest) and finish kernels): the output
     [B, Hq, 1, D] in q's dtype; the store is updated in place. block_s: slots per program of the scan and
-    select passes (default `default_block_s`; Quest: a power of two of whole pages, at most block_s, default
-    `quest.SCORE_PAGES` pages); num_splits: the slot attention's split-K programs per (row, KV head)
-    (default `default_slot_splits`)."""
+    select passes (default `default_block_s`; Quest's sparse layers: whole pages, block_s // page_size
+    rounded down to a power of two and at least one, default `quest.SCORE_PAGES` pages); num_splits: the
+    slot attention's split-K programs per (row, KV head) (default `default_slot_splits`)."""
     from kvfx.kernels.policies import QUEST_DENSE_LAYERS
     from kvfx.kernels.quest import SCORE_PAGES, QuestScan, quest_pages_triton
     from kvfx.kernels.slot_attention import chained_launch, pdl_launch, row_bias, slot_partials

@@ -89,14 +89,16 @@ def test_fused_step_equals_the_reference(policy, kv, b, hkv, g, budget, empty, o
 
 @pytest.mark.parametrize("layer", [0, 3])  # dense, sparse
 @pytest.mark.parametrize("mask", ["causal", "row"])
-@pytest.mark.parametrize("kv", ["none", "int4"])
-def test_quest_step_fills_in_order_up_to_capacity_and_past_it(kv, mask, layer):
+@pytest.mark.parametrize("kv, page, block_s", [("none", 4, 16), ("int4", 4, 16), ("none", 3, 8), ("int4", 4, None)])
+def test_quest_step_fills_in_order_up_to_capacity_and_past_it(kv, page, block_s, mask, layer):
     """Quest's scan chooses the free slot and the victim itself (no select pass): rows filled in order to
     different counts (left padding), stepped until every row is full and past it (the reference then drops
-    the oldest token); a row mask that hides old tokens empties their slots, which the next steps refill."""
+    the oldest token); a row mask that hides old tokens empties their slots, which the next steps refill.
+    Sparse layers scan in the page-scoring kernel, in blocks of whole pages: several blocks of 16 slots,
+    blocks of 2 pages of 3 slots (not a power of two), or the default (one block here)."""
     gen = torch.Generator().manual_seed(0)
     d, cache_len, steps, start = 64, 48, 4, 60
-    fmt = kvfx.KVConfig(kv=kv, policy="quest", page_size=4, pages=3).format
+    fmt = kvfx.KVConfig(kv=kv, policy="quest", page_size=page, pages=3).format
     fast = fmt.allocate((3, 2, cache_len, d), torch.float32, torch.device("cpu"), layer, 4)
     cap = fast.slot_pos.shape[-1]
     for codes, params in ((fast.k_codes, fast.k_params), (fast.v_codes, fast.v_params)):
@@ -114,7 +116,7 @@ def test_quest_step_fills_in_order_up_to_capacity_and_past_it(kv, mask, layer):
             attn_mask = torch.rand(3, 1, 1, start + steps, generator=gen) > 0.05
             attn_mask[..., t] = True
         want = decode_step_reference(*args, slow, attn_mask, mask == "causal", 0.3, fmt.spec, layer)
-        got = decode_step_triton(*args, fast, attn_mask, mask == "causal", 0.3, fmt.spec, layer, block_s=16)
+        got = decode_step_triton(*args, fast, attn_mask, mask == "causal", 0.3, fmt.spec, layer, block_s=block_s)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         assert_same_store(fast, slow)
     assert (fast.slot_pos.max(-1).values == start + steps - 1).all()  # every row took the last token
