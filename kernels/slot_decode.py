@@ -4,8 +4,8 @@ After `kvfx.kernels.slot_attention` has left its split partials (and, for scored
 slot's logit), three launches (Quest: one in its sparse layers, two in its dense ones) do the rest of
 `decode_step`, with no host synchronisation and a fixed launch count (CUDA-graph friendly). The first
 two run one program per (row, KV head, block of BLOCK_S slots), so a pass over a 13K-slot budget is
-spread over the GPU instead of walked by one program per (row, KV head) (the single fused kernel this replaces took 49 us of a 237 us H2O step at
-B8 S64K on the H100, most of it in that serial walk):
+spread over the GPU instead of walked by one program per (row, KV head) (the single fused kernel this
+replaces took 49 us of a 237 us H2O step at B8 S64K on the H100, most of it in that serial walk):
 
 1. `_slot_scan_kernel`: per block, how many slots are valid, the newest valid position and
    StreamingLLM's `sink` oldest valid positions (the block's partial statistics); H2O / SnapKV /
@@ -388,11 +388,11 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                                chained=pdl) if quest else None
     parts = slot_partials(q, pos, store, attn_mask, is_causal, scale, pages, spec.page_size if quest else 0,
                           want_logits=scored, num_splits=num_splits, bias=bias, chained=pdl)
+    bias_cols = bias.shape[-1] if bias is not None else 0
+    mask = dict(HAS_BIAS=bias is not None, CAUSAL=is_causal)
     bias = bias if bias is not None else parts.m  # (a pointer the kernels do not read)
-    bias_cols = parts.bias.shape[-1] if parts.bias is not None else 0
     ns, part_m = parts.m.shape[1], parts.m.shape[2]
     ns_p = triton.next_power_of_2(ns)
-    mask = dict(HAS_BIAS=parts.bias is not None, CAUSAL=is_causal)
     sinks = dict(PROTECT=protect, SINK=sink)
     if not quest:  # (Quest's scoring kernel did the scan)
         _slot_scan_kernel[(b * hkv, nb)](
