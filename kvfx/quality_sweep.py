@@ -45,20 +45,25 @@ def sweep_methods(formats: Sequence[str] = FORMATS, policies: Sequence[str] = PO
 
 
 def quanto_methods(bits: Sequence[int], group_size: int, residual: int) -> tuple[list[Method], list[dict]]:
-    """transformers' QuantizedCache with the optimum-quanto backend, one method per bit width, with
-    kvfx's group size and residual window (equal bits, equal grouping); skipped when quanto is missing."""
+    """transformers' QuantizedCache with the optimum-quanto backend at kvfx's group size and residual window
+    (equal bits), two methods per bit width: quanto's default axes (keys, like values, per token over groups
+    of G channels) and KIVI's (keys per channel over groups of G tokens, `axis_key=-1`: kvfx's grouping), so
+    the comparison separates the key axis KIVI prescribes from how kvfx implements it. Skipped when quanto
+    is missing."""
     try:
         import optimum.quanto  # noqa: F401  (transformers imports it lazily, inside the first cache update)
         from transformers import QuantizedCache
     except Exception as e:  # an incompatible install fails with more than ImportError
         return [], [{"method": f"transformers quanto int{b}", "reason": f"optimum-quanto unusable: {e}"} for b in bits]
 
-    def cache_of(nbits: int):
+    def cache_of(nbits: int, axis_key: int):
         return lambda config, max_cache_len: QuantizedCache(
-            backend="quanto", config=config, nbits=nbits, q_group_size=group_size, residual_length=residual)
+            backend="quanto", config=config, nbits=nbits, axis_key=axis_key, axis_value=0, q_group_size=group_size,
+            residual_length=residual)
 
-    return [Method(f"transformers quanto int{b}", f"transformers quanto int{b}", make_cache=cache_of(b))
-            for b in bits], []
+    names = {0: "transformers quanto int{}", -1: "transformers quanto int{}, keys per channel"}
+    return [Method(name.format(b), name.format(b), make_cache=cache_of(b, axis)) for b in bits
+            for axis, name in names.items()], []
 
 
 def kvpress_rows(path: str | pathlib.Path, prompts: Sequence[PasskeyPrompt]) -> list[dict]:
@@ -132,14 +137,17 @@ def merge(earlier: Mapping[str, Any], payload: dict) -> dict:
     This run's rows replace an earlier method's rows; the earlier runs' meta and settings are kept
     under "merged"; "skipped" is this run's (an earlier skip may no longer hold for this kvfx), less
     the methods an earlier run measured: a method this run could not run (an optional package
-    missing here) keeps its earlier rows rather than losing them."""
+    missing here) keeps its earlier rows rather than losing them. The earlier "notes" (what a person
+    recorded about its rows) are kept, before this run's."""
     check_mergeable(earlier, payload["task"], payload["settings"])
     now = {r["method"] for r in payload["rows"]}
     kept = [r for r in earlier["rows"] if r["method"] not in now]
     measured = {r["method"] for r in kept}
+    notes = [*earlier.get("notes", []), *payload.get("notes", [])]
     return {**payload, "rows": kept + payload["rows"],
             "skipped": [s for s in payload["skipped"] if s["method"] not in measured],
-            "merged": [*earlier.get("merged", []), {"meta": earlier["meta"], "settings": earlier["settings"]}]}
+            "merged": [*earlier.get("merged", []), {"meta": earlier["meta"], "settings": earlier["settings"]}],
+            **({"notes": notes} if notes else {})}
 
 
 def skipped_summary(skipped: Sequence[dict]) -> str:

@@ -134,6 +134,7 @@ def test_merge_keeps_earlier_methods_and_replaces_remeasured_ones():
         ("kvfx none", False), ("kvpress SnapKV @ 0.2", False), ("eager fp", True), ("kvfx snapkv @ 0.2", True)]
     assert merged["meta"] == {"commit": "new"} and merged["skipped"] == [{"method": "kvfx quest", "reason": "new"}]
     assert [m["meta"]["commit"] for m in merge(merged, _result([], "newer"))["merged"]] == ["old", "new"]
+    assert "notes" not in merged and merge(dict(merged, notes=["how"]), _result([], "newer"))["notes"] == ["how"]
     # A method this run skipped (say, an optional package missing here) keeps the rows measured before.
     skipped_now = dict(_result([], "newer"), skipped=[{"method": "kvfx none", "reason": "no package"}])
     again = merge(merged, skipped_now)
