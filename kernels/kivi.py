@@ -236,6 +236,16 @@ def quantize_values_reference(x: torch.Tensor, bits: int, group_size: int
     return pack_codes(codes.flatten(-2), bits), scale.squeeze(-1), zero.squeeze(-1)
 
 
+def round_e4m3_outward(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """x saturated to +-448 and rounded to the e4m3 value toward +inf (up) or -inf: float8_e4m3fn codes
+    of a bound that stays a bound (a max rounded up, a min down). The step 2^(e - 3) near x comes from its
+    exponent, as in `_round_e4m3_outward`, so the reference and the kernels store the same bytes."""
+    xf = x.float().clamp(-FP8_MAX, FP8_MAX)
+    step = torch.ldexp(torch.ones_like(xf), torch.frexp(xf).exponent.clamp(min=-5) - 4)  # 2^(max(e, -6) - 3)
+    t = xf / step  # exact: a power of two
+    return ((torch.ceil(t) if up else torch.floor(t)) * step).to(torch.float8_e4m3fn)
+
+
 def quantize_fp8_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., D] / scale (broadcast), saturated to the e4m3 range -> float8_e4m3fn codes."""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -426,19 +436,36 @@ def _quantize(x, low, high, BITS: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_exponent(y):
+    """floor(log2 |y|), at least -6: e4m3 values near y are spaced 2^(e - 3) (3 mantissa bits; 2^-9 for
+    subnormals below 2^-6). From the exponent bits, not log2 / exp2, which are approximate on the GPU."""
+    return tl.maximum(((tl.abs(y).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+
+
+@triton.jit
 def _round_e4m3(y):
     """y (|y| <= 448) rounded to the nearest e4m3 value, ties to even (as torch), so the cast is exact.
 
     Why by hand: the interpreter's fp32 -> fp8 cast drops the carry when the mantissa rounds up
-    (127.2 -> 64). The step 2^(e - 3) (3 mantissa bits; 2^-9 for subnormals below 2^-6) is built
-    from the exponent bits, not log2 / exp2, which are approximate on the GPU.
+    (127.2 -> 64).
     """
     a = tl.abs(y)
-    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # floor(log2 |y|)
+    e = _e4m3_exponent(y)
     t = a * ((130 - e) << 23).to(tl.float32, bitcast=True)  # a / 2^(e - 3), exact
     r = tl.floor(t + 0.5)
     r = tl.where((r - t == 0.5) & (r % 2 == 1), r - 1.0, r) * ((124 + e) << 23).to(tl.float32, bitcast=True)
     return tl.where(y < 0, -r, r)
+
+
+@triton.jit
+def _round_e4m3_outward(y, UP: tl.constexpr):
+    """`round_e4m3_outward`: y saturated to +-448, rounded to e4m3 toward +inf (UP) or -inf, in fp32
+    (an e4m3 value, so the cast is exact)."""
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    e = _e4m3_exponent(y)
+    t = y * ((130 - e) << 23).to(tl.float32, bitcast=True)  # y / 2^(e - 3), exact
+    r = tl.ceil(t) if UP else tl.floor(t)
+    return r * ((124 + e) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -58,6 +58,7 @@ class PolicySpec:
     page_size: int
     pages: int | float
     page_pool: int
+    page_bounds: str
 
     @staticmethod
     @lru_cache(maxsize=64)
@@ -157,9 +158,11 @@ def quest_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
     are misread (1K/2K passkey at 1/8 of the pages: 2/6 -> 5/6)."""
     b, hkv, c = slot_pos.shape
     # sum_d max(q_d min_d, q_d max_d) = relu(q) . max + min(q, 0) . min: two small matmuls.
-    # In the bounds' dtype (no fp32 copy of them): the bound only ranks pages.
-    qd = q.to(page_min.dtype)
-    scores = (qd.clamp(min=0) @ page_max.transpose(-1, -2)).float() + (qd.clamp(max=0) @ page_min.transpose(-1, -2)).float()
+    # In the bounds' dtype (no fp32 copy of them: the bound only ranks pages); fp8 bounds need a copy anyway,
+    # in fp32 as the scoring kernel's (at bf16 the coarse fp8 bounds tie pages the kernel tells apart).
+    dtype = torch.float32 if page_min.dtype == torch.float8_e4m3fn else page_min.dtype
+    qd, low, high = q.to(dtype), page_min.to(dtype), page_max.to(dtype)
+    scores = (qd.clamp(min=0) @ high.transpose(-1, -2)).float() + (qd.clamp(max=0) @ low.transpose(-1, -2)).float()
     scores = scores.sum(2)  # [B, Hkv, NP]
     pages = slot_pos.view(b, hkv, -1, spec.page_size)
     live = (pages >= 0).any(-1)

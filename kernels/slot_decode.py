@@ -40,7 +40,7 @@ import triton.language as tl
 
 from kvfx.kernels.decode_attention import LOG2E
 from kvfx.kernels.int8 import _quantize_int8_row
-from kvfx.kernels.kivi import TL_DTYPES, _pack, _quantize, _round_e4m3, _round_to
+from kvfx.kernels.kivi import TL_DTYPES, _pack, _quantize, _round_e4m3, _round_e4m3_outward, _round_to
 from kvfx.kernels.slot_attention import _chain, _visible
 
 SCORED = ("h2o", "snapkv", "pyramidkv")
@@ -273,6 +273,16 @@ def _slot_select_kernel(new_pos_ptr, bias_ptr, slot_pos_ptr, score_ptr, stats_pt
 
 
 @triton.jit
+def _page_bound(x, UP: tl.constexpr, FP8: tl.constexpr, DTYPE: tl.constexpr):
+    """A Quest page bound (fp32) as stored: DTYPE, or e4m3 rounded outward (`token_store._as_bound`)."""
+    if FP8:  # (one return: the compiler unifies the types of every return statement)
+        bound = _round_e4m3_outward(x, UP).to(tl.float8e4nv)
+    else:
+        bound = x.to(DTYPE)
+    return bound
+
+
+@triton.jit
 def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_pos_ptr, bias_ptr,
                         k_codes, k_params, v_codes, v_params, slot_pos_ptr, score_ptr, page_min_ptr, page_max_ptr,
                         stats_ptr, low_ptr, at_ptr, out_ptr, C, NS, NB, HKV, BIAS_COLS, qk_scale, RECENT,
@@ -280,7 +290,7 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
                         D: tl.constexpr, NB_P: tl.constexpr, PROTECT: tl.constexpr, SINK: tl.constexpr,
                         SINK_BLOCK: tl.constexpr, SCORED: tl.constexpr, MEAN: tl.constexpr, CODEC: tl.constexpr,
                         BITS: tl.constexpr, G: tl.constexpr, DTYPE: tl.constexpr, PAGE: tl.constexpr, BLOCK_P: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PDL: tl.constexpr):
+                        BOUNDS_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PDL: tl.constexpr):
     """Program bh = (row, KV head): the output, the victim, the write of the new token."""
     _chain(PDL)
     bh = tl.program_id(0)
@@ -344,8 +354,10 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
             bound = (bh * tl.cdiv(C, PAGE) + page) * D + d
             page_low = tl.load(page_min_ptr + bound).to(tl.float32)
             page_high = tl.load(page_max_ptr + bound).to(tl.float32)
-            tl.store(page_min_ptr + bound, tl.where(others, tl.minimum(page_low, key), key).to(DTYPE))
-            tl.store(page_max_ptr + bound, tl.where(others, tl.maximum(page_high, key), key).to(DTYPE))
+            tl.store(page_min_ptr + bound, _page_bound(tl.where(others, tl.minimum(page_low, key), key), False,
+                                                       BOUNDS_FP8, DTYPE))
+            tl.store(page_max_ptr + bound, _page_bound(tl.where(others, tl.maximum(page_high, key), key), True,
+                                                       BOUNDS_FP8, DTYPE))
 
 
 def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
@@ -415,7 +427,8 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
         hkv, bias_cols, scale * LOG2E, recent, GQ=gq, BLOCK_G=triton.next_power_of_2(gq), PART_M=part_m, NS_P=ns_p,
         D=d, NB_P=nb_p, SINK_BLOCK=sink_block, SCORED=scored, MEAN=mean, CODEC=codec.kv, BITS=codec.bits,
         G=codec.group_size if codec.kv in ("int4", "int2") else 1, DTYPE=TL_DTYPES[store.dtype], PAGE=page,
-        BLOCK_P=triton.next_power_of_2(max(page, 1)), **sinks, **mask, **chain, num_warps=4)
+        BLOCK_P=triton.next_power_of_2(max(page, 1)), BOUNDS_FP8=store.page_min.dtype == torch.float8_e4m3fn,
+        **sinks, **mask, **chain, num_warps=4)
     return out
 
 

@@ -14,7 +14,8 @@ Tensors of a store for B rows, H KV heads, C slots, head dim D (all contiguous):
                         (scales, zeros) per channel group (int4/int2), scale (fp8), [..., 0] ("none")
     slot_pos            [B, H, C] int32: the token's logical position, -1 = empty
     score               [B, H, C] fp32: accumulated attention (H2O) / prompt score (SnapKV)
-    page_min, page_max  [B, H, ceil(C / P), D] model dtype: Quest's per-page key bounds ([0] otherwise)
+    page_min, page_max  [B, H, ceil(C / P), D] model dtype (`page_bounds="fp8"`: e4m3, rounded outward):
+                        Quest's per-page key bounds ([0] otherwise)
 
 Quest's bounds come from the keys as they arrive, before quantization: a written token widens its
 page's bounds to its key (or sets them, when no other slot of the page holds a token), and a bulk refill
@@ -32,7 +33,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference
-from kvfx.kernels.kivi import FP8_MAX, quantize_asym_reference, pack_codes, unpack_codes
+from kvfx.kernels.kivi import FP8_MAX, quantize_asym_reference, pack_codes, round_e4m3_outward, unpack_codes
 from kvfx.kernels.policies import PolicySpec
 from kvfx.kernels.quest import QUEST_MAX_PAGES
 
@@ -160,12 +161,12 @@ class TokenStore:
         page = slot // p
         held = self.slot_pos.view(b, h, c // p, p).gather(2, page[..., None].expand(b, h, 1, p))
         others = ((held >= 0) & (torch.arange(p, device=slot.device) != slot[..., None] % p)).any(-1, keepdim=True)
-        key = k_new.to(self.page_min.dtype)
+        key = k_new.float()
         index = page[..., None].expand(b, h, 1, key.shape[-1])
-        for bound, widen in ((self.page_min, torch.minimum), (self.page_max, torch.maximum)):
-            old = bound.gather(2, index)
-            new = torch.where(others, widen(old, key), key)
-            bound.scatter_(2, index, torch.where(keep[..., None], new, old))
+        for bound, widen, up in ((self.page_min, torch.minimum, False), (self.page_max, torch.maximum, True)):
+            old = _bytes(bound).gather(2, index).view(bound.dtype).float()
+            new = torch.where(keep[..., None], torch.where(others, widen(old, key), key), old)
+            _bytes(bound).scatter_(2, index, _bytes(_as_bound(new, up, bound.dtype)))
 
     def _refill_bounds(self, cand: torch.Tensor, source: torch.Tensor, k_new: torch.Tensor, n_old: int) -> None:
         """Quest's bounds after `write` refills the slots (cand: each slot's index among the candidates,
@@ -174,11 +175,12 @@ class TokenStore:
         b, h, c = self.slot_pos.shape
         p = self.page_size
         live = (source >= 0).view(b, h, c // p, p, 1)
-        for bound, fill, reduce in ((self.page_min, float("inf"), torch.amin), (self.page_max, float("-inf"), torch.amax)):
-            per_slot = torch.cat([bound.repeat_interleave(p, 2)[:, :, :n_old], k_new.to(bound.dtype)], 2)
+        for bound, fill, reduce, up in ((self.page_min, float("inf"), torch.amin, False),
+                                        (self.page_max, float("-inf"), torch.amax, True)):
+            per_slot = torch.cat([bound.float().repeat_interleave(p, 2)[:, :, :n_old], k_new.float()], 2)
             per_slot = per_slot.gather(2, cand[..., None].expand(b, h, c, per_slot.shape[-1]))
             page = reduce(per_slot.view(b, h, c // p, p, -1).masked_fill(~live, fill), 3)
-            bound.copy_(page.masked_fill(~live.any(3), 0.0))
+            bound.copy_(_as_bound(page.masked_fill(~live.any(3), 0.0), up, bound.dtype))
 
     def bound_pages(self) -> None:
         """Quest's bounds of every page from the keys held, dequantized (for a store whose slots were set
@@ -190,8 +192,19 @@ class TokenStore:
         live = (self.slot_pos >= 0).view(b, h, c // p, p, 1)
         low = keys.masked_fill(~live, float("inf")).amin(3).nan_to_num(0.0, posinf=0.0)
         high = keys.masked_fill(~live, float("-inf")).amax(3).nan_to_num(0.0, neginf=0.0)
-        self.page_min.copy_(low)
-        self.page_max.copy_(high)
+        self.page_min.copy_(_as_bound(low, False, self.page_min.dtype))
+        self.page_max.copy_(_as_bound(high, True, self.page_max.dtype))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """t, or its bytes when fp8 (gather / scatter have no fp8 kernels)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _as_bound(x: torch.Tensor, up: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Quest's page bound x (fp32) as stored: in `dtype`, or e4m3 rounded outward (`page_bounds="fp8"`)
+    so that a max stays >= and a min <= every key of its page."""
+    return round_e4m3_outward(x, up) if dtype == torch.float8_e4m3fn else x.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -237,7 +250,8 @@ class TokenFormat:
             return torch.zeros((b, h, c, codec.param_width(d)), dtype=dtype, device=device)
 
         def bounds():
-            return torch.zeros((b, h, pages, d) if pages else (0,), dtype=dtype, device=device)
+            bound_dtype = torch.float8_e4m3fn if spec.page_bounds == "fp8" else dtype
+            return torch.zeros((b, h, pages, d) if pages else (0,), dtype=bound_dtype, device=device)
 
         return TokenStore(codes(), params(), codes(), params(),
                           torch.full((b, h, c), -1, dtype=torch.int32, device=device),

@@ -46,7 +46,10 @@ class KVConfig:
         whole after its anchor word, docs/ARCHITECTURE.md); PyramidKV shrinks the budget with depth by
         `beta`), ``"quest"`` (keeps all, reads the top `pages` pages of `page_size` tokens per decode
         step, ranked by their bound max-pooled over `page_pool` neighbouring pages, so a key that
-        straddles a page boundary is read whole; 1: the paper's ranking). `budget`: tokens kept per
+        straddles a page boundary is read whole; 1: the paper's ranking; `page_bounds` ``"model"`` keeps
+        the pages' key bounds in the model dtype, ``"fp8"`` in e4m3 rounded outward, so they stay bounds:
+        half the bytes each step's page scoring reads and half Quest's memory over the cache, for a
+        slightly coarser ranking). `budget`: tokens kept per
         layer and KV head, a count (int) or a fraction of the prompt (float in (0, 1]); eviction
         policies need one.
     strict:
@@ -73,6 +76,7 @@ class KVConfig:
     page_size: int = 16
     pages: int | float = 0.125
     page_pool: int = 3
+    page_bounds: str = "model"
     strict: bool = False
     cudagraphs: bool = False
 
@@ -132,6 +136,7 @@ class KVConfig:
         if not _is_int(self.page_pool) or self.page_pool < 1 or self.page_pool % 2 == 0:
             raise KVConfigError(f"kvfx option 'page_pool' got {self.page_pool!r}; valid: an odd integer >= 1 "
                                 "(1: Quest's own ranking, 3: the default)")
+        _check_choice("page_bounds", self.page_bounds, ("model", "fp8"))
         if not _is_budget(self.pages):
             raise KVConfigError(f"kvfx option 'pages' got {self.pages!r}; valid: a page count >= 1 or a "
                                 "fraction of the cache's pages in (0, 1] (e.g. 0.125)")

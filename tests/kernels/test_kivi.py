@@ -6,11 +6,13 @@ GPU they run on it (set TRITON_INTERPRET=0 and KVFX_HYPOTHESIS_EXAMPLES for more
 import hypothesis.strategies as st
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import assume, given
 
-from kvfx.kernels.kivi import (KiviStore, dequantize_reference, pack_codes, quantize_asym_reference,
-                               quantize_fp8_reference, quantized_length, store_write_reference,
-                               store_write_triton, unpack_codes)
+from kvfx.kernels.kivi import (KiviStore, _round_e4m3_outward, dequantize_reference, pack_codes,
+                               quantize_asym_reference, quantize_fp8_reference, quantized_length,
+                               round_e4m3_outward, store_write_reference, store_write_triton, unpack_codes)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -191,6 +193,33 @@ def test_fp8_codes_round_like_torch_across_the_e4m3_range():
     store_write_triton(store, x, x, 0)
     assert store.k_scale.item() == 1.0
     assert torch.equal(store.k_codes.float(), x.to(torch.float8_e4m3fn).float())
+
+
+@triton.jit
+def _outward_kernel(x_ptr, up_ptr, down_ptr, N: tl.constexpr):
+    x = tl.load(x_ptr + tl.arange(0, N))
+    tl.store(up_ptr + tl.arange(0, N), _round_e4m3_outward(x, True).to(tl.float8e4nv))
+    tl.store(down_ptr + tl.arange(0, N), _round_e4m3_outward(x, False).to(tl.float8e4nv))
+
+
+def test_outward_e4m3_rounding_is_the_nearest_bound_in_torch_and_triton():
+    """Quest's fp8 page bounds: x rounded up is the smallest e4m3 value >= x, rounded down the largest <= x
+    (x saturated to +-448), in the reference and the kernels' helper alike: every e4m3 value, values just
+    off each one, midpoints, subnormals, zeros of both signs and values past the range."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].unique()  # ascending
+    mid = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([grid, grid * (1 + 2**-20), grid * (1 - 2**-20), mid, torch.tensor([-0.0, 1e-30, -1e-30, 500.0,
+                                                                                     -1e4, 448.1, -448.1])])
+    x = torch.cat([x, x[:1].expand(triton.next_power_of_2(x.numel()) - x.numel())])
+    clamped = x.clamp(-448, 448)
+    want_up = grid[torch.searchsorted(grid, clamped, right=False)]
+    want_down = grid[torch.searchsorted(grid, clamped, right=True) - 1]
+    for up, want in ((True, want_up), (False, want_down)):
+        assert torch.equal(round_e4m3_outward(x, up).float(), want)
+    up, down = (torch.empty(x.numel(), dtype=torch.float8_e4m3fn, device=DEVICE) for _ in range(2))
+    _outward_kernel[(1,)](x.to(DEVICE), up, down, N=x.numel())
+    assert torch.equal(up.float().cpu(), want_up) and torch.equal(down.float().cpu(), want_down)
 
 
 def test_constant_input_is_exact_for_every_format():

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 from kvfx.kernels.attention import attend_reference
+from kvfx.kernels.kivi import round_e4m3_outward
 from kvfx.kernels.policies import PolicySpec, choose_kept, policy_attend_reference, quest_pages
 from kvfx.kernels.token_store import TokenCodec
 
@@ -212,14 +213,16 @@ def test_quest_reads_only_the_chosen_pages():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kv", ["int4", "int2", "int8", "fp8"])
-def test_quest_bounds_are_those_of_the_keys_before_quantization(kv):
+@pytest.mark.parametrize("kv, bounds", [("int4", "model"), ("int2", "model"), ("int8", "model"), ("fp8", "model"),
+                                        ("int4", "fp8")])
+def test_quest_bounds_are_those_of_the_keys_before_quantization(kv, bounds):
     """Quest's page bounds follow the keys as they arrive, not their codes: after a prompt (bulk write)
     and after decode steps (one-token writes, a page filled past its prompt tokens), each page holds
-    the min / max of its true keys, which its dequantized keys do not reach."""
+    the min / max of its true keys, which its dequantized keys do not reach; with `page_bounds="fp8"`,
+    those rounded outward (the max up, the min down) to e4m3."""
     b, hkv, d, n, prompt = 1, 2, 32, 64, 52
     fmt, store = make_store(n, b, hkv, d, layer=5, layers=8, kv=kv, group_size=16, policy="quest", page_size=8,
-                            pages=2)
+                            pages=2, page_bounds=bounds)
     q, k, v = sequence(b, 2 * hkv, hkv, n, d, 7)
     run(fmt, store, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], 0, layer=5, layers=8)
     for t in range(prompt, prompt + 6):
@@ -227,10 +230,13 @@ def test_quest_bounds_are_those_of_the_keys_before_quantization(kv):
     held_k = k[:, :, :prompt + 6]
     pages = torch.nn.functional.pad(held_k, (0, 0, 0, n - held_k.shape[2]), value=float("nan")).unflatten(2, (-1, 8))
     want_max, want_min = pages.nan_to_num(-torch.inf).amax(3)[:, :, :8], pages.nan_to_num(torch.inf).amin(3)[:, :, :8]
-    assert torch.equal(store.page_max, want_max) and torch.equal(store.page_min, want_min)
-    from_codes = store.page_max.clone()
+    if bounds == "fp8":
+        assert store.page_max.dtype == torch.float8_e4m3fn
+        want_max, want_min = round_e4m3_outward(want_max, True), round_e4m3_outward(want_min, False)
+    assert torch.equal(store.page_max.float(), want_max.float()) and torch.equal(store.page_min.float(), want_min.float())
+    from_codes = store.page_max.float().clone()
     store.bound_pages()  # the bounds of the dequantized keys: not the same
-    assert not torch.equal(store.page_max, from_codes)
+    assert not torch.equal(store.page_max.float(), from_codes)
 
 
 def test_quest_always_reads_the_oldest_page():
@@ -287,6 +293,7 @@ def test_policy_attend_opcheck():
     ({"policy": "h2o", "budget": 8, "h2o_score": "max"}, ["'h2o_score'", "'max'", "'mean'", "'sum'"]),
     ({"policy": "quest", "pages": 0}, ["'pages'", "0"]),
     ({"policy": "quest", "page_pool": 2}, ["'page_pool'", "2", "odd integer >= 1"]),
+    ({"policy": "quest", "page_bounds": "fp16"}, ["'page_bounds'", "'fp16'", "'model'", "'fp8'"]),
     ({"policy": "snapkv", "budget": 0.2, "pooling": "median"}, ["'pooling'", "'median'", "'max'", "'avg'"]),
     ({"policy": "snapkv", "budget": 0.2, "pool_kernel": 8}, ["'pool_kernel'", "8", "odd integer >= 1"]),
     ({"policy": "snapkv", "budget": 0.2, "pool_kernel": 0}, ["'pool_kernel'", "0", "odd integer >= 1"]),

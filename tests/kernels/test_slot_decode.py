@@ -44,7 +44,11 @@ def random_store(fmt, b, hkv, cache_len, d, empty, gen, layer=3, layers=4, order
 
 def assert_same_store(got, want):
     for name in ("slot_pos", "k_params", "v_params", "score", "page_min", "page_max"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-4, msg=name)
+        a, b = getattr(got, name), getattr(want, name)
+        if a.dtype == torch.float8_e4m3fn:  # Quest's fp8 bounds, rounded outward: bit-exact
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
     for name in ("k_codes", "v_codes"):  # bit-exact (fp8 compared as bytes)
         a, b = getattr(got, name), getattr(want, name)
         if a.dtype == torch.float8_e4m3fn:
@@ -89,16 +93,18 @@ def test_fused_step_equals_the_reference(policy, kv, b, hkv, g, budget, empty, o
 
 @pytest.mark.parametrize("layer", [0, 3])  # dense, sparse
 @pytest.mark.parametrize("mask", ["causal", "row"])
-@pytest.mark.parametrize("kv, page, block_s", [("none", 4, 16), ("int4", 4, 16), ("none", 3, 8), ("int4", 4, None)])
-def test_quest_step_fills_in_order_up_to_capacity_and_past_it(kv, page, block_s, mask, layer):
+@pytest.mark.parametrize("kv, page, block_s, bounds", [("none", 4, 16, "model"), ("int4", 4, 16, "fp8"),
+                                                       ("none", 3, 8, "fp8"), ("int4", 4, None, "model")])
+def test_quest_step_fills_in_order_up_to_capacity_and_past_it(kv, page, block_s, bounds, mask, layer):
     """Quest's scan chooses the free slot and the victim itself (no select pass): rows filled in order to
     different counts (left padding), stepped until every row is full and past it (the reference then drops
     the oldest token); a row mask that hides old tokens empties their slots, which the next steps refill.
     Sparse layers scan in the page-scoring kernel, in blocks of whole pages: several blocks of 16 slots,
-    blocks of 2 pages of 3 slots (not a power of two), or the default (one block here)."""
+    blocks of 2 pages of 3 slots (not a power of two), or the default (one block here). fp8 page bounds: the
+    finish kernel widens them to the new key rounded outward, to the reference's bytes."""
     gen = torch.Generator().manual_seed(0)
     d, cache_len, steps, start = 64, 48, 4, 60
-    fmt = kvfx.KVConfig(kv=kv, policy="quest", page_size=page, pages=3).format
+    fmt = kvfx.KVConfig(kv=kv, policy="quest", page_size=page, pages=3, page_bounds=bounds).format
     fast = fmt.allocate((3, 2, cache_len, d), torch.float32, torch.device("cpu"), layer, 4)
     cap = fast.slot_pos.shape[-1]
     for codes, params in ((fast.k_codes, fast.k_params), (fast.v_codes, fast.v_params)):
@@ -120,15 +126,20 @@ def test_quest_step_fills_in_order_up_to_capacity_and_past_it(kv, page, block_s,
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         assert_same_store(fast, slow)
     assert (fast.slot_pos.max(-1).values == start + steps - 1).all()  # every row took the last token
+    if kv == "none":  # the bounds still hold every live key of their page (fp8: rounded outward)
+        keys = fast.k_codes.view(3, 2, -1, page, d)
+        live = (fast.slot_pos >= 0).view(3, 2, -1, page, 1)
+        assert (keys.masked_fill(~live, -math.inf) <= fast.page_max.float()[:, :, :, None]).all()
+        assert (keys.masked_fill(~live, math.inf) >= fast.page_min.float()[:, :, :, None]).all()
 
 
 @settings(max_examples=15, deadline=None)
 @given(b=st.integers(1, 2), hkv=st.integers(1, 2), g=st.integers(1, 4), page=st.sampled_from([2, 4, 5]),
        pages=st.integers(1, 12), cache_len=st.integers(8, 80), empty=st.floats(0.0, 0.95),
-       pool=st.sampled_from([1, 3, 5]), seed=st.integers(0, 99))
-def test_quest_kernels_choose_the_reference_pages(b, hkv, g, page, pages, cache_len, empty, pool, seed):
+       pool=st.sampled_from([1, 3, 5]), bounds=st.sampled_from(["model", "fp8"]), seed=st.integers(0, 99))
+def test_quest_kernels_choose_the_reference_pages(b, hkv, g, page, pages, cache_len, empty, pool, bounds, seed):
     gen = torch.Generator().manual_seed(seed)
-    fmt = kvfx.KVConfig(policy="quest", page_size=page, pages=pages, page_pool=pool).format
+    fmt = kvfx.KVConfig(policy="quest", page_size=page, pages=pages, page_pool=pool, page_bounds=bounds).format
     store = random_store(fmt, b, hkv, cache_len + 8, 64, empty, gen)
     q = torch.randn(b, hkv * g, 1, 64, generator=gen)
     got = quest_pages_triton(q, store, fmt.spec).long()

@@ -1,5 +1,6 @@
 """The decode kernels compile for an H100 (sm_90: PTX and cubin) on this CPU machine: the policy
-kernels (every codec; int4/int2 at head dims 64 and 128, group sizes 32 and 64), the positional
+kernels (every codec; int4/int2 at head dims 64 and 128, group sizes 32 and 64; Quest's page bounds in
+bf16 and fp8), the positional
 and KIVI decode attention of `kvfx::attend` / `kvfx::kivi_attend` with a mask bias, the split
 combine, the int8 write and the fp8 first-write scale.
 
@@ -39,6 +40,7 @@ for codec, codes, bits, d, g, index, protect in (("int4", "*u8", 4, 128, 32, "no
                                                  ("fp8", "*fp8e4nv", 8, 128, 32, "pages", "none"),
                                                  ("int8", "*u8", 8, 128, 32, "slots", "sink")):
     pw = int(codec in ("int4", "int2"))
+    bounds = "*fp8e4nv" if codec == "fp8" else bf  # Quest's page bounds (`page_bounds`), finish kernel
     launch = STORE_LAUNCH[codec]  # as slot_partials launches it over a store
     build(_slot_attention_kernel, dict(q_ptr=bf, k_ptr=codes, v_ptr=codes, kp_ptr=i32 if pw else bf, vp_ptr=i32 if pw else bf,
                                        pos_ptr=i32, idx_ptr=i32, bias_ptr=f32, new_pos_ptr="*i64", m_ptr=f32, l_ptr=f32,
@@ -58,12 +60,15 @@ for codec, codes, bits, d, g, index, protect in (("int4", "*u8", 4, 128, 32, "no
           dict(NB_P=32, BLOCK_S=512, SINK_BLOCK=4, **policy), launch_pdl=True)
     build(_slot_finish_kernel, dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, q_ptr=bf, k_new_ptr=bf, v_new_ptr=bf,
                                     new_pos_ptr="*i64", bias_ptr=f32, k_codes=codes, k_params=bf, v_codes=codes,
-                                    v_params=bf, slot_pos_ptr=i32, score_ptr=f32, page_min_ptr=bf, page_max_ptr=bf,
-                                    stats_ptr=i32, low_ptr=f32, at_ptr=i32, out_ptr=bf, qk_scale="fp32"),
+                                    v_params=bf, slot_pos_ptr=i32, score_ptr=f32, page_min_ptr=bounds,
+                                    page_max_ptr=bounds, stats_ptr=i32, low_ptr=f32, at_ptr=i32, out_ptr=bf,
+                                    qk_scale="fp32"),
           dict(GQ=4, BLOCK_G=4, PART_M=16, NS_P=32, D=d, NB_P=32, SINK_BLOCK=4, CODEC=codec, BITS=bits, G=g,
-               DTYPE=tl.bfloat16, PAGE=16 if protect == "none" else 0, BLOCK_P=16, **policy), launch_pdl=True)
-for scan, has_bias in ((False, False), (True, False), (True, True)):  # alone; with the step's scan
-    build(_quest_score_kernel, dict(q_ptr=bf, min_ptr=bf, max_ptr=bf, slot_pos_ptr=i32, page_score_ptr=f32,
+               DTYPE=tl.bfloat16, PAGE=16 if protect == "none" else 0, BLOCK_P=16, BOUNDS_FP8=bounds != bf, **policy),
+          launch_pdl=True)
+# alone; with the step's scan; Quest's bounds in the model dtype or in fp8 (`page_bounds`)
+for scan, has_bias, bounds in ((False, False, bf), (True, False, "*fp8e4nv"), (True, True, bf)):
+    build(_quest_score_kernel, dict(q_ptr=bf, min_ptr=bounds, max_ptr=bounds, slot_pos_ptr=i32, page_score_ptr=f32,
                                     newest_ptr=i32, new_pos_ptr="*i64", bias_ptr=f32, score_ptr=f32, stats_ptr=i32,
                                     low_ptr=f32, at_ptr=i32),
           dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=32, SCAN=scan, HAS_BIAS=has_bias, CAUSAL=True,
