@@ -4,8 +4,9 @@ Each KV head scores the pages of `page_size` slots by the bound sum_d max(q_d mi
 over its g query heads. Since min_d and max_d do not depend on the head, the sum over heads moves inside:
 sum_d relu(Q)_d max_d + min(Q, 0)_d min_d with relu(Q) = sum_g relu(q_g) and min(Q, 0) likewise, one
 multiply-add per bound element and no matmul (fp32; the reference's matmuls run in the bounds' dtype,
-so near-ties may rank differently on bf16). `_quest_score_kernel` spreads the pages of a head over many
-programs (the bounds are 1/8 of the keys' bytes at P = 16) and also writes each page's newest position;
+fp32 for fp8 bounds, so near-ties may rank differently on bf16). `_quest_score_kernel` spreads the pages
+of a head over many programs (the bounds are 1/8 of the keys' bytes at P = 16, 1/16 with
+`page_bounds="fp8"`) and also writes each page's newest position;
 `_quest_select_kernel`, one program per head, finds the k-th largest score exactly (a bisection over the
 scores' order-preserving integer keys in registers, at most 32 counting steps, fewer when a step lands
 between the k-th and the (k+1)-th key), keeps the pages above it and the lowest-numbered ties, and

@@ -161,7 +161,7 @@ class TokenStore:
         page = slot // p
         held = self.slot_pos.view(b, h, c // p, p).gather(2, page[..., None].expand(b, h, 1, p))
         others = ((held >= 0) & (torch.arange(p, device=slot.device) != slot[..., None] % p)).any(-1, keepdim=True)
-        key = k_new.float()
+        key = k_new.to(self.dtype).float()  # the key as stored and as the finish kernel widens by it
         index = page[..., None].expand(b, h, 1, key.shape[-1])
         for bound, widen, up in ((self.page_min, torch.minimum, False), (self.page_max, torch.maximum, True)):
             old = _bytes(bound).gather(2, index).view(bound.dtype).float()
@@ -177,7 +177,7 @@ class TokenStore:
         live = (source >= 0).view(b, h, c // p, p, 1)
         for bound, fill, reduce, up in ((self.page_min, float("inf"), torch.amin, False),
                                         (self.page_max, float("-inf"), torch.amax, True)):
-            per_slot = torch.cat([bound.float().repeat_interleave(p, 2)[:, :, :n_old], k_new.float()], 2)
+            per_slot = torch.cat([bound.float().repeat_interleave(p, 2)[:, :, :n_old], k_new.to(self.dtype).float()], 2)
             per_slot = per_slot.gather(2, cand[..., None].expand(b, h, c, per_slot.shape[-1]))
             page = reduce(per_slot.view(b, h, c // p, p, -1).masked_fill(~live, fill), 3)
             bound.copy_(_as_bound(page.masked_fill(~live.any(3), 0.0), up, bound.dtype))

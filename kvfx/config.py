@@ -47,9 +47,9 @@ class KVConfig:
         `beta`), ``"quest"`` (keeps all, reads the top `pages` pages of `page_size` tokens per decode
         step, ranked by their bound max-pooled over `page_pool` neighbouring pages, so a key that
         straddles a page boundary is read whole; 1: the paper's ranking; `page_bounds` ``"model"`` keeps
-        the pages' key bounds in the model dtype, ``"fp8"`` in e4m3 rounded outward, so they stay bounds:
-        half the bytes each step's page scoring reads and half Quest's memory over the cache, for a
-        slightly coarser ranking). `budget`: tokens kept per
+        the pages' key bounds in the model dtype, ``"fp8"`` in e4m3 rounded outward, so they stay bounds
+        (of keys within +-448, e4m3's range): half the bytes each step's page scoring reads and half
+        Quest's memory over the cache, for a slightly coarser ranking). `budget`: tokens kept per
         layer and KV head, a count (int) or a fraction of the prompt (float in (0, 1]); eviction
         policies need one.
     strict:

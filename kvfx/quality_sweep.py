@@ -47,21 +47,22 @@ def sweep_methods(formats: Sequence[str] = FORMATS, policies: Sequence[str] = PO
 def quanto_methods(bits: Sequence[int], group_size: int, residual: int) -> tuple[list[Method], list[dict]]:
     """transformers' QuantizedCache with the optimum-quanto backend at kvfx's group size and residual window
     (equal bits), two methods per bit width: quanto's default axes (keys, like values, per token over groups
-    of G channels) and KIVI's (keys per channel over groups of G tokens, `axis_key=-1`: kvfx's grouping), so
-    the comparison separates the key axis KIVI prescribes from how kvfx implements it. Skipped when quanto
-    is missing."""
+    of G channels) and KIVI's (`axis_key=-1`: keys per channel over groups of G tokens, kvfx's grouping, when
+    the cache's length is a multiple of G, since quanto groups the flattened rows), so the comparison
+    separates the key axis KIVI prescribes from how kvfx implements it. Skipped when quanto is missing."""
+    names = {0: "transformers quanto int{}", -1: "transformers quanto int{}, keys per channel"}
     try:
         import optimum.quanto  # noqa: F401  (transformers imports it lazily, inside the first cache update)
         from transformers import QuantizedCache
     except Exception as e:  # an incompatible install fails with more than ImportError
-        return [], [{"method": f"transformers quanto int{b}", "reason": f"optimum-quanto unusable: {e}"} for b in bits]
+        return [], [{"method": name.format(b), "reason": f"optimum-quanto unusable: {e}"} for b in bits
+                    for name in names.values()]
 
     def cache_of(nbits: int, axis_key: int):
         return lambda config, max_cache_len: QuantizedCache(
             backend="quanto", config=config, nbits=nbits, axis_key=axis_key, axis_value=0, q_group_size=group_size,
             residual_length=residual)
 
-    names = {0: "transformers quanto int{}", -1: "transformers quanto int{}, keys per channel"}
     return [Method(name.format(b), name.format(b), make_cache=cache_of(b, axis)) for b in bits
             for axis, name in names.items()], []
 

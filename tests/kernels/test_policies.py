@@ -233,7 +233,8 @@ def test_quest_bounds_are_those_of_the_keys_before_quantization(kv, bounds):
     if bounds == "fp8":
         assert store.page_max.dtype == torch.float8_e4m3fn
         want_max, want_min = round_e4m3_outward(want_max, True), round_e4m3_outward(want_min, False)
-    assert torch.equal(store.page_max.float(), want_max.float()) and torch.equal(store.page_min.float(), want_min.float())
+    assert torch.equal(store.page_max.float(), want_max.float())
+    assert torch.equal(store.page_min.float(), want_min.float())
     from_codes = store.page_max.float().clone()
     store.bound_pages()  # the bounds of the dequantized keys: not the same
     assert not torch.equal(store.page_max.float(), from_codes)

@@ -2,6 +2,7 @@
 against the model's own forward, and methods kvfx cannot run reported as skipped."""
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from kvfx.models import tiny_model, tiny_tokenizer
 from kvfx.quality import (EAGER, FILLER, NEEDLE, evaluate_passkey, evaluate_perplexity, kvfx_method, passkey_correct,
                           passkey_prompt, passkey_prompts, perplexity)
 from kvfx.quality_report import plot, table
-from kvfx.quality_sweep import kvpress_comparison, kvpress_rows, merge
+from kvfx.quality_sweep import kvpress_comparison, kvpress_rows, merge, quanto_methods
 
 VOCAB = 320
 
@@ -141,3 +142,12 @@ def test_merge_keeps_earlier_methods_and_replaces_remeasured_ones():
     assert [r["method"] for r in again["rows"]] == [r["method"] for r in merged["rows"]] and again["skipped"] == []
     with pytest.raises(ValueError, match="other settings \\(depths, seed differ\\)"):
         merge(earlier, _result([], "new", depths=[0.9], seed=1))
+
+
+def test_quanto_methods_name_both_key_axes_when_skipped(monkeypatch):
+    """Without optimum-quanto every method it would have run is reported skipped, at both key axes."""
+    monkeypatch.setitem(sys.modules, "optimum.quanto", None)  # import fails
+    methods, skipped = quanto_methods([4, 2], 32, 128)
+    assert methods == [] and [s["method"] for s in skipped] == [
+        "transformers quanto int4", "transformers quanto int4, keys per channel", "transformers quanto int2",
+        "transformers quanto int2, keys per channel"]
