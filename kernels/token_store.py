@@ -121,8 +121,7 @@ class TokenStore:
         new_score = score.gather(-1, cand).masked_fill(source < 0, 0.0)
         for codes, params, x in ((self.k_codes, self.k_params, k_new), (self.v_codes, self.v_params, v_new)):
             new_codes, new_params = self.codec.quantize(x.to(self.dtype))
-            if codes.dtype == torch.float8_e4m3fn:  # gather has no fp8 kernel: move the bytes
-                codes, new_codes = codes.view(torch.uint8), new_codes.view(torch.uint8)
+            codes, new_codes = _bytes(codes), _bytes(new_codes)
             all_codes = torch.cat([codes[:, :, :n_old], new_codes.to(codes.dtype)], 2)
             all_params = torch.cat([params[:, :, :n_old], new_params.to(params.dtype)], 2)
             index = cand[..., None]
@@ -138,8 +137,7 @@ class TokenStore:
         """Write one new token [B, H, 1, D] into `slot` [B, H, 1] of each (row, head) where `keep`
         [B, H, 1] (elsewhere the slot keeps its content); Quest's bounds of that page follow."""
         def scatter(dst: torch.Tensor, new: torch.Tensor) -> None:
-            if dst.dtype == torch.float8_e4m3fn:  # no fp8 gather/where: move the bytes
-                dst, new = dst.view(torch.uint8), new.view(torch.uint8)
+            dst, new = _bytes(dst), _bytes(new)
             index = slot.view(*slot.shape, *[1] * (dst.dim() - 3)).expand(*slot.shape, *dst.shape[3:])
             mask = keep.view(*keep.shape, *[1] * (dst.dim() - 3))
             dst.scatter_(2, index, torch.where(mask, new.to(dst.dtype), dst.gather(2, index)))
@@ -197,7 +195,7 @@ class TokenStore:
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """t, or its bytes when fp8 (gather / scatter have no fp8 kernels)."""
+    """t, or its bytes when fp8 (gather / scatter / where / cat have no fp8 kernels: move the bytes)."""
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
