@@ -133,6 +133,21 @@ def _softmax_norm(m_ptr, l_ptr, bh, rows, rmask, new, NS, PART_M: tl.constexpr, 
 
 
 @triton.jit
+def _combine_partials(m_ptr, l_ptr, acc_ptr, bh, rows, rmask, d, new, v_new, NS, PART_M: tl.constexpr,
+                      NS_P: tl.constexpr, D: tl.constexpr):
+    """The splits' partials and the new token (logits `new`, value v_new) in one softmax: the row max,
+    the normalizer (1 where nothing is seen), the new token's weight and the unnormalized output."""
+    top, total = _softmax_norm(m_ptr, l_ptr, bh, rows, rmask, new, NS, PART_M, NS_P)
+    w_new = tl.exp2(new - top)
+    acc = w_new[:, None] * v_new[None, :]
+    for s in range(NS):
+        part = (bh * NS + s) * PART_M + rows
+        w = tl.exp2(tl.load(m_ptr + part, mask=rmask, other=float("-inf")) - top)
+        acc += tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0) * w[:, None]
+    return top, tl.where(total > 0, total, 1.0), w_new, acc
+
+
+@triton.jit
 def _reduce_stats(stats_ptr, bh, NB, new_pos, new_valid, NB_P: tl.constexpr, SINK: tl.constexpr,
                   SINK_BLOCK: tl.constexpr, PROTECT: tl.constexpr):
     """The candidates' statistics from the blocks' partials and the new token: how many are valid, the
@@ -209,14 +224,26 @@ def _slot_scan_kernel(m_ptr, l_ptr, logit_ptr, q_ptr, k_new_ptr, new_pos_ptr, bi
                       HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PDL: tl.constexpr):
     """Program (bh = (row, KV head), block): the block's statistics, its scores, its emptied slots; with
     nothing protected (Quest), also what the select pass would write (`_store_block_candidates`)."""
-    _chain(PDL)
     bh, blk = tl.program_id(0), tl.program_id(1)
     row = bh // HKV
     new_pos, new_valid, new_bias = _new_token(new_pos_ptr, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
     c = blk * BLOCK_S + tl.arange(0, BLOCK_S)
     inside = c < C
     base = bh * C
+    # Before the chain's wait, what the attention before this kernel does not write: positions, scores,
+    # the new token's logits. After it, the logits, before any store (a load is not moved above a store
+    # the compiler cannot tell apart from it, so the logits' DRAM round trip would follow the stores).
     pos = tl.load(slot_pos_ptr + base + c, mask=inside, other=-1)
+    if SCORED:
+        rows = tl.arange(0, BLOCK_G)
+        rmask = rows < GQ
+        old_score = tl.load(score_ptr + base + c, mask=inside, other=0.0)
+        new = _new_logits(q_ptr, k_new_ptr, bh, rows, rmask, new_bias, qk_scale, GQ, D, HAS_BIAS)
+    _chain(PDL)
+    if SCORED:
+        logits = tl.load(logit_ptr + (bh * GQ + rows[:, None]) * C + c[None, :],
+                         mask=rmask[:, None] & inside[None, :], other=float("-inf"))
+        top, total = _softmax_norm(m_ptr, l_ptr, bh, rows, rmask, new, NS, PART_M, NS_P)
     if PROTECT == "none":
         tl.static_assert(not SCORED)
         _scan_unprotected_block(pos, c, inside, new_pos, bias_ptr, row, bh * NB + blk, slot_pos_ptr + base,
@@ -233,16 +260,9 @@ def _slot_scan_kernel(m_ptr, l_ptr, logit_ptr, q_ptr, k_new_ptr, new_pos_ptr, bi
                 tl.store(stat + 2 + i + one, tl.zeros((1,), tl.int32) + a)
                 x = tl.where(c == tl.min(tl.where(x == a, c, C), axis=0), BIG, x)
         if SCORED:
-            rows = tl.arange(0, BLOCK_G)
-            rmask = rows < GQ
-            new = _new_logits(q_ptr, k_new_ptr, bh, rows, rmask, new_bias, qk_scale, GQ, D, HAS_BIAS)
-            top, total = _softmax_norm(m_ptr, l_ptr, bh, rows, rmask, new, NS, PART_M, NS_P)
             norm = tl.where(total > 0, total, 1.0)
-            logits = tl.load(logit_ptr + (bh * GQ + rows[:, None]) * C + c[None, :],
-                             mask=rmask[:, None] & inside[None, :], other=float("-inf"))
             probs = tl.sum(tl.exp2(logits - top[:, None]) / norm[:, None], axis=0)
-            score = tl.load(score_ptr + base + c, mask=inside, other=0.0) + probs
-            tl.store(score_ptr + base + c, tl.where(valid, score, 0.0), mask=inside)
+            tl.store(score_ptr + base + c, tl.where(valid, old_score + probs, 0.0), mask=inside)
         else:
             tl.store(score_ptr + base + c, tl.zeros((BLOCK_S,), tl.float32), mask=inside & ~valid)
         tl.store(slot_pos_ptr + base + c, tl.full((BLOCK_S,), -1, tl.int32), mask=inside & ~valid & (pos >= 0))
@@ -292,27 +312,26 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
                         BITS: tl.constexpr, G: tl.constexpr, DTYPE: tl.constexpr, PAGE: tl.constexpr, BLOCK_P: tl.constexpr,
                         BOUNDS_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PDL: tl.constexpr):
     """Program bh = (row, KV head): the output, the victim, the write of the new token."""
-    _chain(PDL)
     bh = tl.program_id(0)
     row = bh // HKV
     rows = tl.arange(0, BLOCK_G)
     rmask = rows < GQ
     d = tl.arange(0, D)
-    # ---- the output: the splits' partials and the new token, one softmax
+    # ---- the output: the splits' partials and the new token, one softmax. With a select pass between
+    # the attention and this kernel, the chain's wait in the select covers the partials, so they are
+    # read before this kernel's own wait (which then covers the select's candidates only).
     new_pos, new_valid, new_bias = _new_token(new_pos_ptr, bias_ptr, row, BIAS_COLS, HAS_BIAS, CAUSAL)
     new = _new_logits(q_ptr, k_new_ptr, bh, rows, rmask, new_bias, qk_scale, GQ, D, HAS_BIAS)
-    top, total = _softmax_norm(m_ptr, l_ptr, bh, rows, rmask, new, NS, PART_M, NS_P)
-    norm = tl.where(total > 0, total, 1.0)
-    w_new = tl.exp2(new - top)
     k_new = tl.load(k_new_ptr + bh * D + d).to(tl.float32)
     v_new = tl.load(v_new_ptr + bh * D + d).to(tl.float32)
-    acc = w_new[:, None] * v_new[None, :]
-    for s in range(NS):
-        part = (bh * NS + s) * PART_M + rows
-        w = tl.exp2(tl.load(m_ptr + part, mask=rmask, other=float("-inf")) - top)
-        acc += tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0) * w[:, None]
-    tl.store(out_ptr + (bh * GQ + rows[:, None]) * D + d[None, :], (acc / norm[:, None]).to(out_ptr.dtype.element_ty),
-             mask=rmask[:, None])
+    if PROTECT != "none":
+        top, norm, w_new, acc = _combine_partials(m_ptr, l_ptr, acc_ptr, bh, rows, rmask, d, new, v_new, NS, PART_M,
+                                                  NS_P, D)
+        _chain(PDL)
+    else:
+        _chain(PDL)
+        top, norm, w_new, acc = _combine_partials(m_ptr, l_ptr, acc_ptr, bh, rows, rmask, d, new, v_new, NS, PART_M,
+                                                  NS_P, D)
     # ---- the victim: the last of the lowest keys over the blocks and the new token (candidate C)
     n_valid, newest, kth = _reduce_stats(stats_ptr, bh, NB, new_pos, new_valid, NB_P, SINK, SINK_BLOCK, PROTECT)
     blocks = tl.arange(0, NB_P)
@@ -333,6 +352,9 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
     full = n_valid > C
     free = tl.where(full & (best < C), best, tl.where(first_free < C, first_free, 0))
     keep_new = new_valid & ~(full & (best == C))
+    # (The output is stored only now: the statistics' loads above then need not wait behind its store.)
+    tl.store(out_ptr + (bh * GQ + rows[:, None]) * D + d[None, :], (acc / norm[:, None]).to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None])
     base = bh * C
     # ---- the new token into the free slot
     if keep_new:
