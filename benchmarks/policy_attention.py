@@ -20,7 +20,7 @@ difference of its output from `decode_step_reference` (torch) on a copy of the s
 example: python benchmarks/policy_attention.py --batch 8 --seq 65536
          python benchmarks/policy_attention.py --quick --out /tmp/results
          python benchmarks/policy_attention.py --batch 8 --seq 65536 --no-sweep --profile
-         python benchmarks/policy_attention.py --batch 8 --seq 65536 --no-sweep --profile --chained
+         python benchmarks/policy_attention.py --batch 8 --seq 65536 --no-sweep --profile --unchained
          python benchmarks/policy_attention.py --batch 8 --seq 65536 --configs quest-1/8 h2o-20% --no-sweep
          TRITON_INTERPRET=1 python benchmarks/policy_attention.py --device cpu --quick --out /tmp/results
          (CPU: the Triton interpreter on tiny shapes, a check that the script and the paths run; no timing claim)
@@ -198,10 +198,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sweep", action="store_true", help="time the slot-attention kernel at its default launch only")
     parser.add_argument("--profile", action="store_true", help="record each kvfx step's GPU time by kernel, and its graph replay's timeline")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="kvfx rows to run")
-    parser.add_argument("--chained", action="store_true",
-                        help="chain the step's launches (programmatic dependent launch; off by default until timed)")
+    parser.add_argument("--unchained", action="store_true",
+                        help="launch the step's kernels one after another, without programmatic dependent launch "
+                             "(the A/B against the default, chained)")
     args = parser.parse_args(argv)
-    slot_attention.CHAINED_LAUNCH = args.chained
+    slot_attention.CHAINED_LAUNCH = not args.unchained
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
