@@ -382,6 +382,9 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
                                                        BOUNDS_FP8, DTYPE))
 
 
+QUEST_SCAN_IN_SCORE = True
+
+
 def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
                        attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec, layer: int,
                        block_s: int | None = None, num_splits: int | None = None) -> torch.Tensor:
@@ -418,8 +421,9 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     bias = row_bias(attn_mask, b)
     pdl = chained_launch(q.device)  # every launch after the first waits on the one before it
     chain = dict(PDL=pdl, **pdl_launch(pdl))
-    pages = quest_pages_triton(q, store, spec, QuestScan(pos, bias, is_causal, stats, lows, ats, block_pages),
-                               chained=pdl) if quest else None
+    scan_in_score = quest and QUEST_SCAN_IN_SCORE
+    pages = quest_pages_triton(q, store, spec, QuestScan(pos, bias, is_causal, stats, lows, ats, block_pages)
+                               if scan_in_score else None, chained=pdl) if quest else None
     parts = slot_partials(q, pos, store, attn_mask, is_causal, scale, pages, spec.page_size if quest else 0,
                           want_logits=scored, num_splits=num_splits, bias=bias, chained=pdl)
     bias_cols = bias.shape[-1] if bias is not None else 0
@@ -428,7 +432,7 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     ns, part_m = parts.m.shape[1], parts.m.shape[2]
     ns_p = triton.next_power_of_2(ns)
     sinks = dict(PROTECT=protect, SINK=sink)
-    if not quest:  # (Quest's scoring kernel did the scan)
+    if not scan_in_score:
         _slot_scan_kernel[(b * hkv, nb)](
             parts.m, parts.l, parts.logits if parts.logits is not None else parts.m, q, k_new, pos, bias,
             store.slot_pos, store.score, stats, lows, ats, c, ns, nb, hkv, bias_cols, scale * LOG2E, GQ=gq,
