@@ -1,7 +1,7 @@
 """The eviction step of a policy decode step (T = 1): Triton kernels beside their reference.
 
 After `kvfx.kernels.slot_attention` has left its split partials (and, for scored policies, every
-slot's logit), three launches (Quest: one in its sparse layers, two in its dense ones) do the rest of
+slot's logit), three launches (Quest: two, it has no select) do the rest of
 `decode_step`, with no host synchronisation and a fixed launch count (CUDA-graph friendly). The first
 two run one program per (row, KV head, block of BLOCK_S slots), so a pass over a 13K-slot budget is
 spread over the GPU instead of walked by one program per (row, KV head) (the single fused kernel this
@@ -15,8 +15,9 @@ replaces took 49 us of a 237 us H2O step at B8 S64K on the H100, most of it in t
    the select pass writes (below), since a key that protects nothing needs no reduced statistics;
    Quest keeps this work (the emptied slots leave holes: the next free slot is not the fill count;
    and a full store, all C + 1 candidates valid, still gives up its oldest token, as the reference),
-   but its page-scoring kernel, which loads every slot's position anyway, does it (`quest.QuestScan`):
-   one read of the positions and one launch fewer;
+   its page-scoring kernel, which loads every slot's position anyway, can do it instead
+   (`quest.QuestScan`, `QUEST_SCAN_IN_SCORE`: one read of the positions and one launch fewer, but a
+   slower step as measured, so off);
 2. `_slot_select_kernel`: per block, the eviction key of every slot exactly as `eviction_key` defines
    it for a decode step (limit = C), from the reduced statistics: StreamingLLM protects its `sink`
    oldest valid positions and ranks by position, H2O protects its `recent` newest and SnapKV /
@@ -382,17 +383,23 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
                                                        BOUNDS_FP8, DTYPE))
 
 
-QUEST_SCAN_IN_SCORE = True
+# Quest's scan in its page-scoring kernel (`quest.QuestScan`, session 14) instead of its own launch after
+# the attention. Off: on the H100 (session 16, B8 S64K, plain launches, one call) the step with it took
+# 229.3 us against 220.9 for the tree before it (183c7ac), its scoring kernel 70.9 us, about what scoring
+# and scan took apart (61.1 + 10.9, session 13). Kept for the A/B in one tree (policy_attention.py under a
+# wrapper that sets it), which no call has run yet.
+QUEST_SCAN_IN_SCORE = False
 
 
 def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
                        attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec, layer: int,
                        block_s: int | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """`decode_step` in Triton launches (Quest's page choice, whose scoring kernel also scans; the slot
-    attention; the scan (not Quest's sparse layers), select (not Quest) and finish kernels): the output
+    """`decode_step` in Triton launches (Quest's page choice; the slot attention; the scan (Quest's sparse
+    layers: unless `QUEST_SCAN_IN_SCORE`), select (not Quest) and finish kernels): the output
     [B, Hq, 1, D] in q's dtype; the store is updated in place. block_s: slots per program of the scan and
-    select passes (default `default_block_s`; Quest's sparse layers: whole pages, block_s // page_size
-    rounded down to a power of two and at least one, default `quest.SCORE_PAGES` pages); num_splits: the
+    select passes (default `default_block_s`; with `QUEST_SCAN_IN_SCORE`, Quest's sparse layers: whole
+    pages, block_s // page_size rounded down to a power of two and at least one, default
+    `quest.SCORE_PAGES` pages); num_splits: the
     slot attention's split-K programs per (row, KV head) (default `default_slot_splits`)."""
     from kvfx.kernels.policies import QUEST_DENSE_LAYERS
     from kvfx.kernels.quest import SCORE_PAGES, QuestScan, quest_pages_triton
@@ -408,7 +415,8 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                        }.get(spec.policy, ("none", 0))
     sink = spec.sink if protect == "sink" else 0
     mean = spec.policy == "h2o" and spec.h2o_score == "mean"
-    if quest:  # the scoring kernel scans blocks of whole pages (C is a multiple of the page)
+    scan_in_score = quest and QUEST_SCAN_IN_SCORE
+    if scan_in_score:  # the scoring kernel scans blocks of whole pages (C is a multiple of the page)
         block_pages = 1 << (max(1, block_s // spec.page_size).bit_length() - 1) if block_s else SCORE_PAGES
         block_s = block_pages * spec.page_size
     block_s = block_s or default_block_s(c)
@@ -421,7 +429,6 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     bias = row_bias(attn_mask, b)
     pdl = chained_launch(q.device)  # every launch after the first waits on the one before it
     chain = dict(PDL=pdl, **pdl_launch(pdl))
-    scan_in_score = quest and QUEST_SCAN_IN_SCORE
     pages = quest_pages_triton(q, store, spec, QuestScan(pos, bias, is_causal, stats, lows, ats, block_pages)
                                if scan_in_score else None, chained=pdl) if quest else None
     parts = slot_partials(q, pos, store, attn_mask, is_causal, scale, pages, spec.page_size if quest else 0,

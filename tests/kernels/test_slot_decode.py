@@ -13,6 +13,7 @@ from hypothesis import given, settings
 import kvfx
 from kvfx.kernels.policies import decode_step_reference, quest_pages
 from kvfx.kernels.quest import _quest_select_kernel, quest_pages_triton
+from kvfx.kernels import slot_decode
 from kvfx.kernels.slot_decode import decode_step_triton
 
 KV_FORMATS = ["none", "int8", "int4", "int2", "fp8"]
@@ -91,17 +92,20 @@ def test_fused_step_equals_the_reference(policy, kv, b, hkv, g, budget, empty, o
         assert_same_store(fast, slow)
 
 
-@pytest.mark.parametrize("layer", [0, 3])  # dense, sparse
+@pytest.mark.parametrize("layer, scan_in_score", [(0, False), (3, False), (3, True)])  # dense, sparse
 @pytest.mark.parametrize("mask", ["causal", "row"])
 @pytest.mark.parametrize("kv, page, block_s, bounds", [("none", 4, 16, "model"), ("int4", 4, 16, "fp8"),
                                                        ("none", 3, 8, "fp8"), ("int4", 4, None, "model")])
-def test_quest_step_fills_in_order_up_to_capacity_and_past_it(kv, page, block_s, bounds, mask, layer):
+def test_quest_step_fills_in_order_up_to_capacity_and_past_it(kv, page, block_s, bounds, mask, layer, scan_in_score,
+                                                              monkeypatch):
     """Quest's scan chooses the free slot and the victim itself (no select pass): rows filled in order to
     different counts (left padding), stepped until every row is full and past it (the reference then drops
     the oldest token); a row mask that hides old tokens empties their slots, which the next steps refill.
-    Sparse layers scan in the page-scoring kernel, in blocks of whole pages: several blocks of 16 slots,
-    blocks of 2 pages of 3 slots (not a power of two), or the default (one block here). fp8 page bounds: the
-    finish kernel widens them to the new key rounded outward, to the reference's bytes."""
+    Sparse layers scan in their own launch, or with `QUEST_SCAN_IN_SCORE` in the page-scoring kernel, in
+    blocks of whole pages: several blocks of 16 slots, blocks of 2 pages of 3 slots (not a power of two), or
+    the default (one block here). fp8 page bounds: the finish kernel widens them to the new key rounded
+    outward, to the reference's bytes."""
+    monkeypatch.setattr(slot_decode, "QUEST_SCAN_IN_SCORE", scan_in_score)
     gen = torch.Generator().manual_seed(0)
     d, cache_len, steps, start = 64, 48, 4, 60
     fmt = kvfx.KVConfig(kv=kv, policy="quest", page_size=page, pages=3, page_bounds=bounds).format
