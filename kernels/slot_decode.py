@@ -1,11 +1,12 @@
 """The eviction step of a policy decode step (T = 1): Triton kernels beside their reference.
 
 After `kvfx.kernels.slot_attention` has left its split partials (and, for scored policies, every
-slot's logit), three launches (Quest: two, it has no select) do the rest of
-`decode_step`, with no host synchronisation and a fixed launch count (CUDA-graph friendly). The first
-two run one program per (row, KV head, block of BLOCK_S slots), so a pass over a 13K-slot budget is
-spread over the GPU instead of walked by one program per (row, KV head) (the single fused kernel this
-replaces took 49 us of a 237 us H2O step at B8 S64K on the H100, most of it in that serial walk):
+slot's logit), three launches (Quest: two, it has no select; one in its sparse layers with
+`QUEST_SCAN_IN_SCORE`) do the rest of `decode_step`, with no host synchronisation and a fixed launch
+count (CUDA-graph friendly). The first two run one program per (row, KV head, block of BLOCK_S
+slots), so a pass over a 13K-slot budget is spread over the GPU instead of walked by one program per
+(row, KV head) (the single fused kernel this replaces took 49 us of a 237 us H2O step at B8 S64K on the
+H100, most of it in that serial walk):
 
 1. `_slot_scan_kernel`: per block, how many slots are valid, the newest valid position and
    StreamingLLM's `sink` oldest valid positions (the block's partial statistics); H2O / SnapKV /
@@ -325,14 +326,12 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
     new = _new_logits(q_ptr, k_new_ptr, bh, rows, rmask, new_bias, qk_scale, GQ, D, HAS_BIAS)
     k_new = tl.load(k_new_ptr + bh * D + d).to(tl.float32)
     v_new = tl.load(v_new_ptr + bh * D + d).to(tl.float32)
+    if PROTECT == "none":  # (Quest, no select: with `QUEST_SCAN_IN_SCORE` this kernel follows the attention)
+        _chain(PDL)
+    top, norm, w_new, acc = _combine_partials(m_ptr, l_ptr, acc_ptr, bh, rows, rmask, d, new, v_new, NS, PART_M,
+                                              NS_P, D)
     if PROTECT != "none":
-        top, norm, w_new, acc = _combine_partials(m_ptr, l_ptr, acc_ptr, bh, rows, rmask, d, new, v_new, NS, PART_M,
-                                                  NS_P, D)
         _chain(PDL)
-    else:
-        _chain(PDL)
-        top, norm, w_new, acc = _combine_partials(m_ptr, l_ptr, acc_ptr, bh, rows, rmask, d, new, v_new, NS, PART_M,
-                                                  NS_P, D)
     # ---- the victim: the last of the lowest keys over the blocks and the new token (candidate C)
     n_valid, newest, kth = _reduce_stats(stats_ptr, bh, NB, new_pos, new_valid, NB_P, SINK, SINK_BLOCK, PROTECT)
     blocks = tl.arange(0, NB_P)
@@ -399,8 +398,8 @@ def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     [B, Hq, 1, D] in q's dtype; the store is updated in place. block_s: slots per program of the scan and
     select passes (default `default_block_s`; with `QUEST_SCAN_IN_SCORE`, Quest's sparse layers: whole
     pages, block_s // page_size rounded down to a power of two and at least one, default
-    `quest.SCORE_PAGES` pages); num_splits: the
-    slot attention's split-K programs per (row, KV head) (default `default_slot_splits`)."""
+    `quest.SCORE_PAGES` pages); num_splits: the slot attention's split-K programs per (row, KV head)
+    (default `default_slot_splits`)."""
     from kvfx.kernels.policies import QUEST_DENSE_LAYERS
     from kvfx.kernels.quest import SCORE_PAGES, QuestScan, quest_pages_triton
     from kvfx.kernels.slot_attention import chained_launch, pdl_launch, row_bias, slot_partials
