@@ -78,15 +78,15 @@ def full_store(options: dict, k: torch.Tensor, v: torch.Tensor):
     """A store of the config holding as many of the S tokens as its capacity takes (the newest)."""
     fmt = kvfx.KVConfig(**options).format
     b, h, s, d = k.shape
-    store = fmt.allocate((b, h, s + 1, d), DTYPE, DEVICE, layer=LAYER, layers=LAYERS)
+    store = fmt.allocate((b, h, s + 1, d), k.dtype, k.device, layer=LAYER, layers=LAYERS)
     c = store.slot_pos.shape[-1]
     n = min(c - 1, s)  # one slot stays free for the first timed step; later steps evict
     for codes, params, x in ((store.k_codes, store.k_params, k), (store.v_codes, store.v_params, v)):
         new_codes, new_params = store.codec.quantize(x[:, :, s - n:])
         codes[:, :, :n].copy_(new_codes)
         params[:, :, :n].copy_(new_params)
-    store.slot_pos[:, :, :n] = torch.arange(s - n, s, device=DEVICE, dtype=torch.int32)
-    store.score[:, :, :n] = torch.rand(b, h, n, device=DEVICE)
+    store.slot_pos[:, :, :n] = torch.arange(s - n, s, device=k.device, dtype=torch.int32)
+    store.score[:, :, :n] = torch.rand(b, h, n, device=k.device)
     if store.page_min.numel():
         store.bound_pages()
     return fmt, store

@@ -29,7 +29,16 @@ from kvfx.kernels.slot_decode import _new_token, _scan_unprotected_block
 DEAD = tl.constexpr(-3.0e38)  # the score of a page without tokens (as the reference)
 SCORE_PAGES = 32  # pages per program of the scoring kernel
 QUEST_MAX_PAGES = 1 << 16  # pages per head the selection counts (16-bit packed counts); the store refuses more
-SELECT_PAGES_PER_THREAD = 32  # the selection holds a head's pages in registers: 8 warps up to 8192 pages, then more
+# The selection holds a head's pages in registers: 8 warps up to 8192 pages, then more. Session 9 measured
+# 8 warps best at 4096 pages (16 a thread; 4 and 16 warps slower), but a tile of 8192 (4097 pages, as
+# policy_attention.py's store of S + 1 slots has: 8208 slots padded, one page over 4096) gets 32 a thread:
+# twice the compares per count, and 3 spills in the sm_90 build (7,264 instructions against 4,536 at 16
+# warps, Triton 3.9). benchmarks/quest_pages.py times 4-32 warps there; not yet run on a GPU.
+SELECT_PAGES_PER_THREAD = 32
+# The selection's bisection with both ends snapped to keys (`_kth_key_snapped`): fewer serial reductions
+# (it also ends on ties, which max-pooled scores have), each reducing three values instead of one. Built in
+# session 17 with no device time to time it (benchmarks/quest_pages.py does), so off.
+SELECT_SNAP = False
 
 
 @triton.jit
@@ -85,21 +94,70 @@ def _count_at_least(key, t):
 
 
 @triton.jit
+def _kth_key_by_bits(key, K, NP_BLOCK: tl.constexpr):
+    """The K-th largest key by bisection on its bits, from the sign down: `lo` is the largest value
+    known to have >= K keys at or above it (n_lo of them); the candidate lo + 2^bit becomes `lo` when it
+    still has >= K keys at or above it, else it bounds the search from above (n_hi keys at or above it).
+    Two ways out: after bit 0, lo is the K-th key and n_hi = #(key > lo); or, as soon as n_lo == K, the
+    keys >= lo are exactly the K best whatever the lower bits (no tie to break), and the remaining steps
+    are skipped (`if` on a block-uniform value: no reduction). With distinct scores that happens once
+    2^bit drops below the gap between the K-th and (K+1)-th keys; ties run all 32 steps.
+    Returns (kth, ties_wanted): the pages with a key above kth, then the first ties_wanted of its ties."""
+    lo = tl.full((), -2147483648, tl.int32)
+    n_lo = tl.full((), NP_BLOCK, tl.int32)  # #(key >= lo): every key at first
+    n_hi = tl.full((), 0, tl.int32)  # #(key >= the candidate last rejected): none above 2^31 - 1 at first
+    for bit in tl.static_range(31, -1, -1):
+        if n_lo != K:
+            cand = lo ^ (tl.full((), 1, tl.int32) << bit)  # lo + 2^bit (lo's lower bits are clear), no overflow
+            n = _count_at_least(key, cand)
+            lo = tl.where(n >= K, cand, lo)
+            n_lo = tl.where(n >= K, n, n_lo)
+            n_hi = tl.where(n >= K, n_hi, n)
+    exact = n_lo == K  # (lo > -2^31 then: n_lo started at NP_BLOCK > K)
+    return tl.where(exact, lo - 1, lo), tl.where(exact, 0, K - n_hi)
+
+
+@triton.jit
+def _count_and_neighbours(n_a, up_a, down_a, n_b, up_b, down_b):
+    return n_a + n_b, tl.minimum(up_a, up_b), tl.maximum(down_a, down_b)
+
+
+@triton.jit
+def _kth_key_snapped(key, K, NP_BLOCK: tl.constexpr):
+    """The K-th largest key as `_kth_key_by_bits` gives it, by a bisection of [lo, hi) (#(key >= lo) >= K,
+    #(key >= hi) < K) whose every count also returns the least key at or above the midpoint and the
+    greatest below it (one reduction of three values): lo and hi snap to keys, so the search ends as
+    soon as no key lies strictly between them, a tie group included, or n_lo == K. Each step at least
+    halves hi - lo (2^32 at first), so 32 steps always suffice, and distinct keys usually need about
+    log2 of their count near the K-th."""
+    lo = tl.full((), -2147483648, tl.int64)
+    hi = tl.full((), 2147483648, tl.int64)
+    n_lo = tl.full((), NP_BLOCK, tl.int32)
+    n_hi = tl.full((), 0, tl.int32)
+    for _ in tl.static_range(32):
+        if (n_lo != K) & (hi - lo > 1):
+            at = key >= (lo + (hi - lo) // 2).to(tl.int32)
+            n, up, down = tl.reduce((at.to(tl.int32), tl.where(at, key, 2147483647), tl.where(at, -2147483648, key)),
+                                    0, _count_and_neighbours)
+            lo = tl.where(n >= K, up.to(tl.int64), lo)  # (n == 0 only for K = 0: up = 2^31 - 1, then n_lo == K)
+            n_lo = tl.where(n >= K, n, n_lo)
+            hi = tl.where(n >= K, hi, down.to(tl.int64) + 1)  # (n < K <= NP_BLOCK: some key lies below)
+            n_hi = tl.where(n >= K, n_hi, n)
+    exact = n_lo == K
+    return tl.where(exact, lo - 1, lo).to(tl.int32), tl.where(exact, 0, K - n_hi)
+
+
+@triton.jit
 def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.constexpr, POOL: tl.constexpr,
-                         PDL: tl.constexpr = False):
+                         SNAP: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program bh: pages[bh] = the K best pages (ascending page number; the oldest page counts as the
     best), then the newest token's page. A live page ranks as the best score within POOL // 2 pages of it
     (`page_pool`, the reference's max-pooling; neighbours are loaded again, L1 hits).
 
-    The K-th largest key is found by bisection on its bits, from the sign down: `lo` is the largest value
-    known to have >= K keys at or above it (n_lo of them); the candidate lo + 2^bit becomes `lo` when it
-    still has >= K keys at or above it, else it bounds the search from above (n_hi keys at or above it).
-    A step is one count over the tile, which sits in registers, so its cost is the latency of one
-    block-wide reduction (warp REDUX, shared memory, two barriers) and the steps are serial. Two ways
-    out: after bit 0, lo is the K-th key and n_hi = #(key > lo), so K - n_hi of its ties are wanted; or,
-    as soon as n_lo == K, the keys >= lo are exactly the K best whatever the lower bits (no tie to
-    break), and the remaining steps are skipped (`if` on a block-uniform value: no reduction). With
-    distinct scores that happens once 2^bit drops below the gap between the K-th and (K+1)-th keys.
+    The K-th largest key is found by bisection (`_kth_key_by_bits`, or with SNAP `_kth_key_snapped`,
+    which also ends on ties: `SELECT_SNAP`). A step is one count over the tile, which sits in registers,
+    so its cost is the latency of one block-wide reduction (warp REDUX, shared memory, two barriers)
+    and the steps are serial.
 
     Timed alone on an H100 in session 9 (64 heads, NP 4096, K 512; not kept as JSON, and the step's
     profile in policy_attention.json gave 19.7 us against the former 20.9): 8.9 us with normal scores,
@@ -131,19 +189,10 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.c
     # ranks first, so it is one of the K; the newest and padding rank last.
     oldest = tl.argmin(tl.where(held >= 0, held, 2147483647), axis=0, tie_break_left=True)
     key = _order_key(tl.where(i == newest, float("-inf"), tl.where(i == oldest, float("inf"), score)))
-    lo = tl.full((), -2147483648, tl.int32)
-    n_lo = tl.full((), NP_BLOCK, tl.int32)  # #(key >= lo): every key at first
-    n_hi = tl.full((), 0, tl.int32)  # #(key >= the candidate last rejected): none above 2^31 - 1 at first
-    for bit in tl.static_range(31, -1, -1):
-        if n_lo != K:
-            cand = lo ^ (tl.full((), 1, tl.int32) << bit)  # lo + 2^bit (lo's lower bits are clear), no overflow
-            n = _count_at_least(key, cand)
-            lo = tl.where(n >= K, cand, lo)
-            n_lo = tl.where(n >= K, n, n_lo)
-            n_hi = tl.where(n >= K, n_hi, n)
-    exact = n_lo == K  # (lo > -2^31 then: n_lo started at NP_BLOCK > K)
-    kth = tl.where(exact, lo - 1, lo)  # pages above kth are chosen, then ties_wanted of its ties
-    ties_wanted = tl.where(exact, 0, K - n_hi)
+    if SNAP:
+        kth, ties_wanted = _kth_key_snapped(key, K, NP_BLOCK)
+    else:
+        kth, ties_wanted = _kth_key_by_bits(key, K, NP_BLOCK)
     above = key > kth
     tie = (key == kth) & (i < NP)
     rank = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 16), axis=0)  # inclusive counts, packed
@@ -175,16 +224,24 @@ def quest_pages_triton(q: torch.Tensor, store, spec, scan: QuestScan | None = No
     and the k - 1 best by the bound (ascending), then the newest token's page (`policies.quest_pages`
     gives the same set). With `scan`, the scoring kernel also does the step's scan of the store. chained:
     a policy step's launch (`slot_attention.chained_launch`)."""
+    if store.page_min.shape[2] >= QUEST_MAX_PAGES:  # (`TokenFormat.allocate` refuses such a store up front)
+        raise ValueError(f"Quest's page selection counts pages in 16 bits: {store.page_min.shape[2]} pages per head")
+    scores, newest = quest_page_scores(q, store, spec, scan, chained)
+    return quest_select(scores, newest, q.shape[0], spec.pages_read(store.slot_pos.shape[2]), spec.page_pool, chained)
+
+
+def quest_page_scores(q: torch.Tensor, store, spec, scan: QuestScan | None = None, chained: bool = False,
+                      block_pages: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_quest_score_kernel`: each page's bound and newest position, [B * Hkv, pages] fp32 and int32 (DEAD
+    and -1 for a page without tokens). block_pages (pages a program; default SCORE_PAGES, or the scan's
+    block) and num_warps: the launch, which benchmarks/quest_pages.py sweeps."""
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     gq = hq // hkv
     n_pages = store.page_min.shape[2]
-    k = spec.pages_read(c)
-    if n_pages >= QUEST_MAX_PAGES:  # (`TokenFormat.allocate` refuses such a store up front)
-        raise ValueError(f"Quest's page selection counts pages in 16 bits: {n_pages} pages per head")
     scores = torch.empty(b * hkv, n_pages, device=q.device, dtype=torch.float32)
     newest = torch.empty(b * hkv, n_pages, device=q.device, dtype=torch.int32)
-    block_p = scan.block_pages if scan else SCORE_PAGES
+    block_p = scan.block_pages if scan else block_pages or SCORE_PAGES
     nb = triton.cdiv(n_pages, block_p)
     bias = scan.bias if scan else None
     unused = scores  # (a pointer for the scan's arguments when there is none)
@@ -194,10 +251,23 @@ def quest_pages_triton(q: torch.Tensor, store, spec, scan: QuestScan | None = No
         *((scan.stats, scan.lows, scan.ats) if scan else (unused,) * 3), n_pages, c, nb, hkv,
         bias.shape[-1] if bias is not None else 0, GQ=gq, BLOCK_G=triton.next_power_of_2(gq), D=d,
         PAGE=spec.page_size, PAGE_BLOCK=triton.next_power_of_2(spec.page_size), BLOCK_P=block_p, SCAN=scan is not None,
-        HAS_BIAS=bias is not None, CAUSAL=bool(scan and scan.causal), PDL=chained, num_warps=4)
-    pages = torch.empty(b, hkv, k + 1, device=q.device, dtype=torch.int32)
-    np_block = triton.next_power_of_2(n_pages)
-    warps = min(32, max(8, np_block // (32 * SELECT_PAGES_PER_THREAD)))
-    _quest_select_kernel[(b * hkv,)](scores, newest, pages, n_pages, k, NP_BLOCK=np_block, POOL=spec.page_pool,
-                                     PDL=chained, num_warps=warps, **pdl_launch(chained))
+        HAS_BIAS=bias is not None, CAUSAL=bool(scan and scan.causal), PDL=chained, num_warps=num_warps)
+    return scores, newest
+
+
+def quest_select(scores: torch.Tensor, newest: torch.Tensor, batch: int, k: int, page_pool: int, chained: bool = False,
+                 snap: bool | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """`_quest_select_kernel` over `quest_page_scores`' output: the pages [B, Hkv, k + 1]. snap (default
+    `SELECT_SNAP`) and num_warps (default: SELECT_PAGES_PER_THREAD pages a thread, 8 warps at least):
+    the search and launch, which benchmarks/quest_pages.py compares."""
+    heads, n_pages = scores.shape
+    pages = torch.empty(batch, heads // batch, k + 1, device=scores.device, dtype=torch.int32)
+    _quest_select_kernel[(heads,)](scores, newest, pages, n_pages, k, NP_BLOCK=triton.next_power_of_2(n_pages),
+                                   POOL=page_pool, SNAP=SELECT_SNAP if snap is None else snap, PDL=chained,
+                                   num_warps=num_warps or select_warps(n_pages), **pdl_launch(chained))
     return pages
+
+
+def select_warps(n_pages: int) -> int:
+    """The selection's default warps: SELECT_PAGES_PER_THREAD of the power-of-two tile a thread, 8 at least."""
+    return min(32, max(8, triton.next_power_of_2(n_pages) // (32 * SELECT_PAGES_PER_THREAD)))

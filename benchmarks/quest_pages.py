@@ -1,0 +1,185 @@
+"""Quest's page kernels alone on the GPU: the page-scoring kernel over its launch, and the selection's two
+searches for the K-th page, on the scores a decode step sees.
+
+The store is policy_attention.py's (`full_store`: Quest reading 1/8 of the pages, B rows of S random bf16
+tokens, Hq 32, Hkv 8, D 128). Rows:
+- "score": `quest_page_scores` (`_quest_score_kernel`) at block_pages x num_warps, with the page bounds in
+  the model dtype and in fp8 (`page_bounds`); GB/s over the bytes it reads (bounds and slot positions).
+- "select": `quest_select` (`_quest_select_kernel`) with the K-th key found on its bits and snapped to keys
+  (`quest.SELECT_SNAP`), at several warp counts, on the step's scores (max-pooled over `page_pool`
+  neighbours, which makes ties), on distinct random scores, and on the step's scores of the first
+  power-of-two pages (the store has S + 1 slots: 4097 pages at S64K, which the kernel pads to a tile of
+  8192); `same_pages`: both searches chose the same pages; `reductions`: the block-wide reductions each
+  search runs per head (mean), from a torch replay.
+In a decode step's profile (policy_attention.py --profile) the select took 27 us at B8 S64K against the
+8.9 us session 9 timed it alone on 4096 distinct scores: these rows split that into the ties (all 32
+counts: 28.5 reductions a head against 24 on distinct scores, replayed on the CPU at B1 S64K) and the
+padded tile (32 pages a thread at 8 warps instead of 16).
+Times are CUDA-graph replays with a cold L2 (`common.cuda_time_us`); `default` marks the launch the
+decode step uses.
+
+example: python benchmarks/quest_pages.py --batch 8 --seq 65536
+         python benchmarks/quest_pages.py --batch 8 --seq 65536 --out /tmp/results
+         TRITON_INTERPRET=1 python benchmarks/quest_pages.py --device cpu --quick
+         (CPU: the Triton interpreter on a tiny shape, a check that the script runs; no timing claim)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common import RESULTS, environment, time_or_error, write_json
+from policy_attention import CONFIGS, D, DTYPE, HKV, HQ, full_store
+from kvfx.kernels import quest
+from kvfx.kernels.quest import quest_page_scores, quest_select, select_warps
+
+SCORE_LAUNCHES = [(p, w) for p in (16, 32, 64, 128) for w in (2, 4, 8)]  # (block_pages, num_warps)
+SELECT_WARPS = (4, 8, 16, 32)
+
+
+def order_keys(scores: torch.Tensor, newest: torch.Tensor, page_pool: int) -> torch.Tensor:
+    """The select kernel's int64 keys [heads, pages]: scores max-pooled over live neighbours, the oldest
+    live page first, the newest page last (the kernel's int32 order, widened so they fit)."""
+    live = newest >= 0
+    if page_pool > 1:
+        pooled = F.max_pool1d(scores[:, None], page_pool, stride=1, padding=page_pool // 2)[:, 0]
+        scores = torch.where(live, pooled, scores)
+    bits = scores.contiguous().view(torch.int32)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    rows = torch.arange(key.shape[0], device=key.device)
+    key[rows, newest.masked_fill(~live, 1 << 30).argmin(-1)] = 1 << 40
+    key[rows, newest.argmax(-1)] = -(1 << 40)
+    return key
+
+
+def search_reductions(key: torch.Tensor, k: int) -> dict:
+    """Block-wide reductions per head of each search (`_kth_key_by_bits`, `_kth_key_snapped`), replayed."""
+    key = key.clamp(-(1 << 31), (1 << 31) - 1)  # the sentinels as the kernel's int32 extremes (+-inf keys)
+    bits, snapped = [], []
+    for row in key:
+        lo, n_lo, steps = -(1 << 31), row.numel(), 0
+        for bit in range(31, -1, -1):
+            if n_lo == k:
+                break
+            steps += 1
+            n = int((row >= lo + (1 << bit)).sum())
+            lo, n_lo = (lo + (1 << bit), n) if n >= k else (lo, n_lo)
+        bits.append(steps)
+        lo, hi, n_lo, steps = -(1 << 31), 1 << 31, row.numel(), 0
+        while n_lo != k and hi - lo > 1:
+            steps += 1
+            at = row >= lo + (hi - lo) // 2
+            n = int(at.sum())
+            if n >= k:  # (n == 0 only for k = 0: the kernel's empty minimum is 2^31 - 1)
+                lo, n_lo = int(row[at].min()) if n else (1 << 31) - 1, n
+            else:
+                hi = int(row[~at].max()) + 1
+        snapped.append(steps)
+    return {"bits": sum(bits) / len(bits), "snapped": sum(snapped) / len(snapped)}
+
+
+def bench(b: int, s: int, reps: int, device: str) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE, generator=gen)
+    k = torch.randn(b, HKV, s, D, device=device, dtype=DTYPE, generator=gen)
+    base = dict(batch=b, seq=s)
+    rows = []
+    for config in ("quest-1/8", "quest-1/8-fp8-bounds"):
+        fmt, store = full_store(CONFIGS[config], k, k)
+        spec = fmt.spec
+        nbytes = 2 * store.page_min.numel() * store.page_min.element_size() + store.slot_pos.numel() * 4
+        for block_pages, warps in SCORE_LAUNCHES:
+            t = time_or_error(lambda: quest_page_scores(q, store, spec, block_pages=block_pages, num_warps=warps),
+                              reps, device)
+            rows.append(dict(base, kernel="score", bounds=spec.page_bounds, block_pages=block_pages, num_warps=warps,
+                             default=(block_pages, warps) == (quest.SCORE_PAGES, 4), bytes=nbytes, **t,
+                             **({"gb_per_s": nbytes / t["median_us"] / 1e3} if "median_us" in t else {})))
+        if config != "quest-1/8":
+            continue
+        scores, newest = quest_page_scores(q, store, spec)
+        k_pages = spec.pages_read(store.slot_pos.shape[2])
+        distinct = torch.randn(scores.shape, device=device, generator=gen)
+        pow2 = 1 << (scores.shape[1].bit_length() - 1)  # the first pages, a power of two of them: no padding
+        for label, sc, held in (("step", scores, newest), ("distinct", distinct, newest),
+                                (f"step, first {pow2} pages", scores[:, :pow2].contiguous(), newest[:, :pow2].contiguous())):
+            chosen = {}
+            for snap in (False, True):
+                for warps in SELECT_WARPS:
+                    t = time_or_error(lambda: quest_select(sc, held, b, k_pages, spec.page_pool, snap=snap,
+                                                           num_warps=warps), reps, device)
+                    rows.append(dict(base, kernel="select", scores=label, pages=sc.shape[1],
+                                     search="snapped" if snap else "bits", num_warps=warps,
+                                     default=not snap and warps == select_warps(sc.shape[1]), pages_read=k_pages,
+                                     page_pool=spec.page_pool, **t))
+                chosen[snap] = quest_select(sc, held, b, k_pages, spec.page_pool, snap=snap)
+            steps = search_reductions(order_keys(sc, held, spec.page_pool), k_pages)
+            for r in rows[-2 * len(SELECT_WARPS):]:
+                r.update(same_pages=bool(torch.equal(chosen[False], chosen[True])), reductions=steps[r["search"]])
+    return rows
+
+
+def plot(path: pathlib.Path, rows: list[dict], device: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for bounds in dict.fromkeys(r["bounds"] for r in rows if r["kernel"] == "score"):
+        mine = [r for r in rows if r["kernel"] == "score" and r["bounds"] == bounds and "median_us" in r]
+        left.plot(range(len(mine)), [r["median_us"] for r in mine], marker="o", label=f"bounds {bounds}")
+        left.set_xticks(range(len(mine)), [f"{r['block_pages']}p/{r['num_warps']}w" for r in mine], rotation=60)
+    left.set(title="page scoring (pages a program / warps)", ylabel="us")
+    left.legend()
+    sel = [r for r in rows if r["kernel"] == "select" and "median_us" in r]
+    labels = [f"{r['scores']} {r['search']} {r['num_warps']}w" for r in sel]
+    right.barh(labels, [r["median_us"] for r in sel], color=["C1" if r["search"] == "snapped" else "C0" for r in sel])
+    right.set(title="page selection (scores, search, warps)", xlabel="us")
+    fig.suptitle(f"Quest's page kernels, B{rows[0]['batch']} S{rows[0]['seq']} - {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("example:")[1].join(["example:", ""]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=65536)
+    parser.add_argument("--quick", action="store_true", help="B 1, S 4K (CPU: S 512): a smoke run")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: the Triton interpreter (TRITON_INTERPRET=1) on a tiny shape, no timing claim")
+    parser.add_argument("--reps", type=int, default=30, help="timed runs per measurement (median reported)")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for quest_pages.json/.png")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("quest_pages: needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1 for a smoke run)", file=sys.stderr)
+        return 2
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("quest_pages: --device cpu runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1",
+              file=sys.stderr)
+        return 2
+    b, s = ((1, 4096) if args.device == "cuda" else (1, 512)) if args.quick else (args.batch, args.seq)
+    rows = bench(b, s, args.reps, args.device)
+    for r in rows:
+        what = (f"score  bounds {r['bounds']:<5} {r['block_pages']:>3} pages {r['num_warps']} warps"
+                if r["kernel"] == "score" else
+                f"select {r['scores']:<24} {r['search']:<7} {r['num_warps']:>2} warps  {r['reductions']:4.1f} reductions")
+        status = f"{r['median_us']:8.1f} us" if "median_us" in r else r["error"]
+        print(f"B{b} S{s}  {what:<70} {status}{'  (default)' if r['default'] else ''}", flush=True)
+    payload = {"benchmark": "quest_pages", "environment": environment(),
+               "shape": dict(hq=HQ, hkv=HKV, head_dim=D, dtype=str(DTYPE)), "rows": rows}
+    write_json(args.out / "quest_pages.json", payload)
+    plot(args.out / "quest_pages.png", rows, payload["environment"]["device"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
