@@ -83,6 +83,44 @@ def search_reductions(key: torch.Tensor, k: int) -> dict:
     return {"bits": sum(bits) / len(bits), "snapped": sum(snapped) / len(snapped)}
 
 
+def score_rows(q: torch.Tensor, store, spec, base: dict, reps: int, device: str) -> list[dict]:
+    """The scoring kernel at every `SCORE_LAUNCHES` launch, with its read rate."""
+    nbytes = 2 * store.page_min.numel() * store.page_min.element_size() + store.slot_pos.numel() * 4
+    rows = []
+    for block_pages, warps in SCORE_LAUNCHES:
+        t = time_or_error(lambda: quest_page_scores(q, store, spec, block_pages=block_pages, num_warps=warps),
+                          reps, device)
+        rows.append(dict(base, kernel="score", bounds=spec.page_bounds, block_pages=block_pages, num_warps=warps,
+                         default=(block_pages, warps) == (quest.SCORE_PAGES, 4), bytes=nbytes, **t,
+                         **({"gb_per_s": nbytes / t["median_us"] / 1e3} if "median_us" in t else {})))
+    return rows
+
+
+def select_rows(q: torch.Tensor, store, spec, base: dict, reps: int, device: str, gen: torch.Generator) -> list[dict]:
+    """Both searches at every `SELECT_WARPS` count on the step's scores, distinct scores and the step's
+    first power-of-two pages, each row with the replayed reductions and whether the searches agree."""
+    scores, newest = quest_page_scores(q, store, spec)
+    k_pages = spec.pages_read(store.slot_pos.shape[2])
+    distinct = torch.randn(scores.shape, device=device, generator=gen)
+    pow2 = 1 << (scores.shape[1].bit_length() - 1)  # the first pages, a power of two of them: no padding
+    rows = []
+    for label, sc, held in (("step", scores, newest), ("distinct", distinct, newest),
+                            (f"step, first {pow2} pages", scores[:, :pow2].contiguous(), newest[:, :pow2].contiguous())):
+        steps = search_reductions(order_keys(sc, held, spec.page_pool), k_pages)
+        same = torch.equal(*(quest_select(sc, held, base["batch"], k_pages, spec.page_pool, snap=snap)
+                             for snap in (False, True)))
+        for snap in (False, True):
+            for warps in SELECT_WARPS:
+                t = time_or_error(lambda: quest_select(sc, held, base["batch"], k_pages, spec.page_pool, snap=snap,
+                                                       num_warps=warps), reps, device)
+                search = "snapped" if snap else "bits"
+                rows.append(dict(base, kernel="select", scores=label, pages=sc.shape[1], search=search,
+                                 num_warps=warps, default=not snap and warps == select_warps(sc.shape[1]),
+                                 pages_read=k_pages, page_pool=spec.page_pool, same_pages=same,
+                                 reductions=steps[search], **t))
+    return rows
+
+
 def bench(b: int, s: int, reps: int, device: str) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE, generator=gen)
@@ -90,36 +128,11 @@ def bench(b: int, s: int, reps: int, device: str) -> list[dict]:
     base = dict(batch=b, seq=s)
     rows = []
     for config in ("quest-1/8", "quest-1/8-fp8-bounds"):
-        fmt, store = full_store(CONFIGS[config], k, k)
-        spec = fmt.spec
-        nbytes = 2 * store.page_min.numel() * store.page_min.element_size() + store.slot_pos.numel() * 4
-        for block_pages, warps in SCORE_LAUNCHES:
-            t = time_or_error(lambda: quest_page_scores(q, store, spec, block_pages=block_pages, num_warps=warps),
-                              reps, device)
-            rows.append(dict(base, kernel="score", bounds=spec.page_bounds, block_pages=block_pages, num_warps=warps,
-                             default=(block_pages, warps) == (quest.SCORE_PAGES, 4), bytes=nbytes, **t,
-                             **({"gb_per_s": nbytes / t["median_us"] / 1e3} if "median_us" in t else {})))
-        if config != "quest-1/8":
-            continue
-        scores, newest = quest_page_scores(q, store, spec)
-        k_pages = spec.pages_read(store.slot_pos.shape[2])
-        distinct = torch.randn(scores.shape, device=device, generator=gen)
-        pow2 = 1 << (scores.shape[1].bit_length() - 1)  # the first pages, a power of two of them: no padding
-        for label, sc, held in (("step", scores, newest), ("distinct", distinct, newest),
-                                (f"step, first {pow2} pages", scores[:, :pow2].contiguous(), newest[:, :pow2].contiguous())):
-            chosen = {}
-            for snap in (False, True):
-                for warps in SELECT_WARPS:
-                    t = time_or_error(lambda: quest_select(sc, held, b, k_pages, spec.page_pool, snap=snap,
-                                                           num_warps=warps), reps, device)
-                    rows.append(dict(base, kernel="select", scores=label, pages=sc.shape[1],
-                                     search="snapped" if snap else "bits", num_warps=warps,
-                                     default=not snap and warps == select_warps(sc.shape[1]), pages_read=k_pages,
-                                     page_pool=spec.page_pool, **t))
-                chosen[snap] = quest_select(sc, held, b, k_pages, spec.page_pool, snap=snap)
-            steps = search_reductions(order_keys(sc, held, spec.page_pool), k_pages)
-            for r in rows[-2 * len(SELECT_WARPS):]:
-                r.update(same_pages=bool(torch.equal(chosen[False], chosen[True])), reductions=steps[r["search"]])
+        fmt, store = full_store(CONFIGS[config], k, k)  # (the page kernels read no values)
+        rows += score_rows(q, store, fmt.spec, base, reps, device)
+        if fmt.spec.page_bounds == "model":  # the selection does not depend on the bounds' dtype
+            rows += select_rows(q, store, fmt.spec, base, reps, device, gen)
+        del store
     return rows
 
 
