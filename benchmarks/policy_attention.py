@@ -55,6 +55,7 @@ CONFIGS = {  # row name -> KVConfig options
     "snapkv-20%": dict(policy="snapkv", budget=0.2),
     "quest-1/8": dict(policy="quest", pages=0.125),
     "quest-1/8-fp8-bounds": dict(policy="quest", pages=0.125, page_bounds="fp8"),
+    "quest-1/8-page-8": dict(policy="quest", pages=0.125, page_size=8),  # the passkey lead at 7K (README)
     "int8+h2o-20%": dict(kv="int8", policy="h2o", budget=0.2),
     "int4+h2o-20%": dict(kv="int4", policy="h2o", budget=0.2),
     "int4+snapkv-20%": dict(kv="int4", policy="snapkv", budget=0.2),

@@ -1,20 +1,17 @@
-"""Quest's page kernels alone on the GPU: the page-scoring kernel over its launch, and the selection's two
-searches for the K-th page, on the scores a decode step sees.
+"""Quest's page kernels alone on the GPU: the page-scoring kernel over its launch, and the selection over
+its warps, on the scores a decode step sees.
 
 The store is policy_attention.py's (`full_store`: Quest reading 1/8 of the pages, B rows of S random bf16
 tokens, Hq 32, Hkv 8, D 128). Rows:
 - "score": `quest_page_scores` (`_quest_score_kernel`) at block_pages x num_warps, with the page bounds in
   the model dtype and in fp8 (`page_bounds`); GB/s over the bytes it reads (bounds and slot positions).
-- "select": `quest_select` (`_quest_select_kernel`) with the K-th key found on its bits and snapped to keys
-  (`quest.SELECT_SNAP`), at several warp counts, on the step's scores (max-pooled over `page_pool`
-  neighbours, which makes ties), on distinct random scores, and on the step's scores of the first
-  power-of-two pages (the store has S + 1 slots: 4097 pages at S64K, which the kernel pads to a tile of
-  8192); `same_pages`: both searches chose the same pages; `reductions`: the block-wide reductions each
-  search runs per head (mean), from a torch replay.
-In a decode step's profile (policy_attention.py --profile) the select took 27 us at B8 S64K against the
-8.9 us session 9 timed it alone on 4096 distinct scores: these rows split that into the ties (all 32
-counts: 28.5 reductions a head against 24 on distinct scores, replayed on the CPU at B1 S64K) and the
-padded tile (32 pages a thread at 8 warps instead of 16).
+- "select": `quest_select` (`_quest_select_kernel`) at several warp counts, on the step's scores
+  (max-pooled over `page_pool` neighbours, which makes ties), on distinct random scores, and on the
+  step's scores of the first power-of-two pages (the store has S + 1 slots: 4097 pages at S64K, which the
+  kernel pads to a tile of 8192); `reductions`: the block-wide reductions its bisection runs per head
+  (mean), from a torch replay.
+Session 18's run (results/quest_pages.json, H100) also timed a second search, snapped to keys, since
+removed as slower; it set the scoring kernel's launch (`quest.SCORE_PAGES`, `quest.SCORE_WARPS`).
 Times are CUDA-graph replays with a cold L2 (`common.cuda_time_us`); `default` marks the launch the
 decode step uses.
 
@@ -57,10 +54,10 @@ def order_keys(scores: torch.Tensor, newest: torch.Tensor, page_pool: int) -> to
     return key
 
 
-def search_reductions(key: torch.Tensor, k: int) -> dict:
-    """Block-wide reductions per head of each search (`_kth_key_by_bits`, `_kth_key_snapped`), replayed."""
+def search_reductions(key: torch.Tensor, k: int) -> float:
+    """Block-wide reductions per head (mean) of the select's bisection (`_kth_key_by_bits`), replayed."""
     key = key.clamp(-(1 << 31), (1 << 31) - 1)  # the sentinels as the kernel's int32 extremes (+-inf keys)
-    bits, snapped = [], []
+    bits = []
     for row in key:
         lo, n_lo, steps = -(1 << 31), row.numel(), 0
         for bit in range(31, -1, -1):
@@ -70,17 +67,7 @@ def search_reductions(key: torch.Tensor, k: int) -> dict:
             n = int((row >= lo + (1 << bit)).sum())
             lo, n_lo = (lo + (1 << bit), n) if n >= k else (lo, n_lo)
         bits.append(steps)
-        lo, hi, n_lo, steps = -(1 << 31), 1 << 31, row.numel(), 0
-        while n_lo != k and hi - lo > 1:
-            steps += 1
-            at = row >= lo + (hi - lo) // 2
-            n = int(at.sum())
-            if n >= k:  # (n == 0 only for k = 0: the kernel's empty minimum is 2^31 - 1)
-                lo, n_lo = int(row[at].min()) if n else (1 << 31) - 1, n
-            else:
-                hi = int(row[~at].max()) + 1
-        snapped.append(steps)
-    return {"bits": sum(bits) / len(bits), "snapped": sum(snapped) / len(snapped)}
+    return sum(bits) / len(bits)
 
 
 def score_rows(q: torch.Tensor, store, spec, base: dict, reps: int, device: str) -> list[dict]:
@@ -91,14 +78,14 @@ def score_rows(q: torch.Tensor, store, spec, base: dict, reps: int, device: str)
         t = time_or_error(lambda: quest_page_scores(q, store, spec, block_pages=block_pages, num_warps=warps),
                           reps, device)
         rows.append(dict(base, kernel="score", bounds=spec.page_bounds, block_pages=block_pages, num_warps=warps,
-                         default=(block_pages, warps) == (quest.SCORE_PAGES, 4), bytes=nbytes, **t,
+                         default=(block_pages, warps) == (quest.SCORE_PAGES, quest.SCORE_WARPS), bytes=nbytes, **t,
                          **({"gb_per_s": nbytes / t["median_us"] / 1e3} if "median_us" in t else {})))
     return rows
 
 
 def select_rows(q: torch.Tensor, store, spec, base: dict, reps: int, device: str, gen: torch.Generator) -> list[dict]:
-    """Both searches at every `SELECT_WARPS` count on the step's scores, distinct scores and the step's
-    first power-of-two pages, each row with the replayed reductions and whether the searches agree."""
+    """The select at every `SELECT_WARPS` count on the step's scores, distinct scores and the step's first
+    power-of-two pages, each row with the replayed reductions."""
     scores, newest = quest_page_scores(q, store, spec)
     k_pages = spec.pages_read(store.slot_pos.shape[2])
     distinct = torch.randn(scores.shape, device=device, generator=gen)
@@ -107,17 +94,12 @@ def select_rows(q: torch.Tensor, store, spec, base: dict, reps: int, device: str
     for label, sc, held in (("step", scores, newest), ("distinct", distinct, newest),
                             (f"step, first {pow2} pages", scores[:, :pow2].contiguous(), newest[:, :pow2].contiguous())):
         steps = search_reductions(order_keys(sc, held, spec.page_pool), k_pages)
-        same = torch.equal(*(quest_select(sc, held, base["batch"], k_pages, spec.page_pool, snap=snap)
-                             for snap in (False, True)))
-        for snap in (False, True):
-            for warps in SELECT_WARPS:
-                t = time_or_error(lambda: quest_select(sc, held, base["batch"], k_pages, spec.page_pool, snap=snap,
-                                                       num_warps=warps), reps, device)
-                search = "snapped" if snap else "bits"
-                rows.append(dict(base, kernel="select", scores=label, pages=sc.shape[1], search=search,
-                                 num_warps=warps, default=not snap and warps == select_warps(sc.shape[1]),
-                                 pages_read=k_pages, page_pool=spec.page_pool, same_pages=same,
-                                 reductions=steps[search], **t))
+        for warps in SELECT_WARPS:
+            t = time_or_error(lambda: quest_select(sc, held, base["batch"], k_pages, spec.page_pool, num_warps=warps),
+                              reps, device)
+            rows.append(dict(base, kernel="select", scores=label, pages=sc.shape[1], num_warps=warps,
+                             default=warps == select_warps(sc.shape[1]), pages_read=k_pages,
+                             page_pool=spec.page_pool, reductions=steps, **t))
     return rows
 
 
@@ -152,9 +134,9 @@ def plot(path: pathlib.Path, rows: list[dict], device: str) -> None:
     left.set(title="page scoring (pages a program / warps)", ylabel="us")
     left.legend()
     sel = [r for r in rows if r["kernel"] == "select" and "median_us" in r]
-    labels = [f"{r['scores']} {r['search']} {r['num_warps']}w" for r in sel]
-    right.barh(labels, [r["median_us"] for r in sel], color=["C1" if r["search"] == "snapped" else "C0" for r in sel])
-    right.set(title="page selection (scores, search, warps)", xlabel="us")
+    right.barh([f"{r['scores']} {r['num_warps']}w" for r in sel], [r["median_us"] for r in sel],
+               color=["C1" if r["default"] else "C0" for r in sel])
+    right.set(title="page selection (scores, warps; default orange)", xlabel="us")
     fig.suptitle(f"Quest's page kernels, B{rows[0]['batch']} S{rows[0]['seq']} - {device}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -184,7 +166,7 @@ def main(argv=None) -> int:
     for r in rows:
         what = (f"score  bounds {r['bounds']:<5} {r['block_pages']:>3} pages {r['num_warps']} warps"
                 if r["kernel"] == "score" else
-                f"select {r['scores']:<24} {r['search']:<7} {r['num_warps']:>2} warps  {r['reductions']:4.1f} reductions")
+                f"select {r['scores']:<24} {r['num_warps']:>2} warps  {r['reductions']:4.1f} reductions")
         status = f"{r['median_us']:8.1f} us" if "median_us" in r else r["error"]
         print(f"B{b} S{s}  {what:<70} {status}{'  (default)' if r['default'] else ''}", flush=True)
     payload = {"benchmark": "quest_pages", "environment": environment(),

@@ -34,10 +34,12 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from kvfx.kernels.attention import BLOCK_ELEMENTS
+
 POLICIES = ("none", "streaming", "h2o", "snapkv", "pyramidkv", "quest")
 EVICTING = ("streaming", "h2o", "snapkv", "pyramidkv")
 QUEST_DENSE_LAYERS = 2  # Quest keeps the first two layers dense
-QUERY_CHUNK = 512      # queries per step of the reference (bounds the score matrix of a long prompt)
+QUERY_CHUNK = 512      # queries per step of the reference at most (fewer: `attention.BLOCK_ELEMENTS`)
 
 
 @dataclass(frozen=True)
@@ -197,16 +199,20 @@ def quest_page_bias(q: torch.Tensor, store, spec: PolicySpec) -> torch.Tensor:
 
 def attend_candidates(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias_fn, obs_window: int,
                       scale: float, want_column_sums: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """softmax(q k^T scale + bias) v over candidates, in query chunks.
+    """softmax(q k^T scale + bias) v over candidates, in query chunks: QUERY_CHUNK queries, fewer when
+    the chunk's scores [B, Hkv, g, rows, N] would pass `BLOCK_ELEMENTS` (2^28, 1 GiB of fp32), so that a
+    prompt's transient memory does not grow with the batch (session 18: at 8K and B32 on the H100, 512
+    queries' scores, 17 GiB a tensor, ran out of memory where the decode fits).
 
     q [B, Hkv, g, T, D]; keys, values [B, Hkv, N, D] (fp32); bias_fn(t0, t1) gives the bias of queries
     t0..t1-1. Returns (out [B, Hkv, g, T, D] fp32, column sums of the probabilities over all queries
     and the g heads [B, Hkv, N] or None, the same over the last `obs_window` queries or None).
     """
-    t = q.shape[3]
+    b, hkv, g, t, _ = q.shape
+    rows = min(QUERY_CHUNK, max(1, BLOCK_ELEMENTS // (b * hkv * g * keys.shape[2])))
     outs, colsum, obs = [], None, None
-    for t0 in range(0, t, QUERY_CHUNK):
-        t1 = min(t, t0 + QUERY_CHUNK)
+    for t0 in range(0, t, rows):
+        t1 = min(t, t0 + rows)
         scores = (q[:, :, :, t0:t1].float() @ keys.transpose(-1, -2).unsqueeze(2)) * scale + bias_fn(t0, t1)
         probs = _softmax(scores)
         outs.append(probs @ values.unsqueeze(2))

@@ -27,7 +27,12 @@ from kvfx.kernels.slot_attention import _chain, pdl_launch
 from kvfx.kernels.slot_decode import _new_token, _scan_unprotected_block
 
 DEAD = tl.constexpr(-3.0e38)  # the score of a page without tokens (as the reference)
-SCORE_PAGES = 32  # pages per program of the scoring kernel
+# The scoring kernel's launch, from benchmarks/results/quest_pages.json (H100, B8 S64K, 4097 pages a head):
+# 64 pages and 2 warps a program score bf16 bounds in 65.8 us (2.3 TB/s) and fp8 bounds in 44.2 us, against
+# 69.7 us and 61.3 us at the former 32 pages and 4 warps; no other launch of the sweep beat it by over 1%.
+# With the step's scan in it (`QuestScan`), 2 warps also beat 4 (policy_attention.py, the same machine:
+# 220.8 / 198.5 / 202.3 us a step against 221.5 / 201.0 / 204.9 for quest 1/8, fp8 bounds, int4 + quest).
+SCORE_PAGES, SCORE_WARPS = 64, 2
 QUEST_MAX_PAGES = 1 << 16  # pages per head the selection counts (16-bit packed counts); the store refuses more
 # The selection holds a head's pages in registers: 8 warps up to 8192 pages, then more. Session 9 measured
 # 8 warps best at 4096 pages (16 a thread; 4 and 16 warps slower), but a tile of 8192 (4097 pages, as
@@ -35,10 +40,6 @@ QUEST_MAX_PAGES = 1 << 16  # pages per head the selection counts (16-bit packed 
 # twice the compares per count, and 3 spills in the sm_90 build (7,264 instructions against 4,536 at 16
 # warps, Triton 3.9). benchmarks/quest_pages.py times 4-32 warps there; not yet run on a GPU.
 SELECT_PAGES_PER_THREAD = 32
-# The selection's bisection with both ends snapped to keys (`_kth_key_snapped`): fewer serial reductions
-# (it also ends on ties, which max-pooled scores have), each reducing three values instead of one. Built in
-# session 17 with no device time to time it (benchmarks/quest_pages.py does), so off.
-SELECT_SNAP = False
 
 
 @triton.jit
@@ -118,44 +119,14 @@ def _kth_key_by_bits(key, K, NP_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _count_and_neighbours(n_a, up_a, down_a, n_b, up_b, down_b):
-    return n_a + n_b, tl.minimum(up_a, up_b), tl.maximum(down_a, down_b)
-
-
-@triton.jit
-def _kth_key_snapped(key, K, NP_BLOCK: tl.constexpr):
-    """The K-th largest key as `_kth_key_by_bits` gives it, by a bisection of [lo, hi) (#(key >= lo) >= K,
-    #(key >= hi) < K) whose every count also returns the least key at or above the midpoint and the
-    greatest below it (one reduction of three values): lo and hi snap to keys, so the search ends as
-    soon as no key lies strictly between them, a tie group included, or n_lo == K. Each step at least
-    halves hi - lo (2^32 at first), so 32 steps always suffice, and distinct keys usually need about
-    log2 of their count near the K-th."""
-    lo = tl.full((), -2147483648, tl.int64)
-    hi = tl.full((), 2147483648, tl.int64)
-    n_lo = tl.full((), NP_BLOCK, tl.int32)
-    n_hi = tl.full((), 0, tl.int32)
-    for _ in tl.static_range(32):
-        if (n_lo != K) & (hi - lo > 1):
-            at = key >= (lo + (hi - lo) // 2).to(tl.int32)
-            n, up, down = tl.reduce((at.to(tl.int32), tl.where(at, key, 2147483647), tl.where(at, -2147483648, key)),
-                                    0, _count_and_neighbours)
-            lo = tl.where(n >= K, up.to(tl.int64), lo)  # (n == 0 only for K = 0: up = 2^31 - 1, then n_lo == K)
-            n_lo = tl.where(n >= K, n, n_lo)
-            hi = tl.where(n >= K, hi, down.to(tl.int64) + 1)  # (n < K <= NP_BLOCK: some key lies below)
-            n_hi = tl.where(n >= K, n_hi, n)
-    exact = n_lo == K
-    return tl.where(exact, lo - 1, lo).to(tl.int32), tl.where(exact, 0, K - n_hi)
-
-
-@triton.jit
 def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.constexpr, POOL: tl.constexpr,
-                         SNAP: tl.constexpr = False, PDL: tl.constexpr = False):
+                         PDL: tl.constexpr = False):
     """Program bh: pages[bh] = the K best pages (ascending page number; the oldest page counts as the
     best), then the newest token's page. A live page ranks as the best score within POOL // 2 pages of it
     (`page_pool`, the reference's max-pooling; neighbours are loaded again, L1 hits).
 
-    The K-th largest key is found by bisection (`_kth_key_by_bits`, or with SNAP `_kth_key_snapped`,
-    which also ends on ties: `SELECT_SNAP`). A step is one count over the tile, which sits in registers,
+    The K-th largest key is found by bisection (`_kth_key_by_bits`). A step is one count over the tile,
+    which sits in registers,
     so its cost is the latency of one block-wide reduction (warp REDUX, shared memory, two barriers)
     and the steps are serial.
 
@@ -165,7 +136,11 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.c
     the former kernel (32 steps always, newest page by two reductions, scores loaded after them, output
     in chunks of 1024 with two scans and two sums each). A radix select (r bits a step: 2^r - 1
     independent counts, 32 / r steps) was slower: r = 2 13.8 us, r = 4 22.7 us; with 16 keys a thread the
-    compares, not the reductions, then dominate. 4 or 16 warps were slower than 8.
+    compares, not the reductions, then dominate. 4 or 16 warps were slower than 8. Session 18
+    (benchmarks/results/quest_pages.json, B8 S64K, 8 x 4 heads, K 512): 17.2 us at 4096 pages, 21.6 us at
+    4097 (a tile of 8192; 16 warps 23.4 us, 32 warps 27.2 us). A bisection with both ends snapped to keys
+    (a tuple reduction a step, ending on ties too: 12.8 steps a head against 28.0) was slower at 4097
+    pages (26.4 us at 8 warps, 23.2 us at 16) and barely faster at 4096 (16.4 us), so it was removed.
 
     The output is one scan over the register tile: running counts of the pages above kth and of its ties
     (16 bits each in one int32: NP < 2^16) place each chosen page; ties past the wanted number are
@@ -189,10 +164,7 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.c
     # ranks first, so it is one of the K; the newest and padding rank last.
     oldest = tl.argmin(tl.where(held >= 0, held, 2147483647), axis=0, tie_break_left=True)
     key = _order_key(tl.where(i == newest, float("-inf"), tl.where(i == oldest, float("inf"), score)))
-    if SNAP:
-        kth, ties_wanted = _kth_key_snapped(key, K, NP_BLOCK)
-    else:
-        kth, ties_wanted = _kth_key_by_bits(key, K, NP_BLOCK)
+    kth, ties_wanted = _kth_key_by_bits(key, K, NP_BLOCK)
     above = key > kth
     tie = (key == kth) & (i < NP)
     rank = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 16), axis=0)  # inclusive counts, packed
@@ -231,10 +203,11 @@ def quest_pages_triton(q: torch.Tensor, store, spec, scan: QuestScan | None = No
 
 
 def quest_page_scores(q: torch.Tensor, store, spec, scan: QuestScan | None = None, chained: bool = False,
-                      block_pages: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                      block_pages: int | None = None, num_warps: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_quest_score_kernel`: each page's bound and newest position, [B * Hkv, pages] fp32 and int32 (DEAD
-    and -1 for a page without tokens). block_pages (pages a program; default SCORE_PAGES, or the scan's
-    block) and num_warps: the launch, which benchmarks/quest_pages.py sweeps."""
+    and -1 for a page without tokens). block_pages and num_warps (default SCORE_PAGES, or the scan's block,
+    and SCORE_WARPS): the launch, which benchmarks/quest_pages.py sweeps."""
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     gq = hq // hkv
@@ -251,19 +224,19 @@ def quest_page_scores(q: torch.Tensor, store, spec, scan: QuestScan | None = Non
         *((scan.stats, scan.lows, scan.ats) if scan else (unused,) * 3), n_pages, c, nb, hkv,
         bias.shape[-1] if bias is not None else 0, GQ=gq, BLOCK_G=triton.next_power_of_2(gq), D=d,
         PAGE=spec.page_size, PAGE_BLOCK=triton.next_power_of_2(spec.page_size), BLOCK_P=block_p, SCAN=scan is not None,
-        HAS_BIAS=bias is not None, CAUSAL=bool(scan and scan.causal), PDL=chained, num_warps=num_warps)
+        HAS_BIAS=bias is not None, CAUSAL=bool(scan and scan.causal), PDL=chained, num_warps=num_warps or SCORE_WARPS)
     return scores, newest
 
 
 def quest_select(scores: torch.Tensor, newest: torch.Tensor, batch: int, k: int, page_pool: int, chained: bool = False,
-                 snap: bool | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """`_quest_select_kernel` over `quest_page_scores`' output: the pages [B, Hkv, k + 1]. snap (default
-    `SELECT_SNAP`) and num_warps (default: SELECT_PAGES_PER_THREAD pages a thread, 8 warps at least):
-    the search and launch, which benchmarks/quest_pages.py compares."""
+                 num_warps: int | None = None) -> torch.Tensor:
+    """`_quest_select_kernel` over `quest_page_scores`' output: the pages [B, Hkv, k + 1]. num_warps
+    (default: SELECT_PAGES_PER_THREAD pages a thread, 8 warps at least): the launch, which
+    benchmarks/quest_pages.py compares."""
     heads, n_pages = scores.shape
     pages = torch.empty(batch, heads // batch, k + 1, device=scores.device, dtype=torch.int32)
     _quest_select_kernel[(heads,)](scores, newest, pages, n_pages, k, NP_BLOCK=triton.next_power_of_2(n_pages),
-                                   POOL=page_pool, SNAP=SELECT_SNAP if snap is None else snap, PDL=chained,
+                                   POOL=page_pool, PDL=chained,
                                    num_warps=num_warps or select_warps(n_pages), **pdl_launch(chained))
     return pages
 

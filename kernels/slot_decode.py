@@ -17,8 +17,8 @@ H100, most of it in that serial walk):
    Quest keeps this work (the emptied slots leave holes: the next free slot is not the fill count;
    and a full store, all C + 1 candidates valid, still gives up its oldest token, as the reference),
    its page-scoring kernel, which loads every slot's position anyway, can do it instead
-   (`quest.QuestScan`, `QUEST_SCAN_IN_SCORE`: one read of the positions and one launch fewer, but a
-   slower step as measured, so off);
+   (`quest.QuestScan`, `QUEST_SCAN_IN_SCORE`: one read of the positions and one launch fewer, a faster
+   step as measured, so on);
 2. `_slot_select_kernel`: per block, the eviction key of every slot exactly as `eviction_key` defines
    it for a decode step (limit = C), from the reduced statistics: StreamingLLM protects its `sink`
    oldest valid positions and ranks by position, H2O protects its `recent` newest and SnapKV /
@@ -383,11 +383,11 @@ def _slot_finish_kernel(m_ptr, l_ptr, acc_ptr, q_ptr, k_new_ptr, v_new_ptr, new_
 
 
 # Quest's scan in its page-scoring kernel (`quest.QuestScan`, session 14) instead of its own launch after
-# the attention. Off: on the H100 (session 16, B8 S64K, plain launches, one call) the step with it took
-# 229.3 us against 220.9 for the tree before it (183c7ac), its scoring kernel 70.9 us, about what scoring
-# and scan took apart (61.1 + 10.9, session 13). Kept for the A/B in one tree (policy_attention.py under a
-# wrapper that sets it), which no call has run yet.
-QUEST_SCAN_IN_SCORE = False
+# the attention. On since session 18: on the H100 at B8 S64K (chained launches, policy_attention.json) the
+# step took 221.4 / 201.2 / 205.8 us with it against 231.1 / 206.5 / 210.1 without (quest 1/8, with fp8
+# bounds, int4 + quest; 64-page blocks), and 225.4 / 219.2 against 233.8 / 218.5 in the call before
+# (32-page blocks). Session 16 had measured it slower (229.3 against 220.9 us, plain launches, one call).
+QUEST_SCAN_IN_SCORE = True
 
 
 def decode_step_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,

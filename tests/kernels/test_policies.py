@@ -90,6 +90,27 @@ def test_each_call_attends_exactly_the_kept_tokens_and_the_new_ones(policy, budg
         assert store.slot_pos.shape[-1] == min(budget + (4 if policy == "snapkv" else 0), n)  # + the window
 
 
+@pytest.mark.parametrize("options", [dict(policy="h2o", budget=12), dict(policy="snapkv", budget=24, window=8),
+                                     dict(policy="quest", pages=0.5, page_size=8)])
+def test_a_prompt_s_score_matrix_is_bounded_in_elements_with_the_same_result(monkeypatch, options):
+    """A large batch's prompt attends in chunks of fewer queries (`BLOCK_ELEMENTS`), which changes
+    nothing: the same outputs, kept tokens and scores as 512-query chunks."""
+    import kvfx.kernels.policies as policies
+
+    q, k, v = sequence(2, 4, 2, 40, 16, 7)
+    results = []
+    for elements in (1 << 28, 2 * 2 * 2 * 30 * 3):  # (b * hkv * g * keys: 3 of the first 30 queries a chunk)
+        monkeypatch.setattr(policies, "BLOCK_ELEMENTS", elements)
+        fmt, store = make_store(48, 2, 2, 16, **options)
+        out = torch.cat([run(fmt, store, q[:, :, :30], k[:, :, :30], v[:, :, :30], 0),
+                         run(fmt, store, q[:, :, 30:], k[:, :, 30:], v[:, :, 30:], 30)], 2)
+        results.append((out, store.slot_pos.clone(), store.score.clone()))
+    (out, pos, score), (out_c, pos_c, score_c) = results
+    torch.testing.assert_close(out_c, out)
+    assert torch.equal(pos_c, pos)
+    torch.testing.assert_close(score_c, score)
+
+
 @pytest.mark.parametrize("prompt, steps", [(30, 5), (9, 12)])
 def test_streaming_keeps_the_sinks_and_the_newest(prompt, steps):
     fmt, store = make_store(prompt + steps, policy="streaming", budget=10, sink=3)

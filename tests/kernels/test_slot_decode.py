@@ -166,16 +166,15 @@ def _order_keys(scores):
 @settings(max_examples=40, deadline=None)
 @given(heads=st.integers(1, 3), n_pages=st.integers(1, 300), share=st.floats(0.0, 1.0),
        kind=st.sampled_from(["distinct", "ties", "few_live", "dead"]), width=st.sampled_from([1, 3, 5]),
-       snap=st.booleans(), seed=st.integers(0, 99))
-def test_quest_select_keeps_the_best_pages_and_the_lowest_ties(heads, n_pages, share, kind, width, snap, seed):
+       seed=st.integers(0, 99))
+def test_quest_select_keeps_the_best_pages_and_the_lowest_ties(heads, n_pages, share, kind, width, seed):
     """The selection kernel alone, to the exact rule: the K pages of highest key (the oldest page, the first
     of the lowest position among live pages, counts as the highest), ties going to the lowest page
     numbers, ascending, then the newest page (the first of the highest position). Distinct scores
     stop the bisection early; ties (few values, -0.0 and +0.0 among them) and pages without tokens
     (DEAD, ranked below every live page, also when fewer than K pages are live) run all 32 steps; K runs
     from 0 to NP - 1, NP past one power of two (padding). POOL = width > 1: a live page's score is the
-    maximum within width // 2 pages of it first (dead neighbours count with their DEAD score). Both searches
-    for the K-th key: on its bits, and snapped to keys (`SELECT_SNAP`, which ends on ties)."""
+    maximum within width // 2 pages of it first (dead neighbours count with their DEAD score)."""
     gen = torch.Generator().manual_seed(seed)
     k = min(int(share * n_pages), n_pages - 1)
     if kind == "distinct":
@@ -190,7 +189,7 @@ def test_quest_select_keeps_the_best_pages_and_the_lowest_ties(heads, n_pages, s
         scores = scores + 0.0
     pages = torch.full((heads, k + 1), -7, dtype=torch.int32)
     _quest_select_kernel[(heads,)](scores, held, pages, n_pages, k, NP_BLOCK=triton.next_power_of_2(n_pages),
-                                   POOL=width, SNAP=snap)
+                                   POOL=width)
     pooled = F.pad(scores, (width // 2, width // 2), value=float("-inf")).unfold(-1, width, 1).amax(-1)
     scores = torch.where(live, pooled, scores)
     newest = held.argmax(-1)  # the first of the maxima (all -1: page 0)

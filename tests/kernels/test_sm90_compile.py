@@ -71,11 +71,10 @@ for scan, has_bias, bounds in ((False, False, bf), (True, False, "*fp8e4nv"), (T
     build(_quest_score_kernel, dict(q_ptr=bf, min_ptr=bounds, max_ptr=bounds, slot_pos_ptr=i32, page_score_ptr=f32,
                                     newest_ptr=i32, new_pos_ptr="*i64", bias_ptr=f32, score_ptr=f32, stats_ptr=i32,
                                     low_ptr=f32, at_ptr=i32),
-          dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=32, SCAN=scan, HAS_BIAS=has_bias, CAUSAL=True,
+          dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=64, SCAN=scan, HAS_BIAS=has_bias, CAUSAL=True,
                PDL=scan))
-for snap in (False, True):
-    build(_quest_select_kernel, dict(score_ptr=f32, newest_ptr=i32, pages_ptr=i32),
-          dict(NP_BLOCK=4096, POOL=3, SNAP=snap, PDL=True), launch_pdl=True)
+build(_quest_select_kernel, dict(score_ptr=f32, newest_ptr=i32, pages_ptr=i32), dict(NP_BLOCK=4096, POOL=3, PDL=True),
+      launch_pdl=True)
 for codec, codes in (("none", bf), ("int8", "*u8")):  # kvfx::attend's positional mode
     build(_slot_attention_kernel, dict(q_ptr=bf, k_ptr=codes, v_ptr=codes, kp_ptr=bf, vp_ptr=bf, pos_ptr=f32, idx_ptr=f32,
                                        bias_ptr=f32, new_pos_ptr=f32, m_ptr=f32, l_ptr=f32, acc_ptr=f32, logit_ptr=f32,
