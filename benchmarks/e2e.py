@@ -37,7 +37,7 @@ from common import RESULTS, environment, kernel_profile, plot_speedups, write_js
 import kvfx
 from kvfx.kernels.formats import KVStore
 from kvfx.kernels.kivi import KiviStore, store_write
-from kvfx.kernels.policies import policy_attend_reference
+from kvfx.kernels.policies import attend_prompt, policy_attend_reference
 from kvfx.kernels.token_store import TokenFormat, TokenStore
 from kvfx.runtime import store_of
 
@@ -129,7 +129,7 @@ def fill_random(cache, start: int, stop: int, chunk: int, generator: torch.Gener
             elif isinstance(store, TokenStore):
                 pos = torch.arange(at, at + k.shape[2], device=k.device)
                 policy_attend_reference(q, k, v, pos, store, None, True, d ** -0.5, TokenFormat(options).spec,
-                                        index, layers)
+                                        index, layers, attend=attend_prompt)
             else:
                 raise SystemExit(f"e2e: --fill random writes fp buffers, KIVI and policy stores, not "
                                  f"{type(store).__name__}")

@@ -29,7 +29,7 @@ from kvfx.kernels.decode_attention import HEAD_DIMS, decode_attention_triton
 from kvfx.kernels.formats import format_from_json
 from kvfx.kernels.int8 import dequantize_int8_reference, quantize_int8_reference, store_write_int8_triton
 from kvfx.kernels.kivi import KiviStore, dequantize_reference, store_write_reference, store_write_triton
-from kvfx.kernels.policies import decode_step, policy_attend_reference
+from kvfx.kernels.policies import attend_prompt, decode_step, policy_attend_reference
 from kvfx.kernels.slot_attention import attend_positions, attend_positions_supported, row_bias, row_mask
 
 
@@ -226,7 +226,7 @@ def policy_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos
     if q.shape[2] == 1:  # a decode step: the copy-free path
         return decode_step(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, fmt.spec, layer).contiguous()
     return policy_attend_reference(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, fmt.spec, layer,
-                                   layers).contiguous()
+                                   layers, attend=attend_prompt).contiguous()
 
 
 @policy_attend.register_fake

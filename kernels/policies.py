@@ -197,19 +197,25 @@ def quest_page_bias(q: torch.Tensor, store, spec: PolicySpec) -> torch.Tensor:
     return torch.zeros(keep.shape, device=q.device).masked_fill(~keep, float("-inf"))
 
 
+def _query_rows(b: int, hkv: int, g: int, n: int) -> int:
+    """Queries a chunk: QUERY_CHUNK, fewer when the chunk's scores [B, Hkv, g, rows, N] would pass
+    `BLOCK_ELEMENTS` (2^28, 1 GiB of fp32), so that a prompt's transient memory does not grow with the
+    batch (session 18: at 8K and B32 on the H100, 512 queries' scores, 17 GiB a tensor, ran out of
+    memory where the decode fits)."""
+    return min(QUERY_CHUNK, max(1, BLOCK_ELEMENTS // (b * hkv * g * n)))
+
+
 def attend_candidates(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias_fn, obs_window: int,
                       scale: float, want_column_sums: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """softmax(q k^T scale + bias) v over candidates, in query chunks: QUERY_CHUNK queries, fewer when
-    the chunk's scores [B, Hkv, g, rows, N] would pass `BLOCK_ELEMENTS` (2^28, 1 GiB of fp32), so that a
-    prompt's transient memory does not grow with the batch (session 18: at 8K and B32 on the H100, 512
-    queries' scores, 17 GiB a tensor, ran out of memory where the decode fits).
+    """softmax(q k^T scale + bias) v over candidates, in fp32, in chunks of `_query_rows` queries.
 
-    q [B, Hkv, g, T, D]; keys, values [B, Hkv, N, D] (fp32); bias_fn(t0, t1) gives the bias of queries
-    t0..t1-1. Returns (out [B, Hkv, g, T, D] fp32, column sums of the probabilities over all queries
-    and the g heads [B, Hkv, N] or None, the same over the last `obs_window` queries or None).
+    q [B, Hkv, g, T, D]; keys, values [B, Hkv, N, D] (any float dtype); bias_fn(t0, t1) gives the bias of
+    queries t0..t1-1. Returns (out [B, Hkv, g, T, D] fp32, column sums of the probabilities over all
+    queries and the g heads [B, Hkv, N] or None, the same over the last `obs_window` queries or None).
     """
     b, hkv, g, t, _ = q.shape
-    rows = min(QUERY_CHUNK, max(1, BLOCK_ELEMENTS // (b * hkv * g * keys.shape[2])))
+    keys, values = keys.float(), values.float()
+    rows = _query_rows(b, hkv, g, keys.shape[2])
     outs, colsum, obs = [], None, None
     for t0 in range(0, t, rows):
         t1 = min(t, t0 + rows)
@@ -223,6 +229,35 @@ def attend_candidates(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             part = probs[:, :, :, max(t - obs_window - t0, 0):].sum((2, 3))
             obs = part if obs is None else obs + part
     return torch.cat(outs, dim=3), colsum, obs
+
+
+def attend_prompt(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias_fn, obs_window: int, scale: float,
+                  want_column_sums: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`attend_candidates` for a prompt, as `kvfx::policy_attend` runs it: the output by
+    `F.scaled_dot_product_attention` in the keys' dtype (no fp32 copies, no probabilities written out),
+    chunked alike; SnapKV / PyramidKV's observation sums from the last `obs_window` queries alone, as the
+    reference computes them. Column sums over every query (H2O) need every probability: the reference.
+    The output equals the reference's to the dtype's rounding (tested); a query that sees no candidate
+    gets zeros, as there."""
+    if want_column_sums:
+        return attend_candidates(q, keys, values, bias_fn, obs_window, scale, want_column_sums)
+    b, hkv, g, t, d = q.shape
+    n = keys.shape[2]
+    rows = _query_rows(b, hkv, g, n)
+    outs = []
+    for t0 in range(0, t, rows):
+        t1 = min(t, t0 + rows)
+        bias = bias_fn(t0, t1).expand(b, hkv, g, t1 - t0, n)
+        out = F.scaled_dot_product_attention(q[:, :, :, t0:t1].reshape(b, hkv, -1, d).to(keys.dtype), keys, values,
+                                             attn_mask=bias.reshape(b, hkv, -1, n).to(keys.dtype), scale=scale)
+        sees = (bias > float("-inf")).any(-1, keepdim=True)  # (whatever a backend makes of a row of -inf)
+        outs.append(out.view(b, hkv, g, t1 - t0, -1).float().masked_fill(~sees, 0.0))
+    obs = None
+    if obs_window:
+        t0 = t - obs_window
+        _, _, obs = attend_candidates(q[:, :, :, t0:], keys, values, lambda a, z: bias_fn(t0 + a, t0 + z),
+                                      obs_window, scale, False)
+    return torch.cat(outs, dim=3), None, obs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,9 +332,10 @@ def place(kept_old: torch.Tensor, kept_new: torch.Tensor) -> torch.Tensor:
 
 def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
                             attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec: PolicySpec,
-                            layer: int, layers: int) -> torch.Tensor:
+                            layer: int, layers: int, attend=attend_candidates) -> torch.Tensor:
     """Attention of q [B, Hq, T, D] over `store` (a `TokenStore`) and the new k_new, v_new [B, Hkv, T, D]
-    at positions pos [T], then the write of the new tokens under the policy (see the module docstring)."""
+    at positions pos [T], then the write of the new tokens under the policy (see the module docstring).
+    attend: `attend_candidates` (the definition) or `attend_prompt` (the op's prompt path)."""
     b, hq, t, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     group = hq // hkv
@@ -307,8 +343,9 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     live = bool((store.slot_pos >= 0).any())  # an empty store (a prompt's first call): only the new tokens
     old_k, old_v = store.dequantize() if live else (k_new.new_zeros(b, hkv, 0, d), v_new.new_zeros(b, hkv, 0, d))
     n_old = old_k.shape[2]
-    keys = torch.cat([old_k.float(), k_new.float()], 2)
-    values = torch.cat([old_v.float(), v_new.float()], 2)
+    dtype = torch.promote_types(old_k.dtype, k_new.dtype)
+    keys = torch.cat([old_k.to(dtype), k_new.to(dtype)], 2)
+    values = torch.cat([old_v.to(dtype), v_new.to(dtype)], 2)
     positions = torch.cat([store.slot_pos[:, :, :n_old], new_pos], 2)
     extra = None
     if spec.policy == "quest" and t == 1 and layer >= QUEST_DENSE_LAYERS and live:
@@ -323,8 +360,9 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
 
     scored = spec.policy in ("snapkv", "pyramidkv")
     obs_window = min(spec.window, t) if scored and t > 1 else 0
-    out, colsum, obs = attend_candidates(q.view(b, hkv, group, t, d), keys, values, bias_fn, obs_window, scale,
-                                         want_column_sums=spec.policy in ("h2o", "snapkv", "pyramidkv"))
+    # (On a prompt SnapKV / PyramidKV score by the observation window alone: no column sums.)
+    out, colsum, obs = attend(q.view(b, hkv, group, t, d), keys, values, bias_fn, obs_window, scale,
+                              want_column_sums=spec.policy in ("h2o", "snapkv", "pyramidkv") and not obs_window)
     # Candidates the newest query can still see (not padding, not outside a sliding window).
     valid = (positions >= 0) & (mask_bias(t - 1, t)[:, :, :, 0] > float("-inf")).any(2)
     score = torch.cat([store.score[:, :, :n_old], torch.zeros_like(new_pos, dtype=store.score.dtype)], 2)

@@ -8,7 +8,8 @@ import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 from kvfx.kernels.attention import attend_reference
 from kvfx.kernels.kivi import round_e4m3_outward
-from kvfx.kernels.policies import PolicySpec, choose_kept, policy_attend_reference, quest_pages
+from kvfx.kernels.policies import (PolicySpec, attend_candidates, attend_prompt, choose_kept, policy_attend_reference,
+                                   quest_pages)
 from kvfx.kernels.token_store import TokenCodec
 
 EVICTING = ["streaming", "h2o", "snapkv", "pyramidkv"]
@@ -202,6 +203,42 @@ def test_pyramidkv_budgets_shrink_with_depth_and_sum_to_the_mean():
     capacities = [spec.capacity(10_000, layer, 8) - spec.window for layer in range(8)]
     assert capacities == sorted(capacities, reverse=True) and capacities[-1] == 5  # top layer: budget / beta
     assert abs(sum(capacities) - 800) <= 8  # rounding up per layer
+
+
+@settings(max_examples=30, deadline=None)
+@given(options=st.sampled_from([dict(policy="streaming", budget=10), dict(policy="snapkv", budget=12, window=4),
+                                dict(policy="pyramidkv", budget=0.5, window=3), dict(policy="h2o", budget=10),
+                                dict(policy="quest", pages=0.5, page_size=4)]),
+       kv=st.sampled_from(["none", "int8", "int4"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       b=st.integers(1, 3), hkv=st.integers(1, 2), g=st.integers(1, 3), first=st.integers(1, 24),
+       second=st.integers(2, 16), padded=st.booleans(), rows=st.sampled_from([None, 2]), seed=st.integers(0, 99))
+def test_the_op_s_prompt_path_equals_the_reference(options, kv, dtype, b, hkv, g, first, second, padded, rows, seed):
+    """`attend_prompt` (SDPA in the model dtype, SnapKV's window statistics alone) against
+    `attend_candidates` over two prompt calls (the second over a live store): the same output to the
+    dtype's rounding, the same kept tokens and scores. Left padding leaves row 0's first queries seeing
+    nothing (zeros, as the reference); rows = 2 chunks the queries."""
+    import kvfx.kernels.policies as policies
+
+    n, d = first + second, 32
+    q, k, v = (x.to(dtype) for x in sequence(b, hkv * g, hkv, n, d, seed))
+    mask = torch.ones(b, 1, n, n, dtype=torch.bool).tril()
+    if padded:
+        mask[0, :, :, :min(3, first)] = False
+    fmt = kvfx.KVConfig(kv=kv, **options).format
+    results = []
+    for attend in (attend_candidates, attend_prompt):
+        store = fmt.allocate((b, hkv, n + 4, d), dtype, torch.device("cpu"), 0, 2)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(policies, "QUERY_CHUNK", rows or policies.QUERY_CHUNK)
+            outs = [policy_attend_reference(q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], torch.arange(a, z), store,
+                                            mask[:, :, a:z], False, 0.3, fmt.spec, 0, 2, attend=attend)
+                    for a, z in ((0, first), (first, n))]
+        results.append((torch.cat(outs, 2), store.slot_pos.clone(), store.score.clone()))
+    (ref, pos, score), (got, pos_got, score_got) = results
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, ref, **tol)
+    assert torch.equal(pos_got, pos)
+    torch.testing.assert_close(score_got, score)
 
 
 def test_left_padded_rows_select_within_their_own_tokens():
