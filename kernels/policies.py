@@ -252,11 +252,12 @@ def attend_prompt(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bia
                                              attn_mask=bias.reshape(b, hkv, -1, n).to(keys.dtype), scale=scale)
         sees = (bias > float("-inf")).any(-1, keepdim=True)  # (whatever a backend makes of a row of -inf)
         outs.append(out.view(b, hkv, g, t1 - t0, -1).float().masked_fill(~sees, 0.0))
-    obs = None
-    if obs_window:
-        t0 = t - obs_window
-        _, _, obs = attend_candidates(q[:, :, :, t0:], keys, values, lambda a, z: bias_fn(t0 + a, t0 + z),
-                                      obs_window, scale, False)
+    obs, keys32 = None, keys.float() if obs_window else None
+    for t0 in range(t - obs_window, t, rows):  # the window's probabilities in fp32, as the reference's
+        t1 = min(t, t0 + rows)
+        scores = (q[:, :, :, t0:t1].float() @ keys32.transpose(-1, -2).unsqueeze(2)) * scale + bias_fn(t0, t1)
+        part = _softmax(scores).sum((2, 3))
+        obs = part if obs is None else obs + part
     return torch.cat(outs, dim=3), None, obs
 
 
