@@ -38,7 +38,8 @@ QUEST_MAX_PAGES = 1 << 16  # pages per head the selection counts (16-bit packed 
 # 8 warps best at 4096 pages (16 a thread; 4 and 16 warps slower), but a tile of 8192 (4097 pages, as
 # policy_attention.py's store of S + 1 slots has: 8208 slots padded, one page over 4096) gets 32 a thread:
 # twice the compares per count, and 3 spills in the sm_90 build (7,264 instructions against 4,536 at 16
-# warps, Triton 3.9). benchmarks/quest_pages.py times 4-32 warps there; not yet run on a GPU.
+# warps, Triton 3.9). Timed there in session 18 (quest_pages.json, H100): 8 warps 21.6 us, 16 warps 23.4,
+# 32 warps 27.2, 4 warps 57.1 (17.2 us at 8 warps on the first 4096 pages): 8 warps stay.
 SELECT_PAGES_PER_THREAD = 32
 
 
