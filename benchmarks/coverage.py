@@ -46,6 +46,19 @@ class Timeout(Exception):
     pass
 
 
+def first_two_layers(kinds: list, default_kinds: list) -> list:
+    """A per-layer list cut to the tiny depth: its first two entries, unless neither is an attention layer
+    (hybrids such as Qwen3-Next open with linear-attention layers, and rebuild the list for the tiny
+    depth from its first ones): then the first of each of the default depth's first two kinds, so that
+    the tiny model keeps one attention layer for kvfx to find."""
+    def attends(kind) -> bool:
+        return "attention" in str(kind) and "linear" not in str(kind)
+
+    if any(attends(kind) for kind in kinds[:2]) or not any(attends(kind) for kind in default_kinds):
+        return kinds[:2]
+    return list(dict.fromkeys(default_kinds))[:2]
+
+
 def tiny_model(model_type: str):
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -55,7 +68,7 @@ def tiny_model(model_type: str):
     config = config_class(**{k: v for k, v in TINY.items() if k in defaults})
     for name in ("layer_types", "block_types"):  # per-layer lists sized for the default depth
         if isinstance(getattr(config, name, None), list):
-            setattr(config, name, getattr(config, name)[:2])
+            setattr(config, name, first_two_layers(getattr(config, name), defaults.get(name) or []))
     torch.manual_seed(0)
     try:
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
