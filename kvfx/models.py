@@ -46,6 +46,10 @@ TINY_ARCHS = {
     "bloom": ("BloomConfig", dict(n_layer=2, n_head=4)),
     # Falcon-7B style multi-query attention: one KV head that SDPA broadcasts over the query heads.
     "falcon": ("FalconConfig", dict(multi_query=True)),
+    # Qwen3.5: a hybrid, gated DeltaNet (linear attention, no KV cache) then gated full attention.
+    "qwen3_5": ("Qwen3_5TextConfig", dict(head_dim=16, layer_types=["linear_attention", "full_attention"],
+                                          linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                          linear_value_head_dim=16)),
 }
 
 
