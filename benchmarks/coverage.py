@@ -49,14 +49,15 @@ class Timeout(Exception):
 def first_two_layers(kinds: list, default_kinds: list) -> list:
     """A per-layer list cut to the tiny depth: its first two entries, unless neither is an attention layer
     (hybrids such as Qwen3-Next open with linear-attention layers, and rebuild the list for the tiny
-    depth from its first ones): then the first of each of the default depth's first two kinds, so that
-    the tiny model keeps one attention layer for kvfx to find."""
+    depth from its first ones): then the default depth's first layer and its first attention layer, so
+    that the tiny model keeps one attention layer for kvfx to find."""
     def attends(kind) -> bool:
         return "attention" in str(kind) and "linear" not in str(kind)
 
-    if any(attends(kind) for kind in kinds[:2]) or not any(attends(kind) for kind in default_kinds):
+    first_attention = next((kind for kind in default_kinds if attends(kind)), None)
+    if any(attends(kind) for kind in kinds[:2]) or first_attention is None:
         return kinds[:2]
-    return list(dict.fromkeys(default_kinds))[:2]
+    return [default_kinds[0], first_attention]
 
 
 def tiny_model(model_type: str):
@@ -66,7 +67,7 @@ def tiny_model(model_type: str):
     config_class = CONFIG_MAPPING[model_type]
     defaults = config_class().to_dict()
     config = config_class(**{k: v for k, v in TINY.items() if k in defaults})
-    for name in ("layer_types", "block_types"):  # per-layer lists sized for the default depth
+    for name in ("layer_types", "block_types", "layers_block_type"):  # per-layer lists sized for the default depth
         if isinstance(getattr(config, name, None), list):
             setattr(config, name, first_two_layers(getattr(config, name), defaults.get(name) or []))
     torch.manual_seed(0)

@@ -22,10 +22,12 @@ def test_a_list_that_opens_with_attention_is_cut_to_its_first_two(coverage):
     assert coverage.first_two_layers(kinds[:2], kinds) == ["sliding_attention", "sliding_attention"]
 
 
-def test_a_hybrid_keeps_one_layer_of_each_of_its_first_two_kinds(coverage):
+def test_a_hybrid_keeps_its_first_layer_and_its_first_attention_layer(coverage):
     default = ["linear_attention"] * 3 + ["full_attention"]  # Qwen3-Next's pattern
     assert coverage.first_two_layers(["linear_attention"] * 2, default * 12) == ["linear_attention", "full_attention"]
     assert coverage.first_two_layers(["conv", "conv"], ["conv", "conv", "full_attention"]) == ["conv", "full_attention"]
+    nemotron = ["linear_attention", "moe", "full_attention", "mlp"]  # Nemotron-H's layers_block_type
+    assert coverage.first_two_layers(nemotron, nemotron) == ["linear_attention", "full_attention"]
 
 
 def test_a_model_without_attention_layers_is_left_as_it_is(coverage):
