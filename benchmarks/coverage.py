@@ -38,7 +38,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             n_embd=64, n_layer=2, n_layers=2, n_head=4, n_positions=256, d_model=64, num_layers=2, num_heads=4,
             decoder_layers=2, encoder_layers=2, moe_intermediate_size=32, num_experts=4, num_local_experts=4,
             n_routed_experts=4, num_experts_per_tok=2, sliding_window=8, use_cache=True, bos_token_id=1,
-            eos_token_id=2, pad_token_id=0)
+            eos_token_id=2, pad_token_id=0, attn_layer_period=2, attn_layer_offset=1)  # (Jamba: layer 1 attends)
 KVS = ("none", "int8")
 
 
@@ -68,7 +68,7 @@ def tiny_model(model_type: str):
     defaults = config_class().to_dict()
     config = config_class(**{k: v for k, v in TINY.items() if k in defaults})
     for name in ("layer_types", "block_types", "layers_block_type"):  # per-layer lists sized for the default depth
-        if isinstance(getattr(config, name, None), list):
+        if isinstance(getattr(config, name, None), list) and not isinstance(getattr(type(config), name, None), property):
             setattr(config, name, first_two_layers(getattr(config, name), defaults.get(name) or []))
     torch.manual_seed(0)
     try:
