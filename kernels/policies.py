@@ -247,9 +247,10 @@ def attend_prompt(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bia
     outs = []
     for t0 in range(0, t, rows):
         t1 = min(t, t0 + rows)
-        bias = bias_fn(t0, t1).expand(b, hkv, g, t1 - t0, n)
+        bias = bias_fn(t0, t1)  # [B, Hkv, g or 1, rows, N]: cast before the expand copies it g times
+        mask = bias.to(keys.dtype).expand(b, hkv, g, t1 - t0, n).reshape(b, hkv, -1, n)
         out = F.scaled_dot_product_attention(q[:, :, :, t0:t1].reshape(b, hkv, -1, d).to(keys.dtype), keys, values,
-                                             attn_mask=bias.reshape(b, hkv, -1, n).to(keys.dtype), scale=scale)
+                                             attn_mask=mask, scale=scale)
         sees = (bias > float("-inf")).any(-1, keepdim=True)  # (whatever a backend makes of a row of -inf)
         outs.append(out.view(b, hkv, g, t1 - t0, -1).float().masked_fill(~sees, 0.0))
     obs, keys32 = None, keys.float() if obs_window else None

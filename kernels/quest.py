@@ -127,9 +127,8 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.c
     (`page_pool`, the reference's max-pooling; neighbours are loaded again, L1 hits).
 
     The K-th largest key is found by bisection (`_kth_key_by_bits`). A step is one count over the tile,
-    which sits in registers,
-    so its cost is the latency of one block-wide reduction (warp REDUX, shared memory, two barriers)
-    and the steps are serial.
+    which sits in registers, so its cost is the latency of one block-wide reduction (warp REDUX, shared
+    memory, two barriers) and the steps are serial.
 
     Timed alone on an H100 in session 9 (64 heads, NP 4096, K 512; not kept as JSON, and the step's
     profile in policy_attention.json gave 19.7 us against the former 20.9): 8.9 us with normal scores,

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 
 import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
+import kvfx.kernels.policies as policies
 from kvfx.kernels.attention import attend_reference
 from kvfx.kernels.kivi import round_e4m3_outward
 from kvfx.kernels.policies import (PolicySpec, attend_candidates, attend_prompt, choose_kept, policy_attend_reference,
@@ -96,8 +97,6 @@ def test_each_call_attends_exactly_the_kept_tokens_and_the_new_ones(policy, budg
 def test_a_prompt_s_score_matrix_is_bounded_in_elements_with_the_same_result(monkeypatch, options):
     """A large batch's prompt attends in chunks of fewer queries (`BLOCK_ELEMENTS`), which changes
     nothing: the same outputs, kept tokens and scores as 512-query chunks."""
-    import kvfx.kernels.policies as policies
-
     q, k, v = sequence(2, 4, 2, 40, 16, 7)
     results = []
     for elements in (1 << 28, 2 * 2 * 2 * 30 * 3):  # (b * hkv * g * keys: 3 of the first 30 queries a chunk)
@@ -217,8 +216,6 @@ def test_the_op_s_prompt_path_equals_the_reference(options, kv, dtype, b, hkv, g
     `attend_candidates` over two prompt calls (the second over a live store): the same output to the
     dtype's rounding, the same kept tokens and scores. Left padding leaves row 0's first queries seeing
     nothing (zeros, as the reference); rows = 2 chunks the queries."""
-    import kvfx.kernels.policies as policies
-
     n, d = first + second, 32
     q, k, v = (x.to(dtype) for x in sequence(b, hkv * g, hkv, n, d, seed))
     mask = torch.ones(b, 1, n, n, dtype=torch.bool).tril()
