@@ -28,11 +28,11 @@ import pathlib
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from common import RESULTS, environment, time_or_error, write_json
 from policy_attention import CONFIGS, D, DTYPE, HKV, HQ, full_store
 from kvfx.kernels import quest
+from kvfx.kernels.policies import quest_page_ranking
 from kvfx.kernels.quest import quest_page_scores, quest_select, select_warps
 
 SCORE_LAUNCHES = [(p, w) for p in (16, 32, 64, 128) for w in (2, 4, 8)]  # (block_pages, num_warps)
@@ -40,23 +40,15 @@ SELECT_WARPS = (4, 8, 16, 32)
 
 
 def order_keys(scores: torch.Tensor, newest: torch.Tensor, page_pool: int) -> torch.Tensor:
-    """The select kernel's int64 keys [heads, pages]: scores max-pooled over live neighbours, the oldest
-    live page first, the newest page last (the kernel's int32 order, widened so they fit)."""
-    live = newest >= 0
-    if page_pool > 1:
-        pooled = F.max_pool1d(scores[:, None], page_pool, stride=1, padding=page_pool // 2)[:, 0]
-        scores = torch.where(live, pooled, scores)
-    bits = scores.contiguous().view(torch.int32)
-    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    rows = torch.arange(key.shape[0], device=key.device)
-    key[rows, newest.masked_fill(~live, 1 << 30).argmin(-1)] = 1 << 40
-    key[rows, newest.argmax(-1)] = -(1 << 40)
-    return key
+    """The select kernel's int keys [heads, pages] (as int64): `policies.quest_page_ranking`'s scores
+    (the reference's ranking, which the kernel follows) in the kernel's order-preserving int32 form."""
+    ranked, _ = quest_page_ranking(scores, newest, page_pool)
+    bits = ranked.contiguous().view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
 
 
 def search_reductions(key: torch.Tensor, k: int) -> float:
     """Block-wide reductions per head (mean) of the select's bisection (`_kth_key_by_bits`), replayed."""
-    key = key.clamp(-(1 << 31), (1 << 31) - 1)  # the sentinels as the kernel's int32 extremes (+-inf keys)
     bits = []
     for row in key:
         lo, n_lo, steps = -(1 << 31), row.numel(), 0

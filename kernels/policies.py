@@ -165,22 +165,29 @@ def quest_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
     dtype = torch.float32 if page_min.dtype == torch.float8_e4m3fn else page_min.dtype
     qd, low, high = q.to(dtype), page_min.to(dtype), page_max.to(dtype)
     scores = (qd.clamp(min=0) @ high.transpose(-1, -2)).float() + (qd.clamp(max=0) @ low.transpose(-1, -2)).float()
-    scores = scores.sum(2)  # [B, Hkv, NP]
-    pages = slot_pos.view(b, hkv, -1, spec.page_size)
-    live = (pages >= 0).any(-1)
-    if spec.page_pool > 1:  # a page ranks as its best neighbour within page_pool // 2 (live pages only)
-        scores = F.max_pool1d(scores.masked_fill(~live, -3.0e38).flatten(0, 1)[:, None], spec.page_pool, stride=1,
-                              padding=spec.page_pool // 2).view_as(scores)
-    held = pages.amax(-1)  # each page's newest position (-1: no tokens)
-    newest = held.argmax(-1, keepdim=True)
-    oldest = held.masked_fill(~live, torch.iinfo(held.dtype).max).argmin(-1, keepdim=True)  # the first page of the lowest
-    # Pages without tokens rank below every live page but above the newest one, which is added last:
-    # pages_read <= NP - 1 then never picks the newest page twice. The oldest ranks first (when it is not the newest).
-    ranked = scores.masked_fill(~live, -3.0e38).scatter(-1, oldest, float("inf")).scatter(-1, newest, float("-inf"))
+    held = slot_pos.view(b, hkv, -1, spec.page_size).amax(-1)  # each page's newest position (-1: no tokens)
+    ranked, newest = quest_page_ranking(scores.sum(2), held, spec.page_pool)
     # Ties (pooled neighbours share a score) go to the lowest page numbers, as in `_quest_select_kernel`.
     best = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :spec.pages_read(c)]
     chosen = torch.cat([best, newest], -1)
-    return chosen, live.gather(-1, chosen)
+    return chosen, (held >= 0).gather(-1, chosen)
+
+
+def quest_page_ranking(scores: torch.Tensor, held: torch.Tensor, page_pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score [..., NP] each page is ranked by, from its bound `scores` and newest position `held`
+    (-1: no tokens), and the newest page [..., 1] (the first of the highest position). A live page ranks
+    as its best neighbour within page_pool // 2 (live pages only); pages without tokens rank below every
+    live page (-3.0e38) but above the newest one (-inf), which is added last: pages_read <= NP - 1 then
+    never picks it twice; the oldest live page (the first of the lowest position) ranks first (+inf) when
+    it is not the newest. `_quest_select_kernel` orders pages by the same values."""
+    live = held >= 0
+    scores = scores.masked_fill(~live, -3.0e38)
+    if page_pool > 1:
+        pooled = F.max_pool1d(scores.flatten(0, -2)[:, None], page_pool, stride=1, padding=page_pool // 2)
+        scores = pooled.view_as(scores).masked_fill(~live, -3.0e38)
+    newest = held.argmax(-1, keepdim=True)
+    oldest = held.masked_fill(~live, torch.iinfo(held.dtype).max).argmin(-1, keepdim=True)
+    return scores.scatter(-1, oldest, float("inf")).scatter(-1, newest, float("-inf")), newest
 
 
 def _page_slots(pages: torch.Tensor, read: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
