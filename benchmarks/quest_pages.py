@@ -8,7 +8,8 @@ tokens, Hq 32, Hkv 8, D 128). Rows:
 - "select": `quest_select` (`_quest_select_kernel`) at several warp counts, on the step's scores
   (max-pooled over `page_pool` neighbours, which makes ties), on distinct random scores, and on the
   step's scores of the first power-of-two pages (the store has S + 1 slots: 4097 pages at S64K, which the
-  kernel pads to a tile of 8192); `reductions`: the block-wide reductions its bisection runs per head
+  kernel holds as 4096 + a tail of 1, `quest.select_tiles`; also timed as one padded tile of 8192, as
+  before session 19: `tiles` [8192, 0]); `reductions`: the block-wide reductions its bisection runs per head
   (mean), from a torch replay.
 Session 18's run (results/quest_pages.json, H100) also timed a second search, snapped to keys, since
 removed as slower; it set the scoring kernel's launch (`quest.SCORE_PAGES`, `quest.SCORE_WARPS`).
@@ -23,6 +24,7 @@ example: python benchmarks/quest_pages.py --batch 8 --seq 65536
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import sys
@@ -77,7 +79,8 @@ def score_rows(q: torch.Tensor, store, spec, base: dict, reps: int, device: str)
 
 def select_rows(q: torch.Tensor, store, spec, base: dict, reps: int, device: str, gen: torch.Generator) -> list[dict]:
     """The select at every `SELECT_WARPS` count on the step's scores, distinct scores and the step's first
-    power-of-two pages, each row with the replayed reductions."""
+    power-of-two pages, each row with the replayed reductions; where `quest.select_tiles` makes a tail
+    tile, also without it (one padded tile: `quest.SELECT_TAIL_PAGES` = 0)."""
     scores, newest = quest_page_scores(q, store, spec)
     k_pages = spec.pages_read(store.slot_pos.shape[2])
     distinct = torch.randn(scores.shape, device=device, generator=gen)
@@ -86,13 +89,28 @@ def select_rows(q: torch.Tensor, store, spec, base: dict, reps: int, device: str
     for label, sc, held in (("step", scores, newest), ("distinct", distinct, newest),
                             (f"step, first {pow2} pages", scores[:, :pow2].contiguous(), newest[:, :pow2].contiguous())):
         steps = search_reductions(order_keys(sc, held, spec.page_pool), k_pages)
-        for warps in SELECT_WARPS:
-            t = time_or_error(lambda: quest_select(sc, held, base["batch"], k_pages, spec.page_pool, num_warps=warps),
-                              reps, device)
-            rows.append(dict(base, kernel="select", scores=label, pages=sc.shape[1], num_warps=warps,
-                             default=warps == select_warps(sc.shape[1]), pages_read=k_pages,
-                             page_pool=spec.page_pool, reductions=steps, **t))
+        tails = (quest.SELECT_TAIL_PAGES, 0) if quest.select_tiles(sc.shape[1])[1] else (quest.SELECT_TAIL_PAGES,)
+        for tail_pages in tails:
+            for warps in SELECT_WARPS:
+                with select_tail_pages(tail_pages):
+                    tiles = quest.select_tiles(sc.shape[1])
+                    t = time_or_error(lambda: quest_select(sc, held, base["batch"], k_pages, spec.page_pool,
+                                                           num_warps=warps), reps, device)
+                rows.append(dict(base, kernel="select", scores=label, pages=sc.shape[1], tiles=list(tiles),
+                                 num_warps=warps, default=warps == select_warps(sc.shape[1]) and tail_pages ==
+                                 quest.SELECT_TAIL_PAGES, pages_read=k_pages, page_pool=spec.page_pool,
+                                 reductions=steps, **t))
     return rows
+
+
+@contextlib.contextmanager
+def select_tail_pages(n: int):
+    """`quest.SELECT_TAIL_PAGES` = n inside the block."""
+    saved, quest.SELECT_TAIL_PAGES = quest.SELECT_TAIL_PAGES, n
+    try:
+        yield
+    finally:
+        quest.SELECT_TAIL_PAGES = saved
 
 
 def bench(b: int, s: int, reps: int, device: str) -> list[dict]:
@@ -126,7 +144,7 @@ def plot(path: pathlib.Path, rows: list[dict], device: str) -> None:
     left.set(title="page scoring (pages a program / warps)", ylabel="us")
     left.legend()
     sel = [r for r in rows if r["kernel"] == "select" and "median_us" in r]
-    right.barh([f"{r['scores']} {r['num_warps']}w" for r in sel], [r["median_us"] for r in sel],
+    right.barh([f"{r['scores']} {r['num_warps']}w {'+'.join(map(str, r.get('tiles', [])))}" for r in sel], [r["median_us"] for r in sel],
                color=["C1" if r["default"] else "C0" for r in sel])
     right.set(title="page selection (scores, warps; default orange)", xlabel="us")
     fig.suptitle(f"Quest's page kernels, B{rows[0]['batch']} S{rows[0]['seq']} - {device}")
@@ -158,7 +176,7 @@ def main(argv=None) -> int:
     for r in rows:
         what = (f"score  bounds {r['bounds']:<5} {r['block_pages']:>3} pages {r['num_warps']} warps"
                 if r["kernel"] == "score" else
-                f"select {r['scores']:<24} {r['num_warps']:>2} warps  {r['reductions']:4.1f} reductions")
+                f"select {r['scores']:<24} {r['num_warps']:>2} warps tiles {r['tiles']}  {r['reductions']:4.1f} reductions")
         status = f"{r['median_us']:8.1f} us" if "median_us" in r else r["error"]
         print(f"B{b} S{s}  {what:<70} {status}{'  (default)' if r['default'] else ''}", flush=True)
     payload = {"benchmark": "quest_pages", "environment": environment(),

@@ -41,6 +41,10 @@ QUEST_MAX_PAGES = 1 << 16  # pages per head the selection counts (16-bit packed 
 # warps, Triton 3.9). Timed there in session 18 (quest_pages.json, H100): 8 warps 21.6 us, 16 warps 23.4,
 # 32 warps 27.2, 4 warps 57.1 (17.2 us at 8 warps on the first 4096 pages): 8 warps stay.
 SELECT_PAGES_PER_THREAD = 32
+# Pages past the largest power of two below a head's page count go to a tail tile when there are at most
+# this many (one warp's: its count is a warp reduction, no shared memory): 4097 pages are 4096 + 1, not
+# 8192 with 4095 of padding. 0 turns the tail off (benchmarks/quest_pages.py compares both).
+SELECT_TAIL_PAGES = 32
 
 
 @triton.jit
@@ -90,44 +94,91 @@ def _order_key(score):
 
 
 @triton.jit
-def _count_at_least(key, t):
-    """#(key >= t) over the tile: one block-wide reduction (a warp REDUX, then the warps' partials)."""
-    return tl.sum((key >= t).to(tl.int32), axis=0)
+def _count_at_least(key, tail_key, t, TAIL: tl.constexpr):
+    """#(key >= t) over the main tile and, TAIL > 0, the tail: one block-wide reduction (a warp REDUX, then
+    the warps' partials), plus a warp's for a tail of at most 32 keys."""
+    n = tl.sum((key >= t).to(tl.int32), axis=0)
+    if TAIL > 0:
+        n += tl.sum((tail_key >= t).to(tl.int32), axis=0)
+    return n
 
 
 @triton.jit
-def _kth_key_by_bits(key, K, NP_BLOCK: tl.constexpr):
-    """The K-th largest key by bisection on its bits, from the sign down: `lo` is the largest value
-    known to have >= K keys at or above it (n_lo of them); the candidate lo + 2^bit becomes `lo` when it
-    still has >= K keys at or above it, else it bounds the search from above (n_hi keys at or above it).
+def _kth_key_by_bits(key, tail_key, K, N_KEYS: tl.constexpr, TAIL: tl.constexpr):
+    """The K-th largest of the N_KEYS keys (the main tile's and the tail's) by bisection on its bits, from
+    the sign down: `lo` is the largest value known to have >= K keys at or above it (n_lo of them); the
+    candidate lo + 2^bit becomes `lo` when it still has >= K keys at or above it, else it bounds the
+    search from above (n_hi keys at or above it).
     Two ways out: after bit 0, lo is the K-th key and n_hi = #(key > lo); or, as soon as n_lo == K, the
     keys >= lo are exactly the K best whatever the lower bits (no tie to break), and the remaining steps
     are skipped (`if` on a block-uniform value: no reduction). With distinct scores that happens once
     2^bit drops below the gap between the K-th and (K+1)-th keys; ties run all 32 steps.
     Returns (kth, ties_wanted): the pages with a key above kth, then the first ties_wanted of its ties."""
     lo = tl.full((), -2147483648, tl.int32)
-    n_lo = tl.full((), NP_BLOCK, tl.int32)  # #(key >= lo): every key at first
+    n_lo = tl.full((), N_KEYS, tl.int32)  # #(key >= lo): every key at first
     n_hi = tl.full((), 0, tl.int32)  # #(key >= the candidate last rejected): none above 2^31 - 1 at first
     for bit in tl.static_range(31, -1, -1):
         if n_lo != K:
             cand = lo ^ (tl.full((), 1, tl.int32) << bit)  # lo + 2^bit (lo's lower bits are clear), no overflow
-            n = _count_at_least(key, cand)
+            n = _count_at_least(key, tail_key, cand, TAIL)
             lo = tl.where(n >= K, cand, lo)
             n_lo = tl.where(n >= K, n, n_lo)
             n_hi = tl.where(n >= K, n_hi, n)
-    exact = n_lo == K  # (lo > -2^31 then: n_lo started at NP_BLOCK > K)
+    exact = n_lo == K  # (lo > -2^31 then: n_lo started at N_KEYS > K)
     return tl.where(exact, lo - 1, lo), tl.where(exact, 0, K - n_hi)
 
 
 @triton.jit
-def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.constexpr, POOL: tl.constexpr,
-                         PDL: tl.constexpr = False):
+def _page_scores(score_ptr, newest_ptr, NP, i, POOL: tl.constexpr):
+    """The scores of pages i (-inf past NP), each live page's the best within POOL // 2 pages of it
+    (`page_pool`, the reference's max-pooling; neighbours are loaded again, L1 hits), and their newest
+    positions (-2 past NP)."""
+    score = tl.load(score_ptr + i, mask=i < NP, other=float("-inf"))
+    held = tl.load(newest_ptr + i, mask=i < NP, other=-2)
+    if POOL > 1:
+        pooled = score
+        for off in tl.static_range(1, POOL // 2 + 1):
+            pooled = tl.maximum(pooled, tl.load(score_ptr + i - off, mask=(i >= off) & (i < NP + off),
+                                                other=float("-inf")))
+            pooled = tl.maximum(pooled, tl.load(score_ptr + i + off, mask=i + off < NP, other=float("-inf")))
+        score = tl.where(held >= 0, pooled, score)
+    return score, held
+
+
+@triton.jit
+def _page_keys(score, held, i, newest, oldest):
+    """Order keys of pages i: the oldest page's above every score, the newest's and padding below."""
+    return _order_key(tl.where(i == newest, float("-inf"), tl.where(i == oldest, float("inf"), score)))
+
+
+@triton.jit
+def _place_pages(key, i, kth, ties_wanted, before, out, NP):
+    """Store the chosen pages of the tile i (above kth, then the first ties_wanted ties overall) at their
+    ranks, after `before` (the packed counts of the tiles before it); returns the packed counts so far.
+    Running counts of the pages above kth and of its ties are packed in one int32 (16 bits each: NP <
+    2^16), so one scan places each page; ties past the wanted number are dropped, so pages come out in
+    ascending order."""
+    above = key > kth
+    tie = (key == kth) & (i < NP)
+    rank = before + tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 16), axis=0)  # inclusive counts, packed
+    n_above = rank & 0xFFFF
+    n_tie = (rank >> 16) & 0xFFFF
+    pick = above | (tie & (n_tie <= ties_wanted))
+    tl.store(out + n_above + tl.minimum(n_tie, ties_wanted) - 1, i, mask=pick)
+    return tl.max(rank, axis=0)  # (both counts only grow: the last is the largest)
+
+
+@triton.jit
+def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, MAIN: tl.constexpr, TAIL: tl.constexpr,
+                         POOL: tl.constexpr, PDL: tl.constexpr = False):
     """Program bh: pages[bh] = the K best pages (ascending page number; the oldest page counts as the
     best), then the newest token's page. A live page ranks as the best score within POOL // 2 pages of it
-    (`page_pool`, the reference's max-pooling; neighbours are loaded again, L1 hits).
+    (`_page_scores`).
 
-    The K-th largest key is found by bisection (`_kth_key_by_bits`). A step is one count over the tile,
-    which sits in registers, so its cost is the latency of one block-wide reduction (warp REDUX, shared
+    The pages sit in registers: a main tile of MAIN (a power of two) and, TAIL > 0, a tail of the TAIL
+    pages after it (`select_tiles`: NP = 4097, a store of S + 1 slots at S = 64K, gets 4096 + 1, not a
+    padded 8192 tile). The K-th largest key is found by bisection (`_kth_key_by_bits`). A step is one
+    count over the tiles, so its cost is the latency of one block-wide reduction (warp REDUX, shared
     memory, two barriers) and the steps are serial.
 
     Timed alone on an H100 in session 9 (64 heads, NP 4096, K 512; not kept as JSON, and the step's
@@ -138,41 +189,38 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, NP_BLOCK: tl.c
     independent counts, 32 / r steps) was slower: r = 2 13.8 us, r = 4 22.7 us; with 16 keys a thread the
     compares, not the reductions, then dominate. 4 or 16 warps were slower than 8. Session 18
     (benchmarks/results/quest_pages.json, B8 S64K, 8 x 4 heads, K 512): 17.2 us at 4096 pages, 21.6 us at
-    4097 (a tile of 8192; 16 warps 23.4 us, 32 warps 27.2 us). A bisection with both ends snapped to keys
-    (a tuple reduction a step, ending on ties too: 12.8 steps a head against 28.0) was slower at 4097
-    pages (26.4 us at 8 warps, 23.2 us at 16) and barely faster at 4096 (16.4 us), so it was removed.
-
-    The output is one scan over the register tile: running counts of the pages above kth and of its ties
-    (16 bits each in one int32: NP < 2^16) place each chosen page; ties past the wanted number are
-    dropped, so pages come out in ascending order. PDL: `slot_attention._chain`.
+    4097 in one padded tile of 8192 (16 warps 23.4 us, 32 warps 27.2 us). A bisection with both ends
+    snapped to keys (a tuple reduction a step, ending on ties too: 12.8 steps a head against 28.0) was
+    slower at 4097 pages (26.4 us at 8 warps, 23.2 us at 16) and barely faster at 4096 (16.4 us), so it
+    was removed. PDL: `slot_attention._chain`.
     """
     _chain(PDL)
     bh = tl.program_id(0)
-    i = tl.arange(0, NP_BLOCK)
-    # Both loads first: the scores arrive while the newest page's reduction runs.
-    score = tl.load(score_ptr + bh * NP + i, mask=i < NP, other=float("-inf"))
-    held = tl.load(newest_ptr + bh * NP + i, mask=i < NP, other=-2)
-    if POOL > 1:
-        pooled = score
-        for off in tl.static_range(1, POOL // 2 + 1):
-            pooled = tl.maximum(pooled, tl.load(score_ptr + bh * NP + i - off, mask=(i >= off) & (i < NP + off),
-                                                other=float("-inf")))
-            pooled = tl.maximum(pooled, tl.load(score_ptr + bh * NP + i + off, mask=i + off < NP, other=float("-inf")))
-        score = tl.where(held >= 0, pooled, score)
-    newest = tl.argmax(held, axis=0, tie_break_left=True)  # the first page of the newest position
-    # The oldest page (the attention sink's: the first of the lowest newest position among live pages)
-    # ranks first, so it is one of the K; the newest and padding rank last.
-    oldest = tl.argmin(tl.where(held >= 0, held, 2147483647), axis=0, tie_break_left=True)
-    key = _order_key(tl.where(i == newest, float("-inf"), tl.where(i == oldest, float("inf"), score)))
-    kth, ties_wanted = _kth_key_by_bits(key, K, NP_BLOCK)
-    above = key > kth
-    tie = (key == kth) & (i < NP)
-    rank = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 16), axis=0)  # inclusive counts, packed
-    n_above = rank & 0xFFFF
-    n_tie = (rank >> 16) & 0xFFFF
-    pick = above | (tie & (n_tie <= ties_wanted))
+    i = tl.arange(0, MAIN)
+    # The loads first: the scores arrive while the newest page's reduction runs.
+    score, held = _page_scores(score_ptr + bh * NP, newest_ptr + bh * NP, NP, i, POOL)
+    # The newest page (the first of the newest position) ranks last; the oldest (the attention sink's: the
+    # first of the lowest newest position among live pages) first, so it is one of the K.
+    newest = tl.argmax(held, axis=0, tie_break_left=True)
+    oldest_pos = tl.where(held >= 0, held, 2147483647)
+    oldest = tl.argmin(oldest_pos, axis=0, tie_break_left=True)
+    if TAIL > 0:  # a tail page wins only over a strictly worse main one (ties go to the lower page)
+        it = MAIN + tl.arange(0, TAIL)
+        tail_score, tail_held = _page_scores(score_ptr + bh * NP, newest_ptr + bh * NP, NP, it, POOL)
+        tail_oldest_pos = tl.where(tail_held >= 0, tail_held, 2147483647)
+        newest = tl.where(tl.max(tail_held, axis=0) > tl.max(held, axis=0),
+                          MAIN + tl.argmax(tail_held, axis=0, tie_break_left=True), newest)
+        oldest = tl.where(tl.min(tail_oldest_pos, axis=0) < tl.min(oldest_pos, axis=0),
+                          MAIN + tl.argmin(tail_oldest_pos, axis=0, tie_break_left=True), oldest)
+        tail_key = _page_keys(tail_score, tail_held, it, newest, oldest)
+    key = _page_keys(score, held, i, newest, oldest)
+    if TAIL == 0:
+        tail_key = key  # (unused: no tail to count)
+    kth, ties_wanted = _kth_key_by_bits(key, tail_key, K, MAIN + TAIL, TAIL)
     out = pages_ptr + bh * (K + 1)
-    tl.store(out + n_above + tl.minimum(n_tie, ties_wanted) - 1, i, mask=pick)
+    placed = _place_pages(key, i, kth, ties_wanted, 0, out, NP)
+    if TAIL > 0:
+        _place_pages(tail_key, it, kth, ties_wanted, placed, out, NP)
     tl.store(out + K + tl.arange(0, 1), tl.zeros((1,), tl.int32) + newest)
 
 
@@ -231,16 +279,25 @@ def quest_page_scores(q: torch.Tensor, store, spec, scan: QuestScan | None = Non
 def quest_select(scores: torch.Tensor, newest: torch.Tensor, batch: int, k: int, page_pool: int, chained: bool = False,
                  num_warps: int | None = None) -> torch.Tensor:
     """`_quest_select_kernel` over `quest_page_scores`' output: the pages [B, Hkv, k + 1]. num_warps
-    (default: SELECT_PAGES_PER_THREAD pages a thread, 8 warps at least): the launch, which
-    benchmarks/quest_pages.py compares."""
+    (default `select_warps`): the launch, which benchmarks/quest_pages.py compares."""
     heads, n_pages = scores.shape
     pages = torch.empty(batch, heads // batch, k + 1, device=scores.device, dtype=torch.int32)
-    _quest_select_kernel[(heads,)](scores, newest, pages, n_pages, k, NP_BLOCK=triton.next_power_of_2(n_pages),
-                                   POOL=page_pool, PDL=chained,
+    main, tail = select_tiles(n_pages)
+    _quest_select_kernel[(heads,)](scores, newest, pages, n_pages, k, MAIN=main, TAIL=tail, POOL=page_pool, PDL=chained,
                                    num_warps=num_warps or select_warps(n_pages), **pdl_launch(chained))
     return pages
 
 
+def select_tiles(n_pages: int) -> tuple[int, int]:
+    """The selection's register tiles (MAIN, TAIL): a power of two, and the pages past it in a tail of at
+    most SELECT_TAIL_PAGES (a power of two; 0: none), else one padded power-of-two tile."""
+    main = triton.next_power_of_2(n_pages)
+    rest = n_pages - main // 2
+    if main != n_pages and rest <= SELECT_TAIL_PAGES:
+        return main // 2, triton.next_power_of_2(rest)
+    return main, 0
+
+
 def select_warps(n_pages: int) -> int:
-    """The selection's default warps: SELECT_PAGES_PER_THREAD of the power-of-two tile a thread, 8 at least."""
-    return min(32, max(8, triton.next_power_of_2(n_pages) // (32 * SELECT_PAGES_PER_THREAD)))
+    """The selection's default warps: SELECT_PAGES_PER_THREAD of the main tile a thread, 8 at least."""
+    return min(32, max(8, select_tiles(n_pages)[0] // (32 * SELECT_PAGES_PER_THREAD)))

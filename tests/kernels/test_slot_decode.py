@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 import kvfx
 from kvfx.kernels.policies import decode_step_reference, quest_pages
-from kvfx.kernels.quest import _quest_select_kernel, quest_pages_triton
+from kvfx.kernels.quest import _quest_select_kernel, quest_pages_triton, select_tiles
 from kvfx.kernels import slot_decode
 from kvfx.kernels.slot_decode import decode_step_triton
 
@@ -166,14 +166,18 @@ def _order_keys(scores):
 @settings(max_examples=40, deadline=None)
 @given(heads=st.integers(1, 3), n_pages=st.integers(1, 300), share=st.floats(0.0, 1.0),
        kind=st.sampled_from(["distinct", "ties", "few_live", "dead"]), width=st.sampled_from([1, 3, 5]),
-       seed=st.integers(0, 99))
-def test_quest_select_keeps_the_best_pages_and_the_lowest_ties(heads, n_pages, share, kind, width, seed):
+       tail=st.booleans(), seed=st.integers(0, 99))
+@example(heads=2, n_pages=4097, share=0.125, kind="distinct", width=3, tail=True, seed=0)  # the bench's 4096 + 1
+@example(heads=1, n_pages=161, share=0.5, kind="ties", width=1, tail=True, seed=1)  # a full 32-page tail
+@example(heads=1, n_pages=130, share=0.3, kind="few_live", width=1, tail=True, seed=2)
+def test_quest_select_keeps_the_best_pages_and_the_lowest_ties(heads, n_pages, share, kind, width, tail, seed):
     """The selection kernel alone, to the exact rule: the K pages of highest key (the oldest page, the first
     of the lowest position among live pages, counts as the highest), ties going to the lowest page
     numbers, ascending, then the newest page (the first of the highest position). Distinct scores
     stop the bisection early; ties (few values, -0.0 and +0.0 among them) and pages without tokens
     (DEAD, ranked below every live page, also when fewer than K pages are live) run all 32 steps; K runs
-    from 0 to NP - 1, NP past one power of two (padding). POOL = width > 1: a live page's score is the
+    from 0 to NP - 1, NP past one power of two (tail: a main tile and a tail tile where `select_tiles` makes
+    one, else one padded tile). POOL = width > 1: a live page's score is the
     maximum within width // 2 pages of it first (dead neighbours count with their DEAD score)."""
     gen = torch.Generator().manual_seed(seed)
     k = min(int(share * n_pages), n_pages - 1)
@@ -188,8 +192,8 @@ def test_quest_select_keeps_the_best_pages_and_the_lowest_ties(heads, n_pages, s
     if width > 1:  # max does not order -0.0 and +0.0: one zero when pooling
         scores = scores + 0.0
     pages = torch.full((heads, k + 1), -7, dtype=torch.int32)
-    _quest_select_kernel[(heads,)](scores, held, pages, n_pages, k, NP_BLOCK=triton.next_power_of_2(n_pages),
-                                   POOL=width)
+    main, rest = select_tiles(n_pages) if tail else (triton.next_power_of_2(n_pages), 0)
+    _quest_select_kernel[(heads,)](scores, held, pages, n_pages, k, MAIN=main, TAIL=rest, POOL=width)
     pooled = F.pad(scores, (width // 2, width // 2), value=float("-inf")).unfold(-1, width, 1).amax(-1)
     scores = torch.where(live, pooled, scores)
     newest = held.argmax(-1)  # the first of the maxima (all -1: page 0)

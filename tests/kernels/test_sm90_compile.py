@@ -73,8 +73,9 @@ for scan, has_bias, bounds in ((False, False, bf), (True, False, "*fp8e4nv"), (T
                                     low_ptr=f32, at_ptr=i32),
           dict(GQ=4, BLOCK_G=4, D=128, PAGE=16, PAGE_BLOCK=16, BLOCK_P=64, SCAN=scan, HAS_BIAS=has_bias, CAUSAL=True,
                PDL=scan))
-build(_quest_select_kernel, dict(score_ptr=f32, newest_ptr=i32, pages_ptr=i32), dict(NP_BLOCK=4096, POOL=3, PDL=True),
-      launch_pdl=True)
+for tail in (0, 1):  # 4096 pages; 4097 as 4096 + a tail
+    build(_quest_select_kernel, dict(score_ptr=f32, newest_ptr=i32, pages_ptr=i32),
+          dict(MAIN=4096, TAIL=tail, POOL=3, PDL=True), launch_pdl=True)
 for codec, codes in (("none", bf), ("int8", "*u8")):  # kvfx::attend's positional mode
     build(_slot_attention_kernel, dict(q_ptr=bf, k_ptr=codes, v_ptr=codes, kp_ptr=bf, vp_ptr=bf, pos_ptr=f32, idx_ptr=f32,
                                        bias_ptr=f32, new_pos_ptr=f32, m_ptr=f32, l_ptr=f32, acc_ptr=f32, logit_ptr=f32,
