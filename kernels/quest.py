@@ -46,6 +46,8 @@ SELECT_PAGES_PER_THREAD = 32
 # 8192 with 4095 of padding. 0 turns the tail off (benchmarks/quest_pages.py compares both). Compiled for
 # sm_90 at 8 warps (Triton 3.9 on CPU, static): 4,216 instructions for 4096 + 1 against 7,448 for the
 # padded 8192 and 3,984 for 4096 alone (a tail of 1 is one register a thread: its counts need no shuffle).
+# Timed in session 19 (H100, quest_pages.json): 17.4 us against 22.0 padded, as fast as 4096 pages alone;
+# the Quest 1/8 step 226.8 -> 215.1 us, 201.7 -> 188.2 with fp8 bounds (policy_attention.json, two A/B rounds).
 SELECT_TAIL_PAGES = 32
 
 
@@ -190,8 +192,9 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, MAIN: tl.const
     in chunks of 1024 with two scans and two sums each). A radix select (r bits a step: 2^r - 1
     independent counts, 32 / r steps) was slower: r = 2 13.8 us, r = 4 22.7 us; with 16 keys a thread the
     compares, not the reductions, then dominate. 4 or 16 warps were slower than 8. Session 18
-    (benchmarks/results/quest_pages.json, B8 S64K, 8 x 4 heads, K 512): 17.2 us at 4096 pages, 21.6 us at
-    4097 in one padded tile of 8192 (16 warps 23.4 us, 32 warps 27.2 us). A bisection with both ends
+    (benchmarks/results/quest_pages.json, B8 S64K, 8 x 8 heads, K 512): 17.2 us at 4096 pages, 21.6 us at
+    4097 in one padded tile of 8192 (16 warps 23.4 us, 32 warps 27.2 us); session 19: 17.4 us at 4097 as
+    4096 + a tail of 1 (22.0 padded in the same run). A bisection with both ends
     snapped to keys (a tuple reduction a step, ending on ties too: 12.8 steps a head against 28.0) was
     slower at 4097 pages (26.4 us at 8 warps, 23.2 us at 16) and barely faster at 4096 (16.4 us), so it
     was removed. PDL: `slot_attention._chain`.
