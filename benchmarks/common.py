@@ -1,6 +1,7 @@
 """Shared benchmark utilities: timing (warmup, cold L2, medians with spread), environment, JSON, plots."""
 from __future__ import annotations
 
+import collections
 import json
 import pathlib
 import platform
@@ -116,7 +117,8 @@ def graph_timeline(fn: Callable[[], object], reps: int = 10) -> dict:
     """Each kernel of a CUDA-graph replay of fn(), as `cuda_time_us` times it (cold L2 before each
     replay): its start and end from the step's first start, medians over `reps` replays; the step's span
     (first start to last end) and its gaps, the span's time with no kernel running (what the launches
-    between kernels cost, which a profile of eager calls, `kernel_profile`, warm L2, does not show).
+    between kernels cost, which a profile of eager calls, `kernel_profile`, warm L2, does not show); and
+    the copies and memsets in the replays (none expected: a step's graph should hold only kernels).
     Chained launches (`slot_attention.chained_launch`) start a kernel while the one before it drains,
     and its wait counts in its duration: read the ends and the gaps then, not the durations' sum."""
     from torch.profiler import ProfilerActivity, profile
@@ -141,6 +143,12 @@ def graph_timeline(fn: Callable[[], object], reps: int = 10) -> dict:
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
     kernels = sorted(((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel"))
+    # Copies and memsets a graph may hold (a captured host-to-device copy, a zeroed buffer) are not kernels:
+    # listed apart, per replay, so a step slower than its kernels' span can be read.
+    others, other_us = collections.Counter(), collections.Counter()
+    for e in (e for e in events if e.get("cat") in ("gpu_memcpy", "gpu_memset")):
+        others[e["cat"], e["name"][:90]] += 1
+        other_us[e["cat"], e["name"][:90]] += e.get("dur", 0.0)
     per_rep = len(kernels) // reps
     replays = [kernels[i * per_rep:(i + 1) * per_rep] for i in range(reps)]
     if per_rep < 2 or per_rep * reps != len(kernels) or len({tuple(k[2] for k in r) for r in replays}) != 1:
@@ -161,7 +169,10 @@ def graph_timeline(fn: Callable[[], object], reps: int = 10) -> dict:
             reach = max(reach, finish)
         gaps.append(spans[-1] - busy)
     return {"span_us": round(statistics.median(spans), 1), "gaps_us": round(statistics.median(gaps), 1),
-            "kernels": timeline}
+            "kernels": timeline,
+            "copies_and_memsets": [{"kind": kind, "name": name, "per_replay": n / reps,
+                                    "us_per_replay": round(other_us[(kind, name)] / reps, 1)}
+                                   for (kind, name), n in others.items()]}
 
 
 def environment() -> dict:
