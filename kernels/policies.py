@@ -116,29 +116,29 @@ class PolicySpec:
 def candidate_bias(attn_mask: torch.Tensor | None, is_causal: bool, positions: torch.Tensor, pos: torch.Tensor,
                    group: int) -> torch.Tensor:
     """Additive bias [B, Hkv, g, T, N] of T queries at `pos` [T] over N candidates at logical
-    `positions` [B, Hkv, N] (-1: empty slot). The model's mask is read at the candidates' positions."""
+    `positions` [B, Hkv, N] (-1: empty slot). The model's mask is read at the candidates' positions.
+    (Each case is one `torch.where` over the result: on a long prompt chunk the bias is the largest
+    tensor of the call, so every extra pass over it costs as much as reading the KV.)"""
     b, hkv, n = positions.shape
     t = pos.shape[0]
-    empty = (positions < 0)[:, :, None, None, :]
+    live = (positions >= 0)[:, :, None, None, :]
     if attn_mask is None:
-        visible = positions[:, :, None, None, :] <= pos.view(1, 1, 1, t, 1).to(positions.dtype) if is_causal else ~empty
-        bias = torch.zeros(visible.shape, device=positions.device).masked_fill(~visible, float("-inf"))
-    else:
-        while attn_mask.dim() < 4:
-            attn_mask = attn_mask.unsqueeze(0)
-        cols, per_head = attn_mask.shape[-1], attn_mask.shape[1] > 1
-        # [B|1, Hq|1, T|1, cols] -> [B, Hkv, g|1, T, cols] (views), read at the candidates' positions.
-        g = group if per_head else 1
-        mask = attn_mask.expand(b, hkv * group if per_head else 1, t, cols).reshape(b, -1, g, t, cols)
-        mask = mask.expand(b, hkv, g, t, cols)
-        index = positions.long().clamp(0, cols - 1)[:, :, None, None, :].expand(b, hkv, g, t, n)
-        picked = mask.gather(-1, index)
-        if picked.dtype == torch.bool:
-            bias = torch.zeros(picked.shape, device=positions.device).masked_fill(~picked, float("-inf"))
-        else:
-            bias = picked.float()
-        bias = bias.masked_fill((positions >= cols)[:, :, None, None, :], float("-inf"))
-    return bias.masked_fill(empty, float("-inf"))
+        visible = live & (positions[:, :, None, None, :] <= pos.view(1, 1, 1, t, 1).to(positions.dtype)) \
+            if is_causal else live
+        return torch.where(visible, 0.0, float("-inf"))
+    while attn_mask.dim() < 4:
+        attn_mask = attn_mask.unsqueeze(0)
+    cols, per_head = attn_mask.shape[-1], attn_mask.shape[1] > 1
+    # [B|1, Hq|1, T|1, cols] -> [B, Hkv, g|1, T, cols] (views), read at the candidates' positions.
+    g = group if per_head else 1
+    mask = attn_mask.expand(b, hkv * group if per_head else 1, t, cols).reshape(b, -1, g, t, cols)
+    mask = mask.expand(b, hkv, g, t, cols)
+    index = positions.long().clamp(0, cols - 1)[:, :, None, None, :].expand(b, hkv, g, t, n)
+    picked = mask.gather(-1, index)
+    inside = live & (positions < cols)[:, :, None, None, :]
+    if picked.dtype == torch.bool:
+        return torch.where(picked & inside, 0.0, float("-inf"))
+    return torch.where(inside, picked.float(), float("-inf"))
 
 
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
