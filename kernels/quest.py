@@ -44,10 +44,12 @@ SELECT_PAGES_PER_THREAD = 32
 # Pages past the largest power of two below a head's page count go to a tail tile when there are at most
 # this many (one warp's: its count is a warp reduction, no shared memory): 4097 pages are 4096 + 1, not
 # 8192 with 4095 of padding. 0 turns the tail off (benchmarks/quest_pages.py compares both). Compiled for
-# sm_90 at 8 warps (Triton 3.9 on CPU, static): 4,216 instructions for 4096 + 1 against 7,448 for the
+# sm_90 at 8 warps (Triton 3.9 on CPU, static): 4,184 instructions for 4096 + 1 against 7,448 for the
 # padded 8192 and 3,984 for 4096 alone (a tail of 1 is one register a thread: its counts need no shuffle).
 # Timed in session 19 (H100, quest_pages.json): 17.4 us against 22.0 padded, as fast as 4096 pages alone;
 # the Quest 1/8 step 226.8 -> 215.1 us, 201.7 -> 188.2 with fp8 bounds (policy_attention.json, two A/B rounds).
+# (Those runs had the tail's newest / oldest page beside two more block reductions, tl.max / tl.min next
+# to tl.argmax / tl.argmin, 4,216 instructions; one reduction with its index now gives both, untimed.)
 SELECT_TAIL_PAGES = 32
 
 
@@ -150,7 +152,7 @@ def _page_scores(score_ptr, newest_ptr, NP, i, POOL: tl.constexpr):
 
 
 @triton.jit
-def _page_keys(score, held, i, newest, oldest):
+def _page_keys(score, i, newest, oldest):
     """Order keys of pages i: the oldest page's above every score, the newest's and padding below."""
     return _order_key(tl.where(i == newest, float("-inf"), tl.where(i == oldest, float("inf"), score)))
 
@@ -206,19 +208,20 @@ def _quest_select_kernel(score_ptr, newest_ptr, pages_ptr, NP, K, MAIN: tl.const
     score, held = _page_scores(score_ptr + bh * NP, newest_ptr + bh * NP, NP, i, POOL)
     # The newest page (the first of the newest position) ranks last; the oldest (the attention sink's: the
     # first of the lowest newest position among live pages) first, so it is one of the K.
-    newest = tl.argmax(held, axis=0, tie_break_left=True)
-    oldest_pos = tl.where(held >= 0, held, 2147483647)
-    oldest = tl.argmin(oldest_pos, axis=0, tie_break_left=True)
+    newest_pos, newest = tl.max(held, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    oldest_pos, oldest = tl.min(tl.where(held >= 0, held, 2147483647), axis=0, return_indices=True,
+                                return_indices_tie_break_left=True)
     if TAIL > 0:  # a tail page wins only over a strictly worse main one (ties go to the lower page)
         it = MAIN + tl.arange(0, TAIL)
         tail_score, tail_held = _page_scores(score_ptr + bh * NP, newest_ptr + bh * NP, NP, it, POOL)
-        tail_oldest_pos = tl.where(tail_held >= 0, tail_held, 2147483647)
-        newest = tl.where(tl.max(tail_held, axis=0) > tl.max(held, axis=0),
-                          MAIN + tl.argmax(tail_held, axis=0, tie_break_left=True), newest)
-        oldest = tl.where(tl.min(tail_oldest_pos, axis=0) < tl.min(oldest_pos, axis=0),
-                          MAIN + tl.argmin(tail_oldest_pos, axis=0, tie_break_left=True), oldest)
-        tail_key = _page_keys(tail_score, tail_held, it, newest, oldest)
-    key = _page_keys(score, held, i, newest, oldest)
+        tail_newest_pos, tail_newest = tl.max(tail_held, axis=0, return_indices=True,
+                                              return_indices_tie_break_left=True)
+        tail_oldest_pos, tail_oldest = tl.min(tl.where(tail_held >= 0, tail_held, 2147483647), axis=0,
+                                              return_indices=True, return_indices_tie_break_left=True)
+        newest = tl.where(tail_newest_pos > newest_pos, MAIN + tail_newest, newest)
+        oldest = tl.where(tail_oldest_pos < oldest_pos, MAIN + tail_oldest, oldest)
+        tail_key = _page_keys(tail_score, it, newest, oldest)
+    key = _page_keys(score, i, newest, oldest)
     if TAIL == 0:
         tail_key = key  # (unused: no tail to count)
     kth, ties_wanted = _kth_key_by_bits(key, tail_key, K, MAIN + TAIL, TAIL)
