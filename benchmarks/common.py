@@ -117,8 +117,9 @@ def graph_timeline(fn: Callable[[], object], reps: int = 10) -> dict:
     """Each kernel of a CUDA-graph replay of fn(), as `cuda_time_us` times it (cold L2 before each
     replay): its start and end from the step's first start, medians over `reps` replays; the step's span
     (first start to last end) and its gaps, the span's time with no kernel running (what the launches
-    between kernels cost, which a profile of eager calls, `kernel_profile`, warm L2, does not show); and
-    the copies and memsets in the replays (none expected: a step's graph should hold only kernels).
+    between kernels cost, which a profile of eager calls, `kernel_profile`, warm L2, does not show); its
+    lead, from the L2 flush's end to the step's first kernel (the graph's launch); and the copies and
+    memsets in the replays (none expected: a step's graph should hold only kernels).
     Chained launches (`slot_attention.chained_launch`) start a kernel while the one before it drains,
     and its wait counts in its duration: read the ends and the gaps then, not the durations' sum."""
     from torch.profiler import ProfilerActivity, profile
@@ -161,6 +162,7 @@ def graph_timeline(fn: Callable[[], object], reps: int = 10) -> dict:
         timeline.append({"name": first[2][:90], "start_us": round(start, 1), "end_us": round(end, 1),
                          "us": round(statistics.median(step[j][1] - step[j][0] for step in steps), 1)})
     spans, gaps = [], []
+    leads = [replay[1][0] - replay[0][1] for replay in replays]
     for step in steps:
         spans.append(max(k[1] for k in step) - step[0][0])
         busy, reach = 0.0, step[0][0]
@@ -169,7 +171,7 @@ def graph_timeline(fn: Callable[[], object], reps: int = 10) -> dict:
             reach = max(reach, finish)
         gaps.append(spans[-1] - busy)
     return {"span_us": round(statistics.median(spans), 1), "gaps_us": round(statistics.median(gaps), 1),
-            "kernels": timeline,
+            "lead_us": round(statistics.median(leads), 1), "kernels": timeline,
             "copies_and_memsets": [{"kind": kind, "name": name, "per_replay": n / reps,
                                     "us_per_replay": round(other_us[(kind, name)] / reps, 1)}
                                    for (kind, name), n in others.items()]}

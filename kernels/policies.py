@@ -349,16 +349,17 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     group = hq // hkv
     new_pos = pos.view(1, 1, t).expand(b, hkv, t).to(store.slot_pos.dtype)
-    live = bool((store.slot_pos >= 0).any())  # an empty store (a prompt's first call): only the new tokens
-    old_k, old_v = store.dequantize() if live else (k_new.new_zeros(b, hkv, 0, d), v_new.new_zeros(b, hkv, 0, d))
-    n_old = old_k.shape[2]
+    # The old candidates: the slots up to the last one any row holds (a prompt's first call: none). Slots
+    # fill from the front, so a prompt's chunk attends over the tokens so far, not the store's capacity.
+    n_old = int(torch.where(store.slot_pos >= 0, torch.arange(1, c + 1, device=store.slot_pos.device), 0).max())
+    old_k, old_v = store.dequantize(n_old)
     dtype = torch.promote_types(old_k.dtype, k_new.dtype)
     keys = torch.cat([old_k.to(dtype), k_new.to(dtype)], 2)
     values = torch.cat([old_v.to(dtype), v_new.to(dtype)], 2)
     positions = torch.cat([store.slot_pos[:, :, :n_old], new_pos], 2)
     extra = None
-    if spec.policy == "quest" and t == 1 and layer >= QUEST_DENSE_LAYERS and live:
-        extra = F.pad(quest_page_bias(q.view(b, hkv, group, d), store, spec), (0, t))[:, :, None, None]
+    if spec.policy == "quest" and t == 1 and layer >= QUEST_DENSE_LAYERS and n_old:
+        extra = F.pad(quest_page_bias(q.view(b, hkv, group, d), store, spec)[..., :n_old], (0, t))[:, :, None, None]
 
     def mask_bias(t0, t1):
         return candidate_bias(attn_mask if attn_mask is None else attn_mask[..., t0:t1, :], is_causal,

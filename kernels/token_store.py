@@ -105,30 +105,43 @@ class TokenStore:
         """Bytes really held: the storages of the tensors, not a formula."""
         return sum(t.untyped_storage().nbytes() for t in self.tensors())
 
-    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of every slot [B, H, C, D] in the model dtype (empty slots: garbage)."""
-        return (self.codec.dequantize(self.k_codes, self.k_params, self.dtype),
-                self.codec.dequantize(self.v_codes, self.v_params, self.dtype))
+    def dequantize(self, slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first `slots` (default: every) slots [B, H, slots, D] in the model dtype
+        (empty slots: garbage)."""
+        return (self.codec.dequantize(self.k_codes[:, :, :slots], self.k_params[:, :, :slots], self.dtype),
+                self.codec.dequantize(self.v_codes[:, :, :slots], self.v_params[:, :, :slots], self.dtype))
 
     def write(self, source: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor,
               score: torch.Tensor) -> None:
-        """Refill every slot from `source` [B, H, C] (< C: that old slot, >= C: new token source - C,
-        -1: empty). positions, score [B, H, n_old + T]: the candidates' (old slots first)."""
-        c = self.slot_pos.shape[2]
-        n_old = positions.shape[2] - k_new.shape[2]
+        """Refill every slot from `source` [B, H, C] (< C: that old slot, which stays where it is (`place`),
+        >= C: new token source - C, -1: empty). positions, score [B, H, n_old + T]: the candidates' (old
+        slots first). In place: only the kept new tokens' codes move (no copy of the store)."""
+        b, h, c = self.slot_pos.shape
+        t = k_new.shape[2]
+        n_old = positions.shape[2] - t
         cand = torch.where(source >= c, source - c + n_old, source).clamp(min=0)  # index among candidates
         slot_pos = positions.gather(-1, cand).masked_fill(source < 0, -1).to(self.slot_pos.dtype)
         new_score = score.gather(-1, cand).masked_fill(source < 0, 0.0)
+        # Each new token's slot (-1: dropped); a dropped one repeats its row's first kept token's write
+        # (the same slot, the same value: no race), or rewrites slot 0 with itself when none is kept.
+        is_new = source >= c
+        dest = torch.full((b, h, t), -1, device=source.device, dtype=source.dtype).scatter_reduce_(
+            2, torch.where(is_new, source - c, 0), torch.where(is_new, torch.arange(c, device=source.device), -1),
+            "amax")
+        kept = dest >= 0
+        first = kept.to(torch.uint8).argmax(-1, keepdim=True)
+        any_kept = kept.any(-1, keepdim=True)
+        token = torch.where(kept, torch.arange(t, device=source.device), first)
+        slot = torch.where(any_kept, dest.gather(-1, token), 0)
         for codes, params, x in ((self.k_codes, self.k_params, k_new), (self.v_codes, self.v_params, v_new)):
             new_codes, new_params = self.codec.quantize(x.to(self.dtype))
-            codes, new_codes = _bytes(codes), _bytes(new_codes)
-            all_codes = torch.cat([codes[:, :, :n_old], new_codes.to(codes.dtype)], 2)
-            all_params = torch.cat([params[:, :, :n_old], new_params.to(params.dtype)], 2)
-            index = cand[..., None]
-            codes.copy_(all_codes.gather(2, index.expand(*index.shape[:3], codes.shape[-1])))
-            params.copy_(all_params.gather(2, index.expand(*index.shape[:3], params.shape[-1])))
-        if self.page_min.numel():  # (before slot_pos changes: the old pages' bounds are read)
-            self._refill_bounds(cand, source, k_new, n_old)
+            for dst, new in ((_bytes(codes), _bytes(new_codes)), (params, new_params)):
+                width = dst.shape[-1]
+                value = torch.where(any_kept[..., None], new.to(dst.dtype).gather(2, token[..., None].expand(b, h, t, width)),
+                                    dst[:, :, :1])
+                dst.scatter_(2, slot[..., None].expand(b, h, t, width), value)
+        if self.page_min.numel():
+            self._refill_bounds(source, slot, kept, k_new)
         self.slot_pos.copy_(slot_pos)
         self.score.copy_(new_score)
 
@@ -166,19 +179,22 @@ class TokenStore:
             new = torch.where(keep[..., None], torch.where(others, widen(old, key), key), old)
             _bytes(bound).scatter_(2, index, _bytes(_as_bound(new, up, bound.dtype)))
 
-    def _refill_bounds(self, cand: torch.Tensor, source: torch.Tensor, k_new: torch.Tensor, n_old: int) -> None:
-        """Quest's bounds after `write` refills the slots (cand: each slot's index among the candidates,
-        old slots first; source < 0: empty): per page, the min / max over its live slots of a new token's
-        key or an old slot's former page bounds."""
+    def _refill_bounds(self, source: torch.Tensor, slot: torch.Tensor, kept: torch.Tensor, k_new: torch.Tensor
+                       ) -> None:
+        """Quest's bounds after `write` (source: each slot's candidate; the new tokens' slots, and which
+        are kept): per page, the min / max of its former bounds while it keeps an old slot and of the keys
+        written there; 0 for a page left empty."""
         b, h, c = self.slot_pos.shape
         p = self.page_size
-        live = (source >= 0).view(b, h, c // p, p, 1)
-        for bound, fill, reduce, up in ((self.page_min, float("inf"), torch.amin, False),
-                                        (self.page_max, float("-inf"), torch.amax, True)):
-            per_slot = torch.cat([bound.float().repeat_interleave(p, 2)[:, :, :n_old], k_new.to(self.dtype).float()], 2)
-            per_slot = per_slot.gather(2, cand[..., None].expand(b, h, c, per_slot.shape[-1]))
-            page = reduce(per_slot.view(b, h, c // p, p, -1).masked_fill(~live, fill), 3)
-            bound.copy_(_as_bound(page.masked_fill(~live.any(3), 0.0), up, bound.dtype))
+        keeps_old = ((source >= 0) & (source < c)).view(b, h, c // p, p).any(3, keepdim=True)
+        live = ((source >= 0).view(b, h, c // p, p).any(3, keepdim=True))
+        page = (slot // p)[..., None].expand(*slot.shape, k_new.shape[-1])
+        key = k_new.to(self.dtype).float()  # the key as stored and as the finish kernel widens by it
+        for bound, fill, reduce, up in ((self.page_min, float("inf"), "amin", False),
+                                        (self.page_max, float("-inf"), "amax", True)):
+            new = torch.where(keeps_old, bound.float(), fill).scatter_reduce_(
+                2, page, key.masked_fill(~kept[..., None], fill), reduce)
+            bound.copy_(_as_bound(new.masked_fill(~live, 0.0), up, bound.dtype))
 
     def bound_pages(self) -> None:
         """Quest's bounds of every page from the keys held, dequantized (for a store whose slots were set
