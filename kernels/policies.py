@@ -252,12 +252,16 @@ def attend_prompt(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bia
     n = keys.shape[2]
     rows = _query_rows(b, hkv, g, n)
     outs = []
+    # Each KV head's group of g query heads as the heads of one batch entry: the keys and the mask broadcast
+    # over the group (stride 0), so neither is copied g times.
+    group_keys, group_values = (x.reshape(b * hkv, 1, n, x.shape[-1]).expand(b * hkv, g, n, x.shape[-1])
+                                for x in (keys, values))
     for t0 in range(0, t, rows):
         t1 = min(t, t0 + rows)
-        bias = bias_fn(t0, t1)  # [B, Hkv, g or 1, rows, N]: cast before the expand copies it g times
-        mask = bias.to(keys.dtype).expand(b, hkv, g, t1 - t0, n).reshape(b, hkv, -1, n)
-        out = F.scaled_dot_product_attention(q[:, :, :, t0:t1].reshape(b, hkv, -1, d).to(keys.dtype), keys, values,
-                                             attn_mask=mask, scale=scale)
+        bias = bias_fn(t0, t1)  # [B, Hkv, g or 1, rows, N]
+        out = F.scaled_dot_product_attention(q[:, :, :, t0:t1].reshape(b * hkv, g, t1 - t0, d).to(keys.dtype),
+                                             group_keys, group_values, scale=scale,
+                                             attn_mask=bias.to(keys.dtype).reshape(b * hkv, -1, t1 - t0, n))
         sees = (bias > float("-inf")).any(-1, keepdim=True)  # (whatever a backend makes of a row of -inf)
         outs.append(out.view(b, hkv, g, t1 - t0, -1).float().masked_fill(~sees, 0.0))
     obs, keys32 = None, keys.float() if obs_window else None
