@@ -1,0 +1,138 @@
+"""A policy decode step's time replay by replay, in order, from the store's first step on.
+
+policy_attention.py reports a median over 30 replays after 5 warm-up calls. Session 20 found that a
+Quest step runs about 20 us slower for its first 10-44 replays after a store is built than for every
+later one (results/quest_step_modes.json), while H2O's step has one mode: this script shows such
+modes. Per config: the store of policy_attention.py (`full_store`: B rows of S random bf16 tokens,
+Hq 32, Hkv 8, D 128, layer 4 of 32), one CUDA graph of the step, then `--replays` replays each timed
+with CUDA events after a cold-L2 flush, at the same position each replay or (`--advance`) the next
+one, as in decoding. The plot draws each config's times against the replay's index.
+
+example: python benchmarks/step_modes.py --batch 8 --seq 65536
+         python benchmarks/step_modes.py --configs quest-1/8 --advance --replays 200 --out /tmp/results
+         TRITON_INTERPRET=1 python benchmarks/step_modes.py --device cpu --quick
+         (CPU: the Triton interpreter on a tiny shape, wall-clock per step, no graph: a check that the
+         script runs; no timing claim)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+from common import L2_FLUSH_BYTES, RESULTS, environment, write_json
+from policy_attention import CONFIGS, D, DTYPE, HKV, HQ, LAYER, LAYERS, full_store
+import kvfx.kernels  # noqa: F401  (registers the ops)
+
+
+def replay_times(name: str, b: int, s: int, replays: int, advance: bool, device: str) -> list[float]:
+    """Microseconds of each of `replays` steps of config `name`, in order, from a newly built store."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE, generator=gen)
+    k, v = (torch.randn(b, HKV, s, D, device=device, dtype=DTYPE, generator=gen) for _ in range(2))
+    fmt, store = full_store(CONFIGS[name], k, v)
+    k1, v1 = k[:, :, -1:].clone(), v[:, :, -1:].clone()
+    del k, v
+    pos = torch.tensor([s], device=device)
+
+    def step():
+        return torch.ops.kvfx.policy_attend(q, k1, v1, pos, *store.tensors(), None, False, D ** -0.5, fmt.options,
+                                            LAYER, LAYERS)
+
+    times = []
+    if device == "cpu":
+        for _ in range(replays):
+            start = time.perf_counter()
+            step()
+            times.append(1e6 * (time.perf_counter() - start))
+            pos.add_(int(advance))
+        return times
+    step()  # compiles the kernels (the store's first step)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        if advance:
+            pos.add_(1)
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return [1000.0 * start.elapsed_time(end) for start, end in events]
+
+
+def plot(path: pathlib.Path, rows: list[dict], device: str) -> bool:
+    """Each config's step time against the replay's index; False (nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        ax.plot(range(1, len(r["times_us"]) + 1), r["times_us"], marker=".", linewidth=1,
+                label=f"{r['config']} ({'advancing' if r['advancing_position'] else 'same'} position)")
+    ax.set_xlabel("replay since the store was built")
+    ax.set_ylabel("step time (us, CUDA events)" if device == "cuda" else "step time (us, wall clock)")
+    ax.set_title(f"policy decode step, replay by replay (B{rows[0]['batch']} S{rows[0]['seq']}, {device})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("example:")[1].join(["example:", ""]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=65536)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS),
+                        default=["quest-1/8", "quest-1/8-fp8-bounds", "h2o-20%"])
+    parser.add_argument("--replays", type=int, default=100, help="timed replays per config, in order")
+    parser.add_argument("--advance", action="store_true", help="the next position each replay (default: the same)")
+    parser.add_argument("--quick", action="store_true", help="B 1, S 4K (CPU: S 256, 3 replays): a smoke run")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: the Triton interpreter (TRITON_INTERPRET=1) on a tiny shape, no timing claim")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for step_modes.json/.png")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("step_modes: needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1 for a smoke run)", file=sys.stderr)
+        return 2
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("step_modes: --device cpu runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1",
+              file=sys.stderr)
+        return 2
+    b, s, replays = args.batch, args.seq, args.replays
+    if args.quick:
+        b, s, replays = (1, 4096, replays) if args.device == "cuda" else (1, 256, 3)
+    rows = []
+    for name in args.configs:
+        times = replay_times(name, b, s, replays, args.advance, args.device)
+        half = times[len(times) // 2:]
+        rows.append(dict(config=name, batch=b, seq=s, advancing_position=args.advance,
+                         first_10_median_us=statistics.median(times[:10]), second_half_median_us=statistics.median(half),
+                         times_us=[round(t, 1) for t in times]))
+        print(f"{name:<24} first 10: {rows[-1]['first_10_median_us']:8.1f} us   second half: "
+              f"{rows[-1]['second_half_median_us']:8.1f} us", flush=True)
+    write_json(args.out / "step_modes.json", {"benchmark": "step_modes", "environment": environment(), "rows": rows})
+    plot(args.out / "step_modes.png", rows, args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
