@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -189,6 +190,16 @@ def environment() -> dict:
     except (OSError, subprocess.CalledProcessError):
         env["commit"] = None  # the device machine gets a copy of the tree without .git
     return env
+
+
+def device_problem(script: str, device: str) -> str | None:
+    """Why `script` cannot run its kernels on `device` here (None: it can): CUDA needs a GPU, and the CPU
+    runs Triton kernels only in the interpreter."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return f"{script}: needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1 for a smoke run)"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"{script}: --device cpu runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1"
+    return None
 
 
 def write_json(path: pathlib.Path, payload: dict) -> None:

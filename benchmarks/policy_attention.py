@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import pathlib
 import sys
 
@@ -37,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import RESULTS, environment, graph_timeline, kernel_profile, plot_speedups, time_or_error, write_json
+from common import (RESULTS, device_problem, environment, graph_timeline, kernel_profile, plot_speedups, time_or_error,
+                    write_json)
 import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 from kvfx.kernels.policies import decode_step_reference
@@ -206,13 +206,8 @@ def main(argv=None) -> int:
     slot_attention.CHAINED_LAUNCH = not args.unchained
     global DEVICE
     DEVICE = args.device
-    if DEVICE == "cuda" and not torch.cuda.is_available():
-        print("policy_attention: needs a CUDA GPU (run it on the GPU machine, or --device cpu for a smoke run)",
-              file=sys.stderr)
-        return 2
-    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("policy_attention: --device cpu runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1",
-              file=sys.stderr)
+    if problem := device_problem("policy_attention", DEVICE):
+        print(problem, file=sys.stderr)
         return 2
     quick = (1, 4096) if DEVICE == "cuda" else (1, 256)
     shapes = [quick] if args.quick else [(b, s) for b in args.batch for s in args.seq]

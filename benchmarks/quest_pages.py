@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import pathlib
 import sys
 
 import torch
 
-from common import RESULTS, environment, time_or_error, write_json
+from common import RESULTS, device_problem, environment, time_or_error, write_json
 from policy_attention import CONFIGS, D, DTYPE, HKV, HQ, full_store
 from kvfx.kernels import quest
 from kvfx.kernels.policies import quest_page_ranking
@@ -164,12 +163,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=30, help="timed runs per measurement (median reported)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for quest_pages.json/.png")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("quest_pages: needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1 for a smoke run)", file=sys.stderr)
-        return 2
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("quest_pages: --device cpu runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1",
-              file=sys.stderr)
+    if problem := device_problem("quest_pages", args.device):
+        print(problem, file=sys.stderr)
         return 2
     b, s = ((1, 4096) if args.device == "cuda" else (1, 512)) if args.quick else (args.batch, args.seq)
     rows = bench(b, s, args.reps, args.device)

@@ -17,7 +17,6 @@ example: python benchmarks/step_modes.py --batch 8 --seq 65536
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import statistics
 import sys
@@ -25,7 +24,7 @@ import time
 
 import torch
 
-from common import L2_FLUSH_BYTES, RESULTS, environment, write_json
+from common import L2_FLUSH_BYTES, RESULTS, device_problem, environment, write_json
 from policy_attention import CONFIGS, D, DTYPE, HKV, HQ, LAYER, LAYERS, full_store
 import kvfx.kernels  # noqa: F401  (registers the ops)
 
@@ -110,12 +109,8 @@ def main(argv=None) -> int:
                         help="cpu: the Triton interpreter (TRITON_INTERPRET=1) on a tiny shape, no timing claim")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for step_modes.json/.png")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("step_modes: needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1 for a smoke run)", file=sys.stderr)
-        return 2
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("step_modes: --device cpu runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1",
-              file=sys.stderr)
+    if problem := device_problem("step_modes", args.device):
+        print(problem, file=sys.stderr)
         return 2
     b, s, replays = args.batch, args.seq, args.replays
     if args.quick:
