@@ -141,6 +141,21 @@ def candidate_bias(attn_mask: torch.Tensor | None, is_causal: bool, positions: t
     return torch.where(inside, picked.float(), float("-inf"))
 
 
+def tokens_seen(attn_mask: torch.Tensor | None, pos: torch.Tensor, batch: int) -> torch.Tensor:
+    """Tokens [B] the newest query at pos[-1] sees so far in each row: every position up to it, or those
+    the model's mask shows it (left padding and windows left out; the most over the mask's heads). The
+    prompt length a fractional budget is taken of, whether the prompt came in one call or in chunks
+    (counting the chunk's candidates instead would keep the budget of what the last chunk kept)."""
+    if attn_mask is None:
+        return (pos[-1] + 1).to(torch.long).expand(batch)
+    while attn_mask.dim() < 4:
+        attn_mask = attn_mask.unsqueeze(0)
+    row = attn_mask[:, :, -1]  # [B|1, H|1, cols]
+    visible = row if row.dtype == torch.bool else row > float("-inf")
+    upto = torch.arange(row.shape[-1], device=row.device) <= pos[-1]
+    return (visible & upto).sum(-1).amax(-1).expand(batch)
+
+
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim; a row that sees nothing gets zeros (as SDPA gives), not NaN."""
     probs = torch.softmax(scores, dim=-1)
@@ -389,8 +404,7 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
         score = _pool(obs, positions, valid & before, spec.pooling, spec.pool_kernel)
     limit = torch.full((b,), c, device=q.device)
     if t > 1 and spec.policy in EVICTING:
-        lengths = valid.sum(-1).amax(-1)
-        limit = torch.minimum(limit, spec.prompt_keep(lengths, layer, layers))
+        limit = torch.minimum(limit, spec.prompt_keep(tokens_seen(attn_mask, pos, b), layer, layers))
     kept = choose_kept(spec, positions, valid, score, limit)
     if obs is not None:  # the prompt tokens SnapKV chose stay for good (score +inf: never evicted)
         score = score.masked_fill(kept, math.inf)

@@ -250,6 +250,30 @@ def test_left_padded_rows_select_within_their_own_tokens():
     assert all(len(r) == 15 for r in rows[0]) and all(len(r) == 12 and min(r) >= 6 for r in rows[1])
 
 
+@pytest.mark.parametrize("policy", EVICTING)
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_fractional_budget_is_of_the_whole_prompt_however_it_is_chunked(policy, padded):
+    """A prompt in chunks keeps as many tokens as in one call: the budget is a share of the tokens the
+    newest query has seen (a padded row: its own), not of the last chunk's candidates (which kept 6 of
+    64 here at 25%, shrinking with every chunk)."""
+    b, hkv, d, n = 2, 2, 32, 64
+    q, k, v = sequence(b, 4, hkv, n, d, 7)
+    mask = torch.ones(b, 1, n, n, dtype=torch.bool).tril()
+    mask[1, :, :, :8] = False
+    counts = []
+    for chunk in (n, 16):
+        fmt, store = make_store(n, b, hkv, d, policy=policy, budget=0.25, window=4)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            run(fmt, store, q[:, :, rows], k[:, :, rows], v[:, :, rows], start,
+                mask=mask[:, :, rows] if padded else None)
+        counts.append([[len(h) for h in r] for r in held(store)])
+    whole, chunked = counts
+    assert whole == chunked
+    lengths = torch.tensor([n, n - 8 if padded else n])
+    assert [r[0] for r in whole] == fmt.spec.prompt_keep(lengths, 0, 2).tolist()  # 16 (PyramidKV at layer 0: 32)
+
+
 def test_quest_reads_only_the_chosen_pages():
     """At decode Quest attends over its top pages (the oldest page, the attention sink's, counts as the
     top one) and the newest page: the output equals attention restricted to those pages' tokens."""
