@@ -1,6 +1,7 @@
 """Shared benchmark utilities: timing (warmup, cold L2, medians with spread), environment, JSON, plots."""
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
@@ -190,6 +191,13 @@ def environment() -> dict:
     except (OSError, subprocess.CalledProcessError):
         env["commit"] = None  # the device machine gets a copy of the tree without .git
     return env
+
+
+def doc_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser from its docstring: the first paragraph as --help's description, the text from
+    "example:" on as its epilog, laid out as written."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog="example:" + doc.split("example:")[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def device_problem(script: str, device: str) -> str | None:

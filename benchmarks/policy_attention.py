@@ -27,7 +27,6 @@ example: python benchmarks/policy_attention.py --batch 8 --seq 65536
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import pathlib
 import sys
@@ -36,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import (RESULTS, device_problem, environment, graph_timeline, kernel_profile, plot_speedups, time_or_error,
-                    write_json)
+from common import (RESULTS, device_problem, doc_parser, environment, graph_timeline, kernel_profile, plot_speedups,
+                    time_or_error, write_json)
 import kvfx
 import kvfx.kernels  # noqa: F401  (registers the ops)
 from kvfx.kernels.policies import decode_step_reference
@@ -186,9 +185,7 @@ def bench_shape(b: int, s: int, reps: int, sweep: bool = True, profile: bool = F
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("example:")[1].join(["example:", ""]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser(__doc__)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seq", type=int, nargs="+", default=[16384, 65536])
     parser.add_argument("--quick", action="store_true", help="B 1, S 4K (CPU: S 256): a smoke run")

@@ -23,14 +23,13 @@ example: python benchmarks/quest_pages.py --batch 8 --seq 65536
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import pathlib
 import sys
 
 import torch
 
-from common import RESULTS, device_problem, environment, time_or_error, write_json
+from common import RESULTS, device_problem, doc_parser, environment, time_or_error, write_json
 from policy_attention import CONFIGS, D, DTYPE, HKV, HQ, full_store
 from kvfx.kernels import quest
 from kvfx.kernels.policies import quest_page_ranking
@@ -152,9 +151,7 @@ def plot(path: pathlib.Path, rows: list[dict], device: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("example:")[1].join(["example:", ""]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser(__doc__)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=65536)
     parser.add_argument("--quick", action="store_true", help="B 1, S 4K (CPU: S 512): a smoke run")

@@ -16,7 +16,6 @@ example: python benchmarks/step_modes.py --batch 8 --seq 65536
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -24,7 +23,7 @@ import time
 
 import torch
 
-from common import L2_FLUSH_BYTES, RESULTS, device_problem, environment, write_json
+from common import L2_FLUSH_BYTES, RESULTS, device_problem, doc_parser, environment, write_json
 from policy_attention import CONFIGS, D, DTYPE, HKV, HQ, LAYER, LAYERS, full_store
 import kvfx.kernels  # noqa: F401  (registers the ops)
 
@@ -95,9 +94,7 @@ def plot(path: pathlib.Path, rows: list[dict], device: str) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("example:")[1].join(["example:", ""]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser(__doc__)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=65536)
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS),
@@ -120,8 +117,8 @@ def main(argv=None) -> int:
         times = replay_times(name, b, s, replays, args.advance, args.device)
         half = times[len(times) // 2:]
         rows.append(dict(config=name, batch=b, seq=s, advancing_position=args.advance,
-                         first_10_median_us=statistics.median(times[:10]), second_half_median_us=statistics.median(half),
-                         times_us=[round(t, 1) for t in times]))
+                         first_10_median_us=statistics.median(times[:10]),
+                         second_half_median_us=statistics.median(half), times_us=[round(t, 1) for t in times]))
         print(f"{name:<24} first 10: {rows[-1]['first_10_median_us']:8.1f} us   second half: "
               f"{rows[-1]['second_half_median_us']:8.1f} us", flush=True)
     write_json(args.out / "step_modes.json", {"benchmark": "step_modes", "environment": environment(), "rows": rows})

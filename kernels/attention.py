@@ -15,6 +15,11 @@ import torch.nn.functional as F
 BLOCK_ELEMENTS = 1 << 28
 
 
+def mask_4d(attn_mask: torch.Tensor) -> torch.Tensor:
+    """An SDPA mask as [B|1, H|1, T|1, S] (a view): SDPA broadcasts a mask of fewer dims from the left."""
+    return attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+
+
 def fold_mask(attn_mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_len: int,
               kv_heads: int, group: int, device: torch.device) -> torch.Tensor | None:
     """The mask of an SDPA call over [B, Hq, T, S] rewritten for folded queries [B, Hkv, g*T, S]."""
@@ -23,8 +28,7 @@ def fold_mask(attn_mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_le
         attn_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
     if attn_mask is None:
         return None
-    while attn_mask.dim() < 4:
-        attn_mask = attn_mask.unsqueeze(0)
+    attn_mask = mask_4d(attn_mask)
     attn_mask = attn_mask.expand(*attn_mask.shape[:2], q_len, kv_len)  # a row shared by the queries, too
     b, h = attn_mask.shape[:2]
     if h == 1:

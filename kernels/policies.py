@@ -34,7 +34,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from kvfx.kernels.attention import BLOCK_ELEMENTS
+from kvfx.kernels.attention import BLOCK_ELEMENTS, mask_4d
 
 POLICIES = ("none", "streaming", "h2o", "snapkv", "pyramidkv", "quest")
 EVICTING = ("streaming", "h2o", "snapkv", "pyramidkv")
@@ -126,8 +126,7 @@ def candidate_bias(attn_mask: torch.Tensor | None, is_causal: bool, positions: t
         visible = live & (positions[:, :, None, None, :] <= pos.view(1, 1, 1, t, 1).to(positions.dtype)) \
             if is_causal else live
         return torch.where(visible, 0.0, float("-inf"))
-    while attn_mask.dim() < 4:
-        attn_mask = attn_mask.unsqueeze(0)
+    attn_mask = mask_4d(attn_mask)
     cols, per_head = attn_mask.shape[-1], attn_mask.shape[1] > 1
     # [B|1, Hq|1, T|1, cols] -> [B, Hkv, g|1, T, cols] (views), read at the candidates' positions.
     g = group if per_head else 1
@@ -148,9 +147,7 @@ def tokens_seen(attn_mask: torch.Tensor | None, pos: torch.Tensor, batch: int) -
     (counting the chunk's candidates instead would keep the budget of what the last chunk kept)."""
     if attn_mask is None:
         return (pos[-1] + 1).to(torch.long).expand(batch)
-    while attn_mask.dim() < 4:
-        attn_mask = attn_mask.unsqueeze(0)
-    row = attn_mask[:, :, -1]  # [B|1, H|1, cols]
+    row = mask_4d(attn_mask)[:, :, -1]  # [B|1, H|1, cols]
     visible = row if row.dtype == torch.bool else row > float("-inf")
     upto = torch.arange(row.shape[-1], device=row.device) <= pos[-1]
     return (visible & upto).sum(-1).amax(-1).expand(batch)

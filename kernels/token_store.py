@@ -137,8 +137,8 @@ class TokenStore:
             new_codes, new_params = self.codec.quantize(x.to(self.dtype))
             for dst, new in ((_bytes(codes), _bytes(new_codes)), (params, new_params)):
                 width = dst.shape[-1]
-                value = torch.where(any_kept[..., None], new.to(dst.dtype).gather(2, token[..., None].expand(b, h, t, width)),
-                                    dst[:, :, :1])
+                value = torch.where(any_kept[..., None],
+                                    new.to(dst.dtype).gather(2, token[..., None].expand(b, h, t, width)), dst[:, :, :1])
                 dst.scatter_(2, slot[..., None].expand(b, h, t, width), value)
         if self.page_min.numel():
             self._refill_bounds(source, slot, kept, k_new)
@@ -187,7 +187,7 @@ class TokenStore:
         b, h, c = self.slot_pos.shape
         p = self.page_size
         keeps_old = ((source >= 0) & (source < c)).view(b, h, c // p, p).any(3, keepdim=True)
-        live = ((source >= 0).view(b, h, c // p, p).any(3, keepdim=True))
+        live = (source >= 0).view(b, h, c // p, p).any(3, keepdim=True)
         page = (slot // p)[..., None].expand(*slot.shape, k_new.shape[-1])
         key = k_new.to(self.dtype).float()  # the key as stored and as the finish kernel widens by it
         for bound, fill, reduce, up in ((self.page_min, float("inf"), "amin", False),
