@@ -79,6 +79,14 @@ def full_store(options: dict, k: torch.Tensor, v: torch.Tensor):
     fmt = kvfx.KVConfig(**options).format
     b, h, s, d = k.shape
     store = fmt.allocate((b, h, s + 1, d), k.dtype, k.device, layer=LAYER, layers=LAYERS)
+    fill_store(store, k, v)
+    return fmt, store
+
+
+def fill_store(store, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write the newest of the S tokens of `k` / `v` into `store`'s own tensors, as many as its capacity
+    takes, with random scores and (Quest) the page bounds."""
+    b, h, s, d = k.shape
     c = store.slot_pos.shape[-1]
     n = min(c - 1, s)  # one slot stays free for the first timed step; later steps evict
     for codes, params, x in ((store.k_codes, store.k_params, k), (store.v_codes, store.v_params, v)):
@@ -86,10 +94,10 @@ def full_store(options: dict, k: torch.Tensor, v: torch.Tensor):
         codes[:, :, :n].copy_(new_codes)
         params[:, :, :n].copy_(new_params)
     store.slot_pos[:, :, :n] = torch.arange(s - n, s, device=k.device, dtype=torch.int32)
+    store.slot_pos[:, :, n:] = -1  # free, whatever steps wrote there before a refill
     store.score[:, :, :n] = torch.rand(b, h, n, device=k.device)
     if store.page_min.numel():
         store.bound_pages()
-    return fmt, store
 
 
 # (slots a tile, warps) x split factor around the codec's `STORE_LAUNCH` (its pipelining and dead-tile

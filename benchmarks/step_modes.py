@@ -6,10 +6,13 @@ later one (results/quest_step_modes.json), while H2O's step has one mode: this s
 modes. Per config: the store of policy_attention.py (`full_store`: B rows of S random bf16 tokens,
 Hq 32, Hkv 8, D 128, layer 4 of 32), one CUDA graph of the step, then `--replays` replays each timed
 with CUDA events after a cold-L2 flush, at the same position each replay or (`--advance`) the next
-one, as in decoding. The plot draws each config's times against the replay's index.
+one, as in decoding. `--busy S` runs matmuls for S seconds just before the first replay, so the replays
+start on a GPU already at its working clocks; each row records the SM clock (pynvml, when there) before
+and after its replays. The plot draws each config's times against the replay's index.
 
 example: python benchmarks/step_modes.py --batch 8 --seq 65536
          python benchmarks/step_modes.py --configs quest-1/8 --advance --replays 200 --out /tmp/results
+         python benchmarks/step_modes.py --configs h2o-20% quest-1/8 --busy 2
          TRITON_INTERPRET=1 python benchmarks/step_modes.py --device cpu --quick
          (CPU: the Triton interpreter on a tiny shape, wall-clock per step, no graph: a check that the
          script runs; no timing claim)
@@ -24,12 +27,36 @@ import time
 import torch
 
 from common import L2_FLUSH_BYTES, RESULTS, device_problem, doc_parser, environment, write_json
-from policy_attention import CONFIGS, D, DTYPE, HKV, HQ, LAYER, LAYERS, full_store
+from policy_attention import CONFIGS, D, DTYPE, HKV, HQ, LAYER, LAYERS, fill_store, full_store
 import kvfx.kernels  # noqa: F401  (registers the ops)
 
 
-def replay_times(name: str, b: int, s: int, replays: int, advance: bool, device: str) -> list[float]:
-    """Microseconds of each of `replays` steps of config `name`, in order, from a newly built store."""
+def sm_clock_mhz() -> int | None:
+    """The GPU's SM clock now (None without pynvml)."""
+    try:
+        return torch.cuda.clock_rate()
+    except Exception:  # pynvml missing or NVML unavailable: the clock is unknown, the timing still stands
+        return None
+
+
+def keep_busy(seconds: float, device: str) -> None:
+    """bf16 matmuls for `seconds` of GPU time, so the next work starts at the clocks of a busy GPU."""
+    if seconds <= 0:
+        return
+    a = torch.randn(8192, 8192, device=device, dtype=DTYPE)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(8):
+            a @ a
+        torch.cuda.synchronize()
+
+
+def replay_times(name: str, b: int, s: int, replays: int, advance: bool, device: str, busy: float = 0.0,
+                 rounds: int = 1) -> dict:
+    """Microseconds of each of `replays` steps of config `name`, in order, from a newly built store
+    (`times_us`), with the SM clock before and after them. With `rounds` > 1 the store's own tensors are
+    then refilled with new tokens and the same graph replayed again, `rounds` times in all (times_us
+    holds them all, in order)."""
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE, generator=gen)
     k, v = (torch.randn(b, HKV, s, D, device=device, dtype=DTYPE, generator=gen) for _ in range(2))
@@ -42,30 +69,40 @@ def replay_times(name: str, b: int, s: int, replays: int, advance: bool, device:
         return torch.ops.kvfx.policy_attend(q, k1, v1, pos, *store.tensors(), None, False, D ** -0.5, fmt.options,
                                             LAYER, LAYERS)
 
-    times = []
-    if device == "cpu":
-        for _ in range(replays):
-            start = time.perf_counter()
+    if device == "cuda":
+        step()  # compiles the kernels (the store's first step)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             step()
-            times.append(1e6 * (time.perf_counter() - start))
+        flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    times, clocks = [], []
+    for round_ in range(rounds):
+        if round_:  # the same tensors (and graph), new tokens
+            k, v = (torch.randn(b, HKV, s, D, device=device, dtype=DTYPE, generator=gen) for _ in range(2))
+            fill_store(store, k, v)
+            del k, v
+            pos.fill_(s)
+        if device == "cpu":
+            for _ in range(replays):
+                pos.add_(int(advance))
+                start = time.perf_counter()
+                step()
+                times.append(1e6 * (time.perf_counter() - start))
+            continue
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+        keep_busy(busy, device)
+        clocks.append(sm_clock_mhz())
+        for start, end in events:
             pos.add_(int(advance))
-        return times
-    step()  # compiles the kernels (the store's first step)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
-    for start, end in events:
-        if advance:
-            pos.add_(1)
-        flush.zero_()
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return [1000.0 * start.elapsed_time(end) for start, end in events]
+            flush.zero_()
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        clocks.append(sm_clock_mhz())
+        times += [1000.0 * start.elapsed_time(end) for start, end in events]
+    return dict(times_us=times, sm_clock_mhz_before_after=clocks)
 
 
 def plot(path: pathlib.Path, rows: list[dict], device: str) -> bool:
@@ -101,6 +138,10 @@ def main(argv=None) -> int:
                         default=["quest-1/8", "quest-1/8-fp8-bounds", "h2o-20%"])
     parser.add_argument("--replays", type=int, default=100, help="timed replays per config, in order")
     parser.add_argument("--advance", action="store_true", help="the next position each replay (default: the same)")
+    parser.add_argument("--busy", type=float, default=0.0, metavar="S",
+                        help="seconds of matmuls just before each config's first replay (default 0)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="refill the store's own tensors with new tokens and replay again, this many rounds")
     parser.add_argument("--quick", action="store_true", help="B 1, S 4K (CPU: S 256, 3 replays): a smoke run")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: the Triton interpreter (TRITON_INTERPRET=1) on a tiny shape, no timing claim")
@@ -114,9 +155,12 @@ def main(argv=None) -> int:
         b, s, replays = (1, 4096, replays) if args.device == "cuda" else (1, 256, 3)
     rows = []
     for name in args.configs:
-        times = replay_times(name, b, s, replays, args.advance, args.device)
+        replayed = replay_times(name, b, s, replays, args.advance, args.device,
+                                args.busy if args.device == "cuda" else 0.0, args.rounds)
+        times = replayed.pop("times_us")
         half = times[len(times) // 2:]
-        rows.append(dict(config=name, batch=b, seq=s, advancing_position=args.advance,
+        rows.append(dict(config=name, batch=b, seq=s, advancing_position=args.advance, busy_s=args.busy,
+                         rounds=args.rounds, **replayed,
                          first_10_median_us=statistics.median(times[:10]),
                          second_half_median_us=statistics.median(half), times_us=[round(t, 1) for t in times]))
         print(f"{name:<24} first 10: {rows[-1]['first_10_median_us']:8.1f} us   second half: "

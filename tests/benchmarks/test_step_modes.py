@@ -25,6 +25,36 @@ def test_each_replay_gets_its_time_in_order(bench, monkeypatch, tmp_path):
     assert rows[0]["advancing_position"] and (rows[0]["batch"], rows[0]["seq"]) == (1, 256)
 
 
+def test_rounds_refill_the_same_store_and_time_every_replay(bench, monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = ["--device", "cpu", "--quick", "--configs", "h2o-20%", "--rounds", "2", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    row = json.loads((tmp_path / "step_modes.json").read_text())["rows"][0]
+    assert row["rounds"] == 2 and len(row["times_us"]) == 6
+
+
+def test_a_refilled_store_holds_what_a_new_one_does(bench, monkeypatch):
+    """Refilling after decode steps (which moved tokens and positions) leaves the store as a new one."""
+    import torch
+    from policy_attention import CONFIGS, D, HKV, HQ, LAYER, LAYERS, fill_store, full_store
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    k, v = torch.randn(2, 1, HKV, 64, D).unbind(0)
+    fmt, used = full_store(CONFIGS["quest-1/8"], k, v)
+    _, new = full_store(CONFIGS["quest-1/8"], k, v)
+    q = torch.randn(1, HQ, 1, D)
+    for p in (64, 65, 66):
+        torch.ops.kvfx.policy_attend(q, k[:, :, -1:], v[:, :, -1:], torch.tensor([p]), *used.tensors(), None, False,
+                                     D ** -0.5, fmt.options, LAYER, LAYERS)
+    assert not torch.equal(used.slot_pos, new.slot_pos)
+    fill_store(used, k, v)
+    assert torch.equal(used.slot_pos, new.slot_pos)
+    live = new.slot_pos >= 0  # a free slot's codes are never read
+    for name in ("k_codes", "v_codes"):
+        assert torch.equal(getattr(used, name)[live], getattr(new, name)[live]), name
+    assert torch.equal(used.page_min, new.page_min) and torch.equal(used.page_max, new.page_max)
+
+
 def test_cpu_needs_the_interpreter(bench, monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 2
