@@ -8,11 +8,14 @@ Hq 32, Hkv 8, D 128, layer 4 of 32), one CUDA graph of the step, then `--replays
 with CUDA events after a cold-L2 flush, at the same position each replay or (`--advance`) the next
 one, as in decoding. `--busy S` runs matmuls for S seconds just before the first replay, so the replays
 start on a GPU already at its working clocks; each row records the SM clock (pynvml, when there) before
-and after its replays. The plot draws each config's times against the replay's index.
+and after its replays. `--stores N` builds N new stores per config, one after another in the process, the
+i-th after a spacer of i x `--spacer-mib` MiB (so each lands at other addresses), to count how often a new
+store starts slow (`slow_replays`). The plot draws each config's times against the replay's index.
 
 example: python benchmarks/step_modes.py --batch 8 --seq 65536
          python benchmarks/step_modes.py --configs quest-1/8 --advance --replays 200 --out /tmp/results
          python benchmarks/step_modes.py --configs h2o-20% quest-1/8 --busy 2
+         python benchmarks/step_modes.py --configs quest-1/8 --advance --stores 6 --spacer-mib 64
          TRITON_INTERPRET=1 python benchmarks/step_modes.py --device cpu --quick
          (CPU: the Triton interpreter on a tiny shape, wall-clock per step, no graph: a check that the
          script runs; no timing claim)
@@ -51,12 +54,23 @@ def keep_busy(seconds: float, device: str) -> None:
         torch.cuda.synchronize()
 
 
+def slow_replays(times: list[float], margin: float = 0.04) -> int:
+    """How many replays a step ran in a slow mode before it settled: 1 + the index of the last replay of the
+    first half (the graph's first launch, replay 0, aside) over the second half's median by more than
+    `margin`; 0 when none is."""
+    settled = statistics.median(times[len(times) // 2:]) * (1 + margin)
+    slow = [i for i in range(1, len(times) // 2) if times[i] > settled]
+    return slow[-1] + 1 if slow else 0
+
+
 def replay_times(name: str, b: int, s: int, replays: int, advance: bool, device: str, busy: float = 0.0,
-                 rounds: int = 1) -> dict:
+                 rounds: int = 1, spacer_mib: int = 0) -> dict:
     """Microseconds of each of `replays` steps of config `name`, in order, from a newly built store
     (`times_us`), with the SM clock before and after them. With `rounds` > 1 the store's own tensors are
     then refilled with new tokens and the same graph replayed again, `rounds` times in all (times_us
-    holds them all, in order)."""
+    holds them all, in order). `spacer_mib`: that much memory is taken first and held, so the store lands
+    elsewhere."""
+    spacer = torch.empty(spacer_mib << 20, dtype=torch.uint8, device=device)  # noqa: F841 (held: it moves the store)
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE, generator=gen)
     k, v = (torch.randn(b, HKV, s, D, device=device, dtype=DTYPE, generator=gen) for _ in range(2))
@@ -117,7 +131,8 @@ def plot(path: pathlib.Path, rows: list[dict], device: str) -> bool:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in rows:
         ax.plot(range(1, len(r["times_us"]) + 1), r["times_us"], marker=".", linewidth=1,
-                label=f"{r['config']} ({'advancing' if r['advancing_position'] else 'same'} position)")
+                label=f"{r['config']}, store {r['store']} ({'advancing' if r['advancing_position'] else 'same'} "
+                      "position)")
     ax.set_xlabel("replay since the store was built")
     ax.set_ylabel("step time (us, CUDA events)" if device == "cuda" else "step time (us, wall clock)")
     ax.set_title(f"policy decode step, replay by replay (B{rows[0]['batch']} S{rows[0]['seq']}, {device})")
@@ -142,6 +157,9 @@ def main(argv=None) -> int:
                         help="seconds of matmuls just before each config's first replay (default 0)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="refill the store's own tensors with new tokens and replay again, this many rounds")
+    parser.add_argument("--stores", type=int, default=1, help="new stores per config, one after another (default 1)")
+    parser.add_argument("--spacer-mib", type=int, default=0,
+                        help="the i-th store is built after a spacer of i x this many MiB (default 0)")
     parser.add_argument("--quick", action="store_true", help="B 1, S 4K (CPU: S 256, 3 replays): a smoke run")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: the Triton interpreter (TRITON_INTERPRET=1) on a tiny shape, no timing claim")
@@ -155,16 +173,17 @@ def main(argv=None) -> int:
         b, s, replays = (1, 4096, replays) if args.device == "cuda" else (1, 256, 3)
     rows = []
     for name in args.configs:
-        replayed = replay_times(name, b, s, replays, args.advance, args.device,
-                                args.busy if args.device == "cuda" else 0.0, args.rounds)
-        times = replayed.pop("times_us")
-        half = times[len(times) // 2:]
-        rows.append(dict(config=name, batch=b, seq=s, advancing_position=args.advance, busy_s=args.busy,
-                         rounds=args.rounds, **replayed,
-                         first_10_median_us=statistics.median(times[:10]),
-                         second_half_median_us=statistics.median(half), times_us=[round(t, 1) for t in times]))
-        print(f"{name:<24} first 10: {rows[-1]['first_10_median_us']:8.1f} us   second half: "
-              f"{rows[-1]['second_half_median_us']:8.1f} us", flush=True)
+        for store in range(args.stores):
+            replayed = replay_times(name, b, s, replays, args.advance, args.device,
+                                    args.busy if args.device == "cuda" else 0.0, args.rounds, store * args.spacer_mib)
+            times = replayed.pop("times_us")
+            rows.append(dict(config=name, store=store, spacer_mib=store * args.spacer_mib, batch=b, seq=s,
+                             advancing_position=args.advance, busy_s=args.busy, rounds=args.rounds, **replayed,
+                             slow_replays=slow_replays(times), first_10_median_us=statistics.median(times[:10]),
+                             second_half_median_us=statistics.median(times[len(times) // 2:]),
+                             times_us=[round(t, 1) for t in times]))
+            print(f"{name:<24} store {store}: first 10 {rows[-1]['first_10_median_us']:8.1f} us, second half "
+                  f"{rows[-1]['second_half_median_us']:8.1f} us, {rows[-1]['slow_replays']} slow replays", flush=True)
     write_json(args.out / "step_modes.json", {"benchmark": "step_modes", "environment": environment(), "rows": rows})
     plot(args.out / "step_modes.png", rows, args.device)
     return 0

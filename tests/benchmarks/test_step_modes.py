@@ -33,6 +33,23 @@ def test_rounds_refill_the_same_store_and_time_every_replay(bench, monkeypatch, 
     assert row["rounds"] == 2 and len(row["times_us"]) == 6
 
 
+def test_each_new_store_gets_its_row(bench, monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = ["--device", "cpu", "--quick", "--configs", "h2o-20%", "--stores", "2", "--spacer-mib", "1",
+            "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    rows = json.loads((tmp_path / "step_modes.json").read_text())["rows"]
+    assert [(r["store"], r["spacer_mib"]) for r in rows] == [(0, 0), (1, 1)]
+
+
+def test_slow_replays_counts_the_slow_start(bench):
+    settled = [100.0] * 40
+    assert bench.slow_replays([250.0] + settled) == 0  # the graph's first launch is not a mode
+    assert bench.slow_replays([250.0] + [120.0] * 12 + settled) == 13
+    assert bench.slow_replays([250.0, 120.0, 101.0, 120.0] + settled) == 4
+    assert bench.slow_replays(settled[:20] + [120.0] * 20) == 0  # slow at the end is not a slow start
+
+
 def test_a_refilled_store_holds_what_a_new_one_does(bench, monkeypatch):
     """Refilling after decode steps (which moved tokens and positions) leaves the store as a new one."""
     import torch
