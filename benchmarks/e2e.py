@@ -35,6 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from common import RESULTS, environment, kernel_profile, plot_speedups, write_json
 import kvfx
+from kvfx.decode import prefill
 from kvfx.kernels.formats import KVStore
 from kvfx.kernels.kivi import KiviStore, store_write
 from kvfx.kernels.policies import attend_prompt, policy_attend_reference
@@ -88,16 +89,6 @@ def cache_bytes(cache) -> int:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def prefill(model, prompt: torch.Tensor, cache, chunk: int) -> torch.Tensor:
-    """Run the prompt through the model in chunks; the last position's logits [B, 1, V]."""
-    for start in range(0, prompt.shape[1], chunk):
-        ids = prompt[:, start:start + chunk]
-        pos = torch.arange(start, start + ids.shape[1], device=prompt.device)
-        logits = model(ids, past_key_values=cache, use_cache=True, cache_position=pos,
-                       position_ids=pos[None].expand(prompt.shape[0], -1), logits_to_keep=1).logits
-    return logits
 
 
 def fill_random(cache, start: int, stop: int, chunk: int, generator: torch.Generator, options: str | None = None
@@ -157,12 +148,12 @@ def run_config(model, eager_forward, name: str, batch: int, context: int, steps:
         cache = make_cache(name, model.config, context + steps + 8)  # + the profiled steps
         start = time.perf_counter()
         if fill == "random":  # the first chunk through the model (compiles, allocates), the rest written
-            logits = prefill(model, prompt[:, :min(chunk, context)], cache, chunk)
+            logits = prefill(model, prompt[:, :min(chunk, context)], cache, chunk)[:, None]
             options = kvfx.KVConfig(**CONFIGS[name]["options"]).to_json() if "options" in CONFIGS[name] else None
             phase = "fill"
             fill_random(cache, min(chunk, context), context, chunk, gen, options)
         else:
-            logits = prefill(model, prompt, cache, chunk)
+            logits = prefill(model, prompt, cache, chunk)[:, None]
         sync(device)
         row["prefill_first_s"] = time.perf_counter() - start  # compilation included
         times = []

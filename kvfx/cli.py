@@ -48,6 +48,17 @@ def _number(text: str) -> int | float:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _positive(text: str) -> int:
+    """A count of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _option(text: str) -> tuple[str, Any]:
     """KEY=VALUE, VALUE read as a Python literal when it is one (64, 0.5, True), else as a string."""
     key, sep, value = text.partition("=")
@@ -207,9 +218,13 @@ def _add_eval(verbs, common, model) -> None:
                           help="passkey retrieval accuracy",
                           epilog="example:\n  kvfx eval passkey --lengths 1024 2048 --depths 0.1 0.5 0.9 "
                                  "--kv none int4 --policy none\n  kvfx eval passkey ... --kvpress "
-                                 "results/kvpress_passkey.json   (draws kvpress beside kvfx)")
+                                 "results/kvpress_passkey.json   (draws kvpress beside kvfx)\n  kvfx eval "
+                                 "passkey --lengths 2048 --kv --policy snapkv --budget 0.2 --prefill-chunk 512")
     pk.add_argument("--kvpress", type=pathlib.Path, metavar="JSON",
                     help="results of benchmarks/kvpress_baseline.py on the same prompts, to compare against")
+    pk.add_argument("--prefill-chunk", type=_positive, metavar="N",
+                    help="send each prompt in calls of N tokens, as a server's chunked prefill does "
+                         "(default: one call)")
     pk.set_defaults(run=cmd_eval)
     pp = tasks.add_parser("perplexity", parents=[common, model, methods, out], formatter_class=formatter,
                           help="perplexity of a text, prefilled then teacher-forced through the cache",
@@ -419,7 +434,7 @@ def cmd_eval(args) -> int:
     if args.task == "passkey":
         prompts = quality.passkey_prompts(tokenizer, args.lengths, args.depths, args.seed)
         external = quality_sweep.kvpress_rows(args.kvpress, prompts) if args.kvpress else []
-        result = quality.evaluate_passkey(model, tokenizer, prompts, methods + quanto)
+        result = quality.evaluate_passkey(model, tokenizer, prompts, methods + quanto, prefill_chunk=args.prefill_chunk)
         rows = result.rows + external
     else:
         ids = quality.text_ids(str(args.text), tokenizer)

@@ -35,15 +35,31 @@ class StepClock(StoppingCriteria):
         return (len(self.times) - 1) / (self.times[-1] - self.times[0])
 
 
+def prefill(model, prompt: torch.Tensor, cache, chunk: int | None = None) -> torch.Tensor:
+    """Run `prompt` [B, T] into `cache` in one call or, with `chunk`, in calls of that many tokens (as a
+    server's chunked prefill does: each call attends over the cache so far, and only the last position's
+    logits are made); the last position's logits [B, vocab]."""
+    if chunk is None:
+        return model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+    for start in range(0, prompt.shape[1], chunk):
+        ids = prompt[:, start:start + chunk]
+        pos = torch.arange(start, start + ids.shape[1], device=prompt.device)
+        logits = model(ids, past_key_values=cache, use_cache=True, cache_position=pos,
+                       position_ids=pos[None].expand(prompt.shape[0], -1), logits_to_keep=1).logits
+    return logits[:, -1]
+
+
 @torch.no_grad()
 def decode_steps(model, prompt: torch.Tensor, steps: int, forced: torch.Tensor | None = None,
-                 cache: StaticCache | None = None) -> tuple[torch.Tensor, list[float]]:
-    """Prefill `prompt` [B, T] into a static cache (a new one, or `cache`), then run `steps` one-token
-    decode steps: greedy, or fed `forced` [steps] (teacher forcing). Returns the last-position logits of
-    the prefill and of every step but the last, [steps, B, vocab] fp32, and each decode step's time."""
+                 cache: StaticCache | None = None, prefill_chunk: int | None = None
+                 ) -> tuple[torch.Tensor, list[float]]:
+    """Prefill `prompt` [B, T] into a static cache (a new one, or `cache`; in calls of `prefill_chunk`
+    tokens if given), then run `steps` one-token decode steps: greedy, or fed `forced` [steps] (teacher
+    forcing). Returns the last-position logits of the prefill and of every step but the last,
+    [steps, B, vocab] fp32, and each decode step's time."""
     if cache is None:
         cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps)
-    logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = prefill(model, prompt, cache, prefill_chunk)
     out, times = [logits.float()], []
     for i in range(steps - 1):
         token = forced[i].view(1, 1).expand(prompt.shape[0], 1) if forced is not None else logits.argmax(-1, keepdim=True)

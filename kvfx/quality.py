@@ -31,7 +31,7 @@ from transformers import StaticCache
 
 import kvfx
 from kvfx.config import KVConfig, KVConfigError
-from kvfx.decode import CACHE_KWARG, teacher_forced_logits
+from kvfx.decode import CACHE_KWARG, decode_steps, teacher_forced_logits
 
 # The prompt of Landmark Attention's passkey task, split into the pieces the generator assembles.
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -202,20 +202,31 @@ def _available(methods: Sequence[Method]) -> tuple[list[Method], list[dict]]:
     return runnable, skipped
 
 
-def answer_passkey(model, tokenizer, prompt: PasskeyPrompt, method: Method,
-                   max_new_tokens: int = ANSWER_TOKENS) -> tuple[str, dict]:
-    """Greedy answer of `model` (its forward already set up by `running`) and kvfx's facts."""
+def answer_passkey(model, tokenizer, prompt: PasskeyPrompt, method: Method, max_new_tokens: int = ANSWER_TOKENS,
+                   prefill_chunk: int | None = None) -> tuple[str, dict]:
+    """Greedy answer of `model` (its forward already set up by `running`) and kvfx's facts. The prompt
+    goes in one call through `generate`, or (`prefill_chunk`) in calls of that many tokens, as a server's
+    chunked prefill sends it, then greedy steps up to the first end-of-sequence token."""
     ids = torch.tensor([prompt.ids], device=model.device)
     cache = method.new_cache(model.config, ids.shape[1] + max_new_tokens)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, **{CACHE_KWARG: cache}, pad_token_id=tokenizer.eos_token_id)
+        if prefill_chunk is None:
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, **{CACHE_KWARG: cache}, pad_token_id=tokenizer.eos_token_id)
+            new = out[0, ids.shape[1]:]
+        else:
+            logits, _ = decode_steps(model, ids, max_new_tokens, cache=cache, prefill_chunk=prefill_chunk)
+            new = logits[:, 0].argmax(-1)
+            ends = (new == tokenizer.eos_token_id).nonzero()
+            new = new[:int(ends[0]) + 1] if len(ends) else new  # generate stops there too
     facts = _kvfx_facts(model, method)  # the cache is alive here: its bytes are counted
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), facts
+    return tokenizer.decode(new, skip_special_tokens=True), facts
 
 
 def evaluate_passkey(model, tokenizer, prompts: Sequence[PasskeyPrompt], methods: Sequence[Method],
-                     progress: bool = True) -> Evaluation:
+                     progress: bool = True, prefill_chunk: int | None = None) -> Evaluation:
+    """One row per (method, prompt); `prefill_chunk`: each prompt goes in calls of that many tokens
+    (`answer_passkey`), and every row records it."""
     runnable, skipped = _available(methods)
     rows = []
     # A fresh compile per method and prompt length: on a second length dynamo recompiles prefill and
@@ -231,8 +242,9 @@ def evaluate_passkey(model, tokenizer, prompts: Sequence[PasskeyPrompt], methods
             for group in by_length.values():
                 with running(model, method):
                     for prompt in group:
-                        answer, facts = answer_passkey(model, tokenizer, prompt, method)
-                        rows.append({"task": "passkey", **_method_fields(method), "length": prompt.length,
+                        answer, facts = answer_passkey(model, tokenizer, prompt, method, prefill_chunk=prefill_chunk)
+                        rows.append({"task": "passkey", **_method_fields(method), "prefill_chunk": prefill_chunk,
+                                     "length": prompt.length,
                                      "tokens": len(prompt.ids), "depth": prompt.depth, "key": prompt.key,
                                      "answer": answer, "correct": passkey_correct(answer, prompt.key), **facts})
                         bar.update(1)

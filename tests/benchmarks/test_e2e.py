@@ -20,6 +20,7 @@ def test_decode_after_a_random_fill_reads_the_filled_positions(monkeypatch, conf
     import e2e
 
     import kvfx
+    from kvfx.decode import prefill
 
     model = e2e.build_model(LlamaConfig(**e2e.TINY), "cpu", torch.float32)
     model.forward = torch.compile(model.forward, **e2e.CONFIGS[config])
@@ -33,7 +34,7 @@ def test_decode_after_a_random_fill_reads_the_filled_positions(monkeypatch, conf
         return model(token, past_key_values=cache, cache_position=at, position_ids=at.expand(batch, 1)).logits
 
     with torch.no_grad():
-        token = e2e.prefill(model, prompt, cache, chunk).argmax(-1)
+        token = prefill(model, prompt, cache, chunk).argmax(-1, keepdim=True)
         e2e.fill_random(cache, chunk, context, chunk, torch.Generator().manual_seed(1), options)
         assert all(int(layer.cumulative_length) == context for layer in cache.layers)
         first = decode()

@@ -92,6 +92,40 @@ def test_passkey_through_kvfx_none_answers_as_eager(tokenizer, tmp_path):
     assert (tmp_path / "passkey.png").stat().st_size > 0
 
 
+def test_a_prompt_in_chunks_answers_as_in_one_call(tokenizer):
+    """At full precision a chunked prefill is the same attention: eager answers the same either way, and
+    the rows say how the prompt was sent."""
+    model = tiny_model("llama", vocab_size=VOCAB)
+    prompts = passkey_prompts(tokenizer, lengths=[200], depths=[0.3, 0.7])
+    whole = evaluate_passkey(model, tokenizer, prompts, [EAGER], progress=False).rows
+    chunked = evaluate_passkey(model, tokenizer, prompts, [EAGER], progress=False, prefill_chunk=48).rows
+    assert [r["answer"] for r in chunked] == [r["answer"] for r in whole] and len(whole) == 2
+    assert [r["prefill_chunk"] for r in whole + chunked] == [None, None, 48, 48]
+    assert all(r["tokens"] > 48 for r in chunked)  # several calls each
+
+
+def test_snapkv_holds_its_budget_of_a_prompt_in_chunks():
+    """Through the compile path, a prompt in chunks leaves each head's store holding what a one-call
+    prompt leaves: 20% of the prompt's tokens (session 20's fault kept 20% of each call's candidates)."""
+    from transformers import StaticCache
+
+    from kvfx.decode import decode_steps
+    from kvfx.runtime import store_of
+
+    model = tiny_model("llama", vocab_size=VOCAB)
+    prompt = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(0))
+    held = []
+    for chunk in (None, 48):
+        torch._dynamo.reset()
+        model.forward = torch.compile(type(model).forward.__get__(model), backend="kvfx",
+                                      options={"policy": "snapkv", "budget": 0.2})
+        cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + 1)
+        decode_steps(model, prompt, 1, cache=cache, prefill_chunk=chunk)
+        held.append([(store_of(layer.keys).slot_pos >= 0).sum(-1).flatten().tolist() for layer in cache.layers])
+        del model.forward
+    assert held[1] == held[0] and all(n == 40 for layer in held[0] for n in layer)
+
+
 def test_kvpress_results_are_scored_by_kvfx_and_must_come_from_the_same_prompts(tokenizer, tmp_path):
     prompts = passkey_prompts(tokenizer, lengths=[1500], depths=[0.2, 0.8])
     rows = [{"press": "SnapKV", "budget": 0.2, "length": p.length, "tokens": len(p.ids), "depth": p.depth,
