@@ -40,18 +40,25 @@ def cuda_time_us(fn: Callable[[], object], reps: int = 50, warmup: int = 5, grap
             run, mode = cuda_graph.replay, "cuda_graph"
         except Exception:  # e.g. an op that syncs: fall back to eager launches
             torch.cuda.synchronize()
+    times = sorted(cold_l2_times_us(run, reps))
+    return {"median_us": statistics.median(times), "p20_us": times[len(times) // 5],
+            "p80_us": times[(4 * len(times)) // 5], "reps": reps, "mode": mode}
+
+
+def cold_l2_times_us(run: Callable[[], object], reps: int, before: Callable[[], object] | None = None) -> list[float]:
+    """GPU microseconds of each of `reps` runs of run(), in order, each after `before()` (if given) and a
+    256 MB write that leaves the L2 cold, both outside the timed region (CUDA events around run())."""
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends):
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        if before is not None:
+            before()
         flush.zero_()
         start.record()
         run()
         end.record()
     torch.cuda.synchronize()
-    times = sorted(1000.0 * s.elapsed_time(e) for s, e in zip(starts, ends))
-    return {"median_us": statistics.median(times), "p20_us": times[len(times) // 5],
-            "p80_us": times[(4 * len(times)) // 5], "reps": reps, "mode": mode}
+    return [1000.0 * start.elapsed_time(end) for start, end in events]
 
 
 def copy_bandwidth_gb_s(nbytes: int = 1 << 30) -> dict:

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from common import L2_FLUSH_BYTES, RESULTS, device_problem, doc_parser, environment, write_json
+from common import RESULTS, cold_l2_times_us, device_problem, doc_parser, environment, write_json
 from policy_attention import CONFIGS, D, DTYPE, HKV, HQ, LAYER, LAYERS, fill_store, full_store
 import kvfx.kernels  # noqa: F401  (registers the ops)
 
@@ -89,7 +89,6 @@ def replay_times(name: str, b: int, s: int, replays: int, advance: bool, device:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
     times, clocks = [], []
     for round_ in range(rounds):
         if round_:  # the same tensors (and graph), new tokens
@@ -104,18 +103,10 @@ def replay_times(name: str, b: int, s: int, replays: int, advance: bool, device:
                 step()
                 times.append(1e6 * (time.perf_counter() - start))
             continue
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
         keep_busy(busy, device)
         clocks.append(sm_clock_mhz())
-        for start, end in events:
-            pos.add_(int(advance))
-            flush.zero_()
-            start.record()
-            graph.replay()
-            end.record()
-        torch.cuda.synchronize()
+        times += cold_l2_times_us(graph.replay, replays, before=lambda: pos.add_(int(advance)))
         clocks.append(sm_clock_mhz())
-        times += [1000.0 * start.elapsed_time(end) for start, end in events]
     return dict(times_us=times, sm_clock_mhz_before_after=clocks)
 
 
