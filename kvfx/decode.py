@@ -39,6 +39,8 @@ def prefill(model, prompt: torch.Tensor, cache, chunk: int | None = None) -> tor
     """Run `prompt` [B, T] into `cache` in one call or, with `chunk`, in calls of that many tokens (as a
     server's chunked prefill does: each call attends over the cache so far, and only the last position's
     logits are made); the last position's logits [B, vocab]."""
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"prefill chunk must be a token count >= 1 (or None: the prompt in one call), got {chunk!r}")
     if chunk is None:
         return model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
     for start in range(0, prompt.shape[1], chunk):

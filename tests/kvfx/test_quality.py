@@ -102,6 +102,8 @@ def test_a_prompt_in_chunks_answers_as_in_one_call(tokenizer):
     assert [r["answer"] for r in chunked] == [r["answer"] for r in whole] and len(whole) == 2
     assert [r["prefill_chunk"] for r in whole + chunked] == [None, None, 48, 48]
     assert all(r["tokens"] > 48 for r in chunked)  # several calls each
+    with pytest.raises(ValueError, match="prefill chunk must be a token count >= 1.*got 0"):
+        evaluate_passkey(model, tokenizer, prompts, [EAGER], progress=False, prefill_chunk=0)
 
 
 def test_snapkv_holds_its_budget_of_a_prompt_in_chunks():
