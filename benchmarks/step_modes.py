@@ -10,15 +10,18 @@ one, as in decoding. `--busy S` runs matmuls for S seconds just before the first
 start on a GPU already at its working clocks; each row records the SM clock (pynvml, when there) before
 and after its replays. `--stores N` builds N new stores per config, one after another in the process, the
 i-th after a spacer of i x `--spacer-mib` MiB (so each lands at other addresses), to count how often a new
-store starts slow (`slow_replays`); `--keep-stores` holds every store built so far (each new one then lands in
-memory the process never used before), `--empty-cache` hands the allocator's free blocks back to the driver
-before each store is built. The plot draws each config's times against the replay's index.
+store starts slow (`slow_replays`); `--keep-stores` holds every store built so far (each new one then
+lands in memory the process never used before), `--empty-cache` hands the allocator's free blocks back to
+the driver before each store is built; `--pause S` leaves the GPU idle for S seconds between a store's
+build and its first step (as the kernels' first load in the process does for the first store). The plot
+draws each config's times against the replay's index.
 
 example: python benchmarks/step_modes.py --batch 8 --seq 65536
          python benchmarks/step_modes.py --configs quest-1/8 --advance --replays 200 --out /tmp/results
          python benchmarks/step_modes.py --configs h2o-20% quest-1/8 --busy 2
          python benchmarks/step_modes.py --configs quest-1/8 --advance --stores 6 --spacer-mib 64
          python benchmarks/step_modes.py --configs quest-1/8 --advance --stores 4 --keep-stores
+         python benchmarks/step_modes.py --configs quest-1/8 --advance --stores 4 --pause 2
          TRITON_INTERPRET=1 python benchmarks/step_modes.py --device cpu --quick
          (CPU: the Triton interpreter on a tiny shape, wall-clock per step, no graph: a check that the
          script runs; no timing claim)
@@ -67,12 +70,13 @@ def slow_replays(times: list[float], margin: float = 0.04) -> int:
 
 
 def replay_times(name: str, b: int, s: int, replays: int, advance: bool, device: str, busy: float = 0.0,
-                 rounds: int = 1, spacer_mib: int = 0, kept: list | None = None) -> dict:
+                 rounds: int = 1, spacer_mib: int = 0, kept: list | None = None, pause: float = 0.0) -> dict:
     """Microseconds of each of `replays` steps of config `name`, in order, from a newly built store
     (`times_us`), with the SM clock before and after them. With `rounds` > 1 the store's own tensors are
     then refilled with new tokens and the same graph replayed again, `rounds` times in all (times_us
     holds them all, in order). `spacer_mib`: that much memory is taken first and held, so the store lands
-    elsewhere. `kept`: a list the store and its graph are appended to (the caller holds them)."""
+    elsewhere. `kept`: a list the store and its graph are appended to (the caller holds them). `pause`:
+    seconds the GPU is left idle between the store's build and its first step."""
     spacer = torch.empty(spacer_mib << 20, dtype=torch.uint8, device=device)  # noqa: F841 (held: it moves the store)
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE, generator=gen)
@@ -87,6 +91,8 @@ def replay_times(name: str, b: int, s: int, replays: int, advance: bool, device:
                                             LAYER, LAYERS)
 
     if device == "cuda":
+        torch.cuda.synchronize()
+        time.sleep(pause)
         step()  # compiles the kernels (the store's first step)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -160,6 +166,8 @@ def main(argv=None) -> int:
                         help="hold every store built (a new one never reuses a freed store's memory)")
     parser.add_argument("--empty-cache", action="store_true",
                         help="torch.cuda.empty_cache() before each new store (the allocator's free blocks go back)")
+    parser.add_argument("--pause", type=float, default=0.0, metavar="S",
+                        help="seconds of an idle GPU between each store's build and its first step (default 0)")
     parser.add_argument("--quick", action="store_true", help="B 1, S 4K (CPU: S 256, 3 replays): a smoke run")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: the Triton interpreter (TRITON_INTERPRET=1) on a tiny shape, no timing claim")
@@ -178,11 +186,12 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             replayed = replay_times(name, b, s, replays, args.advance, args.device,
                                     args.busy if args.device == "cuda" else 0.0, args.rounds, store * args.spacer_mib,
-                                    kept)
+                                    kept, args.pause)
             times = replayed.pop("times_us")
             rows.append(dict(config=name, store=store, spacer_mib=store * args.spacer_mib, batch=b, seq=s,
                              advancing_position=args.advance, busy_s=args.busy, rounds=args.rounds,
-                             keep_stores=args.keep_stores, empty_cache=args.empty_cache, **replayed,
+                             keep_stores=args.keep_stores, empty_cache=args.empty_cache, pause_s=args.pause,
+                             **replayed,
                              slow_replays=slow_replays(times), first_10_median_us=statistics.median(times[:10]),
                              second_half_median_us=statistics.median(times[len(times) // 2:]),
                              times_us=[round(t, 1) for t in times]))

@@ -36,10 +36,10 @@ def test_rounds_refill_the_same_store_and_time_every_replay(bench, monkeypatch, 
 def test_each_new_store_gets_its_row(bench, monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     args = ["--device", "cpu", "--quick", "--configs", "h2o-20%", "--stores", "2", "--spacer-mib", "1",
-            "--out", str(tmp_path)]
+            "--keep-stores", "--out", str(tmp_path)]
     assert bench.main(args) == 0
     rows = json.loads((tmp_path / "step_modes.json").read_text())["rows"]
-    assert [(r["store"], r["spacer_mib"]) for r in rows] == [(0, 0), (1, 1)]
+    assert [(r["store"], r["spacer_mib"], r["keep_stores"]) for r in rows] == [(0, 0, True), (1, 1, True)]
 
 
 def test_slow_replays_counts_the_slow_start(bench):
