@@ -153,9 +153,13 @@ def _add_generate_and_report(verbs, common, model) -> None:
                                        "SmolLM2 on 2 CPU cores).",
                            epilog='example:\n  kvfx generate --prompt "Name three rivers." --kv int4 '
                                   "--max-new-tokens 64\n  kvfx generate --model ./SmolLM2.gguf --kv int8 "
-                                  "--policy snapkv --budget 0.2 --prompt-file question.txt")
+                                  "--policy snapkv --budget 0.2 --prompt-file question.txt\n"
+                                  "  kvfx generate --kv int4 --policy h2o --budget 0.5 --compare")
     _prompt_arguments(gen)
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--compare", action="store_true",
+                     help="then run the model without kvfx once over the answer and print at how many of its "
+                          "tokens its top-1 is kvfx's choice, and the mean KL between the two")
     gen.set_defaults(run=cmd_generate)
 
     rep = verbs.add_parser("report", parents=[common, model, config], formatter_class=formatter,
@@ -314,6 +318,7 @@ def cmd_generate(args) -> int:
     options = _config_options(args)
     model, tokenizer = _load(args)
     ids = _prompt_ids(args, tokenizer, model.device)
+    eager_forward = model.forward  # (kept for --compare: the model without kvfx)
     _compile(model, options)
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + args.max_new_tokens)
     clock = StepClock()
@@ -323,10 +328,11 @@ def cmd_generate(args) -> int:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                              do_sample=False, **{CACHE_KWARG: cache}, stopping_criteria=[clock],
                              streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-                             pad_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.eos_token_id, output_logits=args.compare,
+                             return_dict_in_generate=True)
     total = time.perf_counter() - start
     rep = kvfx.report(model)  # while the cache is alive: its bytes are counted
-    new = out.shape[1] - ids.shape[1]
+    new = out.sequences.shape[1] - ids.shape[1]
     # The first two token times include compiling the prefill and decode graphs: speed is read after them.
     steady = clock.times[1:]
     speed = f"{(len(steady) - 1) / (steady[-1] - steady[0]):.1f} tokens/s" if len(steady) > 2 else "n/a (too few tokens)"
@@ -336,6 +342,10 @@ def cmd_generate(args) -> int:
     print(f"KV bytes for {ids.shape[1] + args.max_new_tokens} slots: kvfx {rep.kv_bytes:,} vs {rep.fp_kv_bytes:,} "
           f"in the model dtype{ratio}")
     print(rep)
+    if args.compare and new:
+        from kvfx.quality import agreement_with_fp
+
+        print(agreement_with_fp(eager_forward, out.sequences, ids.shape[1], out.logits))
     return 0
 
 

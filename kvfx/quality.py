@@ -270,6 +270,41 @@ def token_nll(model, ids: torch.Tensor, prefix: int, tokens: int, cache=None) ->
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
+@dataclass
+class Agreement:
+    """A generation through kvfx against the model without it, teacher-forced on the same tokens."""
+
+    tokens: int                      # new tokens compared
+    agree: int                       # of them, those that are the fp model's top-1 there as well
+    first_disagreement: int | None   # index (0 = the first new token) of the first that is not
+    mean_kl: float                   # mean KL(fp || kvfx) of the next-token distributions, nats
+
+    def __str__(self) -> str:
+        first = "none" if self.first_disagreement is None else f"new token {self.first_disagreement + 1}"
+        return (f"against the model without kvfx (one teacher-forced pass over these tokens): its top-1 is the "
+                f"token kvfx chose at {self.agree} of {self.tokens} ({100 * self.agree / self.tokens:.1f}%; first "
+                f"disagreement: {first}), mean KL(fp || kvfx) {self.mean_kl:.2e} nats")
+
+
+@torch.no_grad()
+def agreement_with_fp(forward: Callable, sequence: torch.Tensor, prompt_len: int,
+                      step_logits: Sequence[torch.Tensor]) -> Agreement:
+    """Compare one row's generation, `sequence` [1, P + N] (prompt of P tokens, then the N chosen ones) with
+    kvfx's logits of each step ([1, V] each, as `generate(output_logits=True)` gives them), against
+    `forward` (the model's forward without kvfx) run once over the whole sequence without a cache."""
+    chosen = sequence[0, prompt_len:]
+    n = min(chosen.numel(), len(step_logits))
+    if n == 0:
+        raise ValueError("no new tokens to compare")
+    fp = forward(input_ids=sequence[:, :prompt_len + n], use_cache=False).logits[0, prompt_len - 1:-1].float()
+    ours = torch.cat([logit[:1] for logit in step_logits[:n]]).float().to(fp.device)
+    agree = fp.argmax(-1) == chosen[:n]
+    misses = (~agree).nonzero()
+    kl = F.kl_div(ours.log_softmax(-1), fp.log_softmax(-1), log_target=True, reduction="none").sum(-1).clamp(min=0)
+    # (clamped: equal distributions round to about -1e-9, and a KL is never below 0)
+    return Agreement(n, int(agree.sum()), int(misses[0]) if misses.numel() else None, kl.mean().item())
+
+
 def perplexity(model, ids: torch.Tensor, prefix: int, tokens: int, cache=None) -> float:
     """exp(mean NLL) of `tokens` tokens after a `prefix`-token prefill (see `token_nll`)."""
     return token_nll(model, ids, prefix, tokens, cache).mean().exp().item()

@@ -79,10 +79,11 @@ def test_missing_model_is_one_line_and_debug_shows_the_traceback(tmp_path, capsy
 
 def test_generate_streams_then_reports_speed_bytes_and_sites(tiny_folder):
     result = kvfx("generate", "--model", str(tiny_folder), "--prompt", "The sky is", "--raw",
-                  "--kv", "int8", "--max-new-tokens", "6")
+                  "--kv", "int8", "--max-new-tokens", "6", "--compare")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "tokens/s" in out and "KV bytes for 10 slots: kvfx " in out and "kvfx report" in out
+    assert "against the model without kvfx" in out and " of 6 (" in out
     assert "attention sites rewritten: graph 0: 2/2, graph 1: 2/2" in out
     ratio = float(out.split("in the model dtype (")[1].split("x)")[0])
     assert 0 < ratio <= 0.55  # per-token int8 of an fp32 cache

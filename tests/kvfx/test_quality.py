@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kvfx.models import tiny_model, tiny_tokenizer
-from kvfx.quality import (EAGER, FILLER, NEEDLE, evaluate_passkey, evaluate_perplexity, kvfx_method, passkey_correct,
-                          passkey_prompt, passkey_prompts, perplexity)
+from kvfx.quality import (EAGER, FILLER, NEEDLE, agreement_with_fp, evaluate_passkey, evaluate_perplexity,
+                          kvfx_method, passkey_correct, passkey_prompt, passkey_prompts, perplexity)
 from kvfx.quality_report import plot, table
 from kvfx.quality_sweep import kvpress_comparison, kvpress_rows, merge, quanto_methods
 
@@ -183,3 +183,22 @@ def test_quanto_methods_name_both_key_axes_when_skipped(monkeypatch):
     assert methods == [] and [s["method"] for s in skipped] == [
         "transformers quanto int4", "transformers quanto int4, keys per channel", "transformers quanto int2",
         "transformers quanto int2, keys per channel"]
+
+
+def test_agreement_with_fp_aligns_each_step_with_the_token_it_chose():
+    """The model's own greedy generation agrees with itself at every token (KL 0); a last token other than
+    its top-1 is the one disagreement (it predicts nothing that is compared, so the KL stays 0); an
+    off-by-one alignment of logits and tokens would fail both."""
+    model = tiny_model()
+    prompt = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    same = agreement_with_fp(model.forward, out.sequences, 7, out.logits)
+    assert (same.tokens, same.agree, same.first_disagreement) == (6, 6, None)
+    assert same.mean_kl == pytest.approx(0.0, abs=1e-6)
+    changed = out.sequences.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % model.config.vocab_size
+    other = agreement_with_fp(model.forward, changed, 7, out.logits)
+    assert (other.agree, other.first_disagreement) == (5, 5) and other.mean_kl == pytest.approx(0.0, abs=1e-6)
+    assert "at 5 of 6 (83.3%; first disagreement: new token 6)" in str(other)
