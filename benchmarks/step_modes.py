@@ -185,8 +185,8 @@ def main(argv=None) -> int:
             if args.empty_cache and args.device == "cuda":
                 torch.cuda.empty_cache()
             replayed = replay_times(name, b, s, replays, args.advance, args.device,
-                                    args.busy if args.device == "cuda" else 0.0, args.rounds, store * args.spacer_mib,
-                                    kept, args.pause)
+                                    busy=args.busy if args.device == "cuda" else 0.0, rounds=args.rounds,
+                                    spacer_mib=store * args.spacer_mib, kept=kept, pause=args.pause)
             times = replayed.pop("times_us")
             rows.append(dict(config=name, store=store, spacer_mib=store * args.spacer_mib, batch=b, seq=s,
                              advancing_position=args.advance, busy_s=args.busy, rounds=args.rounds,
