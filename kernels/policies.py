@@ -18,6 +18,12 @@ site's work for T new tokens at positions `pos`:
    (evicted slots are reused). SnapKV/PyramidKV pin the prompt tokens they chose (as in the papers,
    which never evict them) and keep `window` extra slots for generated tokens, which are evicted
    among themselves by accumulated attention (H2O's rule) once those slots are full.
+4. hold back: a prompt call also fills the store's free slots with its next-ranked candidates,
+   *provisional* (`slot_pos` = -2 - position): a decode step neither sees nor scores them and empties
+   them, so a prompt in one call decodes exactly as without them; the next call of a prompt sent in
+   chunks attends to them and ranks them again beside its own tokens. A chunk's own window (SnapKV) or
+   queries (H2O) then choose among everything the memory could hold, not only what the last chunk
+   kept: with the capacity for the whole prompt, a chunked prompt keeps what one call keeps.
 
 Quest keeps everything (capacity = the cache length) and reads less: at a decode step each KV head
 scores the pages of `page_size` slots by sum_d max(q_d min_d, q_d max_d) (its g query heads summed)
@@ -289,9 +295,13 @@ def attend_prompt(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bia
 # Which candidates stay
 
 
-def _ranks(key: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry along the last dim, highest key first (ties: lower index first)."""
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+def _ranks(key: torch.Tensor, tie: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank of each entry along the last dim, highest key first (ties: lower `tie`, else lower index, first)."""
+    if tie is None:
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    else:
+        by_tie = torch.sort(tie, dim=-1, stable=True).indices
+        order = by_tie.gather(-1, torch.sort(key.gather(-1, by_tie), dim=-1, descending=True, stable=True).indices)
     return torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))
 
 
@@ -331,21 +341,30 @@ def eviction_key(spec: PolicySpec, positions: torch.Tensor, valid: torch.Tensor,
 
 
 def choose_kept(spec: PolicySpec, positions: torch.Tensor, valid: torch.Tensor, score: torch.Tensor,
-                limit: torch.Tensor) -> torch.Tensor:
+                limit: torch.Tensor, hold: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Which of the candidates [B, Hkv, N] stay: the highest `eviction_key`, up to `limit` [B] per row
-    (never an invalid one; ties: the earlier candidate stays)."""
+    (never an invalid one; ties: the earlier candidate stays); and which are held back provisionally, the
+    next ranks up to `hold` in all (a prompt call's free slots; 0: none). A prompt call (hold > 0) breaks
+    ties by position instead, the earlier one staying: its old candidates come in slot order, and SnapKV's
+    max pooling makes plateaus of equal scores, so a prompt in chunks then keeps what one call keeps."""
     key = eviction_key(spec, positions, valid, score, limit)
-    return valid & (_ranks(key) < limit.view(-1, 1, 1))
+    rank = _ranks(key, positions if hold else None)
+    kept = valid & (rank < limit.view(-1, 1, 1))
+    return kept, valid & ~kept & (rank < hold)
 
 
-def place(kept_old: torch.Tensor, kept_new: torch.Tensor) -> torch.Tensor:
+def place(kept_old: torch.Tensor, kept_new: torch.Tensor, held_new: torch.Tensor | None = None) -> torch.Tensor:
     """Source candidate of every slot after the write [B, Hkv, C] (-1: the slot is left empty).
 
-    Kept slots keep their place; kept new tokens (in order) fill the free slots (in order)."""
+    Kept slots keep their place; kept new tokens (in order), then the `held_new` ones (provisional,
+    in order), fill the free slots (in order)."""
     c = kept_old.shape[-1]
     free_rank = torch.cumsum(~kept_old, -1) - 1
-    new_order = torch.sort((~kept_new).to(torch.uint8), dim=-1, stable=True).indices  # kept new ones first
-    n_new = kept_new.sum(-1, keepdim=True)
+    tier = (~kept_new).to(torch.uint8) * 2  # 0 kept, 1 held back, 2 dropped
+    if held_new is not None:
+        tier = tier - held_new.to(torch.uint8)
+    new_order = torch.sort(tier, dim=-1, stable=True).indices  # kept new ones first, then the held ones
+    n_new = (tier < 2).sum(-1, keepdim=True)
     from_new = c + new_order.gather(-1, free_rank.clamp(0, new_order.shape[-1] - 1))
     slot = torch.arange(c, device=kept_old.device).expand_as(kept_old)
     return torch.where(kept_old, slot, torch.where(free_rank < n_new, from_new, -1))
@@ -367,12 +386,16 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     new_pos = pos.view(1, 1, t).expand(b, hkv, t).to(store.slot_pos.dtype)
     # The old candidates: the slots up to the last one any row holds (a prompt's first call: none). Slots
     # fill from the front, so a prompt's chunk attends over the tokens so far, not the store's capacity.
-    n_old = int(torch.where(store.slot_pos >= 0, torch.arange(1, c + 1, device=store.slot_pos.device), 0).max())
+    occupied = store.slot_pos != -1
+    n_old = int(torch.where(occupied, torch.arange(1, c + 1, device=store.slot_pos.device), 0).max())
     old_k, old_v = store.dequantize(n_old)
     dtype = torch.promote_types(old_k.dtype, k_new.dtype)
     keys = torch.cat([old_k.to(dtype), k_new.to(dtype)], 2)
     values = torch.cat([old_v.to(dtype), v_new.to(dtype)], 2)
-    positions = torch.cat([store.slot_pos[:, :, :n_old], new_pos], 2)
+    old_pos = store.slot_pos[:, :, :n_old]
+    if t > 1:  # a prompt call also sees the candidates the last one held back (module docstring, 4.)
+        old_pos = torch.where(old_pos < -1, -2 - old_pos, old_pos)
+    positions = torch.cat([old_pos, new_pos], 2)
     extra = None
     if spec.policy == "quest" and t == 1 and layer >= QUEST_DENSE_LAYERS and n_old:
         extra = F.pad(quest_page_bias(q.view(b, hkv, group, d), store, spec)[..., :n_old], (0, t))[:, :, None, None]
@@ -400,14 +423,15 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
         before = positions <= pos[-1].to(positions.dtype) - obs_window
         score = _pool(obs, positions, valid & before, spec.pooling, spec.pool_kernel)
     limit = torch.full((b,), c, device=q.device)
-    if t > 1 and spec.policy in EVICTING:
+    prompt = t > 1 and spec.policy in EVICTING
+    if prompt:
         limit = torch.minimum(limit, spec.prompt_keep(tokens_seen(attn_mask, pos, b), layer, layers))
-    kept = choose_kept(spec, positions, valid, score, limit)
+    kept, held = choose_kept(spec, positions, valid, score, limit, hold=c if prompt else 0)
     if obs is not None:  # the prompt tokens SnapKV chose stay for good (score +inf: never evicted)
         score = score.masked_fill(kept, math.inf)
-    kept_old = F.pad(kept[:, :, :n_old], (0, c - n_old), value=False)
-    source = place(kept_old, kept[:, :, n_old:])
-    store.write(source, k_new, v_new, positions, score)
+    stay = F.pad((kept | held)[:, :, :n_old], (0, c - n_old), value=False)
+    source = place(stay, kept[:, :, n_old:], held[:, :, n_old:])
+    store.write(source, k_new, v_new, torch.where(held, -2 - positions, positions), score)
     return out.reshape(b, hq, t, d).to(q.dtype)
 
 

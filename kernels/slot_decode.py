@@ -267,7 +267,8 @@ def _slot_scan_kernel(m_ptr, l_ptr, logit_ptr, q_ptr, k_new_ptr, new_pos_ptr, bi
             tl.store(score_ptr + base + c, tl.where(valid, old_score + probs, 0.0), mask=inside)
         else:
             tl.store(score_ptr + base + c, tl.zeros((BLOCK_S,), tl.float32), mask=inside & ~valid)
-        tl.store(slot_pos_ptr + base + c, tl.full((BLOCK_S,), -1, tl.int32), mask=inside & ~valid & (pos >= 0))
+        # (pos != -1: a prompt's held-back candidates, -2 - position, are emptied too; policies.py, 4.)
+        tl.store(slot_pos_ptr + base + c, tl.full((BLOCK_S,), -1, tl.int32), mask=inside & ~valid & (pos != -1))
 
 
 @triton.jit

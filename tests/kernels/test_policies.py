@@ -143,7 +143,7 @@ def test_h2o_score_mean_ranks_per_query_that_has_seen_the_token(h2o_score, kept)
     spec = PolicySpec.parse(kvfx.KVConfig(policy="h2o", budget=3, recent=1, h2o_score=h2o_score).to_json())
     score = torch.full((1, 1, 10), 0.1)
     score[..., [0, 7, 8]] = torch.tensor([2.0, 1.0, 0.6])
-    chosen = choose_kept(spec, torch.arange(10).view(1, 1, 10), torch.ones(1, 1, 10, dtype=torch.bool), score,
+    chosen, _ = choose_kept(spec, torch.arange(10).view(1, 1, 10), torch.ones(1, 1, 10, dtype=torch.bool), score,
                          torch.tensor([3]))
     assert set(chosen[0, 0].nonzero().flatten().tolist()) == kept
 
@@ -272,6 +272,52 @@ def test_a_fractional_budget_is_of_the_whole_prompt_however_it_is_chunked(policy
     assert whole == chunked
     lengths = torch.tensor([n, n - 8 if padded else n])
     assert [r[0] for r in whole] == fmt.spec.prompt_keep(lengths, 0, 2).tolist()  # 16 (PyramidKV at layer 0: 32)
+
+
+@pytest.mark.parametrize("policy", EVICTING)
+@pytest.mark.parametrize("chunk", [16, 23])
+def test_a_prompt_in_chunks_keeps_what_one_call_keeps_when_the_store_can_hold_it(policy, chunk):
+    """The store holds back its free slots' worth of next-ranked candidates between a prompt's calls.
+    With room for the whole prompt (25% of a 256-token cache: 64 slots), every chunk attends over all
+    the tokens before it and the last one chooses among all of them: the same outputs, kept tokens and
+    scores as one call (session 21's rule, which kept only its budget between chunks, lost them). The
+    first decode step then sees only the kept tokens, and empties the held-back slots."""
+    b, hkv, d, n = 2, 2, 32, 64
+    q, k, v = sequence(b, 4, hkv, n + 1, d, 3)
+    results = []
+    for size in (n, chunk):
+        fmt, store = make_store(4 * n, b, hkv, d, policy=policy, budget=0.25, window=4)
+        calls = [slice(a, min(a + size, n)) for a in range(0, n, size)]
+        outs = [run(fmt, store, q[:, :, c], k[:, :, c], v[:, :, c], c.start) for c in calls]
+        kept, scores = held(store), store.score.masked_fill(store.slot_pos < 0, 0).sort(-1).values
+        outs.append(run(fmt, store, q[:, :, n:], k[:, :, n:], v[:, :, n:], n))
+        results.append((torch.cat(outs, 2), kept, scores, store.slot_pos))
+    (whole, kept, scores, _), (chunked, kept_chunked, scores_chunked, slot_pos) = results
+    torch.testing.assert_close(chunked, whole, atol=2e-5, rtol=1e-4)
+    keep = fmt.spec.prompt_keep(torch.tensor([n]), 0, 2).item()  # 16 (PyramidKV at layer 0: 32)
+    assert kept_chunked == kept and [len(h) for h in kept[0]] == [keep, keep]
+    torch.testing.assert_close(scores_chunked, scores, atol=1e-5, rtol=1e-4)
+    assert ((slot_pos >= 0).sum(-1) == keep + 1).all() and (slot_pos >= -1).all()  # the kept ones, the new token
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
+def test_held_back_slots_change_no_decode_step(policy):
+    """A prompt in one call decodes as if the held-back slots were empty: same outputs and kept tokens,
+    step by step, as a copy of the store whose held-back slots were cleared after the prompt."""
+    import copy
+
+    b, hkv, d, n, steps = 2, 2, 32, 40, 6
+    q, k, v = sequence(b, 4, hkv, n + steps, d, 11)
+    fmt, store = make_store(n + steps, b, hkv, d, policy=policy, budget=0.5, window=3)
+    run(fmt, store, q[:, :, :n], k[:, :, :n], v[:, :, :n], 0)
+    assert (store.slot_pos < -1).any()  # held back: the free slots are full
+    cleared = copy.deepcopy(store)
+    cleared.score.masked_fill_(cleared.slot_pos < -1, 0.0)
+    cleared.slot_pos.masked_fill_(cleared.slot_pos < -1, -1)
+    for t in range(n, n + steps):
+        outs = [run(fmt, s, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], t) for s in (store, cleared)]
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)  # (more masked slots: rounding)
+        assert held(store) == held(cleared) and (store.slot_pos >= -1).all()
 
 
 def test_quest_reads_only_the_chosen_pages():

@@ -20,10 +20,12 @@ KV_FORMATS = ["none", "int8", "int4", "int2", "fp8"]
 POLICIES = ["streaming", "h2o", "snapkv", "pyramidkv", "quest"]
 
 
-def random_store(fmt, b, hkv, cache_len, d, empty, gen, layer=3, layers=4, ordered=False):
+def random_store(fmt, b, hkv, cache_len, d, empty, gen, layer=3, layers=4, ordered=False, held_back=False):
     """A store with `empty` free slots (an int, or a share) and distinct positions below `cache_len` - 8 in random
     slots, with random tokens and scores (SnapKV: some pinned at +inf); `ordered`: older tokens score
-    higher (H2O's victim is then the oldest position outside the recent window: its boundary)."""
+    higher (H2O's victim is then the oldest position outside the recent window: its boundary); `held_back`:
+    half the free slots hold a prompt's held-back candidates (position p stored as -2 - p), which a decode
+    step must neither see nor score, and empties."""
     store = fmt.allocate((b, hkv, cache_len, d), torch.float32, torch.device("cpu"), layer, layers)
     cap = store.slot_pos.shape[-1]
     for codes, params in ((store.k_codes, store.k_params), (store.v_codes, store.v_params)):
@@ -38,6 +40,10 @@ def random_store(fmt, b, hkv, cache_len, d, empty, gen, layer=3, layers=4, order
     store.score.copy_(score.masked_fill(store.slot_pos < 0, 0.0))
     if fmt.spec.policy in ("snapkv", "pyramidkv"):
         store.score.masked_fill_((torch.rand(b, hkv, cap, generator=gen) < 0.3) & (store.slot_pos >= 0), math.inf)
+    if held_back:
+        back = (store.slot_pos < 0) & (torch.rand(b, hkv, cap, generator=gen) < 0.5)
+        store.slot_pos.masked_fill_(back, -2 - (cache_len - 8))  # a position no slot holds, before the steps
+        store.score.masked_scatter_(back, torch.rand(int(back.sum()), generator=gen))
     if store.page_min.numel():
         store.bound_pages()
     return store
@@ -62,19 +68,20 @@ def assert_same_store(got, want):
        g=st.integers(1, 4), budget=st.integers(3, 40), empty=st.sampled_from([0, 1, 2, 0.6]), ordered=st.booleans(),
        mask=st.sampled_from(["none", "causal", "row"]), steps=st.integers(1, 3), sink=st.integers(0, 2),
        group=st.sampled_from([32, 64]), splits=st.sampled_from([None, 3, 11]),
-       h2o_score=st.sampled_from(["mean", "sum"]), seed=st.integers(0, 99))
+       h2o_score=st.sampled_from(["mean", "sum"]), held_back=st.booleans(), seed=st.integers(0, 99))
 def test_fused_step_equals_the_reference(policy, kv, b, hkv, g, budget, empty, ordered, mask, steps, sink, group,
-                                         splits, h2o_score, seed):
+                                         splits, h2o_score, held_back, seed):
     """Output, kept positions, scores, codes and params, Quest's bounds: the same after every step, also
-    with many split-K partials (11: the scan and finish kernels read them as one padded tile) and with
-    splits that hold no slot."""
+    with many split-K partials (11: the scan and finish kernels read them as one padded tile), with
+    splits that hold no slot, and with a prompt's held-back candidates in free slots (emptied)."""
     gen = torch.Generator().manual_seed(seed)
     d, cache_len = 64, 48
     options = dict(kv=kv, group_size=group, policy=policy, h2o_score=h2o_score)
     options.update(page_size=4, pages=3) if policy == "quest" \
         else options.update(budget=min(budget, cache_len - 1), window=min(3, budget - 1), sink=min(sink, budget - 1))
     fmt = kvfx.KVConfig(**options).format
-    fast = random_store(fmt, b, hkv, cache_len, d, empty, gen, ordered=ordered)
+    fast = random_store(fmt, b, hkv, cache_len, d, empty, gen, ordered=ordered,
+                        held_back=held_back and policy != "quest")
     slow = copy.deepcopy(fast)
     for t in range(cache_len - steps, cache_len):
         q = torch.randn(b, hkv * g, 1, d, generator=gen)
