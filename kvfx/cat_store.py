@@ -8,9 +8,12 @@ Memory is sequence-major ([S, B, H, D] underneath, seen as [B, H, S, D]): the vi
 slots then has the same strides whatever the capacity, so one compiled graph serves every length,
 and growing is a copy into a larger allocation, amortized by growing 25% (in steps of 64 slots).
 int8 only (a `KVStore` of per-token codes and (scale, zero)): the KIVI stores are laid out by
-absolute position with a fixed capacity.
+absolute position with a fixed capacity. A sliding window (the caller keeps the last W - 1 tokens)
+drops the older tokens before each call, so its memory follows the window, not the sequence.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -39,6 +42,8 @@ class CatStore:
         self.fmt, self.dtype, self.device = fmt, dtype, device
         self.batch, self.heads, self.head_dim = batch, heads, head_dim
         self.length = 0
+        self.start = 0  # a sliding window's caller holds only slots [start, length) (`keep_last`) ...
+        self.holder = None  # ... in the placeholder this (weak) reference gives
         self.full = seq_major_store(fmt, (batch, heads, capacity, head_dim), dtype, device)
 
     @property
@@ -59,6 +64,22 @@ class CatStore:
                                     self.device)
         for new, kept in zip(self.full.tensors(), old.tensors()):
             new[:, :, :self.length] = kept[:, :, :self.length]
+
+    def keep_last(self, keep: int, holder: torch.Tensor) -> None:
+        """The caller keeps only the last `keep` tokens (HF's sliding window keeps W - 1), in the key
+        placeholder `holder`."""
+        self.start = max(0, self.length - keep)
+        self.holder = weakref.ref(holder)
+
+    def drop_front(self) -> None:
+        """Move the tokens the caller holds to the front, so that a graph that grows them reads slots
+        [0, n) as any concatenated cache does: a copy of the window, as HF's own concatenation makes."""
+        if not self.start:
+            return
+        n = self.length - self.start
+        for t in self.full.tensors():
+            t[:, :, :n] = t[:, :, self.start:self.length].clone()
+        self.length, self.start = n, 0
 
     def fork(self, length: int) -> "CatStore":
         """A new store holding this one's first `length` tokens (a past the model went back to)."""
@@ -83,4 +104,5 @@ class CatStore:
         return self.full.nbytes()
 
     def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return KVStore(*(t[:, :, :self.length] for t in self.full.tensors())).dequantize(dtype)
+        """The tokens the caller holds, [B, H, length - start, D]."""
+        return KVStore(*(t[:, :, self.start:self.length] for t in self.full.tensors())).dequantize(dtype)

@@ -21,7 +21,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from kvfx.cat_store import CatStore
 from kvfx.errors import KVFXError
 from kvfx.kernels.formats import KVStore
-from kvfx.kernels.kivi import dequantize_reference
+from kvfx.kernels.kivi import KiviStore, dequantize_reference
 from kvfx.passes.cat_cache import CatSlot
 from kvfx.passes.rewrite import GraphPlan, StoreSlot
 from kvfx.reporting import Session
@@ -128,7 +128,7 @@ def _register(key: torch.Tensor, value: torch.Tensor, store: Any) -> None:
 
 def make_runner(compiled: Callable, plan: GraphPlan, session: Session, fmt) -> Callable:
     """Wrap an inductor-compiled graph so that each call gets its sites' stores as extra inputs."""
-    raw_reads = plan.raw_read_inputs
+    raw_reads, full_window = plan.raw_read_inputs, set(plan.full_window_inputs)
     inputs = [s for s in plan.slots if s.key_input is not None]
     returned = [s for s in plan.slots if s.store_output is not None]
     cat_slots = plan.cat_slots
@@ -138,7 +138,7 @@ def make_runner(compiled: Callable, plan: GraphPlan, session: Session, fmt) -> C
     def run(*args: Any) -> Any:
         for i in raw_reads:
             if isinstance(args[i], FreedKVBuffer):
-                _read_back(args[i], i, i in store_inputs, session)
+                _read_back(args[i], i, i in store_inputs, i in full_window, session)
         stores = []
         for slot in inputs:
             key, value = args[slot.key_input], args[slot.value_input]
@@ -161,16 +161,19 @@ def make_runner(compiled: Callable, plan: GraphPlan, session: Session, fmt) -> C
     return run
 
 
-def _read_back(buffer: torch.Tensor, index: int, also_rewritten: bool, session: Session) -> None:
+def _read_back(buffer: torch.Tensor, index: int, also_rewritten: bool, full: bool, session: Session) -> None:
     """A graph reads a buffer kvfx froze outside any rewritten site (HF's full static sliding-window
-    layer rolls its buffer: roll + copy_, a write kvfx does not model): the buffer gets its fp memory
-    back, filled with its store's tokens, and the cache goes on unquantized (the report names the site)."""
+    layer rolls its buffer, which only int8 stores follow; or overwrites it whole with copy_): the buffer
+    gets its fp memory back, filled with its store's tokens, and the cache goes on unquantized (the report
+    names the site). A KIVI store keeps no length: it is read back only where the graph rolls the buffer,
+    which HF does only once every slot is written (`full`)."""
     store = store_of(buffer)
-    if also_rewritten or not isinstance(store, KVStore) or not buffer.is_contiguous():
+    readable = isinstance(store, KVStore) or (isinstance(store, KiviStore) and full)
+    if also_rewritten or not readable or not buffer.is_contiguous():
         raise KVFXError(
             f"graph input {index} is a KV-cache buffer that kvfx freed, and this graph reads it "
             f"outside a rewritten attention site; see kvfx.report(...) for the site's reason")
-    content = dequantized(buffer)
+    content = dequantized(buffer, None if isinstance(store, KVStore) else buffer.shape[2])
     with torch._C.DisableTorchFunctionSubclass():
         buffer.__class__ = torch.Tensor
         buffer.untyped_storage().resize_(buffer.numel() * buffer.element_size())
@@ -207,6 +210,12 @@ def _past_store(key: torch.Tensor, value: torch.Tensor, fmt, slot: CatSlot) -> C
         store = found[0]
         if found_value is None or found_value[0] is not store:
             raise KVFXError("the key and value caches passed in were not grown together by kvfx")
+        if store.start:  # a sliding window: only the newest placeholder's tokens are still held
+            if key.shape[2] != store.length - store.start or store.holder() is not key:
+                raise KVFXError("this sliding-window cache is older than the newest one grown from it, whose "
+                                "window kvfx keeps instead; continue from the newest cache")
+            store.drop_front()
+            return store
         # A past shorter than the store: the caller went back to an earlier cache (e.g. kept an old
         # `past`); the tokens after it belong to the newer cache, so it continues in a copy.
         return store if store.length == key.shape[2] else store.fork(key.shape[2])
@@ -223,6 +232,8 @@ def _hand_back_grown(outputs: list, slot: CatSlot, store: CatStore, length: int,
     freed placeholders the caller keeps as its cache, registered to the store."""
     store.length = length
     key, value = outputs[slot.key_output], outputs[slot.value_output]
+    if slot.keep is not None:
+        store.keep_last(slot.keep, key)
     for tensor in (key, value):
         free(tensor)
     _register(key, value, store)

@@ -11,6 +11,8 @@ kv="int8": the graph stops building kv. It gets four more inputs, the views of t
 writes `new` at slots [S - T, S) with kvfx::store_write, attends over the store with kvfx::attend,
 and returns, where kv was, a one-element stride-0 tensor of kv's shape, which the runtime turns
 into a freed placeholder registered to the store (what the caller passes back as the next past).
+A sliding window (HF's DynamicSlidingWindowLayer) returns `kv[:, :, -keep:]` instead: the placeholder
+has that shape, and the store drops its older tokens before the next call (`CatStore.keep_last`).
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from kvfx.passes.fx_utils import (append_inputs, call_arguments, describe, example_tensor, is_cat, is_metadata_read, output_values,
-                                  shape_of, size_recipe)
+from kvfx.passes.fx_utils import (append_inputs, call_arguments, describe, example_tensor, full_slices, is_cat,
+                                  is_function, is_metadata_read, output_values, shape_of, size_recipe)
 
 
 @dataclass
@@ -32,7 +34,14 @@ class CatCache:
     node: fx.Node             # the grown cache: torch.cat((past, new), dim=-2), or `new` itself
     past: fx.Node | None      # the cache passed in; None when this graph starts it (prefill)
     new: fx.Node              # this call's K (or V) [B, H, T, D]
-    returned: bool            # the graph returns `node` (the caller keeps it whole)
+    returned: bool            # the graph returns `node` (the caller keeps it whole) ...
+    crop: fx.Node | None = None  # ... or its last `keep` tokens, node[:, :, -keep:] (HF's sliding window)
+    keep: int | None = None
+
+    @property
+    def kept(self) -> fx.Node | None:
+        """What the caller keeps of the grown cache (the graph output), if the graph returns it."""
+        return self.node if self.returned else self.crop
 
 
 def match_cat(node: fx.Node, outputs: list) -> CatCache | str | None:
@@ -52,10 +61,24 @@ def match_cat(node: fx.Node, outputs: list) -> CatCache | str | None:
         shape = shape_of(new)
         if shape is None or len(shape) != 4:
             return "the new keys/values concatenated to the cache are not a 4-D tensor [B, H, T, D]"
-        return CatCache(node, past, new, node in outputs)
+        return CatCache(node, past, new, node in outputs, *_crop(node, outputs))
     if node in outputs:
         return CatCache(node, None, node, True)
     return None
+
+
+def _crop(node: fx.Node, outputs: list) -> tuple[fx.Node | None, int | None]:
+    """The returned `node[:, :, -keep:]` (HF's DynamicSlidingWindowLayer keeps the last W - 1 tokens) and
+    `keep`, or (None, None)."""
+    for user in node.users:
+        if user in outputs and is_function(user, operator.getitem) and user.args[0] is node:
+            index = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+            seq = index[2] if len(index) >= 3 else None
+            if (len(index) in (3, 4) and full_slices(index[:2], 2) and index[3:] in ((), (slice(None),))
+                    and isinstance(seq, slice) and isinstance(seq.start, int) and seq.start < 0
+                    and seq.stop is None and seq.step in (None, 1)):
+                return user, -seq.start
+    return None, None
 
 
 def _empty(node: fx.Node) -> bool:
@@ -78,6 +101,7 @@ class CatSlot:
     value_output: int
     examples: tuple = ()                # fake example values of the store-view inputs (dynamo's symbols)
     store_tensors: int = 4
+    keep: int | None = None             # the caller keeps the last `keep` tokens (a sliding window), else all
 
 
 def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> str:
@@ -91,14 +115,16 @@ def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> st
         return (f"kv={fmt.name!r} cannot yet hold a cache that grows by concatenation (DynamicCache); use "
                 f"kv='int8' for it, or a static cache (cache_implementation='static')")
     outputs = output_values(output.graph)
+    if site.key.cat.keep != site.value.cat.keep:
+        return "the key and value caches keep different numbers of their last tokens"
     for name, read in (("key", site.key), ("value", site.value)):
         cat = read.cat
         if read.kv_len != -1:
             return f"the concatenated {name} cache is sliced before attention"
-        if not cat.returned or outputs.count(cat.node) != 1:
-            return (f"the concatenated {name} cache is not returned whole (a sliding-window cache keeps only its "
-                    f"last tokens); kvfx quantizes caches that keep the whole concatenation")
-        allowed = {output, site.node, *site.interior, *read.chain[-1:]}
+        if cat.kept is None or outputs.count(cat.kept) != 1:
+            return (f"the concatenated {name} cache is not returned, whole or as its last tokens (a sliding "
+                    f"window); kvfx quantizes a concatenation only when the caller keeps it")
+        allowed = {output, site.node, *site.interior, *read.chain[-1:], *([cat.crop] if cat.crop else [])}
         others = [u for u in cat.node.users if u not in allowed and not is_metadata_read(u)]
         if cat.past is not None:
             others += [u for u in cat.past.users if u is not cat.node and not is_metadata_read(u)]
@@ -137,10 +163,14 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
         for codes, qparams, cat in ((k_codes, k_qparams, key), (v_codes, v_qparams, value)):
             graph.call_function(torch.ops.kvfx.store_write.default, (codes, qparams, pos, cat.new))
     outputs = output_values(graph)
-    indices = [outputs.index(cat.node) for cat in (key, value)]
+    indices = [outputs.index(cat.kept) for cat in (key, value)]
     with graph.inserting_before(output):
         sizes = [_size(graph, key.new, d, s) for d, s in enumerate(example.shape) if d != 2]
-        sizes.insert(2, _size(graph, k_codes, 2, example.shape[2]))
+        length = _size(graph, k_codes, 2, example.shape[2])
+        if key.keep is not None:  # what the caller keeps: the last `keep` tokens
+            length = min(length, key.keep) if isinstance(length, int) else \
+                graph.call_function(torch.sym_min, (length, key.keep))
+        sizes.insert(2, length)
         for i, cat in zip(indices, (key, value)):
             # One element, stride 0: the runtime frees it and hands it to the caller as the grown cache.
             outputs[i] = graph.call_function(torch.empty_strided, (tuple(sizes), (0, 0, 0, 0)),
@@ -148,13 +178,15 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
     output.args = (tuple(outputs),)
     index = {p: i for i, p in enumerate(placeholders)}
     slot = CatSlot(site.layer, example.dtype, example.device, [size_recipe(s, placeholders) for s in example.shape],
-                   index.get(key.past), index.get(value.past), *indices, tuple(examples))
+                   index.get(key.past), index.get(value.past), *indices, tuple(examples), keep=key.keep)
     return slot, store
 
 
 def drop_cats(graph: fx.Graph, site) -> None:
     """Erase the concatenations the rewrite left without users."""
     for cat in (site.key.cat, site.value.cat):
+        if cat.crop is not None and not cat.crop.users:
+            graph.erase_node(cat.crop)
         if cat.node is not cat.new and not cat.node.users:
             graph.erase_node(cat.node)
 

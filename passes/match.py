@@ -62,11 +62,12 @@ class KVRead:
 class CacheWrite:
     """An in-place write of `source` [B, Hkv, T, D] into a cache buffer along dim 2."""
 
-    node: fx.Node           # index_copy_ or setitem (index_put_ / slice write)
+    node: fx.Node           # index_copy_ or setitem (index_put_ / slice write); a roll's copy_
     source: fx.Node
-    kind: str               # "index_copy_", "index_put_" or "slice write"
+    kind: str               # "index_copy_", "index_put_", "slice write" or "roll"
     pos: fx.Node | None     # positions [T]; None for a slice write until `prepare_site` makes them
-    bounds: tuple | None = None  # (start, stop) of a slice write: ints or nodes
+    bounds: tuple | None = None  # (start, stop) of a slice write (a roll: the last slot): ints or nodes
+    also: tuple = ()        # a roll's other nodes (its setitem, then the roll), erased with `node`
 
 
 @dataclass
@@ -228,6 +229,10 @@ def match_cache_write(buffer: fx.Node, before: fx.Node, order: dict[fx.Node, int
     """The single in-place write into `buffer` that precedes the attention read."""
     writes = [u for u in buffer.users if order[u] < order[before]
               and (is_method(u, "index_copy_") or (is_function(u, operator.setitem) and u.args[0] is buffer))]
+    if not writes:
+        rolled = _roll_write(buffer, before, order)
+        if rolled is not None:
+            return rolled
     if len(writes) != 1:
         return f"expected one cache write (index_copy_, index_put_ or slice write) before attention, found {len(writes)}"
     node = writes[0]
@@ -260,6 +265,41 @@ def _setitem_write(node: fx.Node) -> CacheWrite | str:
         if all(isinstance(b, fx.Node) or (isinstance(b, int) and b >= 0) for b in (start, seq.stop)):
             return CacheWrite(node, source, "slice write", None, (start, seq.stop))
     return f"cache write slice {seq} is not start:stop with non-negative bounds"
+
+
+def _roll_write(buffer: fx.Node, before: fx.Node, order: dict[fx.Node, int]) -> CacheWrite | None:
+    """HF's full static sliding-window layer taking one token:
+
+        rolled = buffer.roll(-1, dims=-2); rolled[:, :, torch.tensor([-1])] = source; buffer.copy_(rolled)
+
+    every token moves one slot towards the front (the oldest leaves) and `source` takes the last slot."""
+    copies = [u for u in buffer.users if order[u] < order[before] and is_method(u, "copy_") and u.args[0] is buffer]
+    if len(copies) != 1 or copies[0].users or len(copies[0].args) != 2:
+        return None
+    copy, rolled = copies[0], copies[0].args[1]
+    if not is_method(rolled, "roll") or rolled.args[0] is not buffer:
+        return None
+    args = call_arguments(rolled, ("self", "shifts", "dims"))
+    if args.get("shifts") not in (-1, (-1,), [-1]) or args.get("dims") not in (2, -2, (2,), (-2,), [2], [-2]):
+        return None
+    sets = [u for u in rolled.users if u is not copy]
+    if len(sets) != 1 or not is_function(sets[0], operator.setitem) or sets[0].args[0] is not rolled or sets[0].users:
+        return None
+    _, index, source = sets[0].args
+    index = index if isinstance(index, tuple) else (index,)
+    length, shape = shape_of(buffer), shape_of(source)
+    if (len(index) != 3 or not full_slices(index, 2) or not _is_last_slot(index[2]) or shape is None
+            or len(shape) != 4 or shape[2] != 1 or length is None or not isinstance(length[2], int)):
+        return None
+    return CacheWrite(copy, source, "roll", None, (length[2] - 1, length[2]), (sets[0], rolled))
+
+
+def _is_last_slot(index: Any) -> bool:
+    """`torch.tensor([-1])` (how HF indexes it) or `-1:`."""
+    if isinstance(index, slice):
+        return index.start == -1 and index.stop is None and index.step in (None, 1)
+    return (isinstance(index, fx.Node) and is_function(index, torch.tensor) and len(index.args) == 1
+            and list(index.args[0]) == [-1])
 
 
 def same_positions(a: CacheWrite, b: CacheWrite) -> bool:

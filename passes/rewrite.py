@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from kvfx.config import KVConfig, KVConfigError
-from kvfx.kernels.formats import KiviFormat
+from kvfx.kernels.formats import Int8Format, KiviFormat
 from kvfx.kernels.token_store import TokenFormat
 from kvfx.passes.fx_utils import (append_inputs, describe, example_tensor, graph_position, is_metadata_read, is_method,
                                   is_sdpa)
@@ -47,6 +47,7 @@ class GraphPlan:
     sites: list[SiteReport] = field(default_factory=list)
     slots: list[StoreSlot] = field(default_factory=list)
     raw_read_inputs: list[int] = field(default_factory=list)  # inputs the graph still reads as fp tensors
+    full_window_inputs: list[int] = field(default_factory=list)  # of those, buffers HF rolls: full (every slot written)
     fp_cache_inputs: list[tuple[int, int]] = field(default_factory=list)   # kv="none": (key, value) input
     fp_cache_outputs: list[tuple[int, int]] = field(default_factory=list)  # indices of the model's buffers
     outputs: int = 0                  # how many outputs dynamo expects (store outputs come after)
@@ -79,6 +80,9 @@ def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> Gra
                                              else _quantizable(site, output, config.format))
         if reason:
             plan.sites.append(SiteReport(graph_index, layer, site.pattern, False, reason, "unchanged"))
+            plan.full_window_inputs += [placeholders.index(read.buffer) for read, write in
+                                        ((site.key, site.key_write), (site.value, site.value_write))
+                                        if write is not None and write.kind == "roll" and read.buffer in placeholders]
             continue
         plan.sites.append(SiteReport(graph_index, layer, site.pattern, True, "", config.format.name))
         if cat:
@@ -130,12 +134,22 @@ def _quantizable(site: Site, output: fx.Node, fmt) -> str:
             and isinstance(fmt, (KiviFormat, TokenFormat)):
         return f"keys and values are written at different positions; a {fmt.name} store writes both together"
     for name, read, write in (("key", site.key, site.key_write), ("value", site.value, site.value_write)):
+        if write is not None and write.kind == "roll" and not isinstance(fmt, Int8Format):
+            if isinstance(fmt, TokenFormat):
+                why, then = "a policy keeps tokens in slots", "a policy's store cannot go on in fp: kvfx raises"
+            else:
+                why = "a KIVI store keeps tokens at their positions, in groups of group_size and a residual ring"
+                then = "left in fp (a cache quantized by an earlier graph is read back)"
+            return (f"the {name} cache is rolled (HF's full static sliding-window layer: every token moves one "
+                    f"slot); kvfx rolls kv='int8' stores, whose per-token codes move with their tokens, not "
+                    f"{fmt.name} ({why}): {then}")
         if write is None and any(is_method(u, "copy_") and u.args[0] is read.buffer for u in read.buffer.users):
-            return (f"the {name} cache is overwritten whole (copy_; HF's full static sliding-window layer rolls it), "
-                    f"a write kvfx does not model: left in fp (a cache quantized by an earlier graph is read back)")
+            return (f"the {name} cache is overwritten whole (copy_; HF's static sliding-window layer taking several "
+                    f"tokens past its window), a write kvfx does not model: left in fp (an int8 cache quantized by an "
+                    f"earlier graph is read back)")
         if write is None:
             return f"no write into the {name} cache in this graph that kvfx models; kvfx must see every write to quantize it"
-        allowed = {write.node, output, site.node, *site.interior, *read.chain[-1:]}
+        allowed = {write.node, *write.also, output, site.node, *site.interior, *read.chain[-1:]}
         others = [u for u in read.buffer.users if u not in allowed]
         if others:
             return f"the {name} cache is also read by {describe(others[0])} outside attention"
@@ -202,8 +216,12 @@ def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node],
     k_codes, k_qparams, v_codes, v_qparams = store
     for write, codes, qparams in ((site.key_write, k_codes, k_qparams), (site.value_write, v_codes, v_qparams)):
         with graph.inserting_before(write.node):
+            if write.kind == "roll":  # HF's roll, on the codes and (scale, zero) of each token
+                for tensor in (codes, qparams):
+                    graph.call_method("copy_", (tensor, graph.call_method("roll", (tensor, -1, 2))))
             graph.call_function(torch.ops.kvfx.store_write.default, (codes, qparams, write.pos, write.source))
-        graph.erase_node(write.node)
+        for node in (write.node, *write.also):
+            graph.erase_node(node)
     _rewrite_attention(graph, site, k_codes, v_codes, k_qparams, v_qparams)
     return slot
 

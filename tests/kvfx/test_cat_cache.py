@@ -66,6 +66,30 @@ def test_two_continuations_of_one_past_do_not_mix():
             torch.testing.assert_close(ours, want, atol=0.05, rtol=0.05)
 
 
+def test_an_older_sliding_window_cache_cannot_be_continued():
+    """A sliding window's store keeps only the newest window: a caller that goes back to an older one
+    gets a clear error before anything runs (its oldest tokens are gone), and the newest one goes on."""
+    from kvfx.errors import KVFXError
+
+    model = tiny_model("mistral", sliding_window=8)
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, backend="kvfx", options={"kv": "int8"})
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        compiled(prompt(10), past_key_values=cache)  # 10 tokens: the store keeps the last 7
+        older = [(layer.keys, layer.values) for layer in cache.layers]
+        compiled(prompt(1, seed=1), past_key_values=cache)
+        newest = [(layer.keys, layer.values) for layer in cache.layers]
+        for layer, (keys, values) in zip(cache.layers, older):
+            layer.keys, layer.values = keys, values
+        with pytest.raises(KVFXError, match="older than the newest"):
+            compiled(prompt(1, seed=2), past_key_values=cache)
+        for layer, (keys, values) in zip(cache.layers, newest):
+            layer.keys, layer.values = keys, values
+        compiled(prompt(1, seed=2), past_key_values=cache)
+    assert cache.layers[0].keys.shape[2] == 7
+
+
 # Graphs compiled for three generations: prompt lengths 7, 7 (the same shapes: nothing new) and 11.
 # HF static: prefill + decode, then a new prompt and cache length make both dynamic (+2).
 # Growing caches (HF dynamic, nanoGPT): prefill, the first decode, then a decode with the past length

@@ -108,7 +108,7 @@ QUANTIZED = {
     ("gpt2", "static"): {},
     ("phi3", "dynamic"): {},
     # Gemma-2's layer 0 slides: its DynamicCache keeps only the last tokens of the concatenation.
-    ("gemma2", "dynamic"): {0: "not returned whole"},
+    ("gemma2", "dynamic"): {},
     ("gptfast:index_put:enable_gqa", "own"): {},
     ("nanogpt-alibi", "own"): {},
     ("qwen3_5", "dynamic"): {},
@@ -122,12 +122,75 @@ def test_int8_stays_within_tolerance(case):
     assert_rewritten(report, ATTENTION_LAYERS.get(case[0], 2), unchanged=QUANTIZED[case])
 
 
-def test_int8_static_sliding_window_reads_back_once_the_window_rolls():
-    """Gemma-2 (softcapped) with a static cache: its sliding layer's buffer is quantized until the
-    window is full; then HF rolls it (roll + copy_, a write kvfx does not model), that graph leaves
-    the site unchanged with the reason, and the runtime reads the buffer back in fp for it."""
+def test_int8_dynamic_sliding_window_holds_only_its_window():
+    """HF's DynamicSlidingWindowLayer returns cat(past, new)[:, :, -(W - 1):]: kvfx's store drops the older
+    tokens before each call, so after 7 + 40 tokens through an 8-token window it holds the 7 newest, the
+    same tokens (to int8's rounding) as eager's cache, in a store the size of the window, not the sequence."""
+    from kvfx.runtime import dequantized, store_of
+
+    model = tiny_model("mistral", attn_implementation="sdpa", **SLIDING)
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, backend="kvfx", options={"kv": "int8"})
+    runs = [m.generate(PROMPT, max_new_tokens=40, min_new_tokens=40, do_sample=False, output_logits=True,
+                       return_dict_in_generate=True) for m in (model, compiled)]
+    eager, ours = runs
+    assert_int8_agrees(eager.sequences, torch.stack(eager.logits, 1), ours.sequences, torch.stack(ours.logits, 1),
+                       PROMPT.shape[1])
+    assert_rewritten(kvfx.report(compiled))
+    for theirs, mine in zip(eager.past_key_values.layers, ours.past_key_values.layers):
+        for fp, held in ((theirs.keys, mine.keys), (theirs.values, mine.values)):
+            assert held.shape == fp.shape and fp.shape[2] == SLIDING["sliding_window"] - 1
+            torch.testing.assert_close(dequantized(held), fp, atol=fp.abs().amax().item() / 100, rtol=0)
+        assert store_of(mine.keys).capacity <= 64  # the first allocation step: the window never outgrew it
+
+
+def test_int8_static_sliding_window_rolls_its_store():
+    """Gemma-2 (softcapped) with a static cache: once its sliding layer's window is full, HF rolls the
+    buffer (roll, the new token into the last slot, copy_ back); int8's per-token codes roll with their
+    tokens, so that graph is rewritten too and the layer stays int8 to the end."""
     (eager, eager_logits), (ours, logits), report = run(("gemma2-softcap", "static"), "int8")
     assert_int8_agrees(eager, eager_logits, ours, logits, PROMPT.shape[1])
-    unchanged = [s for s in report.sites if not s.rewritten]
-    assert unchanged and all(s.layer == 0 and "overwritten whole" in s.reason for s in unchanged)
-    assert any(s.layer == 0 and s.rewritten and "softcap" in s.pattern for s in report.sites)
+    assert_rewritten(report)
+    assert any(s.layer == 0 and s.rewritten and "roll" in s.pattern and "softcap" in s.pattern for s in report.sites)
+
+
+def test_int8_static_sliding_window_through_a_chunk_that_crosses_it():
+    """A prompt in chunks of 3 into an 8-token window: the third chunk crosses it (HF concatenates a slice
+    of the buffer with the chunk and overwrites the buffer whole with copy_, which kvfx leaves unchanged
+    and reads back in fp), the
+    next call rolls the fp buffer (kvfx adopts it into a new int8 store) and decoding rolls the store.
+    Teacher-forced logits stay within int8's tolerance of eager's at every step."""
+    from transformers import StaticCache
+
+    from kvfx.decode import decode_steps
+
+    model = tiny_model("mistral", attn_implementation="sdpa", **SLIDING)
+    prompt = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(5))
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, backend="kvfx", options={"kv": "int8"})
+    eager, _ = decode_steps(model, prompt, 12, prefill_chunk=3,
+                            cache=StaticCache(config=model.config, max_cache_len=22))
+    forced = eager[:-1, 0].argmax(-1)
+    runs = [decode_steps(m, prompt, 12, forced, StaticCache(config=model.config, max_cache_len=22), 3)[0]
+            for m in (model, compiled)]
+    for a, b in zip(*runs):
+        assert (a - b).abs().max() <= 0.02 * (a.max() - a.min())
+    sites = kvfx.report(compiled).sites
+    assert any(not s.rewritten and "concatenation" in s.reason for s in sites)  # the crossing chunk's graph
+    assert any(s.rewritten and "roll" in s.pattern for s in sites)
+
+
+def test_kivi_static_sliding_window_reads_back_once_the_window_rolls():
+    """kv="int4" cannot roll a KIVI store (keys are quantized per channel over groups of tokens): the
+    rolling graph leaves the sliding layers unchanged with that reason, and the runtime gives their
+    buffers back their tokens in fp (every slot is written by then, which a KIVI store, keeping no
+    length, needs to be read). Until session 23 this raised a KVFXError mid-generation. Within the
+    8-token window every token is in the full-precision residual, so the tokens equal eager's."""
+    model = tiny_model("mistral", attn_implementation="sdpa", **SLIDING)
+    eager, _ = hf_greedy(model, PROMPT, NEW_TOKENS, "static")
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, backend="kvfx", options={"kv": "int4", "group_size": 16})
+    ours, _ = hf_greedy(compiled, PROMPT, NEW_TOKENS, "static")
+    assert torch.equal(ours, eager)
+    unchanged = [s for s in kvfx.report(compiled).sites if not s.rewritten]
+    assert unchanged and all("rolled" in s.reason and "roll" in s.pattern for s in unchanged)

@@ -171,16 +171,41 @@ def test_grown_cache_comes_back_as_a_placeholder_and_keeps_growing():
     assert keys.shape[2] == 11 and kvfx.runtime.held_bytes([keys, values]) < 0.6 * 2 * keys.numel() * 4 * 64 / 11
 
 
-@pytest.mark.parametrize("kv, reason", [("int8", "not returned whole"), ("int4", "cannot yet hold a cache that grows")])
+def dropped_first_cat_step(q, past_k, past_v, k, v):
+    """Keeps all but the first token of the concatenation: not a window of its last tokens."""
+    keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+    return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True), keys[:, :, 1:], values[:, :, 1:]
+
+
+@pytest.mark.parametrize("kv, reason", [("int8", "not returned, whole or as its last tokens"),
+                                        ("int4", "cannot yet hold a cache that grows")])
 def test_concatenated_cache_kvfx_cannot_hold_is_left_unchanged(kv, reason):
-    step = sliding_cat_step if kv == "int8" else cat_step
+    step = dropped_first_cat_step if kv == "int8" else cat_step
     assert reason in unchanged_reason(step, cat_inputs(), kv=kv, group_size=16, residual=16)
 
 
-def test_sliding_window_concatenation_is_rewritten_losslessly_for_kv_none():
-    plan, _ = rewritten(sliding_cat_step, cat_inputs(), "none")
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_sliding_window_concatenation_is_rewritten(kv):
+    plan, _ = rewritten(sliding_cat_step, cat_inputs(), kv)
     assert plan.sites[0].rewritten
-    compiled_matches_eager(sliding_cat_step, cat_inputs(), "none")
+    compiled_matches_eager(sliding_cat_step, cat_inputs(), kv, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
+
+
+def test_sliding_window_store_keeps_the_window_call_after_call():
+    """int8: the caller keeps 3-token placeholders; each call attends over them and its new token, as the
+    fp window does, and the store's tokens are the window's."""
+    compiled = torch.compile(sliding_cat_step, backend="kvfx", options={"kv": "int8"})
+    q, past_k, past_v, k, v = cat_inputs(t=2)
+    _, keys, values = compiled(q, past_k, past_v, k, v)  # 5 + 2 tokens: the store keeps the last 3
+    window = torch.cat([past_k, k], -2)[:, :, -3:], torch.cat([past_v, v], -2)[:, :, -3:]
+    for step in range(4):
+        q, _, _, k, v = cat_inputs(t=1, past=0)
+        grown = tuple(torch.cat([w, x], -2) for w, x in zip(window, (k, v)))
+        out, keys, values = compiled(q, keys, values, k, v)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, *grown, enable_gqa=True), atol=0.05, rtol=0.05)
+        window = tuple(g[:, :, -3:] for g in grown)
+        assert keys.shape == window[0].shape
+        torch.testing.assert_close(kvfx.runtime.dequantized(keys), window[0], atol=0.05, rtol=0.05)
 
 
 # ---- hand-written attention: masked_fill, where, ALiBi bias + mask ---------------------------------
