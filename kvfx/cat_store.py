@@ -13,8 +13,6 @@ drops the older tokens before each call, so its memory follows the window, not t
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from kvfx.kernels.formats import Int8Format, KVStore
@@ -42,8 +40,7 @@ class CatStore:
         self.fmt, self.dtype, self.device = fmt, dtype, device
         self.batch, self.heads, self.head_dim = batch, heads, head_dim
         self.length = 0
-        self.start = 0  # a sliding window's caller holds only slots [start, length) (`keep_last`) ...
-        self.holder = None  # ... in the placeholder this (weak) reference gives
+        self.start = 0  # a sliding window's caller holds only slots [start, length) (`keep_last`)
         self.full = seq_major_store(fmt, (batch, heads, capacity, head_dim), dtype, device)
 
     @property
@@ -65,11 +62,9 @@ class CatStore:
         for new, kept in zip(self.full.tensors(), old.tensors()):
             new[:, :, :self.length] = kept[:, :, :self.length]
 
-    def keep_last(self, keep: int, holder: torch.Tensor) -> None:
-        """The caller keeps only the last `keep` tokens (HF's sliding window keeps W - 1), in the key
-        placeholder `holder`."""
+    def keep_last(self, keep: int) -> None:
+        """The caller keeps only the last `keep` tokens (HF's sliding window keeps W - 1)."""
         self.start = max(0, self.length - keep)
-        self.holder = weakref.ref(holder)
 
     def drop_front(self) -> None:
         """Move the tokens the caller holds to the front, so that a graph that grows them reads slots

@@ -13,6 +13,7 @@ the buffer does (weak keys).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -22,7 +23,7 @@ from kvfx.cat_store import CatStore
 from kvfx.errors import KVFXError
 from kvfx.kernels.formats import KVStore
 from kvfx.kernels.kivi import KiviStore, dequantize_reference
-from kvfx.passes.cat_cache import CatSlot
+from kvfx.passes.cat_cache import UNBOUNDED, CatSlot
 from kvfx.passes.rewrite import GraphPlan, StoreSlot
 from kvfx.reporting import Session
 
@@ -36,6 +37,9 @@ _METADATA = {
 
 # fp buffer (key or value) -> the store that holds its data. Shared by every compiled graph.
 _STORES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# A store that keeps only what the newest cache grown from it holds (a policy's, a sliding window's) ->
+# a weak reference to that cache's key placeholder.
+_NEWEST: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 class FreedKVBuffer(torch.Tensor):
@@ -144,9 +148,9 @@ def make_runner(compiled: Callable, plan: GraphPlan, session: Session, fmt) -> C
             key, value = args[slot.key_input], args[slot.value_input]
             stores.append(store_for_inputs(key, value, fmt, slot.layer, plan.layers))
             session.caches[key] = (value, stores[-1])
-        grown = [_cat_store_view(slot, args, fmt) for slot in cat_slots]
+        grown = [_cat_store_view(slot, args, fmt, plan.layers) for slot in cat_slots]
         outputs = compiled(*args, *(t for s in stores for t in s.tensors()),
-                           *(t for _, _, view in grown for t in view.tensors()))
+                           *(t for _, _, view in grown for t in view))
         if returned or grown:
             outputs = list(outputs)
             for slot in returned:
@@ -192,48 +196,61 @@ def _hand_back(outputs: list, slot: StoreSlot, store: Any, session: Session) -> 
     outputs[slot.key_output], outputs[slot.value_output] = key, value
 
 
-def _cat_store_view(slot: CatSlot, args: tuple, fmt) -> tuple[CatStore, int, KVStore]:
-    """The store a concatenated cache grows in this call, its length after the call, and the view of
-    its first `length` slots that the graph reads and writes."""
+def _cat_store_view(slot: CatSlot, args: tuple, fmt, layers: int) -> tuple[Any, int, tuple[torch.Tensor, ...]]:
+    """The store a concatenated cache grows in this call, its length after the call, and the tensors
+    the graph reads and writes: the view of its first `length` slots (int8), or a policy's whole
+    `TokenStore` and a carrier of the length (uint8 [length], never read)."""
     batch, heads, length, head_dim = (size(args) for size in slot.shape)
     past = [None if i is None else args[i] for i in (slot.key_past_input, slot.value_past_input)]
-    if past[0] is None or past[0].dim() != 4:  # the graph starts the cache (or HF's empty 1-D start)
-        store = CatStore(fmt, batch, heads, head_dim, slot.dtype, slot.device)
+    if past[0] is not None and past[0].dim() == 4:
+        store = _past_store(*past, fmt, slot, layers)
+    elif slot.policy:  # the graph starts the cache (or HF's empty 1-D start)
+        store = fmt.allocate((batch, heads, UNBOUNDED, head_dim), slot.dtype, slot.device, slot.layer, layers)
     else:
-        store = _past_store(*past, fmt, slot)
-    return store, length, store.view(length)
+        store = CatStore(fmt, batch, heads, head_dim, slot.dtype, slot.device)
+    if slot.policy:
+        return store, length, (*store.tensors(), torch.empty(length, dtype=torch.uint8, device=slot.device))
+    return store, length, store.view(length).tensors()
 
 
-def _past_store(key: torch.Tensor, value: torch.Tensor, fmt, slot: CatSlot) -> CatStore:
+def _past_store(key: torch.Tensor, value: torch.Tensor, fmt, slot: CatSlot, layers: int) -> Any:
     found, found_value = _STORES.get(key), _STORES.get(value)
     if found is not None:
         store = found[0]
         if found_value is None or found_value[0] is not store:
             raise KVFXError("the key and value caches passed in were not grown together by kvfx")
-        if store.start:  # a sliding window: only the newest placeholder's tokens are still held
-            if key.shape[2] != store.length - store.start or store.holder() is not key:
-                raise KVFXError("this sliding-window cache is older than the newest one grown from it, whose "
-                                "window kvfx keeps instead; continue from the newest cache")
-            store.drop_front()
+        if slot.policy or store.start:  # the store keeps only what the newest cache grown from it holds
+            newest = _NEWEST.get(store)
+            if newest is None or newest() is not key:
+                raise KVFXError("this cache is older than the newest one grown from it, and kvfx keeps only the "
+                                "newest's tokens (a policy evicts, a sliding window drops its oldest); continue "
+                                "from the newest cache")
+            if not slot.policy:
+                store.drop_front()
             return store
         # A past shorter than the store: the caller went back to an earlier cache (e.g. kept an old
         # `past`); the tokens after it belong to the newer cache, so it continues in a copy.
         return store if store.length == key.shape[2] else store.fork(key.shape[2])
     if isinstance(key, FreedKVBuffer) or isinstance(value, FreedKVBuffer):
         raise KVFXError("a KV-cache tensor freed by kvfx has lost its store; create a new cache")
+    if slot.policy:  # a past built without kvfx: the policy must see its tokens arrive (raises unless empty)
+        return fmt.adopt(key, value, slot.layer, layers)
     b, h, _, d = key.shape
     store = CatStore(fmt, b, h, d, slot.dtype, slot.device)
     store.adopt(key, value)  # a past built without kvfx: its tokens are quantized into the store
     return store
 
 
-def _hand_back_grown(outputs: list, slot: CatSlot, store: CatStore, length: int, session: Session) -> None:
+def _hand_back_grown(outputs: list, slot: CatSlot, store: Any, length: int, session: Session) -> None:
     """The graph returned one-element stride-0 tensors shaped like the grown K/V: they become the
     freed placeholders the caller keeps as its cache, registered to the store."""
-    store.length = length
     key, value = outputs[slot.key_output], outputs[slot.value_output]
-    if slot.keep is not None:
-        store.keep_last(slot.keep, key)
+    if not slot.policy:
+        store.length = length
+        if slot.keep is not None:
+            store.keep_last(slot.keep)
+    if slot.policy or slot.keep is not None:
+        _NEWEST[store] = weakref.ref(key)
     for tensor in (key, value):
         free(tensor)
     _register(key, value, store)

@@ -23,8 +23,13 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from kvfx.kernels.token_store import TokenFormat
 from kvfx.passes.fx_utils import (append_inputs, call_arguments, describe, example_tensor, full_slices, is_cat,
                                   is_function, is_metadata_read, output_values, shape_of, size_recipe)
+
+
+# The cache length a policy's store is sized for on a growing cache: its integer budget bounds the capacity.
+UNBOUNDED = 1 << 62
 
 
 @dataclass
@@ -102,16 +107,29 @@ class CatSlot:
     examples: tuple = ()                # fake example values of the store-view inputs (dynamo's symbols)
     store_tensors: int = 4
     keep: int | None = None             # the caller keeps the last `keep` tokens (a sliding window), else all
+    policy: bool = False                # a policy's TokenStore (fixed capacity) and a length carrier [S]
 
 
 def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> str:
     """Why a concatenated cache cannot move into a `CatStore` ("" if it can)."""
     from kvfx.kernels.formats import Int8Format
+    from kvfx.kernels.policies import EVICTING
 
-    if getattr(fmt, "spec", None) is not None:  # a TokenFormat: a policy
-        return (f"policy {fmt.spec.policy!r} needs a static cache (cache_implementation='static'); a cache that "
-                f"grows by concatenation (DynamicCache) is left unchanged")
-    if not isinstance(fmt, Int8Format):
+    if isinstance(fmt, TokenFormat):
+        spec = fmt.spec
+        if spec.policy not in EVICTING or not isinstance(spec.budget, int):
+            return (f"policy {spec.policy!r} with budget={spec.budget!r} sizes its store by the cache length, "
+                    f"which a cache that grows by concatenation (DynamicCache) does not fix: use an integer "
+                    f"budget (tokens) with streaming, h2o, snapkv or pyramidkv, or a static cache "
+                    f"(cache_implementation='static')")
+        if site.key.cat.crop is not None:
+            return "a policy's store does not follow a sliding window's crop of the concatenated cache"
+        if site.softcap:
+            return f"kv={fmt.name!r} (a policy) has no softcapped attention yet; kv='int8' and kv='none' have"
+        unsupported = fmt.unsupported(shape_of(site.key.cat.new)[-1])
+        if unsupported:
+            return unsupported
+    elif not isinstance(fmt, Int8Format):
         return (f"kv={fmt.name!r} cannot yet hold a cache that grows by concatenation (DynamicCache); use "
                 f"kv='int8' for it, or a static cache (cache_implementation='static')")
     outputs = output_values(output.graph)
@@ -139,34 +157,48 @@ def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> st
     return ""
 
 
-def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx.Node, fmt) -> tuple[CatSlot, list]:
-    """New inputs for the site's store views, its two writes before the attention, and placeholders
-    returned in place of the grown K/V. Returns the slot and the store nodes (k_codes, k_qparams,
-    v_codes, v_qparams); the caller rewrites the attention over them, then calls `drop_cats`."""
+def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx.Node, fmt,
+                  layers: int) -> tuple[CatSlot, list, fx.Node]:
+    """New inputs for the site's store, the positions [T] of this call's tokens, and placeholders
+    returned in place of the grown K/V. int8: the inputs are views of the store's first S slots, and
+    the two writes go before the attention. A policy (integer budget): the inputs are its `TokenStore`,
+    whose capacity the budget fixes, and a carrier of the length S (a uint8 tensor [S], never read);
+    kvfx::policy_attend writes. Returns the slot, the store nodes and the positions; the caller
+    rewrites the attention over them, then calls `drop_cats`."""
     from kvfx.cat_store import seq_major_store
 
     key, value = site.key.cat, site.value.cat
     example = example_tensor(key.node)
+    policy = isinstance(fmt, TokenFormat)
+    b, h, s, d = example.shape
     with example.fake_mode:
-        examples = seq_major_store(fmt, example.shape, example.dtype, example.device).tensors()
-    store = append_inputs(graph, [f"kvfx_cat{site.layer}_{name}" for name in fmt.tensor_names], examples)
-    k_codes, k_qparams, v_codes, v_qparams = store
+        if policy:
+            examples = (*fmt.allocate((b, h, UNBOUNDED, d), example.dtype, example.device, site.layer, layers).tensors(),
+                        torch.empty(s, dtype=torch.uint8, device=example.device))
+        else:
+            examples = seq_major_store(fmt, example.shape, example.dtype, example.device).tensors()
+    names = [*fmt.tensor_names, *(["length"] if policy else [])]
+    inputs = append_inputs(graph, [f"kvfx_cat{site.layer}_{name}" for name in names], examples)
+    store = inputs[:len(fmt.tensor_names)]
+    # The grown cache's length S, read off an input that carries it (the store view's dim 2, or the
+    # carrier's dim 0) and not off `past`: the runtime's placeholder for it is fakeified afresh by
+    # AOTAutograd, with symbols that no guard can name.
+    carrier, dim = (inputs[-1], 0) if policy else (store[0], 2)
     with graph.inserting_before(site.node):
-        # The last T slots of the grown cache. Sizes are read off the store view and `new`, not off
-        # `past`: the runtime's placeholder for it is fakeified afresh by AOTAutograd, with symbols
-        # that no guard can name.
-        length = _size(graph, k_codes, 2, example.shape[2])
+        length = _size(graph, carrier, dim, s)
         new = _size(graph, key.new, 2, shape_of(key.new)[2])
         start = length - new if isinstance(length, int) and isinstance(new, int) else \
             graph.call_function(operator.sub, (length, new))
         pos = graph.call_function(torch.arange, (start, length), {"device": example.device})
-        for codes, qparams, cat in ((k_codes, k_qparams, key), (v_codes, v_qparams, value)):
-            graph.call_function(torch.ops.kvfx.store_write.default, (codes, qparams, pos, cat.new))
+        if not policy:
+            k_codes, k_qparams, v_codes, v_qparams = store
+            for codes, qparams, cat in ((k_codes, k_qparams, key), (v_codes, v_qparams, value)):
+                graph.call_function(torch.ops.kvfx.store_write.default, (codes, qparams, pos, cat.new))
     outputs = output_values(graph)
     indices = [outputs.index(cat.kept) for cat in (key, value)]
     with graph.inserting_before(output):
         sizes = [_size(graph, key.new, d, s) for d, s in enumerate(example.shape) if d != 2]
-        length = _size(graph, k_codes, 2, example.shape[2])
+        length = _size(graph, carrier, dim, s)
         if key.keep is not None:  # what the caller keeps: the last `keep` tokens
             length = min(length, key.keep) if isinstance(length, int) else \
                 graph.call_function(torch.sym_min, (length, key.keep))
@@ -178,8 +210,9 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
     output.args = (tuple(outputs),)
     index = {p: i for i, p in enumerate(placeholders)}
     slot = CatSlot(site.layer, example.dtype, example.device, [size_recipe(s, placeholders) for s in example.shape],
-                   index.get(key.past), index.get(value.past), *indices, tuple(examples), keep=key.keep)
-    return slot, store
+                   index.get(key.past), index.get(value.past), *indices, tuple(examples), len(inputs), key.keep,
+                   policy)
+    return slot, store, pos
 
 
 def drop_cats(graph: fx.Graph, site) -> None:

@@ -91,7 +91,7 @@ def rewrite_graph(gm: fx.GraphModule, config: KVConfig, graph_index: int) -> Gra
         prepare_site(graph, site)
         plan.slots.append(_rewrite_quantized(graph, site, placeholders, output, config, plan.layers))
     for site in cat_sites:
-        plan.cat_slots.append(_rewrite_cat_quantized(graph, site, placeholders, output, config))
+        plan.cat_slots.append(_rewrite_cat_quantized(graph, site, placeholders, output, config, plan.layers))
     graph.lint()
     gm.recompile()
     plan.outputs = len(output.args[0]) - sum(s.store_tensors for s in plan.slots if s.store_output is not None)
@@ -227,12 +227,16 @@ def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node],
 
 
 def _rewrite_cat_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node], output: fx.Node,
-                           config: KVConfig) -> cat_cache.CatSlot:
-    """A concatenated cache (DynamicCache, nanoGPT present) moves into a CatStore (passes/cat_cache.py)."""
+                           config: KVConfig, layers: int) -> cat_cache.CatSlot:
+    """A concatenated cache (DynamicCache, nanoGPT present) moves into a CatStore, or under a policy into
+    a TokenStore of the budget's capacity (passes/cat_cache.py)."""
     prepare_site(graph, site)
-    slot, (k_codes, k_qparams, v_codes, v_qparams) = cat_cache.add_cat_store(graph, site, placeholders, output,
-                                                                              config.format)
-    _rewrite_attention(graph, site, k_codes, v_codes, k_qparams, v_qparams)
+    slot, store, pos = cat_cache.add_cat_store(graph, site, placeholders, output, config.format, layers)
+    if slot.policy:
+        _rewrite_policy(graph, site, store, config.to_json(), layers, pos, site.key.cat.new, site.value.cat.new)
+    else:
+        k_codes, k_qparams, v_codes, v_qparams = store
+        _rewrite_attention(graph, site, k_codes, v_codes, k_qparams, v_qparams)
     cat_cache.drop_cats(graph, site)
     return slot
 
@@ -264,14 +268,18 @@ def _check_pages(config: KVConfig, cache_len) -> None:
                             "fraction of the pages (e.g. 0.125)")
 
 
-def _rewrite_policy(graph: fx.Graph, site: Site, store: list[fx.Node], options: str, layers: int) -> None:
-    """Both cache writes and the SDPA become one kvfx::policy_attend (attend, then keep or evict)."""
-    pos, k_new, v_new = site.key_write.pos, site.key_write.source, site.value_write.source
+def _rewrite_policy(graph: fx.Graph, site: Site, store: list[fx.Node], options: str, layers: int,
+                    pos: fx.Node | None = None, k_new: fx.Node | None = None, v_new: fx.Node | None = None) -> None:
+    """Both cache writes (or a concatenation's new tokens `k_new`, `v_new` at `pos`) and the SDPA become
+    one kvfx::policy_attend (attend, then keep or evict)."""
+    writes = () if pos is not None else (site.key_write, site.value_write)
+    if writes:
+        pos, k_new, v_new = site.key_write.pos, site.key_write.source, site.value_write.source
     with graph.inserting_before(site.node):
         attend = graph.call_function(torch.ops.kvfx.policy_attend.default, (
             site.query, k_new, v_new, pos, *store, site.attn_mask, site.is_causal, site.scale, options,
             site.layer, layers))
-    for write in (site.key_write, site.value_write):
+    for write in writes:
         graph.erase_node(write.node)
     _replace_attention(graph, site, attend)
 

@@ -90,6 +90,33 @@ def test_an_older_sliding_window_cache_cannot_be_continued():
     assert cache.layers[0].keys.shape[2] == 7
 
 
+@pytest.mark.parametrize("options", [dict(policy="streaming", budget=12, sink=2), dict(policy="h2o", budget=12),
+                                     dict(policy="snapkv", budget=12, window=4, kv="int8")])
+def test_a_policy_with_an_integer_budget_holds_a_dynamic_cache(options):
+    """HF's DynamicCache under a policy: the store's capacity is the budget, so the cache no longer needs
+    a length fixed in advance. 20 + 30 tokens give the same logits as the same policy on a static cache,
+    and the memory held stays the store's whatever the length."""
+    from kvfx.runtime import held_bytes, store_of
+
+    model = tiny_model()
+    ids = prompt(20, seed=11)
+    runs = []
+    for cache in ("static", "dynamic"):
+        torch._dynamo.reset()
+        compiled = copy.deepcopy(model)
+        compiled.forward = torch.compile(compiled.forward, backend="kvfx", options=options)
+        past = DynamicCache(config=model.config) if cache == "dynamic" else None
+        out = hf_generate(compiled, ids, 30, cache if past is None else None, past_key_values=past,
+                          output_logits=True, return_dict_in_generate=True)
+        runs.append(torch.stack(out.logits, 1))
+        assert kvfx.report(compiled).rewritten == kvfx.report(compiled).found
+    assert torch.equal(runs[0], runs[1])
+    keys = [layer.keys for layer in past.layers]
+    store = store_of(keys[0])
+    assert keys[0].shape[2] == 49 and store.slot_pos.shape[-1] == 12 + options.get("window", 0)
+    assert held_bytes(keys + [layer.values for layer in past.layers]) == 2 * store.nbytes()  # 2 layers, 0 fp bytes
+
+
 # Graphs compiled for three generations: prompt lengths 7, 7 (the same shapes: nothing new) and 11.
 # HF static: prefill + decode, then a new prompt and cache length make both dynamic (+2).
 # Growing caches (HF dynamic, nanoGPT): prefill, the first decode, then a decode with the past length

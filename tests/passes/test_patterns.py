@@ -184,6 +184,15 @@ def test_concatenated_cache_kvfx_cannot_hold_is_left_unchanged(kv, reason):
     assert reason in unchanged_reason(step, cat_inputs(), kv=kv, group_size=16, residual=16)
 
 
+@pytest.mark.parametrize("options, reason", [(dict(policy="h2o", budget=0.2), "sizes its store by the cache length"),
+                                             (dict(policy="quest"), "sizes its store by the cache length"),
+                                             (dict(policy="streaming", budget=6), "does not follow a sliding window")])
+def test_concatenated_cache_a_policy_cannot_hold_is_left_unchanged(options, reason):
+    """A policy holds a growing cache only with an integer budget (its store's capacity), and not a crop."""
+    step = sliding_cat_step if "streaming" in options.values() else cat_step
+    assert reason in unchanged_reason(step, cat_inputs(), **options)
+
+
 @pytest.mark.parametrize("kv", ["none", "int8"])
 def test_sliding_window_concatenation_is_rewritten(kv):
     plan, _ = rewritten(sliding_cat_step, cat_inputs(), kv)
