@@ -7,9 +7,9 @@ call passes that placeholder back as its past, and the store is found by its ide
 Memory is sequence-major ([S, B, H, D] underneath, seen as [B, H, S, D]): the view of the first n
 slots then has the same strides whatever the capacity, so one compiled graph serves every length,
 and growing is a copy into a larger allocation, amortized by growing 25% (in steps of 64 slots).
-int8 only (a `KVStore` of per-token codes and (scale, zero)): the KIVI stores are laid out by
-absolute position with a fixed capacity. A sliding window (the caller keeps the last W - 1 tokens)
-drops the older tokens before each call, so its memory follows the window, not the sequence.
+`CatStore` holds int8 (a `KVStore` of per-token codes and (scale, zero)). A sliding window (the caller
+keeps the last W - 1 tokens) drops the older tokens before each call, so its memory follows the window,
+not the sequence. `KiviCatStore` holds the KIVI formats, whose stores are laid out by absolute position.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 
 from kvfx.kernels.formats import Int8Format, KVStore
 from kvfx.kernels.int8 import quantize_int8_reference
+from kvfx.kernels.kivi import dequantize_reference
 
 _STEP = 64
 
@@ -101,3 +102,38 @@ class CatStore:
     def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens the caller holds, [B, H, length - start, D]."""
         return KVStore(*(t[:, :, self.start:self.length] for t in self.full.tensors())).dequantize(dtype)
+
+
+class KiviCatStore:
+    """A KIVI store (int4/int2/fp8) of a cache that grows by concatenation, holding `length` tokens.
+
+    A `KiviStore` is laid out by position, its packed part in whole groups of G tokens, and its kernels
+    read it contiguous: a view of a larger allocation would change its strides. So the graph gets the
+    store's own tensors, sized for the call's length S (packed capacity G * floor(S / G)), and the store
+    is re-made one group larger when the length crosses a group boundary: a copy every G tokens, where
+    HF's DynamicCache copies its whole fp cache every step."""
+
+    def __init__(self, fmt, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.fmt, self.length = fmt, 0
+        self.store = fmt.allocate((batch, heads, 0, head_dim), dtype, device)
+
+    def view(self, n: int) -> tuple[torch.Tensor, ...]:
+        """The store's tensors, sized for a cache of n tokens (what a graph that grows it to n reads and writes)."""
+        g = self.fmt.group_size
+        if self.store.k_codes.shape[2] != n // g * g:
+            b, h, _, d = self.store.k_ring.shape
+            grown = self.fmt.allocate((b, h, n, d), self.store.dtype, self.store.k_ring.device)
+            for new, kept in zip(grown.tensors(), self.store.tensors()):  # packed parts: the first groups
+                (new if new.shape == kept.shape else new[:, :, :kept.shape[2]]).copy_(kept)
+            self.store = grown
+        return self.store.tensors()
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize a past the model built without kvfx (fp keys, values [B, H, L, D]) as one prompt."""
+        self.store, self.length = self.fmt.adopt(keys, values), keys.shape[2]
+
+    def nbytes(self) -> int:
+        return self.store.nbytes()
+
+    def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return dequantize_reference(self.store, self.length, dtype)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from kvfx.cat_store import CatStore
+from kvfx.cat_store import CatStore, KiviCatStore
 from kvfx.errors import KVFXError
 from kvfx.kernels.formats import KVStore
 from kvfx.kernels.kivi import KiviStore, dequantize_reference
@@ -82,7 +82,7 @@ def dequantized(buffer: torch.Tensor, length: int | None = None) -> torch.Tensor
     store, is_key = _STORES.get(buffer, (None, None))
     if store is None:
         raise KVFXError("this tensor is not a KV-cache buffer held by kvfx")
-    if isinstance(store, (KVStore, CatStore)):
+    if isinstance(store, (KVStore, CatStore, KiviCatStore)):
         keys, values = store.dequantize(buffer.dtype)
     elif length is None:
         raise KVFXError("a KIVI store keeps no length: call kvfx.runtime.dequantized(buffer, length=<tokens>)")
@@ -204,13 +204,15 @@ def _cat_store_view(slot: CatSlot, args: tuple, fmt, layers: int) -> tuple[Any, 
     past = [None if i is None else args[i] for i in (slot.key_past_input, slot.value_past_input)]
     if past[0] is not None and past[0].dim() == 4:
         store = _past_store(*past, fmt, slot, layers)
-    elif slot.policy:  # the graph starts the cache (or HF's empty 1-D start)
+    elif slot.kind == "policy":  # the graph starts the cache (or HF's empty 1-D start)
         store = fmt.allocate((batch, heads, UNBOUNDED, head_dim), slot.dtype, slot.device, slot.layer, layers)
     else:
-        store = CatStore(fmt, batch, heads, head_dim, slot.dtype, slot.device)
-    if slot.policy:
-        return store, length, (*store.tensors(), torch.empty(length, dtype=torch.uint8, device=slot.device))
-    return store, length, store.view(length).tensors()
+        store = (CatStore if slot.kind == "int8" else KiviCatStore)(fmt, batch, heads, head_dim, slot.dtype,
+                                                                   slot.device)
+    if slot.kind == "int8":
+        return store, length, store.view(length).tensors()
+    tensors = store.tensors() if slot.kind == "policy" else store.view(length)
+    return store, length, (*tensors, torch.empty(length, dtype=torch.uint8, device=slot.device))
 
 
 def _past_store(key: torch.Tensor, value: torch.Tensor, fmt, slot: CatSlot, layers: int) -> Any:
@@ -219,13 +221,13 @@ def _past_store(key: torch.Tensor, value: torch.Tensor, fmt, slot: CatSlot, laye
         store = found[0]
         if found_value is None or found_value[0] is not store:
             raise KVFXError("the key and value caches passed in were not grown together by kvfx")
-        if slot.policy or store.start:  # the store keeps only what the newest cache grown from it holds
+        if slot.kind != "int8" or store.start:  # the store keeps only what the newest cache grown from it holds
             newest = _NEWEST.get(store)
             if newest is None or newest() is not key:
                 raise KVFXError("this cache is older than the newest one grown from it, and kvfx keeps only the "
-                                "newest's tokens (a policy evicts, a sliding window drops its oldest); continue "
-                                "from the newest cache")
-            if not slot.policy:
+                                "newest's tokens (a policy evicts, a sliding window drops its oldest, KIVI "
+                                "quantized them as they left its residual); continue from the newest cache")
+            if slot.kind == "int8":
                 store.drop_front()
             return store
         # A past shorter than the store: the caller went back to an earlier cache (e.g. kept an old
@@ -233,10 +235,10 @@ def _past_store(key: torch.Tensor, value: torch.Tensor, fmt, slot: CatSlot, laye
         return store if store.length == key.shape[2] else store.fork(key.shape[2])
     if isinstance(key, FreedKVBuffer) or isinstance(value, FreedKVBuffer):
         raise KVFXError("a KV-cache tensor freed by kvfx has lost its store; create a new cache")
-    if slot.policy:  # a past built without kvfx: the policy must see its tokens arrive (raises unless empty)
+    if slot.kind == "policy":  # a past built without kvfx: the policy must see its tokens arrive (raises unless empty)
         return fmt.adopt(key, value, slot.layer, layers)
     b, h, _, d = key.shape
-    store = CatStore(fmt, b, h, d, slot.dtype, slot.device)
+    store = (CatStore if slot.kind == "int8" else KiviCatStore)(fmt, b, h, d, slot.dtype, slot.device)
     store.adopt(key, value)  # a past built without kvfx: its tokens are quantized into the store
     return store
 
@@ -245,11 +247,11 @@ def _hand_back_grown(outputs: list, slot: CatSlot, store: Any, length: int, sess
     """The graph returned one-element stride-0 tensors shaped like the grown K/V: they become the
     freed placeholders the caller keeps as its cache, registered to the store."""
     key, value = outputs[slot.key_output], outputs[slot.value_output]
-    if not slot.policy:
+    if slot.kind != "policy":
         store.length = length
-        if slot.keep is not None:
-            store.keep_last(slot.keep)
-    if slot.policy or slot.keep is not None:
+    if slot.keep is not None:
+        store.keep_last(slot.keep)
+    if slot.kind != "int8" or slot.keep is not None:
         _NEWEST[store] = weakref.ref(key)
     for tensor in (key, value):
         free(tensor)

@@ -107,31 +107,27 @@ class CatSlot:
     examples: tuple = ()                # fake example values of the store-view inputs (dynamo's symbols)
     store_tensors: int = 4
     keep: int | None = None             # the caller keeps the last `keep` tokens (a sliding window), else all
-    policy: bool = False                # a policy's TokenStore (fixed capacity) and a length carrier [S]
+    kind: str = "int8"                  # "int8": CatStore views; "kivi" / "policy": a KiviCatStore's / TokenStore's
+                                        # tensors, then a length carrier [S]
 
 
 def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> str:
     """Why a concatenated cache cannot move into a `CatStore` ("" if it can)."""
-    from kvfx.kernels.formats import Int8Format
     from kvfx.kernels.policies import EVICTING
 
-    if isinstance(fmt, TokenFormat):
-        spec = fmt.spec
-        if spec.policy not in EVICTING or not isinstance(spec.budget, int):
-            return (f"policy {spec.policy!r} with budget={spec.budget!r} sizes its store by the cache length, "
-                    f"which a cache that grows by concatenation (DynamicCache) does not fix: use an integer "
-                    f"budget (tokens) with streaming, h2o, snapkv or pyramidkv, or a static cache "
-                    f"(cache_implementation='static')")
+    kind = store_kind(fmt)
+    if kind == "policy" and (fmt.spec.policy not in EVICTING or not isinstance(fmt.spec.budget, int)):
+        return (f"policy {fmt.spec.policy!r} with budget={fmt.spec.budget!r} sizes its store by the cache length, "
+                f"which a cache that grows by concatenation (DynamicCache) does not fix: use an integer budget "
+                f"(tokens) with streaming, h2o, snapkv or pyramidkv, or a static cache (cache_implementation='static')")
+    if kind != "int8":
         if site.key.cat.crop is not None:
-            return "a policy's store does not follow a sliding window's crop of the concatenated cache"
+            return f"a {fmt.name} store does not follow a sliding window's crop of the concatenated cache"
         if site.softcap:
-            return f"kv={fmt.name!r} (a policy) has no softcapped attention yet; kv='int8' and kv='none' have"
+            return f"kv={fmt.name!r} (or a policy) has no softcapped attention yet; kv='int8' and kv='none' have"
         unsupported = fmt.unsupported(shape_of(site.key.cat.new)[-1])
         if unsupported:
             return unsupported
-    elif not isinstance(fmt, Int8Format):
-        return (f"kv={fmt.name!r} cannot yet hold a cache that grows by concatenation (DynamicCache); use "
-                f"kv='int8' for it, or a static cache (cache_implementation='static')")
     outputs = output_values(output.graph)
     if site.key.cat.keep != site.value.cat.keep:
         return "the key and value caches keep different numbers of their last tokens"
@@ -157,40 +153,49 @@ def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> st
     return ""
 
 
+def store_kind(fmt) -> str:
+    """How a format holds a concatenated cache: "int8" (a CatStore), "kivi" (a KiviCatStore), "policy"."""
+    from kvfx.kernels.formats import KiviFormat
+
+    return "policy" if isinstance(fmt, TokenFormat) else "kivi" if isinstance(fmt, KiviFormat) else "int8"
+
+
 def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx.Node, fmt,
-                  layers: int) -> tuple[CatSlot, list, fx.Node]:
+                  layers: int) -> tuple[CatSlot, list, fx.Node, fx.Node | int]:
     """New inputs for the site's store, the positions [T] of this call's tokens, and placeholders
     returned in place of the grown K/V. int8: the inputs are views of the store's first S slots, and
-    the two writes go before the attention. A policy (integer budget): the inputs are its `TokenStore`,
-    whose capacity the budget fixes, and a carrier of the length S (a uint8 tensor [S], never read);
-    kvfx::policy_attend writes. Returns the slot, the store nodes and the positions; the caller
-    rewrites the attention over them, then calls `drop_cats`."""
+    the two writes go before the attention. KIVI formats: the inputs are a `KiviStore` for S positions
+    (`KiviCatStore`) and a carrier of the length S (a uint8 tensor [S], never read). A policy (integer
+    budget): its `TokenStore`, whose capacity the budget fixes, and the carrier. Returns the slot, the
+    store nodes, the positions and S; the caller rewrites the attention over them (the KIVI and policy
+    ops write), then calls `drop_cats`."""
     from kvfx.cat_store import seq_major_store
 
     key, value = site.key.cat, site.value.cat
     example = example_tensor(key.node)
-    policy = isinstance(fmt, TokenFormat)
+    kind = store_kind(fmt)
     b, h, s, d = example.shape
     with example.fake_mode:
-        if policy:
-            examples = (*fmt.allocate((b, h, UNBOUNDED, d), example.dtype, example.device, site.layer, layers).tensors(),
-                        torch.empty(s, dtype=torch.uint8, device=example.device))
-        else:
+        if kind == "int8":
             examples = seq_major_store(fmt, example.shape, example.dtype, example.device).tensors()
-    names = [*fmt.tensor_names, *(["length"] if policy else [])]
+        else:
+            cache_len = UNBOUNDED if kind == "policy" else s
+            examples = (*fmt.allocate((b, h, cache_len, d), example.dtype, example.device, site.layer, layers).tensors(),
+                        torch.empty(s, dtype=torch.uint8, device=example.device))
+    names = [*fmt.tensor_names, *(["length"] if kind != "int8" else [])]
     inputs = append_inputs(graph, [f"kvfx_cat{site.layer}_{name}" for name in names], examples)
     store = inputs[:len(fmt.tensor_names)]
     # The grown cache's length S, read off an input that carries it (the store view's dim 2, or the
     # carrier's dim 0) and not off `past`: the runtime's placeholder for it is fakeified afresh by
     # AOTAutograd, with symbols that no guard can name.
-    carrier, dim = (inputs[-1], 0) if policy else (store[0], 2)
+    carrier, dim = (store[0], 2) if kind == "int8" else (inputs[-1], 0)
     with graph.inserting_before(site.node):
         length = _size(graph, carrier, dim, s)
         new = _size(graph, key.new, 2, shape_of(key.new)[2])
         start = length - new if isinstance(length, int) and isinstance(new, int) else \
             graph.call_function(operator.sub, (length, new))
         pos = graph.call_function(torch.arange, (start, length), {"device": example.device})
-        if not policy:
+        if kind == "int8":
             k_codes, k_qparams, v_codes, v_qparams = store
             for codes, qparams, cat in ((k_codes, k_qparams, key), (v_codes, v_qparams, value)):
                 graph.call_function(torch.ops.kvfx.store_write.default, (codes, qparams, pos, cat.new))
@@ -198,11 +203,10 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
     indices = [outputs.index(cat.kept) for cat in (key, value)]
     with graph.inserting_before(output):
         sizes = [_size(graph, key.new, d, s) for d, s in enumerate(example.shape) if d != 2]
-        length = _size(graph, carrier, dim, s)
+        kept = _size(graph, carrier, dim, s)
         if key.keep is not None:  # what the caller keeps: the last `keep` tokens
-            length = min(length, key.keep) if isinstance(length, int) else \
-                graph.call_function(torch.sym_min, (length, key.keep))
-        sizes.insert(2, length)
+            kept = min(kept, key.keep) if isinstance(kept, int) else graph.call_function(torch.sym_min, (kept, key.keep))
+        sizes.insert(2, kept)
         for i, cat in zip(indices, (key, value)):
             # One element, stride 0: the runtime frees it and hands it to the caller as the grown cache.
             outputs[i] = graph.call_function(torch.empty_strided, (tuple(sizes), (0, 0, 0, 0)),
@@ -211,8 +215,8 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
     index = {p: i for i, p in enumerate(placeholders)}
     slot = CatSlot(site.layer, example.dtype, example.device, [size_recipe(s, placeholders) for s in example.shape],
                    index.get(key.past), index.get(value.past), *indices, tuple(examples), len(inputs), key.keep,
-                   policy)
-    return slot, store, pos
+                   kind)
+    return slot, store, pos, length
 
 
 def drop_cats(graph: fx.Graph, site) -> None:

@@ -231,9 +231,12 @@ def _rewrite_cat_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.No
     """A concatenated cache (DynamicCache, nanoGPT present) moves into a CatStore, or under a policy into
     a TokenStore of the budget's capacity (passes/cat_cache.py)."""
     prepare_site(graph, site)
-    slot, store, pos = cat_cache.add_cat_store(graph, site, placeholders, output, config.format, layers)
-    if slot.policy:
-        _rewrite_policy(graph, site, store, config.to_json(), layers, pos, site.key.cat.new, site.value.cat.new)
+    slot, store, pos, length = cat_cache.add_cat_store(graph, site, placeholders, output, config.format, layers)
+    new = (pos, site.key.cat.new, site.value.cat.new)
+    if slot.kind == "policy":
+        _rewrite_policy(graph, site, store, config.to_json(), layers, *new)
+    elif slot.kind == "kivi":
+        _rewrite_kivi(graph, site, store, config.format, length, *new)
     else:
         k_codes, k_qparams, v_codes, v_qparams = store
         _rewrite_attention(graph, site, k_codes, v_codes, k_qparams, v_qparams)
@@ -241,12 +244,16 @@ def _rewrite_cat_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.No
     return slot
 
 
-def _rewrite_kivi(graph: fx.Graph, site: Site, store: list[fx.Node], fmt: KiviFormat, width) -> None:
-    """One kvfx::kivi_write for both cache writes (at the later one), kvfx::kivi_attend for the SDPA."""
-    writes = sorted((site.key_write, site.value_write), key=lambda w: graph_position(graph)[w.node])
+def _rewrite_kivi(graph: fx.Graph, site: Site, store: list[fx.Node], fmt: KiviFormat, width,
+                  pos: fx.Node | None = None, k_new: fx.Node | None = None, v_new: fx.Node | None = None) -> None:
+    """One kvfx::kivi_write for both cache writes (at the later one; or, for a concatenation's new tokens
+    `k_new`, `v_new` at `pos`, before the attention), kvfx::kivi_attend for the SDPA."""
+    writes = sorted((site.key_write, site.value_write), key=lambda w: graph_position(graph)[w.node]) \
+        if pos is None else []
     constants = (fmt.bits, fmt.fp8, fmt.group_size, fmt.residual)
-    pos, k_new, v_new = site.key_write.pos, site.key_write.source, site.value_write.source
-    with graph.inserting_before(writes[-1].node):
+    if writes:
+        pos, k_new, v_new = site.key_write.pos, site.key_write.source, site.value_write.source
+    with graph.inserting_before(writes[-1].node if writes else site.node):
         graph.call_function(torch.ops.kvfx.kivi_write.default, (*store, pos, k_new, v_new, width, *constants))
     for write in writes:
         graph.erase_node(write.node)

@@ -90,17 +90,13 @@ def test_an_older_sliding_window_cache_cannot_be_continued():
     assert cache.layers[0].keys.shape[2] == 7
 
 
-@pytest.mark.parametrize("options", [dict(policy="streaming", budget=12, sink=2), dict(policy="h2o", budget=12),
-                                     dict(policy="snapkv", budget=12, window=4, kv="int8")])
-def test_a_policy_with_an_integer_budget_holds_a_dynamic_cache(options):
-    """HF's DynamicCache under a policy: the store's capacity is the budget, so the cache no longer needs
-    a length fixed in advance. 20 + 30 tokens give the same logits as the same policy on a static cache,
-    and the memory held stays the store's whatever the length."""
-    from kvfx.runtime import held_bytes, store_of
+def static_and_dynamic(options):
+    """Logits of 20 + 30 greedy tokens of a tiny model under kvfx `options`, with a static and with a
+    DynamicCache (every site rewritten in both), the DynamicCache's (key, value) placeholders, and the
+    bytes held for them."""
+    from kvfx.runtime import held_bytes
 
-    model = tiny_model()
-    ids = prompt(20, seed=11)
-    runs = []
+    model, ids, runs = tiny_model(), prompt(20, seed=11), []
     for cache in ("static", "dynamic"):
         torch._dynamo.reset()
         compiled = copy.deepcopy(model)
@@ -110,11 +106,34 @@ def test_a_policy_with_an_integer_budget_holds_a_dynamic_cache(options):
                           output_logits=True, return_dict_in_generate=True)
         runs.append(torch.stack(out.logits, 1))
         assert kvfx.report(compiled).rewritten == kvfx.report(compiled).found
-    assert torch.equal(runs[0], runs[1])
-    keys = [layer.keys for layer in past.layers]
-    store = store_of(keys[0])
-    assert keys[0].shape[2] == 49 and store.slot_pos.shape[-1] == 12 + options.get("window", 0)
-    assert held_bytes(keys + [layer.values for layer in past.layers]) == 2 * store.nbytes()  # 2 layers, 0 fp bytes
+    held = [(layer.keys, layer.values) for layer in past.layers]
+    return runs, held, held_bytes([t for pair in held for t in pair])
+
+
+@pytest.mark.parametrize("options", [dict(policy="streaming", budget=12, sink=2), dict(policy="h2o", budget=12),
+                                     dict(policy="snapkv", budget=12, window=4, kv="int8")])
+def test_a_policy_with_an_integer_budget_holds_a_dynamic_cache(options):
+    """HF's DynamicCache under a policy: the store's capacity is the budget, so the cache no longer needs
+    a length fixed in advance. The same logits as the same policy on a static cache, and the memory held
+    stays the store's whatever the length (2 layers, 0 fp bytes)."""
+    (static, dynamic), held, nbytes = static_and_dynamic(options)
+    assert torch.equal(static, dynamic)
+    store = kvfx.runtime.store_of(held[0][0])
+    assert held[0][0].shape[2] == 49 and store.slot_pos.shape[-1] == 12 + options.get("window", 0)
+    assert nbytes == 2 * store.nbytes()
+
+
+@pytest.mark.parametrize("options", [dict(kv="int4", group_size=16, residual=16), dict(kv="fp8", group_size=16,
+                                                                                       residual=0)])
+def test_kivi_formats_hold_a_dynamic_cache(options):
+    """HF's DynamicCache under a KIVI format: the store is re-made one group larger as the cache crosses
+    each group boundary (KiviCatStore). The logits of the same format on a static cache, and the store's
+    bytes are all that is held: its packed part the 48 whole groups' tokens of 49."""
+    (static, dynamic), held, nbytes = static_and_dynamic(options)
+    torch.testing.assert_close(dynamic, static, atol=1e-5, rtol=1e-5)
+    store = kvfx.runtime.store_of(held[0][0])
+    assert held[0][0].shape[2] == 49 and store.length == 49 and store.store.k_codes.shape[2] == 48
+    assert nbytes == 2 * store.nbytes()
 
 
 # Graphs compiled for three generations: prompt lengths 7, 7 (the same shapes: nothing new) and 11.

@@ -178,9 +178,9 @@ def dropped_first_cat_step(q, past_k, past_v, k, v):
 
 
 @pytest.mark.parametrize("kv, reason", [("int8", "not returned, whole or as its last tokens"),
-                                        ("int4", "cannot yet hold a cache that grows")])
+                                        ("int4", "does not follow a sliding window's crop")])
 def test_concatenated_cache_kvfx_cannot_hold_is_left_unchanged(kv, reason):
-    step = dropped_first_cat_step if kv == "int8" else cat_step
+    step = dropped_first_cat_step if kv == "int8" else sliding_cat_step
     assert reason in unchanged_reason(step, cat_inputs(), kv=kv, group_size=16, residual=16)
 
 
