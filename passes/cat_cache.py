@@ -180,8 +180,8 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
             examples = seq_major_store(fmt, example.shape, example.dtype, example.device).tensors()
         else:
             cache_len = UNBOUNDED if kind == "policy" else s
-            examples = (*fmt.allocate((b, h, cache_len, d), example.dtype, example.device, site.layer, layers).tensors(),
-                        torch.empty(s, dtype=torch.uint8, device=example.device))
+            fake = fmt.allocate((b, h, cache_len, d), example.dtype, example.device, site.layer, layers)
+            examples = (*fake.tensors(), torch.empty(s, dtype=torch.uint8, device=example.device))
     names = [*fmt.tensor_names, *(["length"] if kind != "int8" else [])]
     inputs = append_inputs(graph, [f"kvfx_cat{site.layer}_{name}" for name in names], examples)
     store = inputs[:len(fmt.tensor_names)]
@@ -205,7 +205,8 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
         sizes = [_size(graph, key.new, d, s) for d, s in enumerate(example.shape) if d != 2]
         kept = _size(graph, carrier, dim, s)
         if key.keep is not None:  # what the caller keeps: the last `keep` tokens
-            kept = min(kept, key.keep) if isinstance(kept, int) else graph.call_function(torch.sym_min, (kept, key.keep))
+            kept = min(kept, key.keep) if isinstance(kept, int) else \
+                graph.call_function(torch.sym_min, (kept, key.keep))
         sizes.insert(2, kept)
         for i, cat in zip(indices, (key, value)):
             # One element, stride 0: the runtime frees it and hands it to the caller as the grown cache.

@@ -211,7 +211,8 @@ def test_sliding_window_store_keeps_the_window_call_after_call():
         q, _, _, k, v = cat_inputs(t=1, past=0)
         grown = tuple(torch.cat([w, x], -2) for w, x in zip(window, (k, v)))
         out, keys, values = compiled(q, keys, values, k, v)
-        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, *grown, enable_gqa=True), atol=0.05, rtol=0.05)
+        want = F.scaled_dot_product_attention(q, *grown, enable_gqa=True)
+        torch.testing.assert_close(out, want, atol=0.05, rtol=0.05)
         window = tuple(g[:, :, -3:] for g in grown)
         assert keys.shape == window[0].shape
         torch.testing.assert_close(kvfx.runtime.dequantized(keys), window[0], atol=0.05, rtol=0.05)
