@@ -3,7 +3,7 @@
 For every model type in transformers' causal-LM mapping (or those named with --archs), builds a tiny
 random-weight model (2 layers, hidden 64, 4 query / 2 KV heads of 16 dims, where the config has
 those fields), generates 3 greedy tokens with a dynamic and with a static cache through a dynamo
-backend that runs kvfx's passes on every graph (for kv="none" and kv="int8") and then runs the graph
+backend that runs kvfx's passes on every graph (for kv="none", "int8" and "int4") and then runs the graph
 unchanged, and records every site's pattern, whether it was rewritten, and why not. The passes are
 exactly the kvfx backend's; inductor is skipped (coverage is about matching, the model zoo test
 checks numerics). Writes benchmarks/results/coverage.json.
@@ -39,7 +39,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             decoder_layers=2, encoder_layers=2, moe_intermediate_size=32, num_experts=4, num_local_experts=4,
             n_routed_experts=4, num_experts_per_tok=2, sliding_window=8, use_cache=True, bos_token_id=1,
             eos_token_id=2, pad_token_id=0, attn_layer_period=2, attn_layer_offset=1)  # (Jamba: layer 1 attends)
-KVS = ("none", "int8")
+# The formats measured, with their options: KIVI's group must divide the tiny head dim of 16.
+KVS = {"none": {}, "int8": {}, "int4": dict(group_size=16, residual=16)}
 
 
 class Timeout(Exception):
@@ -89,7 +90,7 @@ def run_arch(model_type: str, seconds: int) -> dict:
 
             def backend(gm, example_inputs):
                 for kv in KVS:
-                    plan = rewrite_graph(_private_copy(gm), KVConfig(kv=kv), graph_index=len(sites[kv]))
+                    plan = rewrite_graph(_private_copy(gm), KVConfig(kv=kv, **KVS[kv]), graph_index=len(sites[kv]))
                     sites[kv].append([dict(layer=s.layer, pattern=s.pattern, rewritten=s.rewritten, reason=s.reason)
                                       for s in plan.sites])
                 return gm.forward
