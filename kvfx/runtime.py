@@ -37,8 +37,8 @@ _METADATA = {
 
 # fp buffer (key or value) -> the store that holds its data. Shared by every compiled graph.
 _STORES: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# A store that keeps only what the newest cache grown from it holds (a policy's, a sliding window's) ->
-# a weak reference to that cache's key placeholder.
+# A store that keeps only what the newest cache grown from it holds (a policy's, a KIVI one's, a sliding
+# window's) -> a weak reference to that cache's key placeholder.
 _NEWEST: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -198,17 +198,14 @@ def _hand_back(outputs: list, slot: StoreSlot, store: Any, session: Session) -> 
 
 def _cat_store_view(slot: CatSlot, args: tuple, fmt, layers: int) -> tuple[Any, int, tuple[torch.Tensor, ...]]:
     """The store a concatenated cache grows in this call, its length after the call, and the tensors
-    the graph reads and writes: the view of its first `length` slots (int8), or a policy's whole
-    `TokenStore` and a carrier of the length (uint8 [length], never read)."""
+    the graph reads and writes: the view of its first `length` slots (int8), or a KIVI store sized for
+    `length` / a policy's whole `TokenStore`, then a carrier of the length (uint8 [length], never read)."""
     batch, heads, length, head_dim = (size(args) for size in slot.shape)
     past = [None if i is None else args[i] for i in (slot.key_past_input, slot.value_past_input)]
     if past[0] is not None and past[0].dim() == 4:
         store = _past_store(*past, fmt, slot, layers)
-    elif slot.kind == "policy":  # the graph starts the cache (or HF's empty 1-D start)
-        store = fmt.allocate((batch, heads, UNBOUNDED, head_dim), slot.dtype, slot.device, slot.layer, layers)
-    else:
-        store = (CatStore if slot.kind == "int8" else KiviCatStore)(fmt, batch, heads, head_dim, slot.dtype,
-                                                                   slot.device)
+    else:  # the graph starts the cache (or HF's empty 1-D start)
+        store = _new_cat_store(slot, fmt, batch, heads, head_dim, layers)
     if slot.kind == "int8":
         return store, length, store.view(length).tensors()
     tensors = store.tensors() if slot.kind == "policy" else store.view(length)
@@ -235,12 +232,20 @@ def _past_store(key: torch.Tensor, value: torch.Tensor, fmt, slot: CatSlot, laye
         return store if store.length == key.shape[2] else store.fork(key.shape[2])
     if isinstance(key, FreedKVBuffer) or isinstance(value, FreedKVBuffer):
         raise KVFXError("a KV-cache tensor freed by kvfx has lost its store; create a new cache")
-    if slot.kind == "policy":  # a past built without kvfx: the policy must see its tokens arrive (raises unless empty)
-        return fmt.adopt(key, value, slot.layer, layers)
     b, h, _, d = key.shape
-    store = (CatStore if slot.kind == "int8" else KiviCatStore)(fmt, b, h, d, slot.dtype, slot.device)
+    if slot.kind == "policy":  # a past built without kvfx: the policy must see its tokens arrive
+        fmt.adopt(key, value, slot.layer, layers)  # (raises unless the past is empty)
+        return _new_cat_store(slot, fmt, b, h, d, layers)
+    store = _new_cat_store(slot, fmt, b, h, d, layers)
     store.adopt(key, value)  # a past built without kvfx: its tokens are quantized into the store
     return store
+
+
+def _new_cat_store(slot: CatSlot, fmt, batch: int, heads: int, head_dim: int, layers: int) -> Any:
+    """An empty store of the slot's kind: a policy's capacity is its integer budget (`UNBOUNDED` length)."""
+    if slot.kind == "policy":
+        return fmt.allocate((batch, heads, UNBOUNDED, head_dim), slot.dtype, slot.device, slot.layer, layers)
+    return (CatStore if slot.kind == "int8" else KiviCatStore)(fmt, batch, heads, head_dim, slot.dtype, slot.device)
 
 
 def _hand_back_grown(outputs: list, slot: CatSlot, store: Any, length: int, session: Session) -> None:
