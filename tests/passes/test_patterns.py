@@ -171,6 +171,40 @@ def test_grown_cache_comes_back_as_a_placeholder_and_keeps_growing():
     assert keys.shape[2] == 11 and kvfx.runtime.held_bytes([keys, values]) < 0.6 * 2 * keys.numel() * 4 * 64 / 11
 
 
+def rolled_step(q, keys, values, k, v, shift=-1, slot=-1):
+    """HF's full static sliding-window layer taking one token: roll the buffers, write the last slot, copy back."""
+    for buf, new in ((keys, k), (values, v)):
+        rolled = buf.roll(shift, dims=-2)
+        rolled[:, :, torch.tensor([slot])] = new
+        buf.copy_(rolled)
+    return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+
+
+def roll_inputs():
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g),
+            torch.randn(1, 2, 6, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g),
+            torch.randn(1, 2, 1, 8, generator=g))
+
+
+def test_a_rolled_window_is_an_int8_cache_write():
+    """roll(-1) + the last slot + copy_ is one cache write: int8 rolls its store, and the attention over
+    it equals eager's over the rolled fp buffers (to int8's rounding)."""
+    plan, found = rewritten(rolled_step, roll_inputs(), "int8")
+    assert [(s.pattern, s.rewritten) for s in plan.sites] == [("sdpa+enable_gqa, no mask, cache input, roll", True)]
+    assert torch.ops.kvfx.store_write.default in found
+    compiled_matches_eager(rolled_step, roll_inputs(), "int8", atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("shift, slot", [(1, -1), (-1, 0)])
+def test_other_rolls_are_not_a_cache_write(shift, slot):
+    """A roll the other way, or a write into the first slot, is not HF's window: left unchanged."""
+    def step(*args):
+        return rolled_step(*args, shift=shift, slot=slot)
+
+    assert "overwritten whole" in unchanged_reason(step, roll_inputs(), kv="int8")
+
+
 def dropped_first_cat_step(q, past_k, past_v, k, v):
     """Keeps all but the first token of the concatenation: not a window of its last tokens."""
     keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
