@@ -9,7 +9,7 @@ slots then has the same strides whatever the capacity, so one compiled graph ser
 and growing is a copy into a larger allocation, amortized by growing 25% (in steps of 64 slots).
 `CatStore` holds int8 (a `KVStore` of per-token codes and (scale, zero)). A sliding window (the caller
 keeps the last W - 1 tokens) drops the older tokens before each call, so its memory follows the window,
-not the sequence. `KiviCatStore` holds the KIVI formats, whose stores are laid out by absolute position.
+not the sequence. `GrowingStore` holds the KIVI formats and Quest, whose stores are laid out by position.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 
 from kvfx.kernels.formats import Int8Format, KVStore
 from kvfx.kernels.int8 import quantize_int8_reference
-from kvfx.kernels.kivi import dequantize_reference
+from kvfx.kernels.kivi import KiviStore, dequantize_reference
 
 _STEP = 64
 
@@ -104,27 +104,30 @@ class CatStore:
         return KVStore(*(t[:, :, self.start:self.length] for t in self.full.tensors())).dequantize(dtype)
 
 
-class KiviCatStore:
-    """A KIVI store (int4/int2/fp8) of a cache that grows by concatenation, holding `length` tokens.
+class GrowingStore:
+    """A store laid out by position (KIVI's int4/int2/fp8, or Quest's `TokenStore`, which keeps every token)
+    for a cache that grows by concatenation, holding `length` tokens.
 
-    A `KiviStore` is laid out by position, its packed part in whole groups of G tokens, and its kernels
-    read it contiguous: a view of a larger allocation would change its strides. So the graph gets the
-    store's own tensors, sized for the call's length S (packed capacity G * floor(S / G)), and the store
-    is re-made one group larger when the length crosses a group boundary: a copy every G tokens, where
-    HF's DynamicCache copies its whole fp cache every step."""
+    Both stores are sized by the cache length in whole groups (KIVI's packed part: G * floor(S / G)) or
+    pages (Quest: P * ceil(S / P)), and their kernels read them contiguous: a view of a larger allocation
+    would change the strides. So the graph gets the store's own tensors, sized for the call's length S,
+    and the store is re-made one group (page) larger when the length crosses a boundary: a copy every G
+    (P) tokens, where HF's DynamicCache copies its whole fp cache every step."""
 
-    def __init__(self, fmt, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, fmt, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 layer: int = 0, layers: int = 1):
         self.fmt, self.length = fmt, 0
-        self.store = fmt.allocate((batch, heads, 0, head_dim), dtype, device)
+        self.allocate = lambda n, on=device: fmt.allocate((batch, heads, n, head_dim), dtype, on, layer, layers)
+        self.store = self.allocate(0)
 
     def view(self, n: int) -> tuple[torch.Tensor, ...]:
         """The store's tensors, sized for a cache of n tokens (what a graph that grows it to n reads and writes)."""
-        g = self.fmt.group_size
-        if self.store.k_codes.shape[2] != n // g * g:
-            b, h, _, d = self.store.k_ring.shape
-            grown = self.fmt.allocate((b, h, n, d), self.store.dtype, self.store.k_ring.device)
-            for new, kept in zip(grown.tensors(), self.store.tensors()):  # packed parts: the first groups
-                (new if new.shape == kept.shape else new[:, :, :kept.shape[2]]).copy_(kept)
+        shapes = [t.shape for t in self.allocate(n, torch.device("meta")).tensors()]
+        if shapes != [t.shape for t in self.store.tensors()]:
+            grown = self.allocate(n)
+            for new, kept in zip(grown.tensors(), self.store.tensors()):  # by position: the first groups / pages
+                if kept.numel():  # (Quest's bounds of no page are [0])
+                    (new if new.shape == kept.shape else new[:, :, :kept.shape[2]]).copy_(kept)
             self.store = grown
         return self.store.tensors()
 
@@ -136,4 +139,7 @@ class KiviCatStore:
         return self.store.nbytes()
 
     def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return dequantize_reference(self.store, self.length, dtype)
+        """The cache's tokens in position order (Quest fills its slots in position order)."""
+        if isinstance(self.store, KiviStore):
+            return dequantize_reference(self.store, self.length, dtype)
+        return tuple(t.to(dtype) for t in self.store.dequantize(self.length))

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from kvfx.cat_store import CatStore, KiviCatStore
+from kvfx.cat_store import CatStore, GrowingStore
 from kvfx.errors import KVFXError
 from kvfx.kernels.formats import KVStore
 from kvfx.kernels.kivi import KiviStore, dequantize_reference
@@ -82,7 +82,7 @@ def dequantized(buffer: torch.Tensor, length: int | None = None) -> torch.Tensor
     store, is_key = _STORES.get(buffer, (None, None))
     if store is None:
         raise KVFXError("this tensor is not a KV-cache buffer held by kvfx")
-    if isinstance(store, (KVStore, CatStore, KiviCatStore)):
+    if isinstance(store, (KVStore, CatStore, GrowingStore)):
         keys, values = store.dequantize(buffer.dtype)
     elif length is None:
         raise KVFXError("a KIVI store keeps no length: call kvfx.runtime.dequantized(buffer, length=<tokens>)")
@@ -233,7 +233,7 @@ def _past_store(key: torch.Tensor, value: torch.Tensor, fmt, slot: CatSlot, laye
     if isinstance(key, FreedKVBuffer) or isinstance(value, FreedKVBuffer):
         raise KVFXError("a KV-cache tensor freed by kvfx has lost its store; create a new cache")
     b, h, _, d = key.shape
-    if slot.kind == "policy":  # a past built without kvfx: the policy must see its tokens arrive
+    if slot.kind in ("policy", "quest"):  # a past built without kvfx: the policy must see its tokens arrive
         fmt.adopt(key, value, slot.layer, layers)  # (raises unless the past is empty)
         return _new_cat_store(slot, fmt, b, h, d, layers)
     store = _new_cat_store(slot, fmt, b, h, d, layers)
@@ -242,10 +242,12 @@ def _past_store(key: torch.Tensor, value: torch.Tensor, fmt, slot: CatSlot, laye
 
 
 def _new_cat_store(slot: CatSlot, fmt, batch: int, heads: int, head_dim: int, layers: int) -> Any:
-    """An empty store of the slot's kind: a policy's capacity is its integer budget (`UNBOUNDED` length)."""
+    """An empty store of the slot's kind: an evicting policy's capacity is its integer budget (`UNBOUNDED`)."""
     if slot.kind == "policy":
         return fmt.allocate((batch, heads, UNBOUNDED, head_dim), slot.dtype, slot.device, slot.layer, layers)
-    return (CatStore if slot.kind == "int8" else KiviCatStore)(fmt, batch, heads, head_dim, slot.dtype, slot.device)
+    if slot.kind == "int8":
+        return CatStore(fmt, batch, heads, head_dim, slot.dtype, slot.device)
+    return GrowingStore(fmt, batch, heads, head_dim, slot.dtype, slot.device, slot.layer, layers)
 
 
 def _hand_back_grown(outputs: list, slot: CatSlot, store: Any, length: int, session: Session) -> None:

@@ -107,8 +107,8 @@ class CatSlot:
     examples: tuple = ()                # fake example values of the store-view inputs (dynamo's symbols)
     store_tensors: int = 4
     keep: int | None = None             # the caller keeps the last `keep` tokens (a sliding window), else all
-    kind: str = "int8"                  # "int8": CatStore views; "kivi" / "policy": a KiviCatStore's / TokenStore's
-                                        # tensors, then a length carrier [S]
+    kind: str = "int8"                  # "int8": CatStore views; "kivi", "quest": a GrowingStore's tensors, "policy":
+                                        # a TokenStore's (its budget's capacity), each then a length carrier [S]
 
 
 def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> str:
@@ -119,7 +119,8 @@ def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> st
     if kind == "policy" and (fmt.spec.policy not in EVICTING or not isinstance(fmt.spec.budget, int)):
         return (f"policy {fmt.spec.policy!r} with budget={fmt.spec.budget!r} sizes its store by the cache length, "
                 f"which a cache that grows by concatenation (DynamicCache) does not fix: use an integer budget "
-                f"(tokens) with streaming, h2o, snapkv or pyramidkv, or a static cache (cache_implementation='static')")
+                f"(tokens) with streaming, h2o, snapkv or pyramidkv, Quest, or a static cache "
+                f"(cache_implementation='static')")
     if kind != "int8":
         if site.key.cat.crop is not None:
             return f"a {fmt.name} store does not follow a sliding window's crop of the concatenated cache"
@@ -154,19 +155,22 @@ def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> st
 
 
 def store_kind(fmt) -> str:
-    """How a format holds a concatenated cache: "int8" (a CatStore), "kivi" (a KiviCatStore), "policy"."""
+    """How a format holds a concatenated cache: "int8" (a CatStore), "kivi" and "quest" (a GrowingStore, by
+    position), "policy" (an evicting policy's TokenStore)."""
     from kvfx.kernels.formats import KiviFormat
 
-    return "policy" if isinstance(fmt, TokenFormat) else "kivi" if isinstance(fmt, KiviFormat) else "int8"
+    if isinstance(fmt, TokenFormat):
+        return "quest" if fmt.spec.policy == "quest" else "policy"
+    return "kivi" if isinstance(fmt, KiviFormat) else "int8"
 
 
 def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx.Node, fmt,
                   layers: int) -> tuple[CatSlot, list, fx.Node, fx.Node | int]:
     """New inputs for the site's store, the positions [T] of this call's tokens, and placeholders
     returned in place of the grown K/V. int8: the inputs are views of the store's first S slots, and
-    the two writes go before the attention. KIVI formats: the inputs are a `KiviStore` for S positions
-    (`KiviCatStore`) and a carrier of the length S (a uint8 tensor [S], never read). A policy (integer
-    budget): its `TokenStore`, whose capacity the budget fixes, and the carrier. Returns the slot, the
+    the two writes go before the attention. KIVI formats and Quest: the inputs are a store for S positions
+    (`GrowingStore`) and a carrier of the length S (a uint8 tensor [S], never read). An evicting policy
+    (integer budget): its `TokenStore`, whose capacity the budget fixes, and the carrier. Returns the slot, the
     store nodes, the positions and S; the caller rewrites the attention over them (the KIVI and policy
     ops write), then calls `drop_cats`."""
     from kvfx.cat_store import seq_major_store

@@ -233,7 +233,7 @@ def _rewrite_cat_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.No
     prepare_site(graph, site)
     slot, store, pos, length = cat_cache.add_cat_store(graph, site, placeholders, output, config.format, layers)
     new = (pos, site.key.cat.new, site.value.cat.new)
-    if slot.kind == "policy":
+    if slot.kind in ("policy", "quest"):
         _rewrite_policy(graph, site, store, config.to_json(), layers, *new)
     elif slot.kind == "kivi":
         _rewrite_kivi(graph, site, store, config.format, length, *new)

@@ -90,13 +90,13 @@ def test_an_older_sliding_window_cache_cannot_be_continued():
     assert cache.layers[0].keys.shape[2] == 7
 
 
-def static_and_dynamic(options):
+def static_and_dynamic(options, layers=2):
     """Logits of 20 + 30 greedy tokens of a tiny model under kvfx `options`, with a static and with a
     DynamicCache (every site rewritten in both), the DynamicCache's (key, value) placeholders, and the
     bytes held for them."""
     from kvfx.runtime import held_bytes
 
-    model, ids, runs = tiny_model(), prompt(20, seed=11), []
+    model, ids, runs = tiny_model(num_hidden_layers=layers), prompt(20, seed=11), []
     for cache in ("static", "dynamic"):
         torch._dynamo.reset()
         compiled = copy.deepcopy(model)
@@ -123,17 +123,20 @@ def test_a_policy_with_an_integer_budget_holds_a_dynamic_cache(options):
     assert nbytes == 2 * store.nbytes()
 
 
-@pytest.mark.parametrize("options", [dict(kv="int4", group_size=16, residual=16), dict(kv="fp8", group_size=16,
-                                                                                       residual=0)])
-def test_kivi_formats_hold_a_dynamic_cache(options):
-    """HF's DynamicCache under a KIVI format: the store is re-made one group larger as the cache crosses
-    each group boundary (KiviCatStore). The logits of the same format on a static cache, and the store's
-    bytes are all that is held: its packed part the 48 whole groups' tokens of 49."""
-    (static, dynamic), held, nbytes = static_and_dynamic(options)
+@pytest.mark.parametrize("options, slots", [(dict(kv="int4", group_size=16, residual=16), 48),
+                                             (dict(kv="fp8", group_size=16, residual=0), 48),
+                                             (dict(policy="quest", pages=2, page_size=8, kv="int4", group_size=16),
+                                              56)])
+def test_stores_by_position_hold_a_dynamic_cache(options, slots):
+    """HF's DynamicCache under a KIVI format, or Quest (4 layers: the last two read 2 pages of 8 tokens and
+    the newest): the store is re-made one group (page) larger as the cache crosses each boundary
+    (GrowingStore). The logits of the same config on a static cache, and the store's bytes are all that
+    is held: its slots the 48 whole groups of 16 (KIVI's packed part) or the 7 pages of 8 of 49 tokens."""
+    (static, dynamic), held, nbytes = static_and_dynamic(options, layers=4)
     torch.testing.assert_close(dynamic, static, atol=1e-5, rtol=1e-5)
     store = kvfx.runtime.store_of(held[0][0])
-    assert held[0][0].shape[2] == 49 and store.length == 49 and store.store.k_codes.shape[2] == 48
-    assert nbytes == 2 * store.nbytes()
+    assert held[0][0].shape[2] == 49 and store.length == 49 and store.store.k_codes.shape[2] == slots
+    assert nbytes == 4 * store.nbytes()
 
 
 # Graphs compiled for three generations: prompt lengths 7, 7 (the same shapes: nothing new) and 11.

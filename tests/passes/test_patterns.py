@@ -161,14 +161,23 @@ def test_grown_cache_comes_back_as_a_placeholder_and_keeps_growing():
     assert isinstance(keys, kvfx.runtime.FreedKVBuffer) and keys.shape == (1, 2, 8, 8)
     assert keys.untyped_storage().nbytes() == 0
     torch.testing.assert_close(kvfx.runtime.dequantized(keys), torch.cat([past_k, k], -2), atol=0.05, rtol=0.05)
-    reference = torch.cat([past_k, k], -2), torch.cat([past_v, v], -2)
-    for step in range(3):
-        q, _, _, k, v = cat_inputs(t=1, past=0)
-        reference = tuple(torch.cat([r, x], -2) for r, x in zip(reference, (k, v)))
-        out, keys, values = compiled(q, keys, values, k, v)
-        want = F.scaled_dot_product_attention(q, *reference, enable_gqa=True)
-        torch.testing.assert_close(out, want, atol=0.05, rtol=0.05)
+    fp = torch.cat([past_k, k], -2), torch.cat([past_v, v], -2)
+    keys, values, _ = decode_matches_fp(compiled, keys, values, fp)
     assert keys.shape[2] == 11 and kvfx.runtime.held_bytes([keys, values]) < 0.6 * 2 * keys.numel() * 4 * 64 / 11
+
+
+def decode_matches_fp(compiled, keys, values, cache, keep=None, steps=3):
+    """`steps` one-token calls of `compiled` (a kvfx-compiled step) from its placeholders `keys`, `values`:
+    each call's attention equals SDPA over the fp `cache` grown by the token (cut to its last `keep` tokens
+    after the call, if given). Returns the last placeholders and fp cache."""
+    for _ in range(steps):
+        q, _, _, k, v = cat_inputs(t=1, past=0)
+        grown = tuple(torch.cat([c, x], -2) for c, x in zip(cache, (k, v)))
+        out, keys, values = compiled(q, keys, values, k, v)
+        want = F.scaled_dot_product_attention(q, *grown, enable_gqa=True)
+        torch.testing.assert_close(out, want, atol=0.05, rtol=0.05)
+        cache = grown if keep is None else tuple(g[:, :, -keep:] for g in grown)
+    return keys, values, cache
 
 
 def rolled_step(q, keys, values, k, v, shift=-1, slot=-1):
@@ -219,10 +228,11 @@ def test_concatenated_cache_kvfx_cannot_hold_is_left_unchanged(kv, reason):
 
 
 @pytest.mark.parametrize("options, reason", [(dict(policy="h2o", budget=0.2), "sizes its store by the cache length"),
-                                             (dict(policy="quest"), "sizes its store by the cache length"),
+                                             (dict(policy="snapkv", budget=0.5), "sizes its store by the cache length"),
                                              (dict(policy="streaming", budget=6), "does not follow a sliding window")])
 def test_concatenated_cache_a_policy_cannot_hold_is_left_unchanged(options, reason):
-    """A policy holds a growing cache only with an integer budget (its store's capacity), and not a crop."""
+    """An evicting policy holds a growing cache only with an integer budget (its store's capacity), and no
+    policy holds a crop."""
     step = sliding_cat_step if "streaming" in options.values() else cat_step
     assert reason in unchanged_reason(step, cat_inputs(), **options)
 
@@ -241,15 +251,9 @@ def test_sliding_window_store_keeps_the_window_call_after_call():
     q, past_k, past_v, k, v = cat_inputs(t=2)
     _, keys, values = compiled(q, past_k, past_v, k, v)  # 5 + 2 tokens: the store keeps the last 3
     window = torch.cat([past_k, k], -2)[:, :, -3:], torch.cat([past_v, v], -2)[:, :, -3:]
-    for step in range(4):
-        q, _, _, k, v = cat_inputs(t=1, past=0)
-        grown = tuple(torch.cat([w, x], -2) for w, x in zip(window, (k, v)))
-        out, keys, values = compiled(q, keys, values, k, v)
-        want = F.scaled_dot_product_attention(q, *grown, enable_gqa=True)
-        torch.testing.assert_close(out, want, atol=0.05, rtol=0.05)
-        window = tuple(g[:, :, -3:] for g in grown)
-        assert keys.shape == window[0].shape
-        torch.testing.assert_close(kvfx.runtime.dequantized(keys), window[0], atol=0.05, rtol=0.05)
+    keys, values, window = decode_matches_fp(compiled, keys, values, window, keep=3, steps=4)
+    assert keys.shape == window[0].shape
+    torch.testing.assert_close(kvfx.runtime.dequantized(keys), window[0], atol=0.05, rtol=0.05)
 
 
 # ---- hand-written attention: masked_fill, where, ALiBi bias + mask ---------------------------------
