@@ -110,8 +110,11 @@ def static_and_dynamic(options, layers=2):
     return runs, held, held_bytes([t for pair in held for t in pair])
 
 
-@pytest.mark.parametrize("options", [dict(policy="streaming", budget=12, sink=2), dict(policy="h2o", budget=12),
-                                     dict(policy="snapkv", budget=12, window=4, kv="int8")])
+# h2o (scored, evicting) in make test; streaming and snapkv + int8 in make test-all (two compiles each, cold)
+@pytest.mark.parametrize("options", [pytest.param(dict(policy="streaming", budget=12, sink=2), marks=pytest.mark.heavy),
+                                     dict(policy="h2o", budget=12),
+                                     pytest.param(dict(policy="snapkv", budget=12, window=4, kv="int8"),
+                                                  marks=pytest.mark.heavy)])
 def test_a_policy_with_an_integer_budget_holds_a_dynamic_cache(options):
     """HF's DynamicCache under a policy: the store's capacity is the budget, so the cache no longer needs
     a length fixed in advance. The same logits as the same policy on a static cache, and the memory held
@@ -124,7 +127,8 @@ def test_a_policy_with_an_integer_budget_holds_a_dynamic_cache(options):
 
 
 @pytest.mark.parametrize("options, slots", [(dict(kv="int4", group_size=16, residual=16), 48),
-                                             (dict(kv="fp8", group_size=16, residual=0), 48),
+                                             pytest.param(dict(kv="fp8", group_size=16, residual=0), 48,
+                                                          marks=pytest.mark.heavy),  # (make test-all)
                                              (dict(policy="quest", pages=2, page_size=8, kv="int4", group_size=16),
                                               56)])
 def test_stores_by_position_hold_a_dynamic_cache(options, slots):
