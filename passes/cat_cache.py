@@ -105,7 +105,6 @@ class CatSlot:
     key_output: int                     # output index where the graph returned the grown cache
     value_output: int
     examples: tuple = ()                # fake example values of the store-view inputs (dynamo's symbols)
-    store_tensors: int = 4
     keep: int | None = None             # the caller keeps the last `keep` tokens (a sliding window), else all
     kind: str = "int8"                  # "int8": CatStore views; "kivi", "quest": a GrowingStore's tensors, "policy":
                                         # a TokenStore's (its budget's capacity), each then a length carrier [S]
@@ -219,8 +218,7 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
     output.args = (tuple(outputs),)
     index = {p: i for i, p in enumerate(placeholders)}
     slot = CatSlot(site.layer, example.dtype, example.device, [size_recipe(s, placeholders) for s in example.shape],
-                   index.get(key.past), index.get(value.past), *indices, tuple(examples), len(inputs), key.keep,
-                   kind)
+                   index.get(key.past), index.get(value.past), *indices, tuple(examples), key.keep, kind)
     return slot, store, pos, length
 
 

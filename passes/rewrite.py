@@ -207,11 +207,12 @@ def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node],
         output.args = (tuple(outputs) + tuple(store),)
         for read in (site.key, site.value):
             read.buffer.target, read.buffer.args = torch.empty_strided, (size, (0,) * len(size))
+    writes = (site.key_write, site.value_write)
     if kivi:
-        _rewrite_kivi(graph, site, store, fmt, width=size[2])
+        _rewrite_kivi(graph, site, store, fmt, size[2], _written(site), writes)
         return slot
     if isinstance(fmt, TokenFormat):
-        _rewrite_policy(graph, site, store, config.to_json(), layers)
+        _rewrite_policy(graph, site, store, config.to_json(), layers, _written(site), writes)
         return slot
     k_codes, k_qparams, v_codes, v_qparams = store
     for write, codes, qparams in ((site.key_write, k_codes, k_qparams), (site.value_write, v_codes, v_qparams)):
@@ -234,9 +235,9 @@ def _rewrite_cat_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.No
     slot, store, pos, length = cat_cache.add_cat_store(graph, site, placeholders, output, config.format, layers)
     new = (pos, site.key.cat.new, site.value.cat.new)
     if slot.kind in ("policy", "quest"):
-        _rewrite_policy(graph, site, store, config.to_json(), layers, *new)
+        _rewrite_policy(graph, site, store, config.to_json(), layers, new)
     elif slot.kind == "kivi":
-        _rewrite_kivi(graph, site, store, config.format, length, *new)
+        _rewrite_kivi(graph, site, store, config.format, length, new)
     else:
         k_codes, k_qparams, v_codes, v_qparams = store
         _rewrite_attention(graph, site, k_codes, v_codes, k_qparams, v_qparams)
@@ -244,15 +245,18 @@ def _rewrite_cat_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.No
     return slot
 
 
+def _written(site: Site) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """(positions, new keys, new values) of a site's two cache writes."""
+    return site.key_write.pos, site.key_write.source, site.value_write.source
+
+
 def _rewrite_kivi(graph: fx.Graph, site: Site, store: list[fx.Node], fmt: KiviFormat, width,
-                  pos: fx.Node | None = None, k_new: fx.Node | None = None, v_new: fx.Node | None = None) -> None:
-    """One kvfx::kivi_write for both cache writes (at the later one; or, for a concatenation's new tokens
-    `k_new`, `v_new` at `pos`, before the attention), kvfx::kivi_attend for the SDPA."""
-    writes = sorted((site.key_write, site.value_write), key=lambda w: graph_position(graph)[w.node]) \
-        if pos is None else []
+                  new: tuple[fx.Node, fx.Node, fx.Node], writes: tuple = ()) -> None:
+    """One kvfx::kivi_write of the new tokens `new` = (pos, k_new, v_new), in place of the cache `writes`
+    (at the later one; with none, a concatenation's, before the attention), kvfx::kivi_attend for the SDPA."""
+    pos, k_new, v_new = new
+    writes = sorted(writes, key=lambda w: graph_position(graph)[w.node])
     constants = (fmt.bits, fmt.fp8, fmt.group_size, fmt.residual)
-    if writes:
-        pos, k_new, v_new = site.key_write.pos, site.key_write.source, site.value_write.source
     with graph.inserting_before(writes[-1].node if writes else site.node):
         graph.call_function(torch.ops.kvfx.kivi_write.default, (*store, pos, k_new, v_new, width, *constants))
     for write in writes:
@@ -276,12 +280,10 @@ def _check_pages(config: KVConfig, cache_len) -> None:
 
 
 def _rewrite_policy(graph: fx.Graph, site: Site, store: list[fx.Node], options: str, layers: int,
-                    pos: fx.Node | None = None, k_new: fx.Node | None = None, v_new: fx.Node | None = None) -> None:
-    """Both cache writes (or a concatenation's new tokens `k_new`, `v_new` at `pos`) and the SDPA become
-    one kvfx::policy_attend (attend, then keep or evict)."""
-    writes = () if pos is not None else (site.key_write, site.value_write)
-    if writes:
-        pos, k_new, v_new = site.key_write.pos, site.key_write.source, site.value_write.source
+                    new: tuple[fx.Node, fx.Node, fx.Node], writes: tuple = ()) -> None:
+    """The cache `writes` (none for a concatenation) and the SDPA become one kvfx::policy_attend of the new
+    tokens `new` = (pos, k_new, v_new) (attend, then keep or evict)."""
+    pos, k_new, v_new = new
     with graph.inserting_before(site.node):
         attend = graph.call_function(torch.ops.kvfx.policy_attend.default, (
             site.query, k_new, v_new, pos, *store, site.attn_mask, site.is_causal, site.scale, options,
