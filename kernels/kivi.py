@@ -116,6 +116,19 @@ class KiviStore:
         """Bytes really held: the storages of the tensors, not a formula."""
         return sum(t.untyped_storage().nbytes() for t in self.tensors())
 
+    def drop_front(self, count: int) -> None:
+        """Forget positions [0, count), a multiple of G, in place: position p moves to p - count. The packed
+        groups move count / G groups down and the ring turns by count, so a row of length L - count reads
+        the tokens a row of length L read at the same places (qlen(L - count) = qlen(L) - count, or both
+        parts in the ring). A sliding window's store (kvfx.cat_store.GrowingStore.keep_last)."""
+        groups = count // self.group_size
+        params = (self.k_scale, self.k_zero, self.v_scale, self.v_zero) if self.bits != 16 and not self.fp8 else ()
+        for t, step in [(self.k_codes, count), (self.v_codes, count), *((p, groups) for p in params)]:
+            kept = max(t.shape[2] - step, 0)
+            t[:, :, :kept] = t[:, :, step:step + kept].clone()
+        for ring in (self.k_ring, self.v_ring):
+            ring.copy_(ring.roll(-count, 2))
+
     @staticmethod
     def validate(head_dim: int, bits: int, group_size: int, residual: int, fp8: bool) -> None:
         if bits not in VALID_BITS:

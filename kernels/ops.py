@@ -155,12 +155,13 @@ def kivi_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
                 k_codes: torch.Tensor, v_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
                 v_scale: torch.Tensor, v_zero: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
                 attn_mask: torch.Tensor | None, kv_len: int, width: int, is_causal: bool, scale: float,
-                bits: int, fp8: bool, group_size: int, residual: int) -> torch.Tensor:
+                bits: int, fp8: bool, group_size: int, residual: int, softcap: float = 0.0) -> torch.Tensor:
     """Attention of q [B, Hq, T, D] over a KIVI store after the write of k_new, v_new at pos.
 
     The cache's older tokens are read dequantized, the T new ones at full precision (KIVI attends a
     prompt over its own keys unquantized). Attends over the first kv_len slots (-1: all `width`
     slots of the model's buffer, unwritten ones reading as zeros as in the model's zeroed cache).
+    softcap as for `attend` (the decode kernels have none: such a step takes the reference).
     """
     store = _kivi((k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring), bits, fp8, group_size,
                   residual)
@@ -168,7 +169,8 @@ def kivi_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
     attn_mask, kv_len = visible_prompt_keys(attn_mask, kv_len, t, is_causal, width)  # (a decode step: as is)
     n = width if kv_len < 0 else kv_len
     # A decode step: the new token is in the ring already (residual > 0 keeps it at full precision).
-    if t == 1 and _decode_kernels(q) and residual > 0 and d in HEAD_DIMS and not is_causal and row_mask(attn_mask):
+    if (t == 1 and _decode_kernels(q) and residual > 0 and d in HEAD_DIMS and not is_causal and softcap == 0.0
+            and row_mask(attn_mask)):
         lengths = (pos[:1] + 1).to(torch.int32).expand(b)  # on the device: no host sync
         return decode_attention_triton(q, store, lengths, scale, bias=row_bias(attn_mask, b, n, q.device))
     written = int(pos[0]) + t
@@ -184,13 +186,13 @@ def kivi_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: 
             full.append(cached.index_copy(2, pos[pos < n], new[:, :, : int((pos < n).sum())].to(q.dtype)))
         mask = attn_mask[block] if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[0] == b \
             else attn_mask
-        out[block] = attend_reference(q[block], full[0], full[1], mask, -1, is_causal, scale)
+        out[block] = attend_reference(q[block], full[0], full[1], mask, -1, is_causal, scale, softcap)
     return out
 
 
 @kivi_attend.register_fake
 def _(q, k_new, v_new, pos, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring, attn_mask, kv_len,
-      width, is_causal, scale, bits, fp8, group_size, residual):
+      width, is_causal, scale, bits, fp8, group_size, residual, softcap=0.0):
     return q.new_empty((*q.shape[:-1], v_new.shape[-1]))
 
 

@@ -9,7 +9,9 @@ slots then has the same strides whatever the capacity, so one compiled graph ser
 and growing is a copy into a larger allocation, amortized by growing 25% (in steps of 64 slots).
 `CatStore` holds int8 (a `KVStore` of per-token codes and (scale, zero)). A sliding window (the caller
 keeps the last W - 1 tokens) drops the older tokens before each call, so its memory follows the window,
-not the sequence. `GrowingStore` holds the KIVI formats and Quest, whose stores are laid out by position.
+not the sequence. `GrowingStore` holds the KIVI formats and Quest, whose stores are laid out by position;
+under a sliding window a KIVI one drops whole groups of G, so it holds up to G - 1 tokens older than the
+window (the graph masks them out) and positions in it are relative to the first kept group.
 """
 from __future__ import annotations
 
@@ -117,19 +119,34 @@ class GrowingStore:
     def __init__(self, fmt, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                  layer: int = 0, layers: int = 1):
         self.fmt, self.length = fmt, 0
+        self.start = 0  # a sliding window's caller holds only positions [start, length) (`keep_last`)
         self.allocate = lambda n, on=device: fmt.allocate((batch, heads, n, head_dim), dtype, on, layer, layers)
         self.store = self.allocate(0)
+        # Under a sliding window: where the call's first cache token sits in the store (a graph input, [1]).
+        self.offset = torch.zeros(1, dtype=torch.int64, device=device)
 
     def view(self, n: int) -> tuple[torch.Tensor, ...]:
         """The store's tensors, sized for a cache of n tokens (what a graph that grows it to n reads and writes)."""
         shapes = [t.shape for t in self.allocate(n, torch.device("meta")).tensors()]
         if shapes != [t.shape for t in self.store.tensors()]:
-            grown = self.allocate(n)
+            grown = self.allocate(n)  # (smaller, too: a sliding window's next call may be shorter)
             for new, kept in zip(grown.tensors(), self.store.tensors()):  # by position: the first groups / pages
-                if kept.numel():  # (Quest's bounds of no page are [0])
-                    (new if new.shape == kept.shape else new[:, :, :kept.shape[2]]).copy_(kept)
+                if new.shape == kept.shape:
+                    new.copy_(kept)
+                elif kept.numel():  # (Quest's bounds of no page are [0])
+                    both = min(new.shape[2], kept.shape[2])
+                    new[:, :, :both].copy_(kept[:, :, :both])
             self.store = grown
         return self.store.tensors()
+
+    def keep_last(self, keep: int) -> None:
+        """The caller keeps only the last `keep` tokens (HF's sliding window keeps W - 1): the whole groups
+        before them go (`KiviStore.drop_front`), a copy of the store every G tokens."""
+        drop = max(self.length - keep, 0) // self.store.group_size * self.store.group_size
+        if drop:
+            self.store.drop_front(drop)
+            self.length -= drop
+        self.start = max(self.length - keep, 0)
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize a past the model built without kvfx (fp keys, values [B, H, L, D]) as one prompt."""
@@ -141,5 +158,5 @@ class GrowingStore:
     def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The cache's tokens in position order (Quest fills its slots in position order)."""
         if isinstance(self.store, KiviStore):
-            return dequantize_reference(self.store, self.length, dtype)
+            return tuple(t[:, :, self.start:] for t in dequantize_reference(self.store, self.length, dtype))
         return tuple(t.to(dtype) for t in self.store.dequantize(self.length))

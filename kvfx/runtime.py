@@ -199,7 +199,8 @@ def _hand_back(outputs: list, slot: StoreSlot, store: Any, session: Session) -> 
 def _cat_store_view(slot: CatSlot, args: tuple, fmt, layers: int) -> tuple[Any, int, tuple[torch.Tensor, ...]]:
     """The store a concatenated cache grows in this call, its length after the call, and the tensors
     the graph reads and writes: the view of its first `length` slots (int8), or a KIVI store sized for
-    `length` / a policy's whole `TokenStore`, then a carrier of the length (uint8 [length], never read)."""
+    `length` / a policy's whole `TokenStore`, then a carrier of the length (uint8 [length], never read); a
+    sliding window's KIVI store is sized for `length` + G and followed by the carrier and its offset."""
     batch, heads, length, head_dim = (size(args) for size in slot.shape)
     past = [None if i is None else args[i] for i in (slot.key_past_input, slot.value_past_input)]
     if past[0] is not None and past[0].dim() == 4:
@@ -208,8 +209,13 @@ def _cat_store_view(slot: CatSlot, args: tuple, fmt, layers: int) -> tuple[Any, 
         store = _new_cat_store(slot, fmt, batch, heads, head_dim, layers)
     if slot.kind == "int8":
         return store, length, store.view(length).tensors()
+    carrier = torch.empty(length, dtype=torch.uint8, device=slot.device)
+    if slot.margin:  # a sliding window's KIVI store: the cache's first token sits `offset` positions in
+        offset = store.length - (past[0].shape[2] if store.length else 0)
+        store.offset.fill_(offset)
+        return store, offset + length, (*store.view(length + slot.margin), carrier, store.offset)
     tensors = store.tensors() if slot.kind == "policy" else store.view(length)
-    return store, length, (*tensors, torch.empty(length, dtype=torch.uint8, device=slot.device))
+    return store, length, (*tensors, carrier)
 
 
 def _past_store(key: torch.Tensor, value: torch.Tensor, fmt, slot: CatSlot, layers: int) -> Any:

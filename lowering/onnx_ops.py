@@ -73,7 +73,9 @@ def _qlen(length, group_size, residual):
 # ---- attention -------------------------------------------------------------------------------
 
 
-def _attention(q, k, v, attn_mask, kv_len, is_causal, scale):
+def _attention(q, k, v, attn_mask, kv_len, is_causal, scale, softcap: float = 0.0):
+    if softcap:  # ONNX Attention caps after adding the mask; kvfx (Gemma-2) caps before it
+        raise KVFXError(f"ONNX export of softcapped attention (softcap={softcap}) is not supported yet")
     if not (isinstance(kv_len, int) and kv_len < 0):  # attend the first kv_len slots only
         stop = _ints(kv_len) if isinstance(kv_len, int) else op.Reshape(kv_len, _ints(1))
         k, v = (op.Slice(t, _ints(0), stop, _ints(2)) for t in (k, v))
@@ -93,13 +95,11 @@ def _dequantize_int8(codes, qparams, like):
 def attend(q, k, v, k_qparams=None, v_qparams=None, attn_mask=None, kv_len: int = -1, is_causal: bool = False,
            scale: float = 1.0, softcap: float = 0.0):
     """kvfx::attend: GQA attention over an fp cache, or an int8 one dequantized per token."""
-    if softcap:  # ONNX Attention caps after adding the mask; kvfx (Gemma-2) caps before it
-        raise KVFXError(f"ONNX export of softcapped attention (softcap={softcap}) is not supported yet")
     if k_qparams is not None:
         k = _dequantize_int8(k, k_qparams, q)
     if v_qparams is not None:
         v = _dequantize_int8(v, v_qparams, q)
-    return _attention(q, k, v, attn_mask, kv_len, is_causal, scale)
+    return _attention(q, k, v, attn_mask, kv_len, is_causal, scale, softcap)
 
 
 # ---- per-token int8 store --------------------------------------------------------------------
@@ -260,7 +260,7 @@ def _dequantize_kivi(codes, scale, zero, bits, group_size, keys: bool):
 
 def kivi_attend(q, k_new, v_new, pos, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, k_ring, v_ring,
                 attn_mask=None, kv_len: int = -1, width: int = 0, is_causal: bool = False, scale: float = 1.0,
-                bits: int = 4, fp8: bool = False, group_size: int = 32, residual: int = 128):
+                bits: int = 4, fp8: bool = False, group_size: int = 32, residual: int = 128, softcap: float = 0.0):
     """kvfx::kivi_attend: attention over the first n slots (n = kv_len, or width when -1) of a KIVI
     store after the write: slots < qlen(L) dequantized, [qlen(L), L) from the ring, the T new tokens at
     full precision from k_new/v_new, later slots zero."""
@@ -294,7 +294,7 @@ def kivi_attend(q, k_new, v_new, pos, k_codes, v_codes, k_scale, k_zero, v_scale
                                                  zeros))
         x = op.Where(is_new, op.Cast(op.Gather(new, new_index, axis=2), to=FLOAT), older)
         full.append(op.CastLike(x, q))
-    return _attention(q, full[0], full[1], attn_mask, -1, is_causal, scale)
+    return _attention(q, full[0], full[1], attn_mask, -1, is_causal, scale, softcap)
 
 
 # ---- eviction policies over a TokenStore (kernels/policies.py, kernels/token_store.py) ---------------

@@ -16,12 +16,14 @@ has that shape, and the store drops its older tokens before the next call (`CatS
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from kvfx.kernels.token_store import TokenFormat
 from kvfx.passes.fx_utils import (append_inputs, call_arguments, describe, example_tensor, full_slices, is_cat,
@@ -108,6 +110,8 @@ class CatSlot:
     keep: int | None = None             # the caller keeps the last `keep` tokens (a sliding window), else all
     kind: str = "int8"                  # "int8": CatStore views; "kivi", "quest": a GrowingStore's tensors, "policy":
                                         # a TokenStore's (its budget's capacity), each then a length carrier [S]
+    margin: int = 0                     # a sliding window's KIVI store: sized for S + margin (G) positions, and
+                                        # the store position of the cache's first token (an int64 [1]) after the carrier
 
 
 def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> str:
@@ -120,14 +124,16 @@ def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> st
                 f"which a cache that grows by concatenation (DynamicCache) does not fix: use an integer budget "
                 f"(tokens) with streaming, h2o, snapkv or pyramidkv, Quest, or a static cache "
                 f"(cache_implementation='static')")
-    if kind != "int8":
-        if site.key.cat.crop is not None:
-            return f"a {fmt.name} store does not follow a sliding window's crop of the concatenated cache"
-        if site.softcap:
-            return f"kv={fmt.name!r} (or a policy) has no softcapped attention yet; kv='int8' and kv='none' have"
-        unsupported = fmt.unsupported(shape_of(site.key.cat.new)[-1])
-        if unsupported:
-            return unsupported
+    if kind in ("policy", "quest") and site.key.cat.crop is not None:
+        return f"a {fmt.name} store does not follow a sliding window's crop of the concatenated cache"
+    reason = fmt.unsupported(shape_of(site.key.cat.new)[-1], site.softcap)
+    if reason:
+        return reason
+    if kind == "kivi" and site.key.cat.crop is not None and site.attn_mask is not None:
+        columns, length = shape_of(site.attn_mask)[-1], shape_of(site.key.cat.node)[2]
+        if not statically_known_true(columns == length):  # the mask is moved onto the store's positions
+            return (f"the mask's {columns} columns are not the concatenated cache's {length} tokens, which a "
+                    f"sliding window's {fmt.name} store places by column")
     outputs = output_values(output.graph)
     if site.key.cat.keep != site.value.cat.keep:
         return "the key and value caches keep different numbers of their last tokens"
@@ -164,40 +170,50 @@ def store_kind(fmt) -> str:
 
 
 def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx.Node, fmt,
-                  layers: int) -> tuple[CatSlot, list, fx.Node, fx.Node | int]:
+                  layers: int) -> tuple[CatSlot, list, fx.Node, fx.Node | int, object]:
     """New inputs for the site's store, the positions [T] of this call's tokens, and placeholders
     returned in place of the grown K/V. int8: the inputs are views of the store's first S slots, and
     the two writes go before the attention. KIVI formats and Quest: the inputs are a store for S positions
     (`GrowingStore`) and a carrier of the length S (a uint8 tensor [S], never read). An evicting policy
-    (integer budget): its `TokenStore`, whose capacity the budget fixes, and the carrier. Returns the slot, the
-    store nodes, the positions and S; the caller rewrites the attention over them (the KIVI and policy
-    ops write), then calls `drop_cats`."""
+    (integer budget): its `TokenStore`, whose capacity the budget fixes, and the carrier. A KIVI store under a
+    sliding window: a store for S + G positions, the carrier, and the store position of the cache's first token.
+    Returns the slot, the store nodes, the positions, the store's width and the site as it attends over the
+    store; the caller rewrites the attention over them (the KIVI and policy ops write), then calls `drop_cats`."""
     from kvfx.cat_store import seq_major_store
 
     key, value = site.key.cat, site.value.cat
     example = example_tensor(key.node)
     kind = store_kind(fmt)
+    margin = fmt.group_size if kind == "kivi" and key.keep is not None else 0
     b, h, s, d = example.shape
     with example.fake_mode:
         if kind == "int8":
             examples = seq_major_store(fmt, example.shape, example.dtype, example.device).tensors()
         else:
-            cache_len = UNBOUNDED if kind == "policy" else s
+            cache_len = UNBOUNDED if kind == "policy" else s + margin
             fake = fmt.allocate((b, h, cache_len, d), example.dtype, example.device, site.layer, layers)
             examples = (*fake.tensors(), torch.empty(s, dtype=torch.uint8, device=example.device))
-    names = [*fmt.tensor_names, *(["length"] if kind != "int8" else [])]
+            if margin:
+                examples += (torch.zeros(1, dtype=torch.int64, device=example.device),)
+    names = [*fmt.tensor_names, *(["length"] if kind != "int8" else []), *(["offset"] if margin else [])]
     inputs = append_inputs(graph, [f"kvfx_cat{site.layer}_{name}" for name in names], examples)
     store = inputs[:len(fmt.tensor_names)]
     # The grown cache's length S, read off an input that carries it (the store view's dim 2, or the
     # carrier's dim 0) and not off `past`: the runtime's placeholder for it is fakeified afresh by
     # AOTAutograd, with symbols that no guard can name.
-    carrier, dim = (store[0], 2) if kind == "int8" else (inputs[-1], 0)
+    carrier, dim = (store[0], 2) if kind == "int8" else (inputs[len(store)], 0)
     with graph.inserting_before(site.node):
         length = _size(graph, carrier, dim, s)
         new = _size(graph, key.new, 2, shape_of(key.new)[2])
         start = length - new if isinstance(length, int) and isinstance(new, int) else \
             graph.call_function(operator.sub, (length, new))
         pos = graph.call_function(torch.arange, (start, length), {"device": example.device})
+        width, attending = length, site
+        if margin:  # store position = cache position + offset, in a store of S + G positions
+            offset = inputs[-1]
+            pos = graph.call_function(operator.add, (pos, offset))
+            width = s + margin if isinstance(s, int) else graph.call_function(operator.add, (length, margin))
+            attending = _window_site(graph, site, length, offset, width)
         if kind == "int8":
             k_codes, k_qparams, v_codes, v_qparams = store
             for codes, qparams, cat in ((k_codes, k_qparams, key), (v_codes, v_qparams, value)):
@@ -218,17 +234,52 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
     output.args = (tuple(outputs),)
     index = {p: i for i, p in enumerate(placeholders)}
     slot = CatSlot(site.layer, example.dtype, example.device, [size_recipe(s, placeholders) for s in example.shape],
-                   index.get(key.past), index.get(value.past), *indices, tuple(examples), key.keep, kind)
-    return slot, store, pos, length
+                   index.get(key.past), index.get(value.past), *indices, tuple(examples), key.keep, kind, margin)
+    return slot, store, pos, width, attending
+
+
+def _window_site(graph: fx.Graph, site, length, offset: fx.Node, width) -> object:
+    """The site as it attends over a sliding window's KIVI store of `width` positions, where the grown cache's
+    `length` tokens (the columns of the model's mask) sit from position `offset` on: a mask over the store that
+    also hides the older tokens before them (the whole groups the store keeps) and the free positions after."""
+    if site.attn_mask is None and site.is_causal:
+        return site  # the call starts the cache (SDPA's is_causal with T < S is no HF cache): offset 0, T == S
+    device = example_tensor(site.query).device
+    column = graph.call_function(operator.sub, (graph.call_function(torch.arange, (width,), {"device": device}),
+                                                offset))
+    inside = graph.call_function(operator.and_, (graph.call_function(operator.ge, (column, 0)),
+                                                 graph.call_function(operator.lt, (column, length))))
+    inside = graph.call_method("view", (inside, 1, 1, 1, -1))  # one row: the decode kernels' bias
+    if site.attn_mask is None:
+        return dataclasses.replace(site, attn_mask=inside)
+    column = graph.call_method("clamp", (column, 0, graph.call_function(operator.sub, (length, 1))))
+    picked = graph.call_method("index_select", (site.attn_mask, -1, column))
+    if example_tensor(site.attn_mask).dtype == torch.bool:
+        return dataclasses.replace(site, attn_mask=graph.call_function(operator.and_, (picked, inside)))
+    return dataclasses.replace(site, attn_mask=graph.call_function(torch.where, (inside, picked, float("-inf"))))
 
 
 def drop_cats(graph: fx.Graph, site) -> None:
-    """Erase the concatenations the rewrite left without users."""
+    """Erase the concatenations the rewrite left without users (but reads of their sizes that nothing uses:
+    repeat_kv's `.shape`, whose expand the rewrite erased; a past still read would stay an fp input)."""
     for cat in (site.key.cat, site.value.cat):
         if cat.crop is not None and not cat.crop.users:
             graph.erase_node(cat.crop)
+        for user in list(cat.node.users):
+            if is_metadata_read(user):
+                _erase_if_unused(graph, user)
         if cat.node is not cat.new and not cat.node.users:
             graph.erase_node(cat.node)
+
+
+def _erase_if_unused(graph: fx.Graph, node: fx.Node) -> bool:
+    """Erase `node` if nothing uses it or what is computed from it (pure calls only); whether it went."""
+    if node.op not in ("call_function", "call_method") or node.is_impure():
+        return False
+    if all([_erase_if_unused(graph, user) for user in list(node.users)]):
+        graph.erase_node(node)
+        return True
+    return False
 
 
 def _size(graph: fx.Graph, node: fx.Node, dim: int, value) -> int | fx.Node:

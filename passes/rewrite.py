@@ -125,11 +125,9 @@ def _head_dims_differ(site: Site) -> str:
 
 def _quantizable(site: Site, output: fx.Node, fmt) -> str:
     """Why the site's fp buffers cannot be replaced by a store ("" if they can)."""
-    reason = fmt.unsupported(example_tensor(site.key.buffer).shape[-1])
+    reason = fmt.unsupported(example_tensor(site.key.buffer).shape[-1], site.softcap)
     if reason:
         return reason
-    if site.softcap and isinstance(fmt, (KiviFormat, TokenFormat)):
-        return f"kv={fmt.name!r} (or a policy) has no softcapped attention yet; kv='int8' and kv='none' have"
     if site.key_write and site.value_write and not same_positions(site.key_write, site.value_write) \
             and isinstance(fmt, (KiviFormat, TokenFormat)):
         return f"keys and values are written at different positions; a {fmt.name} store writes both together"
@@ -232,12 +230,13 @@ def _rewrite_cat_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.No
     """A concatenated cache (DynamicCache, nanoGPT present) moves into a CatStore, or under a policy into
     a TokenStore of the budget's capacity (passes/cat_cache.py)."""
     prepare_site(graph, site)
-    slot, store, pos, length = cat_cache.add_cat_store(graph, site, placeholders, output, config.format, layers)
+    slot, store, pos, width, attending = cat_cache.add_cat_store(graph, site, placeholders, output, config.format,
+                                                                 layers)
     new = (pos, site.key.cat.new, site.value.cat.new)
     if slot.kind in ("policy", "quest"):
         _rewrite_policy(graph, site, store, config.to_json(), layers, new)
     elif slot.kind == "kivi":
-        _rewrite_kivi(graph, site, store, config.format, length, new)
+        _rewrite_kivi(graph, attending, store, config.format, width, new)
     else:
         k_codes, k_qparams, v_codes, v_qparams = store
         _rewrite_attention(graph, site, k_codes, v_codes, k_qparams, v_qparams)
@@ -264,7 +263,7 @@ def _rewrite_kivi(graph: fx.Graph, site: Site, store: list[fx.Node], fmt: KiviFo
     with graph.inserting_before(site.node):
         attend = graph.call_function(torch.ops.kvfx.kivi_attend.default, (
             site.query, k_new, v_new, pos, *store, site.attn_mask, site.key.kv_len, width, site.is_causal,
-            site.scale, *constants))
+            site.scale, *constants) + ((site.softcap,) if site.softcap else ()))
     _replace_attention(graph, site, attend)
 
 

@@ -139,8 +139,17 @@ def test_attend_decode_kernel_skips_what_the_mask_hides(kv):
 
 def test_softcapped_decode_stays_on_the_reference():
     """The decode kernels have no softcap: such a call keeps the reference's result."""
+    from kvfx.kernels.formats import format_for
+
     q, (k, v) = torch.randn(1, 4, 1, 64), torch.randn(2, 1, 2, 40, 64)
     got, want = forced(torch.ops.kvfx.attend, q, k, v, None, None, None, -1, False, 0.125, 5.0)
+    assert torch.equal(got, want)
+    fmt = format_for("int4", group_size=16, residual=16)
+    store = fmt.allocate((1, 2, 40, 64), torch.float32, torch.device("cpu"))
+    constants = (fmt.bits, fmt.fp8, fmt.group_size, fmt.residual)
+    torch.ops.kvfx.kivi_write(*store.tensors(), torch.arange(40), k, v, 40, *constants)
+    got, want = forced(torch.ops.kvfx.kivi_attend, q, k[:, :, -1:], v[:, :, -1:], torch.tensor([39]),
+                       *store.tensors(), None, -1, 40, False, 0.125, *constants, 5.0)
     assert torch.equal(got, want)
 
 

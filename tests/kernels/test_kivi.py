@@ -238,3 +238,23 @@ def test_invalid_store_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         KiviStore.allocate(1, 1, 64, 128, torch.float32, "cpu", **{"bits": 2, "group_size": 32, "residual": 32,
                                                                   **kwargs})
+
+
+@given(store_case(), st.data())
+def test_dropping_whole_groups_shifts_what_follows(case, data):
+    """A sliding window's store forgets whole groups of its oldest tokens (`drop_front`): the tokens left, and
+    the tokens written after, read as the store that kept everything reads them, `count` positions later."""
+    store, k, v, _, _ = case
+    g, total = store.group_size, k.shape[2]
+    assume(total > 1)
+    n = data.draw(st.integers(1, total - 1), label="written before")
+    count = g * data.draw(st.integers(0, (n - 1) // g), label="groups dropped")  # a token stays: fp8 keeps its scale
+    kept = KiviStore(*(t.clone() for t in store.tensors()), store.bits, g, store.residual, store.fp8)
+    store_write_reference(kept, k[:, :, :n], v[:, :, :n], 0)
+    dropped = KiviStore(*(t.clone() for t in kept.tensors()), store.bits, g, store.residual, store.fp8)
+    dropped.drop_front(count)
+    for start in range(n, total):
+        store_write_reference(kept, k[:, :, start:start + 1], v[:, :, start:start + 1], start)
+        store_write_reference(dropped, k[:, :, start:start + 1], v[:, :, start:start + 1], start - count)
+        for a, b in zip(dequantize_reference(kept, start + 1), dequantize_reference(dropped, start + 1 - count)):
+            assert torch.equal(a[:, :, count:], b)

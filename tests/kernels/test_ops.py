@@ -159,6 +159,32 @@ def test_kivi_ops_opcheck_and_match_the_store_reference(kv):
                                                                options, 0, 1))
 
 
+@pytest.mark.parametrize("kv", ["int4", "fp8"])
+@pytest.mark.parametrize("softcap", [0.5, 50.0])
+def test_kivi_attend_softcap_equals_eager_softcapping(kv, softcap):
+    """Gemma-2's softcapped attention over a KIVI store: a causal prompt, a masked chunk, then a decode step,
+    each the eager softcapping over the dequantized cache (the call's new tokens at full precision)."""
+    from kvfx.kernels.formats import format_for
+    from kvfx.kernels.kivi import dequantize_reference
+
+    fmt = format_for(kv, group_size=16, residual=16)
+    store = fmt.allocate((2, 2, 48, 32), torch.float32, torch.device("cpu"))
+    constants = (fmt.bits, fmt.fp8, fmt.group_size, fmt.residual)
+    step_mask = (torch.rand(2, 1, 1, 48) < 0.7) & (torch.arange(48) <= 30)
+    for pos, mask, causal in ((torch.arange(21), None, True),  # (the slots after the call are unwritten: zeros)
+                              (torch.arange(21, 30), torch.ones(9, 48, dtype=torch.bool).tril(21), False),
+                              (torch.tensor([30]), step_mask, False)):
+        t = pos.shape[0]
+        q, k, v = torch.randn(2, 4, t, 32) * 3, torch.randn(2, 2, t, 32) * 3, torch.randn(2, 2, t, 32)
+        torch.ops.kvfx.kivi_write(*store.tensors(), pos, k, v, 48, *constants)
+        got = torch.ops.kvfx.kivi_attend(q, k, v, pos, *store.tensors(), mask, -1, 48, causal, 0.2, *constants,
+                                         softcap)
+        keys, values = (F.pad(x, (0, 0, 0, 48 - x.shape[2])) for x in dequantize_reference(store, int(pos[-1]) + 1))
+        keys[:, :, pos], values[:, :, pos] = k, v
+        want = softcapped_eager(q, keys, values, mask, -1, causal, 0.2, softcap)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_kivi_prompt_attention_in_row_blocks_is_the_whole_batch_at_once(monkeypatch):
     """A prompt chunk over a KIVI store dequantizes the cache one block of batch rows at a time (bounded
     transient memory): one row per block gives what the whole batch at once gives, per-row masks

@@ -143,6 +143,33 @@ def test_stores_by_position_hold_a_dynamic_cache(options, slots):
     assert nbytes == 4 * store.nbytes()
 
 
+@pytest.mark.parametrize("kv", ["int4", pytest.param("fp8", marks=pytest.mark.heavy)])
+def test_a_sliding_window_kivi_store_holds_the_window(kv):
+    """HF's DynamicSlidingWindowLayer (window 40: it keeps the last 39 tokens) under a KIVI format, a 45-token
+    prompt already past the window, then 40 tokens: the store drops whole groups of 16 as the window slides,
+    the model's mask is moved onto its positions, and the logits are those of the same format over HF's full
+    DynamicLayer with the same sliding mask (which keeps every token, quantized in the same groups). The
+    tokens held are that cache's last 39, in a store that follows the window (64 packed slots), not the
+    sequence (84 tokens)."""
+    from kvfx.runtime import dequantized, store_of
+
+    model, ids, runs = tiny_model("mistral", sliding_window=40), prompt(45, seed=3), []
+    options = dict(kv=kv, group_size=16, residual=16 if kv == "int4" else 0)
+    for past in (DynamicCache(config=model.config), DynamicCache()):  # sliding layers; full layers
+        torch._dynamo.reset()
+        compiled = copy.deepcopy(model)
+        compiled.forward = torch.compile(compiled.forward, backend="kvfx", options=options)
+        out = hf_generate(compiled, ids, 40, past_key_values=past, output_logits=True, return_dict_in_generate=True)
+        assert kvfx.report(compiled).rewritten == kvfx.report(compiled).found
+        runs.append((torch.stack(out.logits, 1), past.layers[0]))
+    (sliding, window), (full, everything) = runs
+    torch.testing.assert_close(sliding, full, atol=1e-5, rtol=1e-5)
+    assert window.keys.shape[2] == 39 and everything.keys.shape[2] == 84
+    for held, fp in ((window.keys, everything.keys), (window.values, everything.values)):
+        assert torch.equal(dequantized(held), dequantized(fp)[:, :, -39:])
+    assert store_of(window.keys).store.k_codes.shape[2] <= 64
+
+
 # Graphs compiled for three generations: prompt lengths 7, 7 (the same shapes: nothing new) and 11.
 # HF static: prefill + decode, then a new prompt and cache length make both dynamic (+2).
 # Growing caches (HF dynamic, nanoGPT): prefill, the first decode, then a decode with the past length

@@ -220,11 +220,20 @@ def dropped_first_cat_step(q, past_k, past_v, k, v):
     return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True), keys[:, :, 1:], values[:, :, 1:]
 
 
-@pytest.mark.parametrize("kv, reason", [("int8", "not returned, whole or as its last tokens"),
-                                        ("int4", "does not follow a sliding window's crop")])
-def test_concatenated_cache_kvfx_cannot_hold_is_left_unchanged(kv, reason):
-    step = dropped_first_cat_step if kv == "int8" else sliding_cat_step
-    assert reason in unchanged_reason(step, cat_inputs(), kv=kv, group_size=16, residual=16)
+def test_a_concatenated_cache_the_caller_does_not_keep_is_left_unchanged():
+    assert "not returned, whole or as its last tokens" in unchanged_reason(dropped_first_cat_step, cat_inputs(),
+                                                                          kv="int8")
+
+
+def test_a_sliding_window_mask_kivi_cannot_place_is_left_unchanged():
+    """A sliding window's KIVI store places the model's mask by column: one broadcast column is not the cache's."""
+    def step(q, past_k, past_v, k, v, mask):
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return out, keys[:, :, -3:], values[:, :, -3:]
+
+    inputs = [torch.randn(*x.shape[:-1], 16) for x in cat_inputs()] + [torch.ones(1, 1, 1, 1, dtype=torch.bool)]
+    assert "not the concatenated cache's" in unchanged_reason(step, inputs, kv="int4", group_size=16, residual=16)
 
 
 @pytest.mark.parametrize("options, reason", [(dict(policy="h2o", budget=0.2), "sizes its store by the cache length"),
@@ -409,19 +418,18 @@ def test_softcapped_attention_is_rewritten(kv):
     compiled_matches_eager(softcapped_attention, args, kv, **({} if kv == "none" else dict(atol=0.05, rtol=0.05)))
 
 
-@pytest.mark.parametrize("kv, caps, reason", [
-    ("none", (30.0, 20.0), "softmax input has an op kvfx does not model: tanh"),  # tanh(s / 20) * 30: no softcap
-    ("int4", (30.0, 30.0), "no softcapped attention yet"),
+@pytest.mark.parametrize("options, caps, reason", [
+    ({}, (30.0, 20.0), "softmax input has an op kvfx does not model: tanh"),  # tanh(s / 20) * 30: no softcap
+    ({"policy": "h2o", "budget": 8}, (30.0, 30.0), "policy 'h2o' has no softcapped attention yet"),
 ])
-def test_softcap_kvfx_cannot_prove_is_left_unchanged(kv, caps, reason):
+def test_softcap_kvfx_cannot_prove_is_left_unchanged(options, caps, reason):
     def static_softcapped(q, k_cache, v_cache, pos, k, v, mask):
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
         att = torch.tanh(torch.matmul(q, k_cache.transpose(2, 3)) / caps[1]) * caps[0]
         return torch.matmul(F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1), v_cache)
 
-    assert reason in unchanged_reason(static_softcapped, static_inputs(heads=2, d=32), kv=kv, group_size=16,
-                                      residual=16)
+    assert reason in unchanged_reason(static_softcapped, static_inputs(heads=2, d=32), **options)
 
 
 @pytest.mark.parametrize("kv", ["none", "int8"])
