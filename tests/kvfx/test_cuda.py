@@ -1,5 +1,7 @@
 """The compile path on a GPU (skipped without CUDA; run on the GPU machine): kvfx ops inside an
 inductor-compiled CUDA graph, the Triton KIVI write kernel included."""
+import copy
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -89,3 +91,27 @@ def quest_steps_match(kv: str, device: str, dtype: torch.dtype, prompt: int, ste
 def test_fused_quest_steps_keep_the_reference_bounds_on_cuda(kv):
     """On the GPU at bf16: the finish kernel widens the page bounds exactly as `TokenStore.put`."""
     quest_steps_match(kv, "cuda", torch.bfloat16, 4000, 20)
+
+
+@pytest.mark.parametrize("kv", ["int4", "fp8"])
+def test_sliding_window_kivi_store_on_cuda(kv):
+    """HF's sliding-window DynamicCache under a KIVI format on the GPU: the decode kernels take the mask moved
+    onto the store (a bias row); the logits of the same format over HF's full DynamicLayer and sliding mask."""
+    from transformers import DynamicCache
+
+    model = tiny_model("mistral", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       sliding_window=100).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 120), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    kw = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    options = {"kv": kv, "group_size": 32, "residual": 32 if kv == "int4" else 0}
+    runs = []
+    with torch.no_grad():
+        pasts = (DynamicCache(config=model.config), DynamicCache())  # sliding layers; full layers
+        for past in pasts:
+            torch._dynamo.reset()
+            compiled = copy.deepcopy(model)
+            compiled.forward = torch.compile(compiled.forward, backend="kvfx", options=options)
+            runs.append(torch.stack(compiled.generate(ids, past_key_values=past, **kw).logits, 1).float())
+            assert kvfx.report(compiled).rewritten == kvfx.report(compiled).found
+    assert [past.layers[0].keys.shape[2] for past in pasts] == [99, 159]  # (the last token is not fed back)
+    torch.testing.assert_close(runs[0], runs[1], atol=0.05, rtol=0.05)
