@@ -82,6 +82,16 @@ class TokenCodec:
         return (x * scale[..., None] + zero[..., None]).flatten(-2).to(dtype)
 
 
+def dropped_positions(slot_pos: torch.Tensor, count) -> torch.Tensor:
+    """`slot_pos` once positions [0, count) are gone and the rest numbered from 0: how a policy's store follows
+    a sliding window (HF's static layer rolls one slot a step; its DynamicCache keeps the last W - 1 tokens of
+    each call). A token at position p moves to p - count, or leaves its slot empty (-1) when that is < 0; a
+    held-back candidate (-2 - p) alike. The policies rank by position order only, which this keeps."""
+    held = slot_pos <= -2
+    moved = torch.where(held, -2 - slot_pos, slot_pos) - count
+    return torch.where(slot_pos == -1, -1, torch.where(moved < 0, -1, torch.where(held, -2 - moved, moved)))
+
+
 @dataclass
 class TokenStore:
     """The tensors one attention site's cache holds under a policy (layout in the module docstring)."""
@@ -110,6 +120,11 @@ class TokenStore:
         (empty slots: garbage)."""
         return (self.codec.dequantize(self.k_codes[:, :, :slots], self.k_params[:, :, :slots], self.dtype),
                 self.codec.dequantize(self.v_codes[:, :, :slots], self.v_params[:, :, :slots], self.dtype))
+
+    def drop_positions(self, count: int) -> None:
+        """Forget positions [0, count) and number the others from 0 (a sliding window moved on by count)."""
+        if count:
+            self.slot_pos.copy_(dropped_positions(self.slot_pos, count))
 
     def write(self, source: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor,
               score: torch.Tensor) -> None:

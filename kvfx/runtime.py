@@ -262,7 +262,9 @@ def _hand_back_grown(outputs: list, slot: CatSlot, store: Any, length: int, sess
     key, value = outputs[slot.key_output], outputs[slot.value_output]
     if slot.kind != "policy":
         store.length = length
-    if slot.keep is not None:
+    if slot.keep is not None and slot.kind == "policy":  # the next call numbers positions from its cache's first
+        store.drop_positions(max(length - slot.keep, 0))
+    elif slot.keep is not None:
         store.keep_last(slot.keep)
     if slot.kind != "int8" or slot.keep is not None:
         _NEWEST[store] = weakref.ref(key)

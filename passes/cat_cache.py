@@ -124,7 +124,7 @@ def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> st
                 f"which a cache that grows by concatenation (DynamicCache) does not fix: use an integer budget "
                 f"(tokens) with streaming, h2o, snapkv or pyramidkv, Quest, or a static cache "
                 f"(cache_implementation='static')")
-    if kind in ("policy", "quest") and site.key.cat.crop is not None:
+    if kind == "quest" and site.key.cat.crop is not None:
         return f"a {fmt.name} store does not follow a sliding window's crop of the concatenated cache"
     reason = fmt.unsupported(shape_of(site.key.cat.new)[-1], site.softcap)
     if reason:

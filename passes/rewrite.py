@@ -20,7 +20,8 @@ import torch.fx as fx
 
 from kvfx.config import KVConfig, KVConfigError
 from kvfx.kernels.formats import Int8Format, KiviFormat
-from kvfx.kernels.token_store import TokenFormat
+from kvfx.kernels.policies import EVICTING
+from kvfx.kernels.token_store import TokenFormat, dropped_positions
 from kvfx.passes.fx_utils import (append_inputs, describe, example_tensor, graph_position, is_metadata_read, is_method,
                                   is_sdpa)
 from kvfx.passes import cat_cache
@@ -132,15 +133,16 @@ def _quantizable(site: Site, output: fx.Node, fmt) -> str:
             and isinstance(fmt, (KiviFormat, TokenFormat)):
         return f"keys and values are written at different positions; a {fmt.name} store writes both together"
     for name, read, write in (("key", site.key, site.key_write), ("value", site.value, site.value_write)):
-        if write is not None and write.kind == "roll" and not isinstance(fmt, Int8Format):
+        rolls = isinstance(fmt, Int8Format) or (isinstance(fmt, TokenFormat) and fmt.spec.policy in EVICTING)
+        if write is not None and write.kind == "roll" and not rolls:
             if isinstance(fmt, TokenFormat):
-                why, then = "a policy keeps tokens in slots", "a policy's store cannot go on in fp: kvfx raises"
+                why, then = "its pages are runs of positions", "a policy's store cannot go on in fp: kvfx raises"
             else:
                 why = "a KIVI store keeps tokens at their positions, in groups of group_size and a residual ring"
                 then = "left in fp (a cache quantized by an earlier graph is read back)"
             return (f"the {name} cache is rolled (HF's full static sliding-window layer: every token moves one "
-                    f"slot); kvfx rolls kv='int8' stores, whose per-token codes move with their tokens, not "
-                    f"{fmt.name} ({why}): {then}")
+                    f"slot); kvfx rolls kv='int8' stores, whose per-token codes move with their tokens, and an "
+                    f"evicting policy's (its tokens' positions move), not {fmt.name} ({why}): {then}")
         if write is None and any(is_method(u, "copy_") and u.args[0] is read.buffer for u in read.buffer.users):
             return (f"the {name} cache is overwritten whole (copy_; HF's static sliding-window layer taking several "
                     f"tokens past its window), a write kvfx does not model: left in fp (an int8 cache quantized by an "
@@ -210,6 +212,10 @@ def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node],
         _rewrite_kivi(graph, site, store, fmt, size[2], _written(site), writes)
         return slot
     if isinstance(fmt, TokenFormat):
+        if site.key_write.kind == "roll":  # every token one position down, the oldest gone (a free slot)
+            slot_pos = store[fmt.tensor_names.index("slot_pos")]
+            with graph.inserting_before(site.node):
+                graph.call_method("copy_", (slot_pos, graph.call_function(dropped_positions, (slot_pos, 1))))
         _rewrite_policy(graph, site, store, config.to_json(), layers, _written(site), writes)
         return slot
     k_codes, k_qparams, v_codes, v_qparams = store
@@ -288,7 +294,8 @@ def _rewrite_policy(graph: fx.Graph, site: Site, store: list[fx.Node], options: 
             site.query, k_new, v_new, pos, *store, site.attn_mask, site.is_causal, site.scale, options,
             site.layer, layers))
     for write in writes:
-        graph.erase_node(write.node)
+        for node in (write.node, *write.also):  # (a roll's setitem and roll after its copy_)
+            graph.erase_node(node)
     _replace_attention(graph, site, attend)
 
 

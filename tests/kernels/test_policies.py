@@ -461,3 +461,13 @@ def test_decode_step_equals_the_general_path(policy, kv, b, g, prompt, steps, bu
         if policy == "quest":
             torch.testing.assert_close(fast.page_min, slow.page_min)
             torch.testing.assert_close(fast.page_max, slow.page_max)
+
+
+def test_dropped_positions_number_the_window_from_its_first_token():
+    """A sliding window moved on by 3: kept tokens and held-back candidates (-2 - p) move 3 positions down,
+    those that leave the window leave their slot empty, empty slots stay empty."""
+    from kvfx.kernels.token_store import dropped_positions
+
+    slot_pos = torch.tensor([[[0, 2, 3, 7, -1, -2 - 1, -2 - 5, -2 - 3]]], dtype=torch.int32)
+    want = torch.tensor([[[-1, -1, 0, 4, -1, -1, -2 - 2, -2 - 0]]], dtype=torch.int32)
+    assert torch.equal(dropped_positions(slot_pos, 3), want)

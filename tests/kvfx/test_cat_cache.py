@@ -90,13 +90,13 @@ def test_an_older_sliding_window_cache_cannot_be_continued():
     assert cache.layers[0].keys.shape[2] == 7
 
 
-def static_and_dynamic(options, layers=2):
-    """Logits of 20 + 30 greedy tokens of a tiny model under kvfx `options`, with a static and with a
-    DynamicCache (every site rewritten in both), the DynamicCache's (key, value) placeholders, and the
-    bytes held for them."""
+def static_and_dynamic(options, layers=2, model=None):
+    """Logits of 20 + 30 greedy tokens of a tiny model (Llama of `layers` layers, or `model`) under kvfx
+    `options`, with a static and with a DynamicCache (every site rewritten in both), the DynamicCache's
+    (key, value) placeholders, and the bytes held for them."""
     from kvfx.runtime import held_bytes
 
-    model, ids, runs = tiny_model(num_hidden_layers=layers), prompt(20, seed=11), []
+    model, ids, runs = model or tiny_model(num_hidden_layers=layers), prompt(20, seed=11), []
     for cache in ("static", "dynamic"):
         torch._dynamo.reset()
         compiled = copy.deepcopy(model)
@@ -124,6 +124,18 @@ def test_a_policy_with_an_integer_budget_holds_a_dynamic_cache(options):
     store = kvfx.runtime.store_of(held[0][0])
     assert held[0][0].shape[2] == 49 and store.slot_pos.shape[-1] == 12 + options.get("window", 0)
     assert nbytes == 2 * store.nbytes()
+
+
+def test_a_policy_follows_a_sliding_window_on_either_cache():
+    """H2O (budget 12) on a sliding-window layer (window 24): HF's static cache rolls its buffer one slot a
+    step once full, its DynamicCache keeps the last 23 tokens of each call; the store numbers positions from
+    the window's first (`dropped_positions`), so tokens that leave the window leave the store, and both
+    caches give the same logits."""
+    (static, dynamic), held, _ = static_and_dynamic(dict(policy="h2o", budget=12),
+                                                    model=tiny_model("mistral", sliding_window=24))
+    torch.testing.assert_close(dynamic, static, atol=1e-5, rtol=1e-5)
+    store = kvfx.runtime.store_of(held[0][0])
+    assert held[0][0].shape[2] == 23 and int(store.slot_pos.max()) == 22
 
 
 @pytest.mark.parametrize("options, slots", [(dict(kv="int4", group_size=16, residual=16), 48),

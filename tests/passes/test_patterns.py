@@ -238,11 +238,11 @@ def test_a_sliding_window_mask_kivi_cannot_place_is_left_unchanged():
 
 @pytest.mark.parametrize("options, reason", [(dict(policy="h2o", budget=0.2), "sizes its store by the cache length"),
                                              (dict(policy="snapkv", budget=0.5), "sizes its store by the cache length"),
-                                             (dict(policy="streaming", budget=6), "does not follow a sliding window")])
+                                             (dict(policy="quest", pages=1), "does not follow a sliding window")])
 def test_concatenated_cache_a_policy_cannot_hold_is_left_unchanged(options, reason):
-    """An evicting policy holds a growing cache only with an integer budget (its store's capacity), and no
-    policy holds a crop."""
-    step = sliding_cat_step if "streaming" in options.values() else cat_step
+    """An evicting policy holds a growing cache only with an integer budget (its store's capacity), and Quest
+    (its pages are runs of positions) no crop."""
+    step = sliding_cat_step if "quest" in options.values() else cat_step
     assert reason in unchanged_reason(step, cat_inputs(), **options)
 
 
