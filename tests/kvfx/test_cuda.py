@@ -115,3 +115,22 @@ def test_sliding_window_kivi_store_on_cuda(kv):
             assert kvfx.report(compiled).rewritten == kvfx.report(compiled).found
     assert [past.layers[0].keys.shape[2] for past in pasts] == [99, 159]  # (the last token is not fed back)
     torch.testing.assert_close(runs[0], runs[1], atol=0.05, rtol=0.05)
+
+
+def test_sliding_window_policy_on_cuda():
+    """H2O on a sliding-window layer on the GPU (the decode kernels read the mask at the renumbered positions):
+    HF's static cache (rolled) and its DynamicCache (cropped) give the same logits."""
+    model = tiny_model("mistral", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       sliding_window=100).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 60), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    kw = dict(max_new_tokens=60, min_new_tokens=60, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    runs = []
+    with torch.no_grad():
+        for cache in ("static", "dynamic"):
+            torch._dynamo.reset()
+            compiled = copy.deepcopy(model)
+            compiled.forward = torch.compile(compiled.forward, backend="kvfx", options={"policy": "h2o", "budget": 48})
+            out = compiled.generate(ids, cache_implementation="static" if cache == "static" else None, **kw)
+            runs.append(torch.stack(out.logits, 1).float())
+            assert kvfx.report(compiled).rewritten == kvfx.report(compiled).found
+    torch.testing.assert_close(runs[1], runs[0], atol=0.05, rtol=0.05)
