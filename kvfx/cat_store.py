@@ -107,14 +107,17 @@ class CatStore:
 
 
 class GrowingStore:
-    """A store laid out by position (KIVI's int4/int2/fp8, or Quest's `TokenStore`, which keeps every token)
-    for a cache that grows by concatenation, holding `length` tokens.
+    """A store sized by the cache length (KIVI's int4/int2/fp8, Quest's `TokenStore`, which keeps every token,
+    or an evicting policy's of a fractional budget, whose capacity is that share of the length) for a cache that
+    grows by concatenation, holding `length` tokens. A policy's slots hold tokens in any order: a larger
+    store keeps them in the same slots, its new ones empty.
 
-    Both stores are sized by the cache length in whole groups (KIVI's packed part: G * floor(S / G)) or
-    pages (Quest: P * ceil(S / P)), and their kernels read them contiguous: a view of a larger allocation
-    would change the strides. So the graph gets the store's own tensors, sized for the call's length S,
-    and the store is re-made one group (page) larger when the length crosses a boundary: a copy every G
-    (P) tokens, where HF's DynamicCache copies its whole fp cache every step."""
+    The stores are sized by the cache length in whole groups (KIVI's packed part: G * floor(S / G)), pages
+    (Quest: P * ceil(S / P)) or slots (a budget of 0.2: ceil(0.2 S)), and their kernels read them contiguous:
+    a view of a larger allocation would change the strides. So the graph gets the store's own tensors, sized
+    for the call's length S, and the store is re-made larger when the length crosses a boundary: a copy every
+    G (P) tokens, where HF's DynamicCache copies its whole fp cache every step (a policy's: every 1 / 0.2 = 5
+    tokens, of the kept fifth)."""
 
     def __init__(self, fmt, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                  layer: int = 0, layers: int = 1):

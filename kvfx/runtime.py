@@ -239,7 +239,7 @@ def _past_store(key: torch.Tensor, value: torch.Tensor, fmt, slot: CatSlot, laye
     if isinstance(key, FreedKVBuffer) or isinstance(value, FreedKVBuffer):
         raise KVFXError("a KV-cache tensor freed by kvfx has lost its store; create a new cache")
     b, h, _, d = key.shape
-    if slot.kind in ("policy", "quest"):  # a past built without kvfx: the policy must see its tokens arrive
+    if slot.kind in ("policy", "grown"):  # a past built without kvfx: the policy must see its tokens arrive
         fmt.adopt(key, value, slot.layer, layers)  # (raises unless the past is empty)
         return _new_cat_store(slot, fmt, b, h, d, layers)
     store = _new_cat_store(slot, fmt, b, h, d, layers)

@@ -108,7 +108,7 @@ class CatSlot:
     value_output: int
     examples: tuple = ()                # fake example values of the store-view inputs (dynamo's symbols)
     keep: int | None = None             # the caller keeps the last `keep` tokens (a sliding window), else all
-    kind: str = "int8"                  # "int8": CatStore views; "kivi", "quest": a GrowingStore's tensors, "policy":
+    kind: str = "int8"                  # "int8": CatStore views; "kivi", "grown": a GrowingStore's tensors, "policy":
                                         # a TokenStore's (its budget's capacity), each then a length carrier [S]
     margin: int = 0                     # a sliding window's KIVI store: sized for S + margin (G) positions, and
                                         # the store position of the cache's first token (an int64 [1]) after the carrier
@@ -116,16 +116,11 @@ class CatSlot:
 
 def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> str:
     """Why a concatenated cache cannot move into a `CatStore` ("" if it can)."""
-    from kvfx.kernels.policies import EVICTING
-
     kind = store_kind(fmt)
-    if kind == "policy" and (fmt.spec.policy not in EVICTING or not isinstance(fmt.spec.budget, int)):
-        return (f"policy {fmt.spec.policy!r} with budget={fmt.spec.budget!r} sizes its store by the cache length, "
-                f"which a cache that grows by concatenation (DynamicCache) does not fix: use an integer budget "
-                f"(tokens) with streaming, h2o, snapkv or pyramidkv, Quest, or a static cache "
-                f"(cache_implementation='static')")
-    if kind == "quest" and site.key.cat.crop is not None:
-        return f"a {fmt.name} store does not follow a sliding window's crop of the concatenated cache"
+    if kind == "grown" and site.key.cat.crop is not None:
+        what = "Quest's pages are runs of positions" if fmt.spec.policy == "quest" else \
+            f"budget={fmt.spec.budget!r} is a share of a length the window bounds: use an integer budget"
+        return f"a {fmt.name} store does not follow a sliding window's crop of the concatenated cache ({what})"
     reason = fmt.unsupported(shape_of(site.key.cat.new)[-1], site.softcap)
     if reason:
         return reason
@@ -160,12 +155,13 @@ def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> st
 
 
 def store_kind(fmt) -> str:
-    """How a format holds a concatenated cache: "int8" (a CatStore), "kivi" and "quest" (a GrowingStore, by
-    position), "policy" (an evicting policy's TokenStore)."""
+    """How a format holds a concatenated cache: "int8" (a CatStore), "kivi" (a GrowingStore of a KiviStore, by
+    position), "grown" (a GrowingStore of a TokenStore sized by the cache length: Quest's pages, or an evicting
+    policy's share of the length), "policy" (an evicting policy's TokenStore of its integer budget's capacity)."""
     from kvfx.kernels.formats import KiviFormat
 
     if isinstance(fmt, TokenFormat):
-        return "quest" if fmt.spec.policy == "quest" else "policy"
+        return "policy" if isinstance(fmt.spec.budget, int) and fmt.spec.policy != "quest" else "grown"
     return "kivi" if isinstance(fmt, KiviFormat) else "int8"
 
 
@@ -173,8 +169,8 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
                   layers: int) -> tuple[CatSlot, list, fx.Node, fx.Node | int, object]:
     """New inputs for the site's store, the positions [T] of this call's tokens, and placeholders
     returned in place of the grown K/V. int8: the inputs are views of the store's first S slots, and
-    the two writes go before the attention. KIVI formats and Quest: the inputs are a store for S positions
-    (`GrowingStore`) and a carrier of the length S (a uint8 tensor [S], never read). An evicting policy
+    the two writes go before the attention. KIVI formats, Quest and a policy's fractional budget: the inputs
+    are a store for S positions (`GrowingStore`) and a carrier of the length S (a uint8 tensor [S], never read). An evicting policy
     (integer budget): its `TokenStore`, whose capacity the budget fixes, and the carrier. A KIVI store under a
     sliding window: a store for S + G positions, the carrier, and the store position of the cache's first token.
     Returns the slot, the store nodes, the positions, the store's width and the site as it attends over the

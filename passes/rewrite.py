@@ -239,7 +239,7 @@ def _rewrite_cat_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.No
     slot, store, pos, width, attending = cat_cache.add_cat_store(graph, site, placeholders, output, config.format,
                                                                  layers)
     new = (pos, site.key.cat.new, site.value.cat.new)
-    if slot.kind in ("policy", "quest"):
+    if slot.kind in ("policy", "grown"):
         _rewrite_policy(graph, site, store, config.to_json(), layers, new)
     elif slot.kind == "kivi":
         _rewrite_kivi(graph, attending, store, config.format, width, new)

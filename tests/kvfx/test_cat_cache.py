@@ -126,6 +126,33 @@ def test_a_policy_with_an_integer_budget_holds_a_dynamic_cache(options):
     assert nbytes == 2 * store.nbytes()
 
 
+@pytest.mark.parametrize("options", [dict(policy="h2o", budget=0.5),
+                                     pytest.param(dict(policy="snapkv", budget=0.5, window=4), marks=pytest.mark.heavy)])
+def test_a_fractional_budget_is_a_share_of_the_dynamic_cache(options):
+    """A budget of 0.5 on HF's DynamicCache is half its length, whatever it grows to: the store (a GrowingStore)
+    is re-made one slot larger every second token. A 20-token prompt keeps its 10 best, as on a static cache of
+    21 slots (ceil(0.5 * 21) = 11: its one free slot holds back a candidate that the first step empties), so
+    the prompt's and the first step's logits are that cache's; 30 tokens later the store has ceil(0.5 * 49)
+    = 25 slots (+ SnapKV's window), and they are all that is held."""
+    from transformers import StaticCache
+
+    from kvfx.runtime import held_bytes
+
+    model, ids, runs = tiny_model(), prompt(20, seed=11), []
+    for past, new in ((StaticCache(config=model.config, max_cache_len=21), 2), (DynamicCache(config=model.config), 30)):
+        torch._dynamo.reset()
+        compiled = copy.deepcopy(model)
+        compiled.forward = torch.compile(compiled.forward, backend="kvfx", options=options)
+        out = hf_generate(compiled, ids, new, past_key_values=past, output_logits=True, return_dict_in_generate=True)
+        runs.append(torch.stack(out.logits, 1))
+        assert kvfx.report(compiled).rewritten == kvfx.report(compiled).found
+    torch.testing.assert_close(runs[1][:, :2], runs[0], atol=1e-5, rtol=1e-5)
+    held = [t for layer in past.layers for t in (layer.keys, layer.values)]
+    store = kvfx.runtime.store_of(held[0])
+    assert held[0].shape[2] == 49 and store.store.slot_pos.shape[-1] == 25 + options.get("window", 0)
+    assert held_bytes(held) == 2 * store.nbytes()
+
+
 def test_a_policy_follows_a_sliding_window_on_either_cache():
     """H2O (budget 12) on a sliding-window layer (window 24): HF's static cache rolls its buffer one slot a
     step once full, its DynamicCache keeps the last 23 tokens of each call; the store numbers positions from

@@ -236,14 +236,12 @@ def test_a_sliding_window_mask_kivi_cannot_place_is_left_unchanged():
     assert "not the concatenated cache's" in unchanged_reason(step, inputs, kv="int4", group_size=16, residual=16)
 
 
-@pytest.mark.parametrize("options, reason", [(dict(policy="h2o", budget=0.2), "sizes its store by the cache length"),
-                                             (dict(policy="snapkv", budget=0.5), "sizes its store by the cache length"),
-                                             (dict(policy="quest", pages=1), "does not follow a sliding window")])
-def test_concatenated_cache_a_policy_cannot_hold_is_left_unchanged(options, reason):
-    """An evicting policy holds a growing cache only with an integer budget (its store's capacity), and Quest
-    (its pages are runs of positions) no crop."""
-    step = sliding_cat_step if "quest" in options.values() else cat_step
-    assert reason in unchanged_reason(step, cat_inputs(), **options)
+@pytest.mark.parametrize("options, reason", [(dict(policy="h2o", budget=0.2), "a share of a length the window bounds"),
+                                             (dict(policy="quest", pages=1), "Quest's pages are runs of positions")])
+def test_a_sliding_window_a_policy_cannot_follow_is_left_unchanged(options, reason):
+    """A policy follows a sliding window's crop by renumbering positions, but not with a store sized by the
+    cache length: a fractional budget, Quest."""
+    assert reason in unchanged_reason(sliding_cat_step, cat_inputs(), **options)
 
 
 @pytest.mark.parametrize("kv", ["none", "int8"])
