@@ -28,7 +28,10 @@ from kvfx.runtime import held_bytes
 CONFIGS = {
     "int8": {"kv": "int8"},
     "int4": {"kv": "int4"},
-    "int4+h2o": {"kv": "int4", "policy": "h2o", "budget": 64},  # an integer budget: a DynamicCache can hold it
+    "int4+h2o": {"kv": "int4", "policy": "h2o", "budget": 64},  # an integer budget: the same store on either cache
+    # A fraction: a share of max_cache_len on a static cache, of the length as it grows on a DynamicCache (not
+    # the same cache: the tokens may differ)
+    "int4+h2o-0.2": {"kv": "int4", "policy": "h2o", "budget": 0.2},
 }
 QUESTION = "Explain in three sentences why the sky is blue."
 
