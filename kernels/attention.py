@@ -20,6 +20,20 @@ def mask_4d(attn_mask: torch.Tensor) -> torch.Tensor:
     return attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
 
 
+def mask_on_store(attn_mask: torch.Tensor | None, offset: torch.Tensor, length: int, width: int) -> torch.Tensor:
+    """A mask over `width` store positions where a cache of `length` tokens, the columns of `attn_mask` (a
+    mask of one column broadcasts), sits from position `offset` (int64 [1]) on: column p - offset at position
+    p, hidden outside [offset, offset + length) (a sliding window's KIVI store keeps older tokens there, in
+    whole groups). No mask: that range alone, one row [1, 1, 1, width] (the decode kernels take it as a bias)."""
+    column = torch.arange(width, device=offset.device) - offset
+    inside = ((column >= 0) & (column < length)).view(1, 1, 1, width)
+    if attn_mask is None:
+        return inside
+    attn_mask = attn_mask.expand(*attn_mask.shape[:-1], length)
+    picked = attn_mask.index_select(-1, column.clamp(0, length - 1))
+    return picked & inside if picked.dtype == torch.bool else torch.where(inside, picked, float("-inf"))
+
+
 def fold_mask(attn_mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_len: int,
               kv_heads: int, group: int, device: torch.device) -> torch.Tensor | None:
     """The mask of an SDPA call over [B, Hq, T, S] rewritten for folded queries [B, Hkv, g*T, S]."""

@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from kvfx.kernels.attention import mask_on_store
 from kvfx.kernels.token_store import TokenFormat
 from kvfx.passes.fx_utils import (append_inputs, call_arguments, describe, example_tensor, full_slices, is_cat,
                                   is_function, is_metadata_read, output_values, shape_of, size_recipe)
@@ -124,11 +124,6 @@ def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> st
     reason = fmt.unsupported(shape_of(site.key.cat.new)[-1], site.softcap)
     if reason:
         return reason
-    if kind == "kivi" and site.key.cat.crop is not None and site.attn_mask is not None:
-        columns, length = shape_of(site.attn_mask)[-1], shape_of(site.key.cat.node)[2]
-        if not statically_known_true(columns == length):  # the mask is moved onto the store's positions
-            return (f"the mask's {columns} columns are not the concatenated cache's {length} tokens, which a "
-                    f"sliding window's {fmt.name} store places by column")
     outputs = output_values(output.graph)
     if site.key.cat.keep != site.value.cat.keep:
         return "the key and value caches keep different numbers of their last tokens"
@@ -170,8 +165,9 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
     """New inputs for the site's store, the positions [T] of this call's tokens, and placeholders
     returned in place of the grown K/V. int8: the inputs are views of the store's first S slots, and
     the two writes go before the attention. KIVI formats, Quest and a policy's fractional budget: the inputs
-    are a store for S positions (`GrowingStore`) and a carrier of the length S (a uint8 tensor [S], never read). An evicting policy
-    (integer budget): its `TokenStore`, whose capacity the budget fixes, and the carrier. A KIVI store under a
+    are a store for S positions (`GrowingStore`) and a carrier of the length S (a uint8 tensor [S], never
+    read). An evicting policy (integer budget): its `TokenStore`, whose capacity the budget fixes, and the
+    carrier. A KIVI store under a
     sliding window: a store for S + G positions, the carrier, and the store position of the cache's first token.
     Returns the slot, the store nodes, the positions, the store's width and the site as it attends over the
     store; the caller rewrites the attention over them (the KIVI and policy ops write), then calls `drop_cats`."""
@@ -236,23 +232,11 @@ def add_cat_store(graph: fx.Graph, site, placeholders: list[fx.Node], output: fx
 
 def _window_site(graph: fx.Graph, site, length, offset: fx.Node, width) -> object:
     """The site as it attends over a sliding window's KIVI store of `width` positions, where the grown cache's
-    `length` tokens (the columns of the model's mask) sit from position `offset` on: a mask over the store that
-    also hides the older tokens before them (the whole groups the store keeps) and the free positions after."""
+    `length` tokens (the columns of the model's mask) sit from position `offset` on (`mask_on_store`)."""
     if site.attn_mask is None and site.is_causal:
         return site  # the call starts the cache (SDPA's is_causal with T < S is no HF cache): offset 0, T == S
-    device = example_tensor(site.query).device
-    column = graph.call_function(operator.sub, (graph.call_function(torch.arange, (width,), {"device": device}),
-                                                offset))
-    inside = graph.call_function(operator.and_, (graph.call_function(operator.ge, (column, 0)),
-                                                 graph.call_function(operator.lt, (column, length))))
-    inside = graph.call_method("view", (inside, 1, 1, 1, -1))  # one row: the decode kernels' bias
-    if site.attn_mask is None:
-        return dataclasses.replace(site, attn_mask=inside)
-    column = graph.call_method("clamp", (column, 0, graph.call_function(operator.sub, (length, 1))))
-    picked = graph.call_method("index_select", (site.attn_mask, -1, column))
-    if example_tensor(site.attn_mask).dtype == torch.bool:
-        return dataclasses.replace(site, attn_mask=graph.call_function(operator.and_, (picked, inside)))
-    return dataclasses.replace(site, attn_mask=graph.call_function(torch.where, (inside, picked, float("-inf"))))
+    mask = graph.call_function(mask_on_store, (site.attn_mask, offset, length, width))
+    return dataclasses.replace(site, attn_mask=mask)
 
 
 def drop_cats(graph: fx.Graph, site) -> None:

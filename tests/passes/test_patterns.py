@@ -225,15 +225,20 @@ def test_a_concatenated_cache_the_caller_does_not_keep_is_left_unchanged():
                                                                           kv="int8")
 
 
-def test_a_sliding_window_mask_kivi_cannot_place_is_left_unchanged():
-    """A sliding window's KIVI store places the model's mask by column: one broadcast column is not the cache's."""
+@pytest.mark.parametrize("mask", [torch.ones(1, 1, 1, 1, dtype=torch.bool), torch.tensor([[0.0, -1.0, 0.5, 0.0,
+                                                                                    float("-inf"), 0.0]])])
+def test_a_sliding_window_kivi_store_takes_the_mask_by_column(mask):
+    """A sliding window's KIVI store places the model's mask by column (`mask_on_store`): a broadcast column, or
+    a 2-D additive mask over the 6 columns. Every token stays in the residual: eager's output."""
     def step(q, past_k, past_v, k, v, mask):
         keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return out, keys[:, :, -3:], values[:, :, -3:]
 
-    inputs = [torch.randn(*x.shape[:-1], 16) for x in cat_inputs()] + [torch.ones(1, 1, 1, 1, dtype=torch.bool)]
-    assert "not the concatenated cache's" in unchanged_reason(step, inputs, kv="int4", group_size=16, residual=16)
+    inputs = [torch.randn(*x.shape[:-1], 32) for x in cat_inputs()] + [mask]
+    plan, found = rewritten(step, inputs, "int4")
+    assert plan.sites[0].rewritten and torch.ops.kvfx.kivi_attend.default in found
+    compiled_matches_eager(step, inputs, "int4", atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("options, reason", [(dict(policy="h2o", budget=0.2), "a share of a length the window bounds"),
