@@ -55,8 +55,8 @@ class Int8Format:
     name: str = "int8"
     tensor_names = ("k_codes", "k_qparams", "v_codes", "v_qparams")
 
-    def unsupported(self, head_dim: int, softcap: float = 0.0) -> str:
-        """Why a site of this head dim (and logit softcap) cannot use this format ("" if it can)."""
+    def unsupported(self, head_dim: int) -> str:
+        """Why a site of this head dim cannot use this format ("" if it can)."""
         return ""
 
     def allocate(self, shape, dtype: torch.dtype, device: torch.device, layer: int = 0, layers: int = 1) -> KVStore:
@@ -89,8 +89,8 @@ class KiviFormat:
     residual: int
     tensor_names = ("k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "k_ring", "v_ring")
 
-    def unsupported(self, head_dim: int, softcap: float = 0.0) -> str:
-        """Why a site of this head dim cannot use this format ("" if it can; a softcap is attended as it is)."""
+    def unsupported(self, head_dim: int) -> str:
+        """Why a site of this head dim cannot use this format ("" if it can)."""
         try:
             KiviStore.validate(head_dim, self.bits, self.group_size, self.residual, self.fp8)
         except ValueError as err:

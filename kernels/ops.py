@@ -220,18 +220,20 @@ def policy_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos
                   k_codes: torch.Tensor, k_params: torch.Tensor, v_codes: torch.Tensor, v_params: torch.Tensor,
                   slot_pos: torch.Tensor, score: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
                   attn_mask: torch.Tensor | None, is_causal: bool, scale: float, options: str, layer: int,
-                  layers: int) -> torch.Tensor:
+                  layers: int, softcap: float = 0.0) -> torch.Tensor:
     """Attention of q [B, Hq, T, D] over the kept tokens and the new k_new, v_new [B, Hkv, T, D] at
-    positions pos [T] (shared by the rows), then the policy's write of the new tokens into the store."""
+    positions pos [T] (shared by the rows), then the policy's write of the new tokens into the store.
+    softcap as for `attend` (a softcapped decode step runs `decode_step_reference`)."""
     fmt = format_from_json(options)
     store = fmt.from_tensors((k_codes, k_params, v_codes, v_params, slot_pos, score, page_min, page_max))
     if q.shape[2] == 1:  # a decode step: the copy-free path
-        return decode_step(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, fmt.spec, layer).contiguous()
+        return decode_step(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, fmt.spec, layer,
+                           softcap).contiguous()
     return policy_attend_reference(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, fmt.spec, layer,
-                                   layers, attend=attend_prompt).contiguous()
+                                   layers, attend=attend_prompt, softcap=softcap).contiguous()
 
 
 @policy_attend.register_fake
 def _(q, k_new, v_new, pos, k_codes, k_params, v_codes, v_params, slot_pos, score, page_min, page_max, attn_mask,
-      is_causal, scale, options, layer, layers):
+      is_causal, scale, options, layer, layers, softcap=0.0):
     return q.new_empty((*q.shape[:-1], v_new.shape[-1]))

@@ -40,7 +40,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from kvfx.kernels.attention import BLOCK_ELEMENTS, mask_4d
+from kvfx.kernels.attention import BLOCK_ELEMENTS, mask_4d, softcapped
 
 POLICIES = ("none", "streaming", "h2o", "snapkv", "pyramidkv", "quest")
 EVICTING = ("streaming", "h2o", "snapkv", "pyramidkv")
@@ -231,8 +231,10 @@ def _query_rows(b: int, hkv: int, g: int, n: int) -> int:
 
 
 def attend_candidates(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias_fn, obs_window: int,
-                      scale: float, want_column_sums: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """softmax(q k^T scale + bias) v over candidates, in fp32, in chunks of `_query_rows` queries.
+                      scale: float, want_column_sums: bool, softcap: float = 0.0
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """softmax(softcap(q k^T scale) + bias) v over candidates, in fp32, in chunks of `_query_rows` queries
+    (softcap c > 0: tanh(s / c) * c, Gemma-2's; 0: none).
 
     q [B, Hkv, g, T, D]; keys, values [B, Hkv, N, D] (any float dtype); bias_fn(t0, t1) gives the bias of
     queries t0..t1-1. Returns (out [B, Hkv, g, T, D] fp32, column sums of the probabilities over all
@@ -244,8 +246,8 @@ def attend_candidates(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     outs, colsum, obs = [], None, None
     for t0 in range(0, t, rows):
         t1 = min(t, t0 + rows)
-        scores = (q[:, :, :, t0:t1].float() @ keys.transpose(-1, -2).unsqueeze(2)) * scale + bias_fn(t0, t1)
-        probs = _softmax(scores)
+        scores = softcapped((q[:, :, :, t0:t1].float() @ keys.transpose(-1, -2).unsqueeze(2)) * scale, softcap)
+        probs = _softmax(scores + bias_fn(t0, t1))
         outs.append(probs @ values.unsqueeze(2))
         if want_column_sums:
             part = probs.sum((2, 3))
@@ -257,15 +259,17 @@ def attend_candidates(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 def attend_prompt(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias_fn, obs_window: int, scale: float,
-                  want_column_sums: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                  want_column_sums: bool, softcap: float = 0.0
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`attend_candidates` for a prompt, as `kvfx::policy_attend` runs it: the output by
     `F.scaled_dot_product_attention` in the keys' dtype (no fp32 copies, no probabilities written out),
     chunked alike; SnapKV / PyramidKV's observation sums from the last `obs_window` queries alone, as the
-    reference computes them. Column sums over every query (H2O) need every probability: the reference.
+    reference computes them. Column sums over every query (H2O) need every probability, and SDPA has no
+    softcap: the reference.
     The output equals the reference's to the dtype's rounding (tested); a query that sees no candidate
     gets zeros, as there."""
-    if want_column_sums:
-        return attend_candidates(q, keys, values, bias_fn, obs_window, scale, want_column_sums)
+    if want_column_sums or softcap:
+        return attend_candidates(q, keys, values, bias_fn, obs_window, scale, want_column_sums, softcap)
     b, hkv, g, t, d = q.shape
     n = keys.shape[2]
     rows = _query_rows(b, hkv, g, n)
@@ -376,10 +380,10 @@ def place(kept_old: torch.Tensor, kept_new: torch.Tensor, held_new: torch.Tensor
 
 def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
                             attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec: PolicySpec,
-                            layer: int, layers: int, attend=attend_candidates) -> torch.Tensor:
+                            layer: int, layers: int, attend=attend_candidates, softcap: float = 0.0) -> torch.Tensor:
     """Attention of q [B, Hq, T, D] over `store` (a `TokenStore`) and the new k_new, v_new [B, Hkv, T, D]
     at positions pos [T], then the write of the new tokens under the policy (see the module docstring).
-    attend: `attend_candidates` (the definition) or `attend_prompt` (the op's prompt path)."""
+    attend: `attend_candidates` (the definition) or `attend_prompt` (the op's prompt path); softcap as there."""
     b, hq, t, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     group = hq // hkv
@@ -411,7 +415,8 @@ def policy_attend_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     obs_window = min(spec.window, t) if scored and t > 1 else 0
     # (On a prompt SnapKV / PyramidKV score by the observation window alone: no column sums.)
     out, colsum, obs = attend(q.view(b, hkv, group, t, d), keys, values, bias_fn, obs_window, scale,
-                              want_column_sums=spec.policy in ("h2o", "snapkv", "pyramidkv") and not obs_window)
+                              want_column_sums=spec.policy in ("h2o", "snapkv", "pyramidkv") and not obs_window,
+                              softcap=softcap)
     # Candidates the newest query can still see (not padding, not outside a sliding window).
     valid = (positions >= 0) & (mask_bias(t - 1, t)[:, :, :, 0] > float("-inf")).any(2)
     score = torch.cat([store.score[:, :, :n_old], torch.zeros_like(new_pos, dtype=store.score.dtype)], 2)
@@ -450,24 +455,24 @@ def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def decode_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
                 attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec: PolicySpec,
-                layer: int) -> torch.Tensor:
+                layer: int, softcap: float = 0.0) -> torch.Tensor:
     """`policy_attend_reference` for one new token, without its copies: the store is read once (Quest:
     only the chosen pages), the new token is attended beside it, and the write touches one slot.
     Same result as the general path (tested); no host synchronisation. Triton launches
-    (`kvfx.kernels.slot_decode`) where they apply, else `decode_step_reference`."""
+    (`kvfx.kernels.slot_decode`) where they apply (not to a softcap), else `decode_step_reference`."""
     from kvfx.kernels.kivi import use_triton
     from kvfx.kernels.slot_attention import supported
     from kvfx.kernels.slot_decode import decode_step_triton
 
-    if use_triton(q) and supported(store, q, attn_mask):
+    if not softcap and use_triton(q) and supported(store, q, attn_mask):
         return decode_step_triton(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, spec, layer)
-    return decode_step_reference(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, spec, layer)
+    return decode_step_reference(q, k_new, v_new, pos, store, attn_mask, is_causal, scale, spec, layer, softcap)
 
 
 def decode_step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, store,
                           attn_mask: torch.Tensor | None, is_causal: bool, scale: float, spec: PolicySpec,
-                          layer: int) -> torch.Tensor:
-    """`decode_step` in torch ops (the spec of the fused Triton step; any mask, any head dim)."""
+                          layer: int, softcap: float = 0.0) -> torch.Tensor:
+    """`decode_step` in torch ops (the spec of the fused Triton step; any mask, any head dim, a softcap)."""
     b, hq, _, d = q.shape
     hkv, c = store.slot_pos.shape[1], store.slot_pos.shape[2]
     group = hq // hkv
@@ -479,7 +484,7 @@ def decode_step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
     scored = spec.policy in ("h2o", "snapkv", "pyramidkv")  # (Quest's reads are not scored)
     pages = quest_pages(qg, store.page_min, store.page_max, store.slot_pos, spec) \
         if spec.policy == "quest" and layer >= QUEST_DENSE_LAYERS else None
-    out, slot_probs, new_probs = _decode_attention_torch(qg, k_new, v_new, store, bias, pages, scale, spec)
+    out, slot_probs, new_probs = _decode_attention_torch(qg, k_new, v_new, store, bias, pages, scale, spec, softcap)
     score = store.score + slot_probs if scored else store.score
     new_score = new_probs if scored else torch.zeros_like(score[..., :1])
     key = eviction_key(spec, positions, valid, torch.cat([score, new_score], -1), torch.full((b,), c, device=q.device))
@@ -495,7 +500,7 @@ def decode_step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
 
 
 def _decode_attention_torch(qg: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, store, bias: torch.Tensor,
-                            pages, scale: float, spec: PolicySpec):
+                            pages, scale: float, spec: PolicySpec, softcap: float = 0.0):
     """The attention of `decode_step` in torch ops: (out, slot probabilities and new-token probability
     summed over each KV head's query heads)."""
     b, hkv, group, d = qg.shape
@@ -508,7 +513,7 @@ def _decode_attention_torch(qg: torch.Tensor, k_new: torch.Tensor, v_new: torch.
         read_keys, read_values = keys.gather(2, index), values.gather(2, index)
         read_bias = bias.gather(-1, slots[:, :, None].expand(b, hkv, group, -1)).masked_fill(~read[:, :, None], float("-inf"))
     logits = torch.cat([_scores(qg, read_keys), (qg.float() * k_new.view(b, hkv, 1, d).float()).sum(-1, keepdim=True)], -1)
-    probs = _softmax(logits * scale + torch.cat([read_bias, bias[..., c:]], -1))
+    probs = _softmax(softcapped(logits * scale, softcap) + torch.cat([read_bias, bias[..., c:]], -1))
     # P V in the cache dtype (as flash attention does): no fp32 copy of the values.
     out = (probs[..., :-1].to(read_values.dtype) @ read_values).float() + probs[..., -1:] * v_new.view(b, hkv, 1, d).float()
     return out, (probs[..., :-1].sum(2) if pages is None else None), probs[..., -1:].sum(2)

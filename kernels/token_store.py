@@ -255,11 +255,8 @@ class TokenFormat:
     def codec(self) -> TokenCodec:
         return TokenCodec(self.spec.kv, self.spec.group_size)
 
-    def unsupported(self, head_dim: int, softcap: float = 0.0) -> str:
-        """Why a site of this head dim (and logit softcap) cannot use this policy ("" if it can)."""
-        if softcap:
-            return (f"policy {self.spec.policy!r} has no softcapped attention yet (Gemma-2's logit softcapping); "
-                    f"kv='none', 'int8', 'fp8', 'int4' and 'int2' have")
+    def unsupported(self, head_dim: int) -> str:
+        """Why a site of this head dim cannot use this policy ("" if it can)."""
         if self.spec.kv in ("int4", "int2") and head_dim % self.spec.group_size:
             return f"{self.spec.kv} storage: group_size={self.spec.group_size} must divide head_dim={head_dim}"
         return ""

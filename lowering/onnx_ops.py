@@ -73,9 +73,13 @@ def _qlen(length, group_size, residual):
 # ---- attention -------------------------------------------------------------------------------
 
 
-def _attention(q, k, v, attn_mask, kv_len, is_causal, scale, softcap: float = 0.0):
+def _refuse_softcap(softcap: float) -> None:
     if softcap:  # ONNX Attention caps after adding the mask; kvfx (Gemma-2) caps before it
         raise KVFXError(f"ONNX export of softcapped attention (softcap={softcap}) is not supported yet")
+
+
+def _attention(q, k, v, attn_mask, kv_len, is_causal, scale, softcap: float = 0.0):
+    _refuse_softcap(softcap)
     if not (isinstance(kv_len, int) and kv_len < 0):  # attend the first kv_len slots only
         stop = _ints(kv_len) if isinstance(kv_len, int) else op.Reshape(kv_len, _ints(1))
         k, v = (op.Slice(t, _ints(0), stop, _ints(2)) for t in (k, v))
@@ -402,7 +406,7 @@ def _place(kept_old, kept_new, capacity):
 
 def policy_update(q, k_new, v_new, pos, k_codes, k_params, v_codes, v_params, slot_pos, score, page_min, page_max,
                   attn_mask=None, is_causal: bool = False, scale: float = 1.0, options: str = "", layer: int = 0,
-                  layers: int = 1):
+                  layers: int = 1, softcap: float = 0.0):
     """kvfx::policy_update for StreamingLLM with an integer budget (policies.policy_attend_reference):
     attention of q over the C slots (dequantized; empty ones masked) and the T new tokens, then the write.
 
@@ -413,6 +417,7 @@ def policy_update(q, k_new, v_new, pos, k_codes, k_params, v_codes, v_params, sl
     from kvfx.kernels.policies import PolicySpec
 
     spec = PolicySpec.parse(options)
+    _refuse_softcap(softcap)
     if spec.policy not in _EXPORTED_POLICIES or spec.kv not in _TOKEN_CODECS or not isinstance(spec.budget, int):
         raise KVFXError(f"kvfx's ONNX export lowers policy 'streaming' with an integer budget and kv in "
                         f"{', '.join(_TOKEN_CODECS)}; got policy={spec.policy!r}, budget={spec.budget!r}, "

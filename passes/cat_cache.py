@@ -121,7 +121,7 @@ def unquantizable(site, placeholders: list[fx.Node], output: fx.Node, fmt) -> st
         what = "Quest's pages are runs of positions" if fmt.spec.policy == "quest" else \
             f"budget={fmt.spec.budget!r} is a share of a length the window bounds: use an integer budget"
         return f"a {fmt.name} store does not follow a sliding window's crop of the concatenated cache ({what})"
-    reason = fmt.unsupported(shape_of(site.key.cat.new)[-1], site.softcap)
+    reason = fmt.unsupported(shape_of(site.key.cat.new)[-1])
     if reason:
         return reason
     outputs = output_values(output.graph)

@@ -126,7 +126,7 @@ def _head_dims_differ(site: Site) -> str:
 
 def _quantizable(site: Site, output: fx.Node, fmt) -> str:
     """Why the site's fp buffers cannot be replaced by a store ("" if they can)."""
-    reason = fmt.unsupported(example_tensor(site.key.buffer).shape[-1], site.softcap)
+    reason = fmt.unsupported(example_tensor(site.key.buffer).shape[-1])
     if reason:
         return reason
     if site.key_write and site.value_write and not same_positions(site.key_write, site.value_write) \
@@ -292,7 +292,7 @@ def _rewrite_policy(graph: fx.Graph, site: Site, store: list[fx.Node], options: 
     with graph.inserting_before(site.node):
         attend = graph.call_function(torch.ops.kvfx.policy_attend.default, (
             site.query, k_new, v_new, pos, *store, site.attn_mask, site.is_causal, site.scale, options,
-            site.layer, layers))
+            site.layer, layers) + ((site.softcap,) if site.softcap else ()))
     for write in writes:
         for node in (write.node, *write.also):  # (a roll's setitem and roll after its copy_)
             graph.erase_node(node)

@@ -394,6 +394,24 @@ def test_store_bytes_follow_the_budget_not_the_cache_length():
     assert small == 2 * 2 * 128 * (2 * 128 + 8)
 
 
+@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
+def test_softcapped_policy_attention_is_the_eager_softcapping(policy):
+    """Gemma-2's softcap (tanh(s / c) * c before the mask) through `kvfx::policy_attend`, a causal prompt of
+    20 then a decode step, with a budget that evicts nothing: `attend_reference`'s softcapped attention over
+    every token (tested against the eager softcapping in test_ops.py); without the cap the output differs."""
+    config = dict(policy=policy, budget=24, **({"window": 4} if policy == "snapkv" else {}))
+    options = kvfx.KVConfig(**config).to_json()
+    q, k, v = (x * 3 for x in sequence(2, 4, 2, 21, 32, 5))
+    for cap, close in ((2.0, True), (0.0, False)):
+        fmt, store = make_store(24, **config)
+        outs = [torch.ops.kvfx.policy_attend(q[:, :, :20], k[:, :, :20], v[:, :, :20], torch.arange(20),
+                                             *store.tensors(), None, True, 0.3, options, 0, 2, cap),
+                torch.ops.kvfx.policy_attend(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], torch.tensor([20]),
+                                             *store.tensors(), None, False, 0.3, options, 0, 2, cap)]
+        want = attend_reference(q, k, v, None, -1, True, 0.3, 2.0)
+        assert torch.allclose(torch.cat(outs, 2), want, atol=1e-5, rtol=1e-5) == close
+
+
 def test_policy_attend_opcheck():
     fmt, store = make_store(24, policy="h2o", budget=12, kv="int4", group_size=16)
     q, k, v = sequence(2, 4, 2, 20, 32, 8)
