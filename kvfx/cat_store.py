@@ -19,7 +19,7 @@ import torch
 
 from kvfx.kernels.formats import Int8Format, KVStore
 from kvfx.kernels.int8 import quantize_int8_reference
-from kvfx.kernels.kivi import KiviStore, dequantize_reference
+from kvfx.kernels.kivi import dequantize_reference
 
 _STEP = 64
 
@@ -159,7 +159,5 @@ class GrowingStore:
         return self.store.nbytes()
 
     def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cache's tokens in position order (Quest fills its slots in position order)."""
-        if isinstance(self.store, KiviStore):
-            return tuple(t[:, :, self.start:] for t in dequantize_reference(self.store, self.length, dtype))
-        return tuple(t.to(dtype) for t in self.store.dequantize(self.length))
+        """A KIVI store's tokens the caller holds, in position order (a policy's store holds them by slot)."""
+        return tuple(t[:, :, self.start:] for t in dequantize_reference(self.store, self.length, dtype))

@@ -23,6 +23,7 @@ from kvfx.cat_store import CatStore, GrowingStore
 from kvfx.errors import KVFXError
 from kvfx.kernels.formats import KVStore
 from kvfx.kernels.kivi import KiviStore, dequantize_reference
+from kvfx.kernels.token_store import TokenStore
 from kvfx.passes.cat_cache import UNBOUNDED, CatSlot
 from kvfx.passes.rewrite import GraphPlan, StoreSlot
 from kvfx.reporting import Session
@@ -78,10 +79,14 @@ def freed_placeholder(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def dequantized(buffer: torch.Tensor, length: int | None = None) -> torch.Tensor:
     """The cache content a freed key or value buffer stands for, in the model dtype: all slots of an
-    int8 store; the first `length` tokens of a KIVI store (which keeps no length of its own)."""
+    int8 store; the first `length` tokens of a KIVI store (which keeps no length of its own). A policy's
+    store holds tokens by slot, not a cache by position: it raises."""
     store, is_key = _STORES.get(buffer, (None, None))
     if store is None:
         raise KVFXError("this tensor is not a KV-cache buffer held by kvfx")
+    if isinstance(store.store if isinstance(store, GrowingStore) else store, TokenStore):
+        raise KVFXError("a policy's store holds the tokens it keeps one per slot, not a cache by position: read "
+                        "kvfx.runtime.store_of(buffer) (its slot_pos gives each slot's position, -1 an empty one)")
     if isinstance(store, (KVStore, CatStore, GrowingStore)):
         keys, values = store.dequantize(buffer.dtype)
     elif length is None:

@@ -124,6 +124,8 @@ def test_a_policy_with_an_integer_budget_holds_a_dynamic_cache(options):
     store = kvfx.runtime.store_of(held[0][0])
     assert held[0][0].shape[2] == 49 and store.slot_pos.shape[-1] == 12 + options.get("window", 0)
     assert nbytes == 2 * store.nbytes()
+    with pytest.raises(kvfx.KVFXError, match="one per slot, not a cache by position"):
+        kvfx.runtime.dequantized(held[0][0])  # (what is there is in store_of(...): slot_pos by slot)
 
 
 @pytest.mark.parametrize("options", [dict(policy="h2o", budget=0.5),
