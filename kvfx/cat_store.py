@@ -20,6 +20,7 @@ import torch
 from kvfx.kernels.formats import Int8Format, KVStore
 from kvfx.kernels.int8 import quantize_int8_reference
 from kvfx.kernels.kivi import dequantize_reference
+from kvfx.kernels.token_store import TokenFormat
 
 _STEP = 64
 
@@ -123,15 +124,18 @@ class GrowingStore:
                  layer: int = 0, layers: int = 1):
         self.fmt, self.length = fmt, 0
         self.start = 0  # a sliding window's caller holds only positions [start, length) (`keep_last`)
-        self.allocate = lambda n, on=device: fmt.allocate((batch, heads, n, head_dim), dtype, on, layer, layers)
-        self.store = self.allocate(0)
+        self.allocate = lambda n: fmt.allocate((batch, heads, n, head_dim), dtype, device, layer, layers)
+        # What of the store's shape a cache length n decides: KIVI's whole groups, a TokenStore's capacity
+        # (Quest's whole pages). Compared each call instead of the shapes, which would cost an allocation.
+        self.extent = (lambda n: fmt.spec.capacity(n, layer, layers)) if isinstance(fmt, TokenFormat) else \
+            (lambda n: n // fmt.group_size)
+        self.store, self.sized_for = self.allocate(0), self.extent(0)
         # Under a sliding window: where the call's first cache token sits in the store (a graph input, [1]).
         self.offset = torch.zeros(1, dtype=torch.int64, device=device)
 
     def view(self, n: int) -> tuple[torch.Tensor, ...]:
         """The store's tensors, sized for a cache of n tokens (what a graph that grows it to n reads and writes)."""
-        shapes = [t.shape for t in self.allocate(n, torch.device("meta")).tensors()]
-        if shapes != [t.shape for t in self.store.tensors()]:
+        if self.extent(n) != self.sized_for:
             grown = self.allocate(n)  # (smaller, too: a sliding window's next call may be shorter)
             for new, kept in zip(grown.tensors(), self.store.tensors()):  # by position: the first groups / pages
                 if new.shape == kept.shape:
@@ -139,7 +143,7 @@ class GrowingStore:
                 elif kept.numel():  # (Quest's bounds of no page are [0])
                     both = min(new.shape[2], kept.shape[2])
                     new[:, :, :both].copy_(kept[:, :, :both])
-            self.store = grown
+            self.store, self.sized_for = grown, self.extent(n)
         return self.store.tensors()
 
     def keep_last(self, keep: int) -> None:
@@ -154,6 +158,7 @@ class GrowingStore:
     def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize a past the model built without kvfx (fp keys, values [B, H, L, D]) as one prompt."""
         self.store, self.length = self.fmt.adopt(keys, values), keys.shape[2]
+        self.sized_for = self.extent(self.length)
 
     def nbytes(self) -> int:
         return self.store.nbytes()
