@@ -132,8 +132,8 @@ def _quantizable(site: Site, output: fx.Node, fmt) -> str:
     if site.key_write and site.value_write and not same_positions(site.key_write, site.value_write) \
             and isinstance(fmt, (KiviFormat, TokenFormat)):
         return f"keys and values are written at different positions; a {fmt.name} store writes both together"
+    rolls = isinstance(fmt, Int8Format) or (isinstance(fmt, TokenFormat) and fmt.spec.policy in EVICTING)
     for name, read, write in (("key", site.key, site.key_write), ("value", site.value, site.value_write)):
-        rolls = isinstance(fmt, Int8Format) or (isinstance(fmt, TokenFormat) and fmt.spec.policy in EVICTING)
         if write is not None and write.kind == "roll" and not rolls:
             if isinstance(fmt, TokenFormat):
                 why, then = "its pages are runs of positions", "a policy's store cannot go on in fp: kvfx raises"
@@ -225,8 +225,7 @@ def _rewrite_quantized(graph: fx.Graph, site: Site, placeholders: list[fx.Node],
                 for tensor in (codes, qparams):
                     graph.call_method("copy_", (tensor, graph.call_method("roll", (tensor, -1, 2))))
             graph.call_function(torch.ops.kvfx.store_write.default, (codes, qparams, write.pos, write.source))
-        for node in (write.node, *write.also):
-            graph.erase_node(node)
+    _erase_writes(graph, writes)
     _rewrite_attention(graph, site, k_codes, v_codes, k_qparams, v_qparams)
     return slot
 
@@ -264,8 +263,7 @@ def _rewrite_kivi(graph: fx.Graph, site: Site, store: list[fx.Node], fmt: KiviFo
     constants = (fmt.bits, fmt.fp8, fmt.group_size, fmt.residual)
     with graph.inserting_before(writes[-1].node if writes else site.node):
         graph.call_function(torch.ops.kvfx.kivi_write.default, (*store, pos, k_new, v_new, width, *constants))
-    for write in writes:
-        graph.erase_node(write.node)
+    _erase_writes(graph, writes)
     with graph.inserting_before(site.node):
         attend = graph.call_function(torch.ops.kvfx.kivi_attend.default, (
             site.query, k_new, v_new, pos, *store, site.attn_mask, site.key.kv_len, width, site.is_causal,
@@ -293,10 +291,15 @@ def _rewrite_policy(graph: fx.Graph, site: Site, store: list[fx.Node], options: 
         attend = graph.call_function(torch.ops.kvfx.policy_attend.default, (
             site.query, k_new, v_new, pos, *store, site.attn_mask, site.is_causal, site.scale, options,
             site.layer, layers) + ((site.softcap,) if site.softcap else ()))
-    for write in writes:
-        for node in (write.node, *write.also):  # (a roll's setitem and roll after its copy_)
-            graph.erase_node(node)
+    _erase_writes(graph, writes)
     _replace_attention(graph, site, attend)
+
+
+def _erase_writes(graph: fx.Graph, writes) -> None:
+    """Erase the cache writes a store's op replaced (a roll's copy_, then its setitem and roll)."""
+    for write in writes:
+        for node in (write.node, *write.also):
+            graph.erase_node(node)
 
 
 def _buffer_size(graph: fx.Graph, buffer: fx.Node) -> tuple:
